@@ -1,0 +1,57 @@
+"""Engines and the factory that picks one by the name in a model's spec."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from clearml_umem.engines.base import (
+    Delta,
+    Engine,
+    EngineContext,
+    EngineError,
+    EngineOutOfMemory,
+    Footprint,
+    GenerationRequest,
+    InvalidRequest,
+    TransitionResult,
+)
+from clearml_umem.spec import ModelSpec
+
+EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
+
+
+def _transformers(spec: ModelSpec, ctx: EngineContext) -> Engine:
+    from clearml_umem.engines.transformers_engine import TransformersEngine
+
+    return TransformersEngine(spec, ctx)
+
+
+def _vllm(spec: ModelSpec, ctx: EngineContext) -> Engine:
+    from clearml_umem.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine(spec, ctx)
+
+
+FACTORIES: dict[str, EngineFactory] = {"transformers": _transformers, "vllm": _vllm}
+
+
+def create_engine(spec: ModelSpec, ctx: EngineContext) -> Engine:
+    try:
+        factory = FACTORIES[spec.engine]
+    except KeyError:
+        raise EngineError(f"model {spec.name!r}: unknown engine {spec.engine!r}") from None
+    return factory(spec, ctx)
+
+
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineContext",
+    "EngineError",
+    "EngineOutOfMemory",
+    "Footprint",
+    "GenerationRequest",
+    "InvalidRequest",
+    "TransitionResult",
+    "create_engine",
+]

@@ -1,0 +1,114 @@
+"""The one small seam every engine sits behind.
+
+The tier manager only ever asks an engine three things: how much memory it holds in a
+tier, to move between two tiers, and to generate. Everything engine-specific (a vLLM
+process, an in-process transformers model) stays behind this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from clearml_umem.spec import ModelSpec
+from clearml_umem.tiers import Tier
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a model holds on the compute device and in host RAM while in one tier."""
+
+    device_bytes: int = 0
+    host_bytes: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    """An OpenAI completion or chat request, already validated by the router.
+
+    Exactly one of `prompt` and `messages` is set.
+    """
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass
+class Delta:
+    """A piece of generated text; the last one carries why generation ended and the token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """What one tier move did, for the swap metrics."""
+
+    bytes_moved: int
+
+
+class EngineError(RuntimeError):
+    """An engine failed in a way the router should report, not crash on."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be served as asked (prompt plus max_tokens over the context...): a 400, not a 5xx."""
+
+
+class EngineOutOfMemory(EngineError):
+    """A move to the device failed for lack of device memory; the scheduler may make room and retry."""
+
+
+@dataclass
+class EngineContext:
+    """What the serving process hands every engine it creates."""
+
+    work_dir: Path
+    device: str = "auto"
+    device_budget_bytes: int | None = None
+    log_dir: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    spec: ModelSpec
+
+    @property
+    def tiers(self) -> frozenset[Tier]:
+        """Tiers this engine can be put in; GPU and COLD are always among them."""
+        ...
+
+    def footprint(self, tier: Tier) -> Footprint:
+        """Memory held in `tier`; the scheduler budgets with it before any move."""
+        ...
+
+    async def transition(self, src: Tier, dst: Tier) -> TransitionResult:
+        """Move from `src` to `dst`; both are in `tiers`. Raises EngineError on failure."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream the answer; only called while in GPU. Closing the iterator cancels generation."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Engine-specific facts for the admin view (device, chosen KV cache size, log file...)."""
+        ...
+
+    async def close(self) -> None:
+        """Release everything; safe to call in any tier and more than once."""
+        ...

@@ -1,0 +1,173 @@
+"""What the plugin needs to know about a model, whichever catalog it came from."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+KNOWN_ENGINES = ("transformers", "vllm")
+KNOWN_DTYPES = ("auto", "float32", "float16", "bfloat16")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class SpecError(ValueError):
+    """A model entry that cannot be served, with the entry and the field that is wrong."""
+
+    def __init__(self, entry: str, field_name: str, problem: str) -> None:
+        self.entry = entry
+        self.field = field_name
+        self.problem = problem
+        super().__init__(f"model entry {entry!r}: field {field_name!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model.
+
+    `weights` is a local directory in Hugging Face format once the catalog has fetched
+    it; `source_uri` keeps where it came from (a ClearML model URI, s3://, ...).
+    """
+
+    name: str
+    weights: str
+    size_bytes: int
+    dtype: str = "auto"
+    architecture: str = ""
+    engine: str = "transformers"
+    context_length: int | None = None
+    tags: tuple[str, ...] = ()
+    parameters: int | None = None
+    quantization: str | None = None
+    source_uri: str | None = None
+    model_id: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def size_gb(self) -> float:
+        return self.size_bytes / 1e9
+
+    def with_updates(self, **changes: Any) -> ModelSpec:
+        return replace(self, **changes)
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of weight files under a model directory (or of one weights file)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """The model's config.json, or {} when there is none (weights given as one file)."""
+    cfg = path / "config.json"
+    if not path.is_dir() or not cfg.is_file():
+        return {}
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def context_length_from_config(cfg: Mapping[str, Any]) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = cfg.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _require_str(entry: str, data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if value is None:
+        raise SpecError(entry, key, "is required")
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(entry, key, f"must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _optional_positive_int(entry: str, data: Mapping[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpecError(entry, key, f"must be a positive integer, got {value!r}")
+    try:
+        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except ValueError:
+        number = None
+    if number is None or number <= 0:
+        raise SpecError(entry, key, f"must be a positive integer, got {value!r}")
+    return number
+
+
+def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base_dir: Path | None = None,
+                      resolve_local: bool = True) -> ModelSpec:
+    """Build and validate a spec from a manifest entry or ClearML metadata.
+
+    Missing size, architecture and context length are read from the weights when they are
+    local, so that a manifest only needs a name and a path.
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError(entry or "?", "<entry>", f"must be a mapping, got {type(data).__name__}")
+    label = entry or str(data.get("name") or "?")
+    name = _require_str(label, data, "name")
+    label = entry or name
+    weights = _require_str(label, data, "weights")
+    engine = str(data.get("engine") or "transformers").strip().lower()
+    if engine not in KNOWN_ENGINES:
+        raise SpecError(label, "engine", f"unknown engine {engine!r}; known: {', '.join(KNOWN_ENGINES)}")
+    dtype = str(data.get("dtype") or "auto").strip().lower()
+    if dtype not in KNOWN_DTYPES:
+        raise SpecError(label, "dtype", f"unknown dtype {dtype!r}; known: {', '.join(KNOWN_DTYPES)}")
+    tags_raw = data.get("tags") or ()
+    if isinstance(tags_raw, str):
+        tags_raw = [t for t in (s.strip() for s in tags_raw.split(",")) if t]
+    if not isinstance(tags_raw, (list, tuple)) or not all(isinstance(t, str) for t in tags_raw):
+        raise SpecError(label, "tags", f"must be a list of strings, got {tags_raw!r}")
+
+    size = _optional_positive_int(label, data, "size_bytes")
+    context_length = _optional_positive_int(label, data, "context_length")
+    parameters = _optional_positive_int(label, data, "parameters")
+    architecture = data.get("architecture") or ""
+    if not isinstance(architecture, str):
+        raise SpecError(label, "architecture", f"must be a string, got {architecture!r}")
+
+    is_local = "://" not in weights or weights.startswith("file://")
+    if is_local and resolve_local:
+        local = Path(weights.removeprefix("file://")).expanduser()
+        if not local.is_absolute() and base_dir is not None:
+            local = base_dir / local
+        if not local.exists():
+            raise SpecError(label, "weights", f"path does not exist: {local}")
+        weights = str(local.resolve())
+        if size is None:
+            size = weights_size(local)
+            if size <= 0:
+                raise SpecError(label, "weights", f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {local}")
+        cfg = read_hf_config(local)
+        if not architecture:
+            archs = cfg.get("architectures") or []
+            architecture = archs[0] if archs else str(cfg.get("model_type", ""))
+        if context_length is None:
+            context_length = context_length_from_config(cfg)
+    if size is None:
+        raise SpecError(label, "size_bytes", "is required when the weights are not local")
+
+    quantization = data.get("quantization")
+    return ModelSpec(
+        name=name,
+        weights=weights,
+        size_bytes=size,
+        dtype=dtype,
+        architecture=architecture,
+        engine=engine,
+        context_length=context_length,
+        tags=tuple(tags_raw),
+        parameters=parameters,
+        quantization=str(quantization) if quantization else None,
+        source_uri=data.get("source_uri") or None,
+        model_id=data.get("model_id") or None,
+    )
