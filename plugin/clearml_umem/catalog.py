@@ -43,7 +43,8 @@ def read_manifest(path: Path) -> list[Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ManifestError(f"manifest {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ManifestError(f"manifest {path} is not valid {kind}: {exc}") from exc
     if isinstance(data, dict):
         data = data.get("models")
     if not isinstance(data, list):
