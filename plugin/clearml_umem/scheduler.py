@@ -79,6 +79,7 @@ class _Waiting:
     request_id: str
     arrived: float
     tier_on_arrival: Tier
+    seq: int
 
 
 @dataclass
@@ -94,7 +95,7 @@ class _Model:
     uses: int = 0
     draining: bool = False
     placement: Tier | None = None
-    placement_since: float = 0.0
+    placement_since: tuple[float, int] = (0.0, 0)
     removing: bool = False
     oom_retried: bool = False
     swap_in_seconds: dict[Tier, float] = field(default_factory=dict)
@@ -115,8 +116,9 @@ class _Model:
         return not self.in_flight and not self.waiting and self.moving_to is None
 
     @property
-    def wants_gpu_since(self) -> float | None:
-        times = [w.arrived for w in self.waiting]
+    def wants_gpu_since(self) -> tuple[float, int] | None:
+        """(time, arrival sequence) of the oldest wish for GPU: the sequence breaks clock ties."""
+        times = [(w.arrived, w.seq) for w in self.waiting]
         if self.placement is Tier.GPU:
             times.append(self.placement_since)
         return min(times) if times else None
@@ -197,7 +199,7 @@ class Scheduler:
         reason = self._never_fits(model)
         if reason:
             return [self._reject(model, request_id, reason, 503)]
-        model.waiting.append(_Waiting(request_id, now, arrival_tier))
+        model.waiting.append(_Waiting(request_id, now, arrival_tier, next(self._seq)))
         return self._pump()
 
     def cancel(self, name: str, request_id: str) -> list[Command]:
@@ -229,7 +231,7 @@ class Scheduler:
             model.placement = None
             return []
         model.placement = tier
-        model.placement_since = self._clock()
+        model.placement_since = (self._clock(), next(self._seq))
         return self._pump()
 
     def transition_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int) -> list[Command]:
@@ -296,9 +298,12 @@ class Scheduler:
     # -- the decision loop ----------------------------------------------------------------
 
     def _pump(self) -> list[Command]:
+        # Dispatch first with the drain marks of the last round (a hot model's queued
+        # requests go before it can be chosen as a victim), then re-plan the marks and
+        # dispatch again for models no longer needed as victims.
+        cmds: list[Command] = self._dispatch_hot()
         for m in self._models.values():
             m.draining = False
-        cmds: list[Command] = []
         cmds += self._swap_in()
         cmds += self._dispatch_hot()
         cmds += self._placements()
@@ -330,7 +335,7 @@ class Scheduler:
         wanting = [m for m in self._models.values()
                    if m.tier is not Tier.GPU and m.moving_to is None and not m.removing
                    and m.wants_gpu_since is not None]
-        wanting.sort(key=lambda m: (m.wants_gpu_since, m.name))
+        wanting.sort(key=lambda m: m.wants_gpu_since or (0.0, 0))
         cmds: list[Command] = []
         for m in wanting:
             need_device = m.fp(Tier.GPU).device_bytes - m.fp(m.tier).device_bytes
