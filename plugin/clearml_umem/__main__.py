@@ -1,0 +1,5 @@
+import sys
+
+from clearml_umem.cli import main
+
+sys.exit(main())

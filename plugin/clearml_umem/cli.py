@@ -1,0 +1,71 @@
+"""`clearml-umem`: serve models, or run the demo on tiny local models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from clearml_umem.catalog import ManifestError
+from clearml_umem.config import ConfigError, add_serve_arguments, config_from_args
+from clearml_umem.scheduler import SchedulerError
+from clearml_umem.spec import SpecError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from clearml_umem.server import READY_PREFIX, UnifiedMemoryServer
+
+    config = config_from_args(args)
+    _setup_logging(config.log_level)
+    server = UnifiedMemoryServer(config)
+
+    def ready(url: str) -> None:
+        print(f"{READY_PREFIX}{url}", flush=True)
+
+    asyncio.run(server.serve(ready=ready))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from clearml_umem.demo import run_demo
+
+    _setup_logging(args.log_level)
+    return run_demo(work_dir=args.work_dir, device=args.device, rounds=args.rounds, keep_serving=args.keep_serving)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clearml-umem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the models of a manifest or of the ClearML model repository")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+    demo = sub.add_parser("demo", help="build three tiny models, serve them with room for one, print TTFT per tier")
+    demo.add_argument("--work-dir", default="~/.cache/clearml-umem/demo")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo.add_argument("--rounds", type=int, default=3, help="measurements per model and tier (median is shown)")
+    demo.add_argument("--keep-serving", action="store_true", help="leave the router up after the table")
+    demo.add_argument("--log-level", default="warning")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, ManifestError, SpecError, SchedulerError) as exc:
+        print(f"clearml-umem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

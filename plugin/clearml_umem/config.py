@@ -1,0 +1,164 @@
+"""Serving configuration: one dataclass, filled from CLI flags, `UMEM_*` variables or a ClearML task.
+
+Precedence is flag > environment > default. The API key is read from the environment
+only (`UMEM_API_KEY`), so it never lands in a shell history or a task's hyperparameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from clearml_umem.memory import parse_size
+from clearml_umem.policy import POLICIES
+
+ENV_PREFIX = "UMEM_"
+DEFAULT_WORK_DIR = "~/.cache/clearml-umem"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised at start, before anything is loaded."""
+
+
+@dataclass
+class ServeConfig:
+    manifest: str | None = None
+    """Local manifest (YAML/JSON) of models: the embedded default catalog."""
+    clearml_project: str | None = None
+    clearml_name: str | None = None
+    clearml_tags: list[str] = field(default_factory=list)
+    clearml_ids: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    device_budget: str | None = None
+    host_budget: str | None = None
+    policy: str = "lru"
+    work_dir: str = DEFAULT_WORK_DIR
+    catalog_poll_seconds: float = 0.0
+    vllm_python: str | None = None
+    log_level: str = "info"
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def uses_clearml_registry(self) -> bool:
+        return bool(self.clearml_project or self.clearml_name or self.clearml_tags or self.clearml_ids)
+
+    @property
+    def device_budget_bytes(self) -> int | None:
+        return parse_size(self.device_budget) if self.device_budget else None
+
+    @property
+    def host_budget_bytes(self) -> int | None:
+        return parse_size(self.host_budget) if self.host_budget else None
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir).expanduser()
+
+    def validate(self) -> ServeConfig:
+        if not self.manifest and not self.uses_clearml_registry:
+            raise ConfigError("no models: give --manifest FILE or a ClearML selector "
+                              "(--clearml-project / --clearml-name / --clearml-tags / --clearml-ids)")
+        if self.manifest and self.uses_clearml_registry:
+            raise ConfigError("give either --manifest or a ClearML selector, not both")
+        if self.manifest and not Path(self.manifest).expanduser().is_file():
+            raise ConfigError(f"manifest not found: {self.manifest}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("device_budget", "host_budget"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    parse_size(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        if self.catalog_poll_seconds < 0:
+            raise ConfigError("catalog_poll_seconds must be >= 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """Everything but the secret, for a ClearML task's hyperparameters and logs."""
+        data = asdict(self)
+        data.pop("api_key")
+        return data
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> ServeConfig:
+        """From a ClearML task's hyperparameters (strings from the web UI are coerced)."""
+        env = os.environ if env is None else env
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "api_key" or f.name not in values or values[f.name] in (None, ""):
+                continue
+            kwargs[f.name] = _coerce(f.name, values[f.name])
+        cfg = cls(**kwargs)
+        cfg.api_key = env.get(ENV_PREFIX + "API_KEY") or None
+        return cfg
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in ("clearml_tags", "clearml_ids"):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return [str(v) for v in value]
+    if name == "port":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"port must be an integer, got {value!r}") from None
+    if name == "catalog_poll_seconds":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"catalog_poll_seconds must be a number, got {value!r}") from None
+    return str(value)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """One flag per field; each reads `UMEM_<FIELD>` for its default."""
+    env = os.environ if env is None else env
+    defaults = ServeConfig()
+    for f in fields(ServeConfig):
+        if f.name == "api_key":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        env_value = env.get(ENV_PREFIX + f.name.upper())
+        default = getattr(defaults, f.name)
+        if env_value not in (None, ""):
+            default = _coerce(f.name, env_value)
+        help_text = f"(env {ENV_PREFIX}{f.name.upper()})"
+        if f.name in ("clearml_tags", "clearml_ids"):
+            parser.add_argument(flag, default=default, type=lambda v: _coerce("clearml_tags", v),
+                                help=f"comma-separated {help_text}")
+        elif f.name == "port":
+            parser.add_argument(flag, default=default, type=int, help=f"0 picks a free port {help_text}")
+        elif f.name == "catalog_poll_seconds":
+            parser.add_argument(flag, default=default, type=float,
+                                help=f"re-read the catalog every N seconds, 0 = never {help_text}")
+        else:
+            parser.add_argument(flag, default=default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeConfig:
+    env = os.environ if env is None else env
+    values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
+    cfg = ServeConfig(**values)
+    cfg.api_key = env.get(ENV_PREFIX + "API_KEY") or None
+    return cfg.validate()
+
+
+def parse_serve_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
+    parser = argparse.ArgumentParser(prog="clearml-umem serve")
+    add_serve_arguments(parser, env)
+    return config_from_args(parser.parse_args(argv), env)

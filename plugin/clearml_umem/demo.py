@@ -1,0 +1,190 @@
+"""The main job on the embedded default: three tiny models, room for one, TTFT from every tier.
+
+Everything is real: tiny random-weight Llama / Qwen2 / Mistral models built locally, the
+router on loopback, streaming HTTP requests. The device budget is set so that only one
+model fits, so moving between models forces swaps; a round visits every tier.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+
+from clearml_umem.bandwidth import probe_bandwidth
+from clearml_umem.catalog import write_manifest
+from clearml_umem.config import ServeConfig
+from clearml_umem.engines import EngineContext, create_engine
+from clearml_umem.events import Event, TransitionFinished
+from clearml_umem.memory import detect_budgets, resolve_device
+from clearml_umem.server import UnifiedMemoryServer
+from clearml_umem.spec import spec_from_mapping
+from clearml_umem.tiers import Tier
+from clearml_umem.tinymodels import DEMO_MODELS, ensure_tiny_models
+
+TIER_COLUMNS = (Tier.GPU, Tier.RAM, Tier.DISK, Tier.COLD)
+PROMPT = [{"role": "user", "content": "Say something about unified memory."}]
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def stream_ttft(client: httpx.Client, model: str, max_tokens: int = 8) -> tuple[float, str]:
+    """Seconds from sending a streaming chat request to its first content chunk, and the full text."""
+    body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    ttft: float | None = None
+    text = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"{model}: HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                    text.append(piece)
+    if ttft is None:
+        raise RuntimeError(f"{model}: the stream ended without a token")
+    return ttft, "".join(text)
+
+
+def _tier_of(client: httpx.Client, model: str) -> Tier:
+    rows = client.get("/admin/models").raise_for_status().json()["data"]
+    return Tier(next(r["tier"] for r in rows if r["name"] == model))
+
+
+def _place(client: httpx.Client, model: str, tier: Tier) -> None:
+    client.post(f"/admin/models/{model}/place", json={"tier": tier.value}).raise_for_status()
+
+
+def _fmt_ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:8.1f} ms" if values else "        -  "
+
+
+def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto", rounds: int = 3,
+             keep_serving: bool = False) -> int:
+    work = Path(work_dir).expanduser()
+    device = resolve_device(device)
+    _say(f"work dir {work}, compute device {device}")
+    paths = ensure_tiny_models(work / "models", progress=_say)
+    manifest = work / "demo-manifest.yaml"
+    specs_list = [spec_from_mapping({"name": name, "weights": str(path), "engine": "transformers"})
+                  for name, path in paths.items()]
+    write_manifest(manifest, specs_list)
+
+    ctx = EngineContext(work_dir=work, device=device)
+    hot = sorted(create_engine(s, ctx).footprint(Tier.GPU).device_bytes for s in specs_list)
+    ram = sum(create_engine(s, ctx).footprint(Tier.RAM).host_bytes for s in specs_list)
+    device_budget = hot[-1]
+    if len(hot) > 1 and hot[0] + hot[1] <= device_budget:
+        raise RuntimeError("demo models are sized so that no two fit together; check DEMO_MODELS")
+    budgets = detect_budgets(device, device_budget, max(2 * ram, 64 * 2**20))
+    needs = ", ".join(f"{h / 1e6:.1f}" for h in hot)
+    _say(f"device budget {device_budget / 1e6:.1f} MB (room for one model; they need {needs} MB), "
+         f"host budget {budgets.host_bytes / 1e6:.1f} MB")
+
+    config = ServeConfig(manifest=str(manifest), port=0, device=device, work_dir=str(work),
+                         device_budget=str(device_budget), host_budget=str(budgets.host_bytes))
+    server = UnifiedMemoryServer(config, budgets=budgets)
+    swaps: dict[tuple[str, str], list[TransitionFinished]] = defaultdict(list)
+    lock = threading.Lock()
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, TransitionFinished):
+            with lock:
+                swaps[(event.model, event.direction)].append(event)
+
+    server.bus.subscribe(on_event)
+    ttfts: dict[str, dict[Tier, list[float]]] = {s.name: defaultdict(list) for s in specs_list}
+    names = [s.name for s in specs_list]
+
+    with server.run_in_thread() as url, httpx.Client(base_url=url, timeout=300) as client:
+        _say(f"router up on {url} (OpenAI API at {url}/v1, metrics at {url}/metrics)")
+
+        def measure(model: str) -> None:
+            tier = _tier_of(client, model)
+            ttft, text = stream_ttft(client, model)
+            ttfts[model][tier].append(ttft)
+            _say(f"{model:14s} from {tier.value:4s}: first token after {ttft * 1000:7.1f} ms  -> {text!r}")
+
+        for r in range(1, rounds + 1):
+            _say(f"round {r}/{rounds}: cold starts, swaps from RAM, hot hits, reloads from disk")
+            for name in names:
+                _place(client, name, Tier.COLD)
+            for name in names:
+                measure(name)
+            for name in names:
+                measure(name)
+            for name in names:
+                measure(name)
+                measure(name)
+            for name in names:
+                _place(client, name, Tier.DISK)
+                measure(name)
+
+        _say("concurrent requests for all three models with room for one: they queue, none is dropped")
+        results: dict[str, str] = {}
+        errors: list[str] = []
+
+        def one(model: str) -> None:
+            try:
+                results[model] = stream_ttft(client, model)[1]
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(f"{model}: {exc}")
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in names * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            _say("FAILED: " + "; ".join(errors))
+            return 1
+        _say(f"all {len(threads)} concurrent requests answered")
+        metrics_text = client.get("/metrics").text
+        probe = probe_bandwidth(device, size_bytes=64 * 2**20)
+
+        print()
+        print(f"TTFT by tier (median of {rounds} rounds, streaming chat, measured by the client over HTTP)")
+        header = f"{'model':14s} {'size':>8s} " + " ".join(f"{t.value + (' (hot)' if t is Tier.GPU else ''):>11s}"
+                                                          for t in TIER_COLUMNS)
+        header += f" {'swap-in GB/s':>13s} {'swap-out GB/s':>14s} {'in / probe':>10s}"
+        print(header)
+        print("-" * len(header))
+        for s in specs_list:
+            row = f"{s.name:14s} {s.size_bytes / 1e6:6.1f}MB " + " ".join(f"{_fmt_ms(ttfts[s.name][t]):>11s}"
+                                                                         for t in TIER_COLUMNS)
+            ins = [e.gbps for e in swaps[(s.name, "in")] if e.src is Tier.RAM]
+            outs = [e.gbps for e in swaps[(s.name, "out")] if e.dst is Tier.RAM]
+            gin = statistics.median(ins) if ins else 0.0
+            gout = statistics.median(outs) if outs else 0.0
+            row += f" {gin:13.2f} {gout:14.2f} {gin / probe.gbps:10.2f}"
+            print(row)
+        print()
+        print(f"bandwidth probe ({probe.path}): {probe.gbps:.2f} GB/s; swap-in GB/s counts RAM -> {device} moves only")
+        swap_lines = [line for line in metrics_text.splitlines() if line.startswith("umem_swap_seconds_count")]
+        print(f"/metrics reports {len(swap_lines)} swap series; e.g. {swap_lines[0] if swap_lines else '-'}")
+        if keep_serving:
+            _say(f"serving on {url} until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    missing = [(n, t.value) for n in names for t in TIER_COLUMNS if not ttfts[n][t]]
+    if missing:
+        print(f"demo did not visit every tier: {missing}", file=sys.stderr)
+        return 1
+    return 0

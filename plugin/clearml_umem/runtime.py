@@ -1,0 +1,299 @@
+"""The asyncio shell around the pure scheduler: it owns the engines and carries out moves.
+
+The scheduler decides; this module does. Every scheduler command becomes an engine call
+on the event loop (blocking engine work goes to threads inside the engines), and every
+outcome goes back into the scheduler, which answers with the next commands. All
+scheduler calls happen on the loop's thread, so the scheduler needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from clearml_umem.catalog import CatalogSnapshot
+from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, create_engine
+from clearml_umem.events import EventBus
+from clearml_umem.policy import Policy
+from clearml_umem.scheduler import Command, Dispatch, ModelState, Move, Reject, Release, Scheduler
+from clearml_umem.spec import ModelSpec
+from clearml_umem.tiers import ALL_TIERS, Tier
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
+
+
+class ModelNotFound(KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"model {self.name!r} does not exist"
+
+
+class Rejected(Exception):
+    """The scheduler or an engine refused a request; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Lease:
+    engine: Engine
+    tier_on_arrival: Tier
+    arrived: float
+
+
+class Runtime:
+    def __init__(
+        self,
+        device_budget: int,
+        host_budget: int,
+        engine_context: EngineContext,
+        policy: Policy | None = None,
+        bus: EventBus | None = None,
+        engine_factory: EngineFactory = create_engine,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bus = bus or EventBus()
+        self.engine_context = engine_context
+        self._clock = clock
+        self._factory = engine_factory
+        self.scheduler = Scheduler(device_budget, host_budget, policy=policy, clock=clock, emit=self.bus.emit)
+        self._engines: dict[str, Engine] = {}
+        self._specs: dict[str, ModelSpec] = {}
+        self._waiters: dict[str, asyncio.Future[Dispatch]] = {}
+        self._moves: set[asyncio.Task[None]] = set()
+        self._failures: dict[str, tuple[float, str]] = {}
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    # -- catalog --------------------------------------------------------------------------
+
+    def add_model(self, spec: ModelSpec) -> None:
+        """Create the engine object (no loading yet: models start cold) and register its footprints."""
+        engine = self._factory(spec, self.engine_context)
+        footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
+        self.scheduler.add_model(spec.name, footprints, engine.tiers)
+        self._engines[spec.name] = engine
+        self._specs[spec.name] = spec
+        gpu = footprints[Tier.GPU]
+        log.info("model %s: engine %s, tiers %s, needs %.1f MB on the device when hot",
+                 spec.name, spec.engine, "/".join(t.value for t in ALL_TIERS if t in engine.tiers),
+                 gpu.device_bytes / 1e6)
+
+    def remove_model(self, name: str) -> None:
+        if name not in self._specs:
+            raise ModelNotFound(name)
+        del self._specs[name]
+        self._apply(self.scheduler.remove_model(name))
+
+    def sync_catalog(self, snapshot: CatalogSnapshot) -> None:
+        """Serve exactly the catalog's models: new ones start cold, missing ones drain and go."""
+        wanted = {s.name: s for s in snapshot.specs}
+        for name in list(self._specs):
+            if name not in wanted:
+                log.info("model %s left the catalog: draining it", name)
+                self.remove_model(name)
+        for name, spec in wanted.items():
+            if name in self._specs:
+                if spec.weights != self._specs[name].weights:
+                    log.warning("model %s changed weights in the catalog; restart to serve the new weights", name)
+                continue
+            if name in self._engines:
+                log.info("model %s is back in the catalog but still shutting down; retried at the next poll", name)
+                continue
+            log.info("model %s joined the catalog", name)
+            try:
+                self.add_model(spec)
+            except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
+                log.error("model %s cannot be served: %s", name, exc)
+        for error in snapshot.errors:
+            log.error("catalog entry skipped: %s", error)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def has_model(self, name: str) -> bool:
+        return name in self._specs
+
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise ModelNotFound(name) from None
+
+    def model_names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def engine(self, name: str) -> Engine:
+        if name not in self._specs:
+            raise ModelNotFound(name)
+        return self._engines[name]
+
+    def state(self, name: str) -> ModelState:
+        if name not in self._specs:
+            raise ModelNotFound(name)
+        return self.scheduler.state(name)
+
+    def admin_view(self) -> list[dict[str, Any]]:
+        now_mono, now_wall = self._clock(), time.time()
+        rows = []
+        for name in self.model_names():
+            st = self.scheduler.state(name)
+            spec = self._specs[name]
+            engine = self._engines[name]
+            last_used = None
+            if st.uses:
+                last_used = datetime.fromtimestamp(now_wall - (now_mono - st.last_used), tz=timezone.utc).isoformat()
+            failure = self._failures.get(name)
+            rows.append({
+                "name": name,
+                "tier": st.tier.value,
+                "moving_to": st.moving_to.value if st.moving_to else None,
+                "in_flight": st.in_flight,
+                "waiting": st.waiting,
+                "size_bytes": spec.size_bytes,
+                "device_bytes": st.device_bytes,
+                "host_bytes": st.host_bytes,
+                "last_used": last_used,
+                "uses": st.uses,
+                "tiers": [t.value for t in ALL_TIERS if t in st.tiers],
+                "engine": spec.engine,
+                "architecture": spec.architecture,
+                "context_length": spec.context_length,
+                "engine_details": engine.describe(),
+                "last_error": failure[1] if failure else None,
+            })
+        return rows
+
+    def memory(self) -> dict[str, int]:
+        return {
+            "device_budget": self.scheduler.device_budget,
+            "device_used": self.scheduler.device_used,
+            "host_budget": self.scheduler.host_budget,
+            "host_used": self.scheduler.host_used,
+        }
+
+    # -- requests -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:
+        """Wait until `model` is hot and hold it there until the block exits."""
+        if self._closed:
+            raise Rejected(503, "the server is shutting down")
+        if model not in self._specs:
+            raise ModelNotFound(model)
+        arrived = self._clock()
+        fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = fut
+        try:
+            self._apply(self.scheduler.request(model, request_id))
+            try:
+                dispatch = await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._apply(self.scheduler.finished(model, request_id))
+                elif model in self.scheduler:
+                    self._apply(self.scheduler.cancel(model, request_id))
+                raise
+        finally:
+            self._waiters.pop(request_id, None)
+        try:
+            yield Lease(self._engines[model], dispatch.tier_on_arrival, arrived)
+        finally:
+            self._apply(self.scheduler.finished(model, request_id))
+
+    async def place(self, model: str, tier: Tier) -> ModelState:
+        """Move a model to `tier` (when it is idle) and wait until it is there."""
+        if model not in self._specs:
+            raise ModelNotFound(model)
+        since = self._clock()
+        self._apply(self.scheduler.place(model, tier))
+        async with self._changed:
+            while True:
+                st = self.scheduler.state(model)
+                if st.tier is tier and st.moving_to is None:
+                    return st
+                failure = self._failures.get(model)
+                if failure and failure[0] >= since:
+                    raise Rejected(503, f"could not move model {model!r} to {tier.value}: {failure[1]}")
+                await self._changed.wait()
+
+    # -- carrying out commands ------------------------------------------------------------
+
+    def _apply(self, commands: list[Command]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, Dispatch):
+                fut = self._waiters.get(cmd.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(cmd)
+                else:
+                    self._apply(self.scheduler.finished(cmd.model, cmd.request_id))
+            elif isinstance(cmd, Reject):
+                fut = self._waiters.get(cmd.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(Rejected(cmd.status, cmd.reason))
+            elif isinstance(cmd, Move):
+                task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
+                self._moves.add(task)
+                task.add_done_callback(self._moves.discard)
+            elif isinstance(cmd, Release):
+                engine = self._engines.pop(cmd.model, None)
+                if engine is not None:
+                    task = asyncio.get_running_loop().create_task(engine.close(), name=f"close-{cmd.model}")
+                    self._moves.add(task)
+                    task.add_done_callback(self._moves.discard)
+
+    async def _run_move(self, cmd: Move) -> None:
+        engine = self._engines[cmd.model]
+        started = self._clock()
+        log.info("model %s: %s -> %s", cmd.model, cmd.src.value, cmd.dst.value)
+        try:
+            result = await engine.transition(cmd.src, cmd.dst)
+        except EngineOutOfMemory as exc:
+            log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
+                        cmd.dst.value, exc)
+            self._failures[cmd.model] = (self._clock(), str(exc))
+            self._apply(self.scheduler.transition_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
+                                                         out_of_memory=True))
+        except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
+            log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
+            self._failures[cmd.model] = (self._clock(), f"{type(exc).__name__}: {exc}")
+            try:
+                await engine.close()
+            except Exception:  # noqa: BLE001
+                log.exception("model %s: closing the engine after a failed move also failed", cmd.model)
+            self._apply(self.scheduler.transition_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
+        else:
+            seconds = self._clock() - started
+            log.info("model %s: %s -> %s in %.3f s (%.1f MB)", cmd.model, cmd.src.value, cmd.dst.value, seconds,
+                     result.bytes_moved / 1e6)
+            self._apply(self.scheduler.transition_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """Refuse new work, let moves finish, then release every engine (processes included)."""
+        self._closed = True
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(Rejected(503, "the server is shutting down"))
+        if self._moves:
+            await asyncio.wait(list(self._moves), timeout=60)
+        for name, engine in list(self._engines.items()):
+            try:
+                await engine.close()
+            except Exception:  # noqa: BLE001 - keep closing the others
+                log.exception("model %s: engine close failed", name)
+        self._engines.clear()

@@ -1,0 +1,148 @@
+"""Puts the pieces together: catalog, budgets, runtime, metrics and the HTTP router.
+
+Used by the CLI, the ClearML serve task, the benchmark and the demo, so all of them
+serve the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+import uvicorn
+
+from clearml_umem.catalog import Catalog, CatalogSnapshot, ManifestCatalog
+from clearml_umem.config import ConfigError, ServeConfig
+from clearml_umem.engines import EngineContext, create_engine
+from clearml_umem.events import EventBus
+from clearml_umem.memory import Budgets, detect_budgets
+from clearml_umem.metrics import Metrics
+from clearml_umem.policy import make_policy
+from clearml_umem.router.app import create_app
+from clearml_umem.runtime import EngineFactory, Runtime
+
+log = logging.getLogger(__name__)
+
+READY_PREFIX = "umem: serving on "
+
+
+def build_catalog(config: ServeConfig) -> Catalog:
+    if config.manifest:
+        return ManifestCatalog(config.manifest)
+    from clearml_umem.clearml_io.registry import RegistryCatalog
+
+    return RegistryCatalog.from_config(config)
+
+
+class UnifiedMemoryServer:
+    def __init__(self, config: ServeConfig, catalog: Catalog | None = None,
+                 engine_factory: EngineFactory = create_engine, budgets: Budgets | None = None) -> None:
+        if catalog is None:
+            config.validate()
+        self.config = config
+        self.catalog = catalog or build_catalog(config)
+        self.budgets = budgets or detect_budgets(config.device, config.device_budget_bytes, config.host_budget_bytes)
+        self.bus = EventBus()
+        self.metrics = Metrics(self.bus)
+        work = config.work_path
+        options = {"vllm_python": config.vllm_python} if config.vllm_python else {}
+        context = EngineContext(work_dir=work, device=config.device, device_budget_bytes=self.budgets.device_bytes,
+                                log_dir=work / "logs", options=options)
+        self.runtime = Runtime(self.budgets.device_bytes, self.budgets.host_bytes, context,
+                               policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory)
+        self.app = create_app(self.runtime, self.metrics, config.api_key)
+        self.url: str | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def load_catalog(self) -> CatalogSnapshot:
+        """First read of the catalog; a local manifest must be entirely valid, a registry may be partly."""
+        snapshot = await asyncio.to_thread(self.catalog.snapshot)
+        if isinstance(self.catalog, ManifestCatalog):
+            snapshot.raise_first_error()
+        if not snapshot.specs:
+            problems = "; ".join(str(e) for e in snapshot.errors) or "the catalog lists no models"
+            raise ConfigError(f"no model can be served: {problems}")
+        self.runtime.sync_catalog(snapshot)
+        return snapshot
+
+    async def _poll_catalog(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                snapshot = await asyncio.to_thread(self.catalog.snapshot)
+            except Exception:  # noqa: BLE001 - a flaky registry must not stop serving
+                log.exception("catalog poll failed; keeping the current models")
+                continue
+            self.runtime.sync_catalog(snapshot)
+
+    async def serve(self, ready: Callable[[str], None] | None = None) -> None:
+        """Serve until told to stop (a signal in the main thread, or `request_stop`)."""
+        self._loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.host, self.config.port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {exc}") from None
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        try:
+            await self.load_catalog()
+            if self.config.catalog_poll_seconds > 0:
+                self._poller = asyncio.create_task(self._poll_catalog(self.config.catalog_poll_seconds))
+            uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                       timeout_graceful_shutdown=10)
+            self._uvicorn = uvicorn.Server(uv_config)
+            serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+            while not self._uvicorn.started and not serving.done():
+                await asyncio.sleep(0.02)
+            if self._uvicorn.started and ready is not None:
+                ready(self.url)
+            await serving
+        finally:
+            if self._poller is not None:
+                self._poller.cancel()
+                with suppress(asyncio.CancelledError):
+                    await self._poller
+            await self.runtime.close()
+            sock.close()
+
+    def request_stop(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
+    @contextmanager
+    def run_in_thread(self, timeout: float = 120.0) -> Iterator[str]:
+        """Serve from a background thread; yields the base URL, stops and releases engines on exit."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                asyncio.run(self.serve(ready=lambda url: ready.set()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                failure.append(exc)
+                ready.set()
+
+        thread = threading.Thread(target=target, name="umem-server", daemon=True)
+        thread.start()
+        if not ready.wait(timeout):
+            self.request_stop()
+            raise TimeoutError(f"server did not start within {timeout} s")
+        if failure:
+            raise failure[0]
+        try:
+            assert self.url is not None
+            yield self.url
+        finally:
+            self.request_stop()
+            thread.join(timeout=120)
+            if failure:
+                raise failure[0]
