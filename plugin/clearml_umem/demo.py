@@ -26,7 +26,7 @@ from clearml_umem.memory import detect_budgets, resolve_device
 from clearml_umem.server import UnifiedMemoryServer
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
-from clearml_umem.tinymodels import DEMO_MODELS, ensure_tiny_models
+from clearml_umem.tinymodels import ensure_tiny_models
 
 TIER_COLUMNS = (Tier.GPU, Tier.RAM, Tier.DISK, Tier.COLD)
 PROMPT = [{"role": "user", "content": "Say something about unified memory."}]
