@@ -24,7 +24,7 @@ from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import Event, TransitionFinished
 from clearml_umem.memory import detect_budgets, resolve_device
 from clearml_umem.server import UnifiedMemoryServer
-from clearml_umem.spec import spec_from_mapping
+from clearml_umem.spec import ModelSpec, spec_from_mapping
 from clearml_umem.tiers import Tier
 from clearml_umem.tinymodels import ensure_tiny_models
 
@@ -73,6 +73,19 @@ def _fmt_ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:8.1f} ms" if values else "        -  "
 
 
+def room_for_one(specs: list[ModelSpec], ctx: EngineContext) -> tuple[int, int, list[int]]:
+    """Budgets where any one model fits on the device but no two do, and all fit in host RAM.
+
+    Returns (device budget, host budget, each model's device bytes when hot, sorted).
+    """
+    engines = [create_engine(s, ctx) for s in specs]
+    hot = sorted(e.footprint(Tier.GPU).device_bytes for e in engines)
+    ram = sum(e.footprint(Tier.RAM).host_bytes for e in engines)
+    if len(hot) > 1 and hot[0] + hot[1] <= hot[-1]:
+        raise RuntimeError("models are sized so that two fit in the room of the largest; pick other sizes")
+    return hot[-1], max(2 * ram, 64 * 2**20), hot
+
+
 def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto", rounds: int = 3,
              keep_serving: bool = False) -> int:
     work = Path(work_dir).expanduser()
@@ -84,13 +97,8 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
                   for name, path in paths.items()]
     write_manifest(manifest, specs_list)
 
-    ctx = EngineContext(work_dir=work, device=device)
-    hot = sorted(create_engine(s, ctx).footprint(Tier.GPU).device_bytes for s in specs_list)
-    ram = sum(create_engine(s, ctx).footprint(Tier.RAM).host_bytes for s in specs_list)
-    device_budget = hot[-1]
-    if len(hot) > 1 and hot[0] + hot[1] <= device_budget:
-        raise RuntimeError("demo models are sized so that no two fit together; check DEMO_MODELS")
-    budgets = detect_budgets(device, device_budget, max(2 * ram, 64 * 2**20))
+    device_budget, host_budget, hot = room_for_one(specs_list, EngineContext(work_dir=work, device=device))
+    budgets = detect_budgets(device, device_budget, host_budget)
     needs = ", ".join(f"{h / 1e6:.1f}" for h in hot)
     _say(f"device budget {device_budget / 1e6:.1f} MB (room for one model; they need {needs} MB), "
          f"host budget {budgets.host_bytes / 1e6:.1f} MB")

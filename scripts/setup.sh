@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment with everything the demo and the tests need.
+# Sourced by demo.sh and test.sh; safe to run again.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${UMEM_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+# torch 2.13.0: on these machines pip takes the local CPU build; set UMEM_TORCH to choose another.
+TORCH_SPEC="${UMEM_TORCH:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.umem-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  echo "[setup] installing $TORCH_SPEC and clearml-unified-memory[test] into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+  touch "$stamp"
+fi

