@@ -48,8 +48,10 @@ class CostAwarePolicy:
     """Evict what is cheap to bring back, rarely used and large, a GreedyDual-Size-Frequency flavour.
 
     A model's value is how often it is used (decayed by idle time) times what a miss
-    costs (its observed swap-in time, or its size as a stand-in), per byte it occupies.
-    The lowest value goes first; equal values fall back to LRU order.
+    costs (its observed swap-in time, or its size as a stand-in), per byte it occupies
+    in its tier (device bytes when hot, host bytes when in RAM). With the stand-in, size
+    cancels out and frequency alone decides. The lowest value goes first; equal values
+    fall back to LRU order.
     """
 
     name = "cost"
@@ -62,9 +64,9 @@ class CostAwarePolicy:
     def _value(self, c: Candidate, now: float) -> float:
         idle = max(0.0, now - c.last_used)
         frequency = (1 + c.uses) * 0.5 ** (idle / self.half_life_s)
-        miss_cost = c.swap_in_seconds if c.swap_in_seconds is not None else c.device_bytes / 10e9
-        occupied = max(1, c.device_bytes)
-        return frequency * max(miss_cost, 1e-6) / occupied
+        occupied = max(1, c.device_bytes, c.host_bytes)
+        miss_cost = c.swap_in_seconds if c.swap_in_seconds is not None else occupied / 10e9
+        return frequency * max(miss_cost, 1e-12) / occupied
 
     def rank(self, candidates: Sequence[Candidate], now: float) -> list[Candidate]:
         return sorted(candidates, key=lambda c: (self._value(c, now), c.last_used, c.name))

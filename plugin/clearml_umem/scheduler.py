@@ -98,6 +98,7 @@ class _Model:
     placement_since: tuple[float, int] = (0.0, 0)
     removing: bool = False
     oom_retried: bool = False
+    retry_after: set[str] = field(default_factory=set)
     swap_in_seconds: dict[Tier, float] = field(default_factory=dict)
 
     def fp(self, tier: Tier) -> Footprint:
@@ -215,7 +216,10 @@ class Scheduler:
         return self._pump()
 
     def place(self, name: str, tier: Tier) -> list[Command]:
-        """Ask for a model to be moved to `tier` as soon as it is idle (admin, benchmark, pre-warm)."""
+        """Ask for a model to be moved to `tier` as soon as it is idle (admin, benchmark, pre-warm).
+
+        Raises SchedulerError for a tier its engine lacks or whose footprint exceeds a budget.
+        """
         model = self._get(name)
         if tier not in model.tiers:
             supported = ", ".join(t.value for t in ALL_TIERS if t in model.tiers)
@@ -227,6 +231,12 @@ class Scheduler:
             reason = self._never_fits(model)
             if reason:
                 raise SchedulerError(reason)
+        fp = model.fp(tier)
+        if fp.device_bytes > self.device_budget or fp.host_bytes > self.host_budget:
+            raise SchedulerError(
+                f"model {name!r} needs {_gb(fp.device_bytes)} on the device and {_gb(fp.host_bytes)} of host "
+                f"memory in tier {tier.value!r}, over the budgets ({_gb(self.device_budget)} device, "
+                f"{_gb(self.host_budget)} host)")
         if model.tier is tier and model.moving_to is None:
             model.placement = None
             return []
@@ -263,6 +273,7 @@ class Scheduler:
         if dst is Tier.GPU and out_of_memory and not model.oom_retried:
             model.oom_retried = True
             cmds += self._evict_all_idle(except_for=name)
+            model.retry_after = {c.model for c in cmds if isinstance(c, Move)}
             return cmds + self._pump()
         if model.placement is dst:
             model.placement = None
@@ -330,7 +341,8 @@ class Scheduler:
         """Bring waiting models to GPU in the order their oldest request arrived.
 
         The first model that cannot get room yet blocks the ones behind it, so a stream of
-        small requests cannot starve a big model.
+        small requests cannot starve a big model. A model retrying after running out of
+        device memory waits until the evictions made for it have ended.
         """
         wanting = [m for m in self._models.values()
                    if m.tier is not Tier.GPU and m.moving_to is None and not m.removing
@@ -338,6 +350,9 @@ class Scheduler:
         wanting.sort(key=lambda m: m.wants_gpu_since or (0.0, 0))
         cmds: list[Command] = []
         for m in wanting:
+            m.retry_after = {n for n in m.retry_after if n in self._models and self._models[n].moving_to is not None}
+            if m.retry_after:
+                break
             need_device = m.fp(Tier.GPU).device_bytes - m.fp(m.tier).device_bytes
             need_host = m.fp(Tier.GPU).host_bytes - m.fp(m.tier).host_bytes
             if self._fits(need_device, need_host):
@@ -396,7 +411,12 @@ class Scheduler:
         return None
 
     def _demotion_target(self, m: _Model) -> Tier:
-        """The hottest tier below the current one that frees device memory; host room is fixed after."""
+        """The hottest tier below the current one that frees device memory; host room is fixed after.
+
+        A model being removed goes straight to cold: parking it in RAM would only copy it for nothing.
+        """
+        if m.removing:
+            return Tier.COLD
         for tier in ALL_TIERS:
             if not m.tier.hotter_than(tier) or tier not in m.tiers:
                 continue
@@ -413,37 +433,43 @@ class Scheduler:
             fp = m.fp(m.tier)
             if (fp.host_bytes if for_host else fp.device_bytes) <= 0:
                 continue
-            if for_host and (m.waiting or m.in_flight or m.placement is not None):
+            if for_host and m.in_flight:
                 continue
             out.append(m)
         return out
 
-    def _ranked(self, models: list[_Model]) -> list[_Model]:
+    def _ranked(self, models: list[_Model], *, for_host: bool) -> list[_Model]:
         by_name = {m.name: m for m in models}
-        cands = [Candidate(m.name, m.tier, m.fp(m.tier).device_bytes, m.fp(m.tier).host_bytes, m.last_used,
-                           m.uses, self._swap_in_estimate(m)) for m in models]
+        cands = []
+        for m in models:
+            dst = self._colder_for_host(m) if for_host else self._demotion_target(m)
+            cands.append(Candidate(m.name, m.tier, m.fp(m.tier).device_bytes, m.fp(m.tier).host_bytes,
+                                   m.last_used, m.uses, m.swap_in_seconds.get(dst)))
         return [by_name[c.name] for c in self.policy.rank(cands, self._clock())]
-
-    def _swap_in_estimate(self, m: _Model) -> float | None:
-        target = Tier.RAM if Tier.RAM in m.tiers else Tier.COLD
-        return m.swap_in_seconds.get(target)
 
     def _make_room(self, incoming: _Model, need_device: int, need_host: int) -> list[Command]:
         """Plan demotions so that `incoming` fits; issue the ones that can start now.
 
         Idle models go first, in policy order; if that is not enough, busy models are
         marked draining (no new requests) and demoted when their last request finishes.
-        Device victims go to the hottest tier that frees device memory (RAM first); if
-        host RAM cannot take them, the least valuable models already in RAM go down to
-        disk, and only then do victims skip RAM. Nothing is issued unless the whole plan
-        frees enough, so no model is evicted for nothing.
+        Device victims go to the hottest tier that frees device memory (RAM first), or
+        further down when that is not enough (a sleeping engine may keep some device
+        memory). If host RAM cannot take them, the least valuable models already in RAM go
+        down to disk, then victims skip RAM, and last, models waiting their turn for the
+        GPU give their host memory back (the oldest request must not be stuck behind
+        them). Nothing is issued unless the whole plan frees enough, so no model is
+        evicted for nothing.
         """
-        short_device = need_device - (self.device_budget - self.device_used)
-        host_after = self.host_budget - self.host_used - need_host
+        # Moves already under way give their memory back when they end: count it, or a second
+        # input during a swap would pick a second victim for the same room. The incoming
+        # model's own host memory is freed only once it is loaded, after the victims moved.
+        pending_device, pending_host = self._pending_frees()
+        short_device = need_device - (self.device_budget - self.device_used) - pending_device
+        host_after = self.host_budget - self.host_used + pending_host - max(need_host, 0)
 
         plan: list[tuple[_Model, Tier]] = []
         if short_device > 0:
-            pool = self._ranked(self._candidates(incoming.name, for_host=False))
+            pool = self._ranked(self._candidates(incoming.name, for_host=False), for_host=False)
             gained = 0
             for m in [m for m in pool if m.idle] + [m for m in pool if not m.idle]:
                 if gained >= short_device:
@@ -453,44 +479,107 @@ class Scheduler:
                 host_after -= m.fp(dst).host_bytes - m.fp(m.tier).host_bytes
                 plan.append((m, dst))
             if gained < short_device:
+                gained, host_after = self._deepen(plan, short_device, gained, host_after)
+            if gained < short_device:
                 return []
 
         if host_after < 0:
             planned = {m.name for m, _ in plan}
-            for m in self._ranked(self._candidates(incoming.name, for_host=True)):
+            pool = [m for m in self._ranked(self._candidates(incoming.name, for_host=True), for_host=True)
+                    if m.name not in planned]
+            unwanted = [m for m in pool if not m.waiting and m.placement is None]
+            queued = [m for m in pool if m.waiting or m.placement is not None]
+            for m in unwanted:
                 if host_after >= 0:
                     break
-                if m.name in planned:
-                    continue
-                dst = self._colder_for_host(m)
-                host_after += m.fp(m.tier).host_bytes - m.fp(dst).host_bytes
-                plan.insert(0, (m, dst))
+                host_after = self._plan_host_victim(plan, m, host_after)
             for i, (m, dst) in enumerate(plan):
                 if host_after >= 0:
                     break
-                if dst is Tier.RAM and m.name != incoming.name:
+                if dst is Tier.RAM:
                     alt = self._colder_for_host(m, start=Tier.RAM)
                     host_after += m.fp(Tier.RAM).host_bytes - m.fp(alt).host_bytes
                     plan[i] = (m, alt)
+            for m in queued:
+                if host_after >= 0:
+                    break
+                host_after = self._plan_host_victim(plan, m, host_after)
             if host_after < 0:
                 return []
         return self._issue(plan)
 
+    def _deepen(self, plan: list[tuple[_Model, Tier]], short_device: int, gained: int,
+                host_after: int) -> tuple[int, int]:
+        """Send victims further down when the plan falls short, then drop those no longer needed.
+
+        A victim's first choice may keep device memory (a sleeping engine's context).
+        Returns the device bytes the plan frees and the host room left after it.
+        """
+        for i, (m, dst) in enumerate(plan):
+            if gained >= short_device:
+                break
+            deeper = self._emptiest_tier(m)
+            if m.fp(deeper).device_bytes < m.fp(dst).device_bytes:
+                gained += m.fp(dst).device_bytes - m.fp(deeper).device_bytes
+                host_after -= m.fp(deeper).host_bytes - m.fp(dst).host_bytes
+                plan[i] = (m, deeper)
+        for m, dst in reversed(list(plan)):
+            frees = m.fp(m.tier).device_bytes - m.fp(dst).device_bytes
+            if gained - frees < short_device:
+                break
+            gained -= frees
+            host_after += m.fp(dst).host_bytes - m.fp(m.tier).host_bytes
+            plan.pop()
+        return gained, host_after
+
+    def _emptiest_tier(self, m: _Model) -> Tier:
+        """The hottest tier below the current one that holds the least device memory."""
+        colder = [t for t in ALL_TIERS if m.tier.hotter_than(t) and t in m.tiers]
+        return min(colder, key=lambda t: (m.fp(t).device_bytes, t.rank))
+
+    def _plan_host_victim(self, plan: list[tuple[_Model, Tier]], m: _Model, host_after: int) -> int:
+        """Put `m` first in the plan, going where it gives host RAM back; the host room left after."""
+        dst = self._colder_for_host(m)
+        plan.insert(0, (m, dst))
+        return host_after + m.fp(m.tier).host_bytes - m.fp(dst).host_bytes
+
+    def _pending_frees(self) -> tuple[int, int]:
+        """Device and host bytes the moves under way will release when they end."""
+        device = host = 0
+        for m in self._models.values():
+            if m.moving_to is not None:
+                reserved, after = m.reserved, m.fp(m.moving_to)
+                device += reserved.device_bytes - after.device_bytes
+                host += reserved.host_bytes - after.host_bytes
+        return device, host
+
     def _colder_for_host(self, m: _Model, start: Tier | None = None) -> Tier:
         """Where a model goes to give host RAM back: disk if its engine has that tier, else cold."""
+        if m.removing:
+            return Tier.COLD
         current = m.fp(start or m.tier).host_bytes
         if Tier.DISK in m.tiers and m.fp(Tier.DISK).host_bytes < current:
             return Tier.DISK
         return Tier.COLD
 
     def _issue(self, plan: list[tuple[_Model, Tier]]) -> list[Command]:
+        """Start the planned demotions that can start now; busy victims drain.
+
+        A demotion to RAM needs host room at once, which a move to disk planned beside it
+        may not have released yet: such a move waits (the next input re-plans it).
+        """
         cmds: list[Command] = []
         for m, dst in plan:
-            if not m.in_flight and m.moving_to is None:
-                cmds.append(self._start_move(m, dst))
-            else:
+            if m.in_flight or m.moving_to is not None:
                 m.draining = True
+            elif self._move_fits(m, dst):
+                cmds.append(self._start_move(m, dst))
         return cmds
+
+    def _move_fits(self, m: _Model, dst: Tier) -> bool:
+        """Whether the memory a move reserves on top of what the model holds now is free now."""
+        now, end = m.fp(m.tier), m.fp(dst)
+        return self._fits(max(0, end.device_bytes - now.device_bytes), max(0, end.host_bytes - now.host_bytes))
 
     def _evict_all_idle(self, except_for: str) -> list[Command]:
         """After an out-of-memory on wake, the device holds more than we counted: clear what we can."""

@@ -110,10 +110,7 @@ def _flatten(entry_id: str, raw: Any) -> dict[str, str]:
         raise SpecError(entry_id, "metadata", f"must be a mapping of metadata items, got {type(raw).__name__}")
     flat: dict[str, str] = {}
     for key, item in raw.items():
-        if isinstance(item, Mapping):
-            value = item.get("value")
-        else:
-            value = item
+        value = item.get("value") if isinstance(item, Mapping) else item
         if value is None:
             continue
         flat[str(key)] = str(value)
@@ -183,7 +180,10 @@ def spec_from_clearml_model(model: ModelEntry, *, require_tag: bool = False) -> 
     means a malformed entry is reported without downloading gigabytes.
     """
     entry_id = str(_read("?", model, "id") or "?")
-    name = _read(entry_id, model, "name")
+    try:
+        name = model.name
+    except Exception as exc:  # noqa: BLE001 - the first read fetches the entry: failing here means no entry
+        raise SpecError(entry_id, "id", f"no readable model entry with this ID in ClearML: {exc}") from exc
     tags_raw = _read(entry_id, model, "tags") or []
     if not isinstance(tags_raw, (list, tuple)) or not all(isinstance(t, str) for t in tags_raw):
         raise SpecError(entry_id, "tags", f"must be a list of strings, got {tags_raw!r}")

@@ -20,8 +20,8 @@ _TRUE = ("1", "true", "yes", "on")
 
 def offline_requested() -> bool:
     """The user asked for offline mode explicitly (CLEARML_OFFLINE_MODE, as the SDK reads it)."""
-    return os.environ.get("CLEARML_OFFLINE_MODE", "").strip().lower() in _TRUE or _is_version(
-        os.environ.get("CLEARML_OFFLINE_MODE", ""))
+    value = os.environ.get("CLEARML_OFFLINE_MODE", "").strip().lower()
+    return value in _TRUE or _is_version(value)
 
 
 def _is_version(text: str) -> bool:

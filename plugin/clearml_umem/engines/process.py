@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -199,18 +200,14 @@ class ManagedProcess:
         return "\n".join(tail)
 
     def _signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _finish(self) -> None:
         if self.watchdog is not None and self.watchdog.poll() is None:
             self.watchdog.kill()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.watchdog.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                pass
         with _live_lock:
             _live.discard(self)
         if not self._log_file.closed:

@@ -85,6 +85,10 @@ _OOM_PATTERNS = re.compile(
 _degraded_logged = False
 
 
+class EngineUnreachable(EngineError):
+    """No HTTP answer at all (connection refused or dropped): the process may be dying."""
+
+
 class EngineStartTimeout(EngineError):
     """vLLM did not answer /health in time; not retried, a second wait would double a long one."""
 
@@ -159,10 +163,8 @@ class SSEDecoder:
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
-            if self.chat:
-                text = (choice.get("delta") or {}).get("content") or ""
-            else:
-                text = choice.get("text") or ""
+            source = (choice.get("delta") or {}) if self.chat else choice
+            text = source.get("content" if self.chat else "text") or ""
             if text:
                 out.append(Delta(text=text))
             if choice.get("finish_reason"):
@@ -215,7 +217,7 @@ class VLLMEngine:
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
         self._incarnation = 0
-        self._closed = False
+        self._close_epoch = 0
         self.restarts = 0
         self.last_start_s: float | None = None
         log.info("model %s (vllm): KV cache %.1f MiB, max_model_len %d (%s)", spec.name,
@@ -333,8 +335,6 @@ class VLLMEngine:
         return self._lock
 
     async def transition(self, src: Tier, dst: Tier) -> TransitionResult:
-        if self._closed:
-            raise EngineError(f"model {self.spec.name!r}: engine is closed")
         for tier in (src, dst):
             if tier not in self._tiers:
                 raise EngineError(f"model {self.spec.name!r}: vLLM engine has no {tier.value} tier here "
@@ -400,8 +400,8 @@ class VLLMEngine:
             await self._wake(Tier.DISK)
         try:
             await self._sleep_with_retry(level)
-        except EngineError:
-            if not self._running():
+        except EngineError as exc:
+            if not self._running() or isinstance(exc, EngineUnreachable) and await self._exits_within(1.0):
                 await self._drop_dead_process()
                 return 0
             raise
@@ -413,7 +413,7 @@ class VLLMEngine:
         except EngineOutOfMemory:
             raise
         except EngineError as exc:
-            if not self._running():
+            if not self._running() or isinstance(exc, EngineUnreachable) and await self._exits_within(1.0):
                 raise
             log.warning("model %s: sleep level %d failed (%s); retrying once", self.spec.name, level, exc)
             await self.sleep(level)
@@ -444,7 +444,8 @@ class VLLMEngine:
             async with httpx.AsyncClient(base_url=url, timeout=self.control_timeout_s) as client:
                 resp = await client.request(method, path, params=params, json=json_body)
         except httpx.HTTPError as exc:
-            raise EngineError(f"model {self.spec.name!r}: {method} {path} failed: {type(exc).__name__}: {exc}") from exc
+            raise EngineUnreachable(f"model {self.spec.name!r}: {method} {path} failed: "
+                                    f"{type(exc).__name__}: {exc}") from exc
         if resp.status_code >= 400:
             message = _error_message(resp.content)
             text = f"model {self.spec.name!r}: {method} {path} answered {resp.status_code}: {message}"
@@ -462,18 +463,19 @@ class VLLMEngine:
         """Start and wait for health; a process that crashes while starting gets one more try
         (not after a timeout, which would double a long wait, nor after out-of-memory, which
         only the scheduler can fix by making room)."""
+        epoch = self._close_epoch
         try:
             await self._start_once()
         except (EngineOutOfMemory, EngineStartTimeout):
             raise
         except EngineError as exc:
+            if self._close_epoch != epoch:
+                raise EngineError(f"model {self.spec.name!r}: engine closed while vLLM was starting") from exc
             log.warning("model %s: vLLM failed to start (%s); trying once more", self.spec.name, exc)
             self.restarts += 1
             await self._start_once()
 
     async def _start_once(self) -> None:
-        if self._closed:
-            raise EngineError(f"model {self.spec.name!r}: engine is closed")
         if self._proc is not None:
             await self._stop()
         port = process.free_port()
@@ -510,8 +512,9 @@ class VLLMEngine:
                         return
                 now = time.monotonic()
                 if now >= deadline:
-                    raise EngineStartTimeout(f"model {self.spec.name!r}: vLLM not healthy after {self.start_timeout_s:.0f} s; "
-                                       f"log {self.log_file}:\n{proc.log_tail(15)[-2000:]}")
+                    tail = proc.log_tail(15)[-2000:]
+                    raise EngineStartTimeout(f"model {self.spec.name!r}: vLLM not healthy after "
+                                             f"{self.start_timeout_s:.0f} s; log {self.log_file}:\n{tail}")
                 if now >= next_progress:
                     next_progress = now + PROGRESS_EVERY_S
                     last = proc.log_tail(1).strip()
@@ -524,6 +527,16 @@ class VLLMEngine:
         if proc is not None:
             code = await asyncio.to_thread(proc.stop, self.stop_grace_s)
             log.info("model %s: vLLM process %d stopped (code %s)", self.spec.name, proc.pid, code)
+
+    async def _exits_within(self, seconds: float) -> bool:
+        """Whether the process is gone, waiting a moment: a dropped connection arrives a little before
+        the dying server can be reaped."""
+        end = time.monotonic() + seconds
+        while self._running():
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def _restart_if_dead(self, incarnation: int) -> None:
         async with self._get_lock():
@@ -540,8 +553,6 @@ class VLLMEngine:
         """Stream from vLLM; a process found dead (before any text was sent) is restarted and the
         request retried once. Closing this iterator closes the HTTP stream, which makes vLLM
         abort the request."""
-        if self._closed:
-            raise EngineError(f"model {self.spec.name!r}: engine is closed")
         for attempt in range(2):
             incarnation = self._incarnation
             if not self._running():
@@ -555,7 +566,7 @@ class VLLMEngine:
                         yield delta
                 return
             except httpx.TransportError as exc:
-                dead = not self._running()
+                dead = await self._exits_within(2.0)
                 if sent or attempt == 1 or not dead:
                     raise EngineError(f"model {self.spec.name!r}: stream from vLLM failed: "
                                       f"{type(exc).__name__}: {exc}") from exc
@@ -596,7 +607,9 @@ class VLLMEngine:
         yield decoder.finish()
 
     async def close(self) -> None:
-        """Stops the process without waiting for a transition in progress: that one sees it gone and fails."""
-        self._closed = True
+        """Stops the process without waiting for a transition in progress: that one sees it gone and fails
+        (a start is not retried then). The engine stays usable: a later move from cold starts it again,
+        which is how the runtime reuses an engine it closed after a failed move."""
+        self._close_epoch += 1
         await self._stop()
         self._tier = Tier.COLD

@@ -1,0 +1,230 @@
+"""Serving metrics as ClearML scalars, without ever touching the request path.
+
+`on_event` runs on whatever thread emitted the event (often the router's event loop), so
+it only appends to a bounded deque. A background thread drains it every `flush_period_s`
+and talks to the ClearML Logger; if that thread falls behind, the oldest events are
+dropped and counted rather than growing memory or blocking a request.
+
+Scalars (title / series):
+- `TTFT {model} (s)` / tier on arrival, and `TTFT by tier (s)` / tier: one point per request
+- `swap-in (s)`, `swap-in (GB/s)`, `swap-out (s)`, `swap-out (GB/s)` / `{model} {src}->{dst}`
+- `requests by tier on arrival` / tier, and `cache` / hits, misses, hit rate: cumulative
+- `memory (GB)` / device used, device budget, host used, host budget
+- `throughput` / requests/s over each flush period
+On close: a `TTFT summary` table (model x tier, median ms and count) and single values.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
+
+from clearml_umem.events import Event, EventBus, FirstToken, MemorySnapshot, RequestArrived, TransitionFinished
+from clearml_umem.tiers import ALL_TIERS, Tier
+
+log = logging.getLogger(__name__)
+
+TITLE_TTFT_BY_TIER = "TTFT by tier (s)"
+TITLE_ARRIVALS = "requests by tier on arrival"
+TITLE_CACHE = "cache"
+TITLE_MEMORY = "memory (GB)"
+TITLE_THROUGHPUT = "throughput"
+TABLE_TTFT = "TTFT summary"
+
+
+def ttft_title(model: str) -> str:
+    return f"TTFT {model} (s)"
+
+
+def swap_titles(direction: str) -> tuple[str, str]:
+    """Titles of the seconds and GB/s plots of swap-ins ("in") or swap-outs ("out")."""
+    return f"swap-{direction} (s)", f"swap-{direction} (GB/s)"
+
+
+class ClearMLReporter:
+    """Subscribe it to an EventBus; `close()` flushes and writes the summary.
+
+    `logger` is a `clearml.Logger` (from `task.get_logger()`); anything with the same
+    report_* methods works, which keeps the reporter usable from a benchmark that
+    collects numbers itself.
+    """
+
+    def __init__(self, logger: Any, *, flush_period_s: float = 1.0, max_buffer: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.flush_period_s = flush_period_s
+        self._clock = clock
+        self._buffer: deque[Event] = deque(maxlen=max_buffer)
+        self._received = 0
+        self._stop = threading.Event()
+        self._flush_lock = threading.Lock()
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._started = clock()
+        self._last_tick = self._started
+        self._last_rate_reported = False
+        self.dropped = 0
+        # aggregates, touched only under _flush_lock (the worker, or close())
+        self._ttft: dict[tuple[str, Tier], list[float]] = defaultdict(list)
+        self._series_iter: dict[tuple[str, str], int] = defaultdict(int)
+        self._arrivals: dict[Tier, int] = defaultdict(int)
+        self._swaps: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._memory: MemorySnapshot | None = None
+        self._requests_total = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="umem-clearml-reporter", daemon=True)
+        self._thread.start()
+
+    # --- request path: cheap and non-blocking ------------------------------------------
+
+    def attach(self, bus: EventBus) -> ClearMLReporter:
+        self._unsubscribe.append(bus.subscribe(self.on_event))
+        return self
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, (FirstToken, TransitionFinished, RequestArrived, MemorySnapshot)):
+            if len(self._buffer) == self._buffer.maxlen:
+                self.dropped += 1
+            self._buffer.append(event)
+            self._received += 1
+
+    # --- worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_period_s):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a reporting failure must never end serving
+                log.exception("ClearML reporter flush failed")
+
+    def flush(self) -> None:
+        """Report everything buffered so far; safe from any thread."""
+        with self._flush_lock:
+            arrivals_now = 0
+            while self._buffer:
+                try:
+                    event = self._buffer.popleft()
+                except IndexError:
+                    break
+                arrivals_now += self._report(event)
+            self._report_periodic(arrivals_now)
+
+    def _next_iter(self, title: str, series: str) -> int:
+        key = (title, series)
+        self._series_iter[key] += 1
+        return self._series_iter[key]
+
+    def _scalar(self, title: str, series: str, value: float, iteration: int | None = None) -> None:
+        it = self._next_iter(title, series) if iteration is None else iteration
+        self.logger.report_scalar(title=title, series=series, value=float(value), iteration=it)
+
+    def _report(self, event: Event) -> int:
+        if isinstance(event, FirstToken):
+            tier = Tier(event.tier_on_arrival)
+            self._ttft[(event.model, tier)].append(event.ttft_s)
+            self._scalar(ttft_title(event.model), tier.value, event.ttft_s)
+            self._scalar(TITLE_TTFT_BY_TIER, tier.value, event.ttft_s)
+        elif isinstance(event, TransitionFinished):
+            seconds_title, gbps_title = swap_titles(event.direction)
+            series = f"{event.model} {event.src.value}->{event.dst.value}"
+            self._swaps[event.direction].append((event.seconds, event.gbps))
+            self._scalar(seconds_title, series, event.seconds)
+            if event.bytes_moved > 0 and event.seconds > 0:
+                self._scalar(gbps_title, series, event.gbps)
+        elif isinstance(event, RequestArrived):
+            self._arrivals[Tier(event.tier)] += 1
+            self._requests_total += 1
+            return 1
+        elif isinstance(event, MemorySnapshot):
+            self._memory = event
+        return 0
+
+    def _elapsed_iter(self) -> int:
+        return int(round(self._clock() - self._started))
+
+    def _report_periodic(self, arrivals_now: int) -> None:
+        now = self._clock()
+        window = max(now - self._last_tick, 1e-9)
+        self._last_tick = now
+        it = self._elapsed_iter()
+        if arrivals_now:
+            for tier in ALL_TIERS:
+                if self._arrivals.get(tier):
+                    self._scalar(TITLE_ARRIVALS, tier.value, self._arrivals[tier], it)
+            hits = self._arrivals.get(Tier.GPU, 0)
+            misses = self._requests_total - hits
+            self._scalar(TITLE_CACHE, "hits", hits, it)
+            self._scalar(TITLE_CACHE, "misses", misses, it)
+            self._scalar(TITLE_CACHE, "hit rate", hits / self._requests_total, it)
+        if arrivals_now or self._last_rate_reported:
+            self._scalar(TITLE_THROUGHPUT, "requests/s", arrivals_now / window, it)
+            self._last_rate_reported = arrivals_now > 0
+        if self._memory is not None:
+            m = self._memory
+            for series, value in (("device used", m.device_used), ("device budget", m.device_budget),
+                                  ("host used", m.host_used), ("host budget", m.host_budget)):
+                self._scalar(TITLE_MEMORY, series, value / 1e9, it)
+            self._memory = None
+
+    # --- summary --------------------------------------------------------------------------
+
+    def summary_rows(self) -> list[list[Any]]:
+        """The TTFT table: a header, then one row per model with median ms and count per tier."""
+        header: list[Any] = ["model"]
+        for tier in ALL_TIERS:
+            header += [f"{tier.value} median ms", f"{tier.value} n"]
+        rows: list[list[Any]] = [header]
+        for model in sorted({m for m, _ in self._ttft}):
+            row: list[Any] = [model]
+            for tier in ALL_TIERS:
+                values = self._ttft.get((model, tier), [])
+                row += [round(statistics.median(values) * 1000, 2) if values else "", len(values)]
+            rows.append(row)
+        return rows
+
+    def headline(self) -> dict[str, float]:
+        """Single values for the task's summary: medians per tier, swap speeds, hit rate, totals."""
+        values: dict[str, float] = {"requests": float(self._requests_total)}
+        if self._requests_total:
+            values["hit rate"] = self._arrivals.get(Tier.GPU, 0) / self._requests_total
+        for tier in ALL_TIERS:
+            samples = [v for (_, t), vs in self._ttft.items() if t is tier for v in vs]
+            if samples:
+                values[f"TTFT median {tier.value} (s)"] = statistics.median(samples)
+        for direction, swaps in self._swaps.items():
+            values[f"swap-{direction} median (s)"] = statistics.median(s for s, _ in swaps)
+            speeds = [g for _, g in swaps if g > 0]
+            if speeds:
+                values[f"swap-{direction} median (GB/s)"] = statistics.median(speeds)
+        if self.dropped:
+            values["reporter dropped events"] = float(self.dropped)
+        return values
+
+    def close(self) -> None:
+        """Stop the worker, report what is left, then the summary table and single values."""
+        if self._closed:
+            return
+        self._closed = True
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._stop.set()
+        self._thread.join(timeout=max(5.0, self.flush_period_s * 2))
+        self.flush()
+        with self._flush_lock:
+            if self._ttft:
+                self.logger.report_table(TABLE_TTFT, "by model x tier", iteration=0, table_plot=self.summary_rows())
+            for name, value in self.headline().items():
+                self.logger.report_single_value(name, value)
+        flush = getattr(self.logger, "flush", None)
+        if callable(flush):
+            flush()
+
+    def __enter__(self) -> ClearMLReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,208 @@
+"""The OpenAI-compatible HTTP face of the server, plus health, metrics and the admin view.
+
+Handlers parse bodies themselves instead of letting FastAPI do it, so that every failure
+(malformed JSON included) answers in OpenAI's error format with the offending field as
+`param`. Every handler is `async def`: the runtime and the scheduler behind it are only
+ever touched from the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from clearml_umem.metrics import Metrics
+from clearml_umem.router.errors import APIError, bad_request, install_error_handlers, model_not_found, unauthorized
+from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
+from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
+from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
+from clearml_umem.runtime import ModelNotFound, Rejected
+from clearml_umem.scheduler import SchedulerError
+from clearml_umem.tiers import ALL_TIERS, Tier
+
+OWNER = "clearml-umem"
+CLIENT_CLOSED = 499
+"""nginx's status for a client that left before the answer; never seen by that client, only in logs."""
+
+
+class BearerAuth:
+    """Pure ASGI, not BaseHTTPMiddleware: that one buffers streams and hides client disconnects."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+            await unauthorized().response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    started = int(time.time())
+
+    def tiers_now() -> dict[str, str]:
+        return {row["name"]: row["tier"] for row in runtime.admin_view()}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": len(runtime.model_names()), "memory": dict(runtime.memory())}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.set_model_tiers(tiers_now())
+        return Response(metrics.render(), headers={"content-type": metrics.content_type})
+
+    def model_card(name: str, tier: str | None) -> dict[str, Any]:
+        spec = runtime.spec(name)
+        return {"id": name, "object": "model", "created": started, "owned_by": OWNER, "tier": tier,
+                "max_model_len": spec.context_length, "engine": spec.engine, "size_bytes": spec.size_bytes}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        tiers = tiers_now()
+        return {"object": "list", "data": [model_card(name, tiers.get(name)) for name in runtime.model_names()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str) -> dict[str, Any]:
+        if not runtime.has_model(name):
+            raise model_not_found(name)
+        return model_card(name, tiers_now().get(name))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve(runtime, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(runtime, request, chat=True)
+
+    @app.get("/admin/models")
+    async def admin_models() -> dict[str, Any]:
+        return {"object": "list", "data": runtime.admin_view(), "memory": dict(runtime.memory())}
+
+    @app.post("/admin/models/{name:path}/place")
+    async def place(name: str, request: Request) -> dict[str, Any]:
+        body = parse_json(await request.body())
+        names = ", ".join(t.value for t in ALL_TIERS)
+        raw = body.get("tier")
+        if raw is None:
+            raise bad_request(f"'tier' is required: one of {names}", param="tier")
+        try:
+            tier = Tier(str(raw).strip().lower())
+        except ValueError:
+            raise bad_request(f"Invalid value for 'tier': {raw!r}; expected one of {names}", param="tier") from None
+        if not runtime.has_model(name):
+            raise model_not_found(name)
+        try:
+            await runtime.place(name, tier)
+        except ModelNotFound:
+            raise model_not_found(name) from None
+        except SchedulerError as exc:
+            raise bad_request(str(exc), param="tier") from None
+        except Rejected as exc:
+            raise APIError(exc.status, exc.reason, code="placement_failed") from None
+        row = next((r for r in runtime.admin_view() if r["name"] == name), None)
+        if row is None:
+            raise model_not_found(name)
+        return row
+
+    return app
+
+
+async def _serve(runtime: ServingRuntime, request: Request, chat: bool) -> Response:
+    arrived = time.monotonic()
+    data = parse_json(await request.body())
+    body: ChatRequest | CompletionRequest = validate(ChatRequest if chat else CompletionRequest, data)
+    if not runtime.has_model(body.model):
+        raise model_not_found(body.model)
+    spec = runtime.spec(body.model)
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    gen = Generation(runtime, body.model, to_generation_request(body, spec), request_id, arrived)
+    created = int(time.time())
+    if body.stream:
+        try:
+            await until_disconnect(request.receive, gen.open)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage))
+    try:
+        return JSONResponse(await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat)))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+
+
+async def _complete(gen: Generation, model: str, created: int, chat: bool) -> dict[str, Any]:
+    await gen.open()
+    ok = False
+    pieces: list[str] = []
+    try:
+        while (delta := await gen.next_delta()) is not None:
+            gen.first_token()
+            pieces.append(delta.text)
+        ok = True
+    finally:
+        await gen.close(ok)
+    text = "".join(pieces)
+    finish = gen.finish_reason or "stop"
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                  "finish_reason": finish}
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        kind = "text_completion"
+    return {"id": gen.request_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
+            "choices": [choice], "usage": gen.usage()}
+
+
+async def _stream(gen: Generation, model: str, created: int, chat: bool,
+                  include_usage: bool) -> AsyncGenerator[bytes, None]:
+    """OpenAI's chunk sequence: (chat: a role chunk), content chunks, a finish chunk, (usage), [DONE]."""
+    rid = gen.request_id
+
+    def piece(text: str, finish: str | None = None) -> bytes:
+        if chat:
+            delta = {"content": text} if text else {}
+            return event(chat_chunk(rid, created, model, delta, finish, include_usage=include_usage))
+        return event(completion_chunk(rid, created, model, text, finish, include_usage=include_usage))
+
+    ok = False
+    try:
+        if chat:
+            yield event(chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
+                                   include_usage=include_usage))
+        while (delta := await gen.next_delta()) is not None:
+            if delta.text:
+                gen.first_token()
+                yield piece(delta.text)
+        gen.first_token()
+        yield piece("", gen.finish_reason or "stop")
+        if include_usage:
+            usage = gen.usage()
+            maker = chat_chunk if chat else completion_chunk
+            yield event(maker(rid, created, model, None, include_usage=True, usage_value=usage))
+        ok = True
+        yield DONE
+    except APIError as exc:
+        yield event(exc.body())
+        yield DONE
+    finally:
+        await gen.close(ok)

@@ -1,0 +1,92 @@
+"""Every failure leaves the router as OpenAI's error JSON, so OpenAI clients raise their typed errors.
+
+Shape: {"error": {"message", "type", "param", "code"}}. The official clients pick the
+exception class from the HTTP status and show `message`, so the message names the field
+or the reason in words a user can act on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"
+NOT_FOUND = "not_found_error"
+SERVER_ERROR = "server_error"
+UNAVAILABLE = "service_unavailable_error"
+
+
+class APIError(Exception):
+    """Raised anywhere in a handler; turned into the matching OpenAI-style response."""
+
+    def __init__(self, status: int, message: str, type_: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or default_type(status)
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def default_type(status: int) -> str:
+    if status == 401:
+        return AUTHENTICATION
+    if status == 404:
+        return NOT_FOUND
+    if status == 503:
+        return UNAVAILABLE
+    if status >= 500:
+        return SERVER_ERROR
+    return INVALID_REQUEST
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, INVALID_REQUEST, param, code)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist; GET /v1/models lists the models served here.",
+                    INVALID_REQUEST, "model", "model_not_found")
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", INVALID_REQUEST,
+                    None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route-level errors (404 route, 405 method) and bugs also answer in OpenAI's shape."""
+
+    async def on_api_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return exc.response()
+
+    async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message = str(exc.detail) if exc.detail else "error"
+        if exc.status_code == 404:
+            message = "No such route; this server serves /v1/models, /v1/completions and /v1/chat/completions."
+        return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+
+    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", SERVER_ERROR).response()
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

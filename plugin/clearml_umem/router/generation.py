@@ -1,0 +1,198 @@
+"""One request's hold on a model: the lease, the engine's token stream, and the request's events.
+
+A streaming answer is produced by the response after the handler has returned, so the
+lease outlives the `async with` a handler could write: it sits in an exit stack that
+`close()` unwinds, whichever task gets there (the handler on an error, the response when
+the stream ends or the client leaves). `close()` is shielded from cancellation, because
+skipping it would leave the model leased forever and never evictable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Any, Protocol, TypeVar
+
+import anyio
+from starlette.types import Receive
+
+from clearml_umem.engines.base import Delta, EngineError, GenerationRequest, InvalidRequest
+from clearml_umem.events import EventBus, FirstToken, RequestFinished
+from clearml_umem.router.errors import APIError, bad_request, model_not_found
+from clearml_umem.runtime import Lease, ModelNotFound, Rejected
+from clearml_umem.spec import ModelSpec
+from clearml_umem.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ServingRuntime(Protocol):
+    """What the router needs from `clearml_umem.runtime.Runtime`; tests pass a fake with the same shape."""
+
+    bus: EventBus
+
+    def has_model(self, name: str) -> bool: ...
+
+    def spec(self, name: str) -> ModelSpec: ...
+
+    def model_names(self) -> list[str]: ...
+
+    def lease(self, model: str, request_id: str) -> AbstractAsyncContextManager[Lease]: ...
+
+    async def place(self, model: str, tier: Tier) -> Any: ...
+
+    def admin_view(self) -> list[dict[str, Any]]: ...
+
+    def memory(self) -> Mapping[str, int]: ...
+
+
+def engine_error(exc: EngineError) -> APIError:
+    if isinstance(exc, InvalidRequest):
+        return bad_request(str(exc))
+    return APIError(503, str(exc) or type(exc).__name__, code="engine_error")
+
+
+class Generation:
+    def __init__(self, runtime: ServingRuntime, model: str, request: GenerationRequest, request_id: str,
+                 arrived: float) -> None:
+        self.runtime = runtime
+        self.model = model
+        self.request = request
+        self.request_id = request_id
+        self.arrived = arrived
+        self.tier_on_arrival: Tier | None = None
+        self.finish_reason: str | None = None
+        self._prompt_tokens: int | None = None
+        self._completion_tokens: int | None = None
+        self._pieces = 0
+        self._stack = AsyncExitStack()
+        self._stream: AsyncIterator[Delta] | None = None
+        self._pending: Delta | None = None
+        self._exhausted = False
+        self._first_token_sent = False
+        self._closed = False
+
+    async def open(self) -> None:
+        """Wait for the model, start generating and pull the first delta.
+
+        Pulling it before any byte is sent lets an engine's refusal (prompt too long for the
+        context...) still be a proper HTTP error instead of an error in the middle of a stream.
+        """
+        try:
+            lease = await self._stack.enter_async_context(self.runtime.lease(self.model, self.request_id))
+        except ModelNotFound:
+            raise model_not_found(self.model) from None
+        except Rejected as exc:
+            raise APIError(exc.status, exc.reason, code="model_unavailable") from None
+        self.tier_on_arrival = lease.tier_on_arrival
+        try:
+            self._stream = lease.engine.generate(self.request)
+            self._pending = await self._pull()
+        except BaseException:
+            await self.close(ok=False)
+            raise
+
+    async def _pull(self) -> Delta | None:
+        assert self._stream is not None
+        try:
+            return await self._stream.__anext__()
+        except StopAsyncIteration:
+            self._exhausted = True
+            return None
+        except EngineError as exc:
+            raise engine_error(exc) from exc
+
+    async def next_delta(self) -> Delta | None:
+        """The next piece of the answer, None at its end; raises APIError when the engine fails."""
+        if self._pending is not None:
+            delta, self._pending = self._pending, None
+        elif self._exhausted or self._stream is None:
+            return None
+        else:
+            delta = await self._pull()
+            if delta is None:
+                return None
+        if delta.prompt_tokens is not None:
+            self._prompt_tokens = delta.prompt_tokens
+        if delta.completion_tokens is not None:
+            self._completion_tokens = delta.completion_tokens
+        if delta.text:
+            self._pieces += 1
+        if delta.finish_reason:
+            self.finish_reason = delta.finish_reason
+        return delta
+
+    def usage(self) -> dict[str, int]:
+        """Token counts from the engine; without them, one token per streamed piece is the best guess."""
+        prompt = self._prompt_tokens or 0
+        completion = self._completion_tokens if self._completion_tokens is not None else self._pieces
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def first_token(self) -> None:
+        """Records TTFT once, at the moment the first token leaves for the client."""
+        if self._first_token_sent or self.tier_on_arrival is None:
+            return
+        self._first_token_sent = True
+        now = time.monotonic()
+        self.runtime.bus.emit(FirstToken(model=self.model, t=now, request_id=self.request_id,
+                                         tier_on_arrival=self.tier_on_arrival, ttft_s=now - self.arrived))
+
+    async def close(self, ok: bool) -> None:
+        """Stop generation, give the lease back, report the request; idempotent and cancellation-proof."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            stream, self._stream = self._stream, None
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:  # noqa: BLE001 - the lease must still be released
+                    log.exception("request %s: closing the engine stream failed", self.request_id)
+            try:
+                await self._stack.aclose()
+            except Exception:  # noqa: BLE001 - a runtime bug must not turn a served answer into an error
+                log.exception("request %s: releasing the lease on %s failed", self.request_id, self.model)
+        if self.tier_on_arrival is not None:
+            now = time.monotonic()
+            self.runtime.bus.emit(RequestFinished(model=self.model, t=now, request_id=self.request_id,
+                                                  tier_on_arrival=self.tier_on_arrival, ok=ok,
+                                                  completion_tokens=self.usage()["completion_tokens"],
+                                                  duration_s=now - self.arrived))
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready; nobody is left to answer."""
+
+
+async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work`, cancelling it if the client disconnects first (then raise ClientGone).
+
+    Waiting for a cold model can take minutes; a client that gave up must not keep its
+    place in the queue, nor make the scheduler load a model for nobody.
+    """
+    outcome: list[T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            outcome.append(await work())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group's wrapping
+            failure.append(exc)
+        group.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not outcome:
+        raise ClientGone()
+    return outcome[0]

@@ -1,0 +1,193 @@
+"""OpenAI request bodies as pydantic models, and their translation into an engine request.
+
+Validation happens here, before a request waits for its model: a bad field must cost a
+400 in microseconds, not a swap-in first. Unknown fields are ignored, as OpenAI-compatible
+servers do, so newer clients that send extra options keep working.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from clearml_umem.engines.base import GenerationRequest
+from clearml_umem.router.errors import bad_request
+from clearml_umem.spec import ModelSpec
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+"""OpenAI's default for /v1/completions."""
+
+DEFAULT_CHAT_MAX_TOKENS = 512
+"""OpenAI lets a chat answer run to the context's end; capped so a request without max_tokens
+does not hold a model for minutes, and at half the context so that the prompt still fits."""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        """Checked by hand: pydantic's union errors name its internal union branches, not the problem."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"must be a string or a list of text parts, got {type(value).__name__}")
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"part {i} is of type {kind!r}; only 'text' content parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} needs a string 'text'")
+        return value
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class _Sampling(_Body):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    n: int | None = 1
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError(f"only n=1 is supported, got n={value}")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValueError("must be a string or a list of strings")
+        if len(value) > 4:
+            raise ValueError(f"at most 4 stop sequences are supported, got {len(value)}")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise ValueError("must be a string or a list with one string (token ids are not supported)")
+        if len(value) != 1:
+            raise ValueError(f"exactly one prompt per request is supported, got a list of {len(value)}")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        """OpenAI's newer name wins over the deprecated one when both are sent."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"We could not parse the JSON body of your request: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"The request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:
+    """Pydantic errors become one 400 naming the first bad field as OpenAI's `param`."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in err["loc"]) or None
+        if err["type"] == "missing":
+            message = f"'{param}' is required"
+        else:
+            message = f"Invalid value for '{param}': {err['msg'].removeprefix('Value error, ')}"
+        extra = len(exc.errors()) - 1
+        if extra > 0:
+            message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
+        raise bad_request(message, param=param) from None
+
+
+def resolve_max_tokens(body: _Sampling, spec: ModelSpec, chat: bool) -> int:
+    """The budget the engine gets; one that can never fit the model's context is a 400 at once."""
+    asked = body.requested_max_tokens()
+    param = "max_completion_tokens" if isinstance(body, ChatRequest) and body.max_completion_tokens else "max_tokens"
+    context = spec.context_length
+    if asked is not None:
+        if context is not None and asked > context:
+            raise bad_request(f"'{param}' is {asked}, more than the context length of model '{spec.name}' "
+                              f"({context} tokens)", param=param)
+        return asked
+    if not chat:
+        return DEFAULT_COMPLETION_MAX_TOKENS if context is None else min(DEFAULT_COMPLETION_MAX_TOKENS, context)
+    return DEFAULT_CHAT_MAX_TOKENS if context is None else max(1, min(DEFAULT_CHAT_MAX_TOKENS, context // 2))
+
+
+def to_generation_request(body: CompletionRequest | ChatRequest, spec: ModelSpec) -> GenerationRequest:
+    chat = isinstance(body, ChatRequest)
+    common: dict[str, Any] = {
+        "max_tokens": resolve_max_tokens(body, spec, chat),
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "stop": body.stop_list(),
+        "seed": body.seed,
+    }
+    if isinstance(body, ChatRequest):
+        return GenerationRequest(messages=[{"role": m.role, "content": m.text()} for m in body.messages], **common)
+    return GenerationRequest(prompt=body.prompt_text(), **common)
+

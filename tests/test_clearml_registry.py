@@ -1,0 +1,195 @@
+"""Registration and the registry catalog with the real clearml SDK against the API test fixture.
+
+The SDK builds, authenticates and parses every call itself; only the server is the
+fixture in tests/fixtures/clearml_api_server.py (why: see its docstring). The SDK's
+session is process-wide, so this module points it at one fixture for the whole run and
+no test in this process uses offline mode.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from clearml_umem.catalog import CatalogSnapshot
+from clearml_umem.clearml_io.metadata import SERVABLE_TAG
+from clearml_umem.clearml_io.poller import CatalogPoller
+from clearml_umem.clearml_io.registry import (
+    RegistryCatalog,
+    RegistrySelector,
+    register_model,
+)
+from clearml_umem.spec import SpecError, weights_size
+from tests.clearml_env import write_sdk_config
+from tests.fixtures.clearml_api_server import ApiError, ClearMLApiFixture
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClearMLApiFixture]:
+    server = ClearMLApiFixture().start()
+    tmp = tmp_path_factory.mktemp("clearml")
+    env = {**server.env(), "CLEARML_CONFIG_FILE": str(write_sdk_config(tmp)),
+           "CLEARML_CACHE_DIR": str(tmp / "cache")}
+    env.pop("CLEARML_OFFLINE_MODE")
+    saved = {k: os.environ.get(k) for k in [*env, "CLEARML_OFFLINE_MODE"]}
+    os.environ.pop("CLEARML_OFFLINE_MODE", None)
+    os.environ.update(env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def meta(**values: str) -> dict[str, str]:
+    return {"size_bytes": "1000", "dtype": "bfloat16", "engine": "transformers", **values}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_registering_the_same_weights_twice_updates_one_entry(api: ClearMLApiFixture,
+                                                              tiny_models: dict[str, Path]) -> None:
+    first = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["chat"])
+    second = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["chat", "v2"])
+    assert first.created and not second.created
+    assert first.model_id == second.model_id
+    entries = [m for m in api.models.values() if m["uri"] == tiny_models["tiny-llama"].resolve().as_uri()]
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry["name"] == "tiny-llama"
+    assert api.projects[entry["project"]]["name"] == "reg/dup"
+    assert entry["tags"] == [SERVABLE_TAG, "chat", "v2"]
+    assert entry["framework"] == "PyTorch"
+    values = {k: v["value"] for k, v in entry["metadata"].items()}
+    assert values["size_bytes"] == str(weights_size(tiny_models["tiny-llama"]))
+    assert values["dtype"] == "bfloat16"
+    assert values["architecture"] == "LlamaForCausalLM"
+    assert values["context_length"] == "2048"
+    assert values["engine"] == "transformers"
+    assert values["weights_layout"] == "folder"
+    assert int(values["parameters"]) > 0
+    assert entry["metadata"]["size_bytes"]["type"] == "int"
+
+
+def test_new_weights_under_the_same_name_update_the_entry(api: ClearMLApiFixture,
+                                                          tiny_models: dict[str, Path]) -> None:
+    first = register_model(str(tiny_models["tiny-llama"]), name="assistant", project="reg/rename")
+    second = register_model(str(tiny_models["tiny-qwen2"]), name="assistant", project="reg/rename")
+    assert first.model_id == second.model_id and not second.created
+    entry = api.models[str(second.model_id)]
+    assert entry["uri"] == tiny_models["tiny-qwen2"].resolve().as_uri()
+    assert entry["metadata"]["architecture"]["value"] == "Qwen2ForCausalLM"
+
+
+def test_a_remote_uri_is_referenced_and_needs_its_size(api: ClearMLApiFixture) -> None:
+    with pytest.raises(SpecError) as info:
+        register_model("s3://bucket/llama-70b/", project="reg/remote")
+    assert info.value.field == "size_bytes"
+    reg = register_model("https://files.example/llama-70b.tar.gz", project="reg/remote", size_bytes=140_000_000_000,
+                         dtype="bfloat16", engine="vllm", context_length=8192)
+    entry = api.models[str(reg.model_id)]
+    assert entry["uri"] == "https://files.example/llama-70b.tar.gz"
+    assert entry["name"] == "llama-70b"
+    assert {k: v["value"] for k, v in entry["metadata"].items()} == {
+        "size_bytes": "140000000000", "dtype": "bfloat16", "engine": "vllm", "context_length": "8192",
+        "weights_layout": "archive"}
+
+
+def test_uploaded_weights_are_fetched_back_through_clearml_storage(api: ClearMLApiFixture, tmp_path: Path,
+                                                                   tiny_models: dict[str, Path]) -> None:
+    store = tmp_path / "bucket"
+    reg = register_model(str(tiny_models["tiny-mistral"]), project="reg/upload", upload=True,
+                         upload_uri=store.as_uri())
+    assert reg.uri.startswith(store.as_uri()) and reg.uri.endswith(".zip")
+    assert reg.metadata["weights_layout"] == "archive"
+    catalog = RegistryCatalog(RegistrySelector(ids=(str(reg.model_id),)), cache_dir=tmp_path / "cache")
+    snap = catalog.snapshot()
+    assert not snap.errors, snap.errors
+    (spec,) = snap.specs
+    local = Path(spec.weights)
+    assert local.is_dir() and (local / "config.json").is_file()
+    assert local.resolve() != tiny_models["tiny-mistral"].resolve()
+    assert weights_size(local) == weights_size(tiny_models["tiny-mistral"]) == spec.size_bytes
+    assert catalog.snapshot().specs[0].weights == spec.weights
+
+
+def test_catalog_selects_by_project_tags_and_ids_and_reports_bad_entries(api: ClearMLApiFixture,
+                                                                         tiny_models: dict[str, Path]) -> None:
+    uri = {name: path.resolve().as_uri() for name, path in tiny_models.items()}
+    good = api.add_model("llama", uri["tiny-llama"], project="sel/a", tags=[SERVABLE_TAG, "chat"], metadata=meta())
+    qwen = api.add_model("qwen", uri["tiny-qwen2"], project="sel/a", tags=[SERVABLE_TAG], metadata=meta())
+    other = api.add_model("mistral", uri["tiny-mistral"], project="sel/b", tags=[SERVABLE_TAG, "chat"],
+                          metadata=meta())
+    bad_size = api.add_model("broken", uri["tiny-llama"], project="sel/a", tags=[SERVABLE_TAG],
+                             metadata=meta(size_bytes="16GB"))
+    bad_engine = api.add_model("odd", uri["tiny-llama"], project="sel/a", tags=[SERVABLE_TAG],
+                               metadata=meta(engine="onnxruntime"))
+    missing = api.add_model("gone", (Path("/nonexistent") / "weights").as_uri() + ".zip", project="sel/a",
+                            tags=[SERVABLE_TAG], metadata=meta())
+    api.add_model("untagged", uri["tiny-llama"], project="sel/a", tags=["chat"], metadata=meta())
+    api.add_model("archived", uri["tiny-llama"], project="sel/a", tags=[SERVABLE_TAG], metadata=meta(),
+                  system_tags=["archived"])
+
+    snap = RegistryCatalog(RegistrySelector(project="sel/a")).snapshot()
+    assert sorted(s.name for s in snap.specs) == ["llama", "qwen"]
+    by_id = {s.model_id: s for s in snap.specs}
+    assert by_id[good].weights == str(tiny_models["tiny-llama"].resolve())
+    errors = {e.entry.split(" ")[0]: e.field for e in snap.errors}
+    assert errors == {bad_size: "metadata.size_bytes", bad_engine: "metadata.engine", missing: "uri"}
+
+    chat = RegistryCatalog(RegistrySelector(tags=("__$all", SERVABLE_TAG, "chat"))).snapshot()
+    assert {s.model_id for s in chat.specs} >= {good, other}
+    assert qwen not in {s.model_id for s in chat.specs}
+
+    ids = RegistryCatalog(RegistrySelector(ids=(other, "no-such-model"))).snapshot()
+    assert [s.model_id for s in ids.specs] == [other]
+    assert [(e.entry, e.field) for e in ids.errors] == [("no-such-model", "id")]
+
+    nowhere = RegistryCatalog(RegistrySelector(project="sel/none")).snapshot()
+    assert not nowhere.specs and [e.field for e in nowhere.errors] == ["project"]
+
+
+def test_duplicate_serve_names_keep_the_newest_entry(api: ClearMLApiFixture, tiny_models: dict[str, Path]) -> None:
+    uri = tiny_models["tiny-llama"].resolve().as_uri()
+    api.add_model("twin", uri, project="sel/dup", tags=[SERVABLE_TAG], metadata=meta())
+    time.sleep(0.01)
+    newer = api.add_model("twin", uri, project="sel/dup", tags=[SERVABLE_TAG], metadata=meta())
+    snap = RegistryCatalog(RegistrySelector(project="sel/dup")).snapshot()
+    assert [s.model_id for s in snap.specs] == [newer]
+    assert [e.field for e in snap.errors] == ["name"]
+
+
+def test_poller_picks_up_new_and_removed_entries_and_survives_an_outage(api: ClearMLApiFixture,
+                                                                          tiny_models: dict[str, Path]) -> None:
+    uri = tiny_models["tiny-qwen2"].resolve().as_uri()
+    first = api.add_model("p-one", uri, project="poll", tags=[SERVABLE_TAG], metadata=meta())
+    seen: list[CatalogSnapshot] = []
+    names = lambda: sorted(s.name for s in seen[-1].specs) if seen else []  # noqa: E731
+    catalog = RegistryCatalog(RegistrySelector(project="poll"), fetch_weights=False)
+    with CatalogPoller(catalog, seen.append, period_s=0.1) as poller:
+        assert names() == ["p-one"]
+        second = api.add_model("p-two", uri, project="poll", tags=[SERVABLE_TAG], metadata=meta())
+        wait_for(lambda: names() == ["p-one", "p-two"])
+        api.remove_model(first)
+        wait_for(lambda: names() == ["p-two"])
+        calls = len(seen)
+        api.fail_next["models.get_all"] = ApiError(400, 0, "simulated outage")
+        wait_for(lambda: poller.failures >= 1)
+        assert len(seen) == calls and names() == ["p-two"]
+        api.models[second]["metadata"]["size_bytes"]["value"] = "oops"
+        wait_for(lambda: not seen[-1].specs and seen[-1].errors)
+        assert seen[-1].errors[0].field == "metadata.size_bytes"

@@ -1,0 +1,81 @@
+"""The reporter's contract with the request path: emitting never waits on ClearML."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from clearml_umem.clearml_io.reporter import ClearMLReporter
+from clearml_umem.events import EventBus, FirstToken, RequestArrived, RequestFinished
+from clearml_umem.tiers import Tier
+
+
+class SlowLogger:
+    """A ClearML logger stand-in that can hang, as over a bad network, until released."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.released.set()
+        self.calls: list[tuple[str, Any]] = []
+        self.threads: set[str] = set()
+
+    def _record(self, name: str, payload: Any) -> None:
+        self.released.wait()
+        self.threads.add(threading.current_thread().name)
+        self.calls.append((name, payload))
+
+    def report_scalar(self, title: str, series: str, value: float, iteration: int) -> None:
+        self._record("scalar", (title, series, value, iteration))
+
+    def report_table(self, title: str, series: str, iteration: int, table_plot: list[list[Any]]) -> None:
+        self._record("table", (title, table_plot))
+
+    def report_single_value(self, name: str, value: float) -> None:
+        self._record("single", (name, value))
+
+
+def test_emitting_does_not_wait_for_a_hung_logger() -> None:
+    logger = SlowLogger()
+    logger.released.clear()
+    bus = EventBus()
+    reporter = ClearMLReporter(logger, flush_period_s=0.01).attach(bus)
+    bus.emit(FirstToken("m", 0.0, "first", Tier.GPU, 0.001))
+    time.sleep(0.05)
+    start = time.perf_counter()
+    for i in range(2000):
+        bus.emit(RequestArrived("m", 0.0, str(i), Tier.GPU))
+        bus.emit(FirstToken("m", 0.0, str(i), Tier.GPU, 0.001))
+    emit_seconds = time.perf_counter() - start
+    assert emit_seconds < 1.0, emit_seconds
+    assert not logger.calls
+    logger.released.set()
+    reporter.close()
+    assert "umem-clearml-reporter" in logger.threads
+    ttft = [c for c in logger.calls if c[0] == "scalar" and c[1][0] == "TTFT m (s)"]
+    assert len(ttft) == 2001
+
+
+def test_bounded_buffer_drops_oldest_and_counts_them() -> None:
+    logger = SlowLogger()
+    reporter = ClearMLReporter(logger, flush_period_s=3600, max_buffer=10)
+    for i in range(25):
+        reporter.on_event(FirstToken("m", 0.0, str(i), Tier.RAM, 0.1))
+    reporter.on_event(RequestFinished("m", 0.0, "x", Tier.RAM, True, 3, 0.2))
+    assert reporter.dropped == 15
+    reporter.close()
+    ttft = [c for c in logger.calls if c[0] == "scalar" and c[1][0] == "TTFT m (s)"]
+    assert [c[1][3] for c in ttft] == list(range(1, 11))
+    singles = dict(c[1] for c in logger.calls if c[0] == "single")
+    assert singles["reporter dropped events"] == 15
+
+
+def test_close_is_idempotent_and_unsubscribes() -> None:
+    logger = SlowLogger()
+    bus = EventBus()
+    reporter = ClearMLReporter(logger, flush_period_s=0.01).attach(bus)
+    reporter.close()
+    reporter.close()
+    bus.emit(FirstToken("m", 0.0, "late", Tier.GPU, 0.1))
+    assert reporter.flush() is None
+    assert not [c for c in logger.calls if c[0] == "scalar"]

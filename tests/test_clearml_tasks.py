@@ -1,0 +1,141 @@
+"""The serve and benchmark tasks and the pipeline example, end to end with the real SDK offline.
+
+Each runs as a user would run it (a child process, real router on loopback, real tiny
+models, requests through the `openai` client), then the offline session is read back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clearml_umem.clearml_io.offline import OfflineSession
+from tests.clearml_env import REPO, offline_env, run_python
+
+SERVER_READY = all(importlib.util.find_spec(m) is not None for m in ("clearml_umem.router", "clearml_umem.metrics"))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not SERVER_READY, reason="the router (clearml_umem.router, clearml_umem.metrics) is not there"),
+]
+
+
+def write_manifest(path: Path, models: dict[str, Path], names: list[str]) -> Path:
+    lines = ["models:"]
+    for name in names:
+        lines += [f"  - name: {name}", f"    weights: {models[name]}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_serve_task(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[subprocess.Popen[str], str,
+                                                                                          list[str]]:
+    proc = subprocess.Popen([sys.executable, "tasks/serve.py", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    url: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("umem: serving on "):
+                url.append(line.split("umem: serving on ", 1)[1].strip())
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout) or not url:
+        proc.kill()
+        raise AssertionError("serve task did not become ready:\n" + "\n".join(lines[-60:]))
+    return proc, url[0], lines
+
+
+def test_serve_task_records_ttft_per_visited_tier_and_swaps(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    import httpx
+    import openai
+
+    env = offline_env(tmp_path, UMEM_API_KEY="test-key")
+    manifest = write_manifest(tmp_path / "models.yaml", tiny_models, ["tiny-llama", "tiny-qwen2"])
+    proc, url, lines = start_serve_task(["--manifest", str(manifest), "--port", "0", "--device", "cpu",
+                                         "--work-dir", str(tmp_path / "work"), "--report-period", "0.2"], env)
+    visited: list[str] = []
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="test-key")
+        admin = httpx.Client(base_url=url, headers={"Authorization": "Bearer test-key"}, timeout=300)
+        assert {m.id for m in client.models.list().data} == {"tiny-llama", "tiny-qwen2"}
+
+        def ask(model: str) -> None:
+            stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=3, stream=True)
+            assert any(chunk.choices and chunk.choices[0].delta.content for chunk in stream)
+
+        ask("tiny-llama")
+        visited.append("cold")
+        ask("tiny-llama")
+        visited.append("gpu")
+        admin.post("/admin/models/tiny-llama/place", json={"tier": "ram"}).raise_for_status()
+        ask("tiny-llama")
+        visited.append("ram")
+        ask("tiny-qwen2")
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert proc.returncode == 0, "\n".join(lines[-60:])
+
+    session = OfflineSession.find(task_name="serve", cache_dir=env["CLEARML_CACHE_DIR"])
+    serve = session.hyperparams["Serve"]
+    assert serve["manifest"] == str(manifest) and serve["device"] == "cpu"
+    assert "api_key" not in serve and "test-key" not in str(session.task)
+    scalars = session.scalars()
+    assert set(scalars["TTFT tiny-llama (s)"]) == set(visited)
+    assert all(v > 0 for series in scalars["TTFT tiny-llama (s)"].values() for _, v in series)
+    assert scalars["TTFT tiny-qwen2 (s)"]
+    assert session.values("swap-in (s)", "tiny-llama ram->gpu")
+    assert session.values("swap-out (s)", "tiny-llama gpu->ram")
+    assert session.values("cache", "hits")[-1] >= 1
+    assert session.values("cache", "misses")[-1] >= 3
+    rows = {row[0]: row for row in session.table("TTFT summary")[1:]}
+    assert set(rows) == {"tiny-llama", "tiny-qwen2"}
+    assert session.single_values()["requests"] == 4
+
+
+def test_benchmark_task_reports_every_tier_table_and_bandwidth_ratio(tmp_path: Path,
+                                                                     tiny_models: dict[str, Path]) -> None:
+    env = offline_env(tmp_path)
+    manifest = write_manifest(tmp_path / "models.yaml", tiny_models, ["tiny-llama"])
+    proc = run_python(["tasks/benchmark.py", "--manifest", str(manifest), "--port", "0", "--device", "cpu",
+                       "--work-dir", str(tmp_path / "work"), "--runs", "2", "--probe-mb", "16"], env, timeout=600)
+    assert "| model | scenario | TTFT median ms" in proc.stdout
+
+    session = OfflineSession.find(task_name="benchmark", cache_dir=env["CLEARML_CACHE_DIR"])
+    assert session.hyperparams["Benchmark"]["runs"] == "2"
+    table = session.table("benchmark")
+    measured = {row[1]: row for row in table[1:] if row[0] == "tiny-llama" and row[2] != "n/a"}
+    assert {"hot", "from RAM", "cold start"} <= set(measured)
+    ttft = session.scalars()["benchmark TTFT tiny-llama (s)"]
+    for scenario in measured:
+        assert len(ttft[scenario]) == 2
+    assert session.values("bandwidth probe (GB/s)", "host -> host (cpu)")[0] > 0
+    assert session.values("benchmark swap / probe", "tiny-llama ram->gpu")
+    assert session.scalars()["TTFT tiny-llama (s)"].keys() >= {"gpu", "ram", "cold"}
+    assert any(p["title"] == "TTFT median by scenario (ms)" for p in session.plots())
+
+
+def test_pipeline_example_runs_locally_offline(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    env = offline_env(tmp_path)
+    manifest = tmp_path / "pipeline.yaml"
+    run_python(["examples/pipeline.py", "--source", str(tiny_models["tiny-llama"]), "--manifest", str(manifest),
+                "--work-dir", str(tmp_path / "work"), "--runs", "1"], env, timeout=600)
+    session = OfflineSession.find(task_name="register and benchmark", cache_dir=env["CLEARML_CACHE_DIR"])
+    assert [m["init"]["name"] for m in session.output_models] == ["tiny-llama"]
+    assert "tiny-llama" in manifest.read_text()
+    assert session.scalars()["benchmark TTFT tiny-llama (s)"]["hot"]

