@@ -30,6 +30,23 @@ log = logging.getLogger(__name__)
 READY_PREFIX = "umem: serving on "
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the stop signal as soon as it stops listening, which would kill the
+    process before the engines (vLLM processes) are released; we finish cleanup and exit
+    normally instead."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                captured = getattr(self, "_captured_signals", None)
+                if captured:
+                    log.info("stopping on signal %s", ", ".join(str(s) for s in captured))
+                    captured.clear()
+
+
 def build_catalog(config: ServeConfig) -> Catalog:
     if config.manifest:
         return ManifestCatalog(config.manifest)
@@ -56,7 +73,7 @@ class UnifiedMemoryServer:
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory)
         self.app = create_app(self.runtime, self.metrics, config.api_key)
         self.url: str | None = None
-        self._uvicorn: uvicorn.Server | None = None
+        self._uvicorn: _Server | None = None
         self._poller: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -99,7 +116,7 @@ class UnifiedMemoryServer:
                 self._poller = asyncio.create_task(self._poll_catalog(self.config.catalog_poll_seconds))
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                                        timeout_graceful_shutdown=10)
-            self._uvicorn = uvicorn.Server(uv_config)
+            self._uvicorn = _Server(uv_config)
             serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
             while not self._uvicorn.started and not serving.done():
                 await asyncio.sleep(0.02)
