@@ -7,18 +7,17 @@ model fits, so moving between models forces swaps; a round visits every tier.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-
-import httpx
+from typing import Any
 
 from clearml_umem.bandwidth import probe_bandwidth
 from clearml_umem.catalog import write_manifest
+from clearml_umem.client import open_client, place, stream_ttft, tier_of
 from clearml_umem.config import ServeConfig
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import Event, TransitionFinished
@@ -29,44 +28,16 @@ from clearml_umem.tiers import Tier
 from clearml_umem.tinymodels import ensure_tiny_models
 
 TIER_COLUMNS = (Tier.GPU, Tier.RAM, Tier.DISK, Tier.COLD)
-PROMPT = [{"role": "user", "content": "Say something about unified memory."}]
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def stream_ttft(client: httpx.Client, model: str, max_tokens: int = 8) -> tuple[float, str]:
-    """Seconds from sending a streaming chat request to its first content chunk, and the full text."""
-    body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    start = time.perf_counter()
-    ttft: float | None = None
-    text = []
-    with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"{model}: HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    if ttft is None:
-                        ttft = time.perf_counter() - start
-                    text.append(piece)
-    if ttft is None:
-        raise RuntimeError(f"{model}: the stream ended without a token")
-    return ttft, "".join(text)
-
-
-def _tier_of(client: httpx.Client, model: str) -> Tier:
-    rows = client.get("/admin/models").raise_for_status().json()["data"]
-    return Tier(next(r["tier"] for r in rows if r["name"] == model))
-
-
-def _place(client: httpx.Client, model: str, tier: Tier) -> None:
-    client.post(f"/admin/models/{model}/place", json={"tier": tier.value}).raise_for_status()
+def _place(client: Any, model: str, tier: Tier) -> None:
+    problem = place(client, model, tier)
+    if problem:
+        raise RuntimeError(f"{model}: {problem}")
 
 
 def _fmt_ms(values: list[float]) -> str:
@@ -118,11 +89,11 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
     ttfts: dict[str, dict[Tier, list[float]]] = {s.name: defaultdict(list) for s in specs_list}
     names = [s.name for s in specs_list]
 
-    with server.run_in_thread() as url, httpx.Client(base_url=url, timeout=300) as client:
+    with server.run_in_thread() as url, open_client(url) as client:
         _say(f"router up on {url} (OpenAI API at {url}/v1, metrics at {url}/metrics)")
 
         def measure(model: str) -> None:
-            tier = _tier_of(client, model)
+            tier = tier_of(client, model)
             ttft, text = stream_ttft(client, model)
             ttfts[model][tier].append(ttft)
             _say(f"{model:14s} from {tier.value:4s}: first token after {ttft * 1000:7.1f} ms  -> {text!r}")

@@ -101,7 +101,11 @@ class UnifiedMemoryServer:
     async def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Serve until told to stop (a signal in the main thread, or `request_stop`)."""
         self._loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto must say TCP: asyncio only turns Nagle's algorithm off on accepted sockets whose
+        # proto is IPPROTO_TCP, and with it on, every response on a kept-alive connection
+        # waits ~40 ms for a delayed ACK, more than the first token of a hot model.
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.host, self.config.port))

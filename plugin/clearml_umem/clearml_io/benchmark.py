@@ -10,23 +10,17 @@ TTFT is measured at the client (what users see); swaps come from the server's ev
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import statistics
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
+from clearml_umem.client import open_client, place, stream_ttft
 from clearml_umem.config import ConfigError, ServeConfig
 from clearml_umem.events import Event, TransitionFinished
 from clearml_umem.tiers import Tier
-
-log = logging.getLogger(__name__)
 
 SCENARIOS: tuple[tuple[str, Tier], ...] = (
     ("hot", Tier.GPU), ("from RAM", Tier.RAM), ("from disk", Tier.DISK), ("cold start", Tier.COLD))
@@ -109,39 +103,6 @@ class SwapRecorder:
             return len(self.events)
 
 
-def _headers() -> dict[str, str]:
-    key = os.environ.get("UMEM_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def place(client: httpx.Client, model: str, tier: Tier) -> str | None:
-    """Put `model` in `tier`; the reason when the engine cannot be in that tier."""
-    resp = client.post(f"/admin/models/{model}/place", json={"tier": tier.value}, timeout=600)
-    if resp.status_code >= 400:
-        return f"place {tier.value}: HTTP {resp.status_code} {resp.text[:200]}"
-    return None
-
-
-def measure_ttft(client: httpx.Client, model: str, max_tokens: int) -> float:
-    """Seconds from sending a streaming chat request to the first content chunk, as a client sees it."""
-    body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True, "temperature": 0}
-    start = time.perf_counter()
-    first: float | None = None
-    with client.stream("POST", "/v1/chat/completions", json=body, timeout=600) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
-            if first is None:
-                chunk = json.loads(line[5:])
-                delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
-                if delta.get("content"):
-                    first = time.perf_counter() - start
-    if first is None:
-        raise RuntimeError(f"{model}: the stream ended without content")
-    return first
-
-
 def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int = 3, max_tokens: int = 4,
                   probe_bytes: int = 256 * 2**20, logger: Any = None) -> BenchmarkResult:
     """Serve `config` in this process, measure every scenario, report to `logger` when given."""
@@ -160,7 +121,7 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
         reporter = ClearMLReporter(logger, flush_period_s=0.5).attach(server.bus)
     results: list[ScenarioResult] = []
     try:
-        with server.run_in_thread() as url, httpx.Client(base_url=url, headers=_headers()) as client:
+        with server.run_in_thread() as url, open_client(url) as client:
             served = [m["id"] for m in client.get("/v1/models").raise_for_status().json()["data"]]
             selected = [m for m in served if not models or m in models]
             missing = sorted(set(models) - set(served))
@@ -176,7 +137,7 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
                             log.info("%s %s skipped: %s", model, scenario, result.skipped)
                             break
                         mark = recorder.mark()
-                        result.ttft_s.append(measure_ttft(client, model, max_tokens))
+                        result.ttft_s.append(stream_ttft(client, model, max_tokens, PROMPT)[0])
                         for swap in recorder.since(mark, model, tier) if tier is not Tier.GPU else []:
                             result.swap_in_s.append(swap.seconds)
                             if swap.gbps > 0:

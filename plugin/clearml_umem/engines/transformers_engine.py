@@ -44,6 +44,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
 
 from clearml_umem.engines.base import (
     Delta,
@@ -432,6 +433,7 @@ class TransformersEngine:
         Without it the model is loaded in host RAM and copied over: slower and briefly
         holding the weights twice, but correct, so accelerate stays optional.
         """
+        hf_logging.disable_progress_bar()
         if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
             return AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype, device_map={"": str(device)})
         model = AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype)
