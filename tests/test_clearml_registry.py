@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from clearml_umem.catalog import CatalogSnapshot
+from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.clearml_io.metadata import SERVABLE_TAG
-from clearml_umem.clearml_io.poller import CatalogPoller
 from clearml_umem.clearml_io.registry import (
     RegistryCatalog,
     RegistrySelector,

@@ -99,8 +99,14 @@ class Runtime:
         del self._specs[name]
         self._apply(self.scheduler.remove_model(name))
 
-    def sync_catalog(self, snapshot: CatalogSnapshot) -> None:
-        """Serve exactly the catalog's models: new ones start cold, missing ones drain and go."""
+    def sync_catalog(self, snapshot: CatalogSnapshot) -> bool:
+        """Serve exactly the catalog's models: new ones start cold, missing ones drain and go.
+
+        Returns False when some model could not be added yet (still shutting down after
+        leaving the catalog, or its engine failed to build), so the caller offers the same
+        snapshot again later.
+        """
+        settled = True
         wanted = {s.name: s for s in snapshot.specs}
         for name in list(self._specs):
             if name not in wanted:
@@ -113,14 +119,17 @@ class Runtime:
                 continue
             if name in self._engines:
                 log.info("model %s is back in the catalog but still shutting down; retried at the next poll", name)
+                settled = False
                 continue
             log.info("model %s joined the catalog", name)
             try:
                 self.add_model(spec)
             except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
                 log.error("model %s cannot be served: %s", name, exc)
+                settled = False
         for error in snapshot.errors:
             log.error("catalog entry skipped: %s", error)
+        return settled
 
     # -- queries --------------------------------------------------------------------------
 

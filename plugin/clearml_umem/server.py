@@ -11,11 +11,12 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import uvicorn
 
 from clearml_umem.catalog import Catalog, CatalogSnapshot, ManifestCatalog
+from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.config import ConfigError, ServeConfig
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
@@ -74,7 +75,7 @@ class UnifiedMemoryServer:
         self.app = create_app(self.runtime, self.metrics, config.api_key)
         self.url: str | None = None
         self._uvicorn: _Server | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: CatalogPoller | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def load_catalog(self) -> CatalogSnapshot:
@@ -88,15 +89,19 @@ class UnifiedMemoryServer:
         self.runtime.sync_catalog(snapshot)
         return snapshot
 
-    async def _poll_catalog(self, period: float) -> None:
-        while True:
-            await asyncio.sleep(period)
-            try:
-                snapshot = await asyncio.to_thread(self.catalog.snapshot)
-            except Exception:  # noqa: BLE001 - a flaky registry must not stop serving
-                log.exception("catalog poll failed; keeping the current models")
-                continue
-            self.runtime.sync_catalog(snapshot)
+    def _start_poller(self, first: CatalogSnapshot, loop: asyncio.AbstractEventLoop) -> CatalogPoller:
+        """The poller reads the catalog in its own thread (a registry query can take seconds);
+        the runtime is only touched on the event loop."""
+
+        async def apply(snapshot: CatalogSnapshot) -> bool:
+            return self.runtime.sync_catalog(snapshot)
+
+        def on_change(snapshot: CatalogSnapshot) -> bool:
+            return asyncio.run_coroutine_threadsafe(apply(snapshot), loop).result()
+
+        poller = CatalogPoller(self.catalog, on_change, period_s=self.config.catalog_poll_seconds)
+        poller.seed(first)
+        return poller.start(poll_now=False)
 
     async def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Serve until told to stop (a signal in the main thread, or `request_stop`)."""
@@ -115,9 +120,9 @@ class UnifiedMemoryServer:
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
         try:
-            await self.load_catalog()
+            first = await self.load_catalog()
             if self.config.catalog_poll_seconds > 0:
-                self._poller = asyncio.create_task(self._poll_catalog(self.config.catalog_poll_seconds))
+                self._poller = self._start_poller(first, self._loop)
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                                        timeout_graceful_shutdown=10)
             self._uvicorn = _Server(uv_config)
@@ -129,9 +134,8 @@ class UnifiedMemoryServer:
             await serving
         finally:
             if self._poller is not None:
-                self._poller.cancel()
-                with suppress(asyncio.CancelledError):
-                    await self._poller
+                # joined from a worker thread: a poll in progress waits for this loop to apply it
+                await asyncio.to_thread(self._poller.stop)
             await self.runtime.close()
             sock.close()
 

@@ -6,7 +6,6 @@ called, so the core serves from a manifest on machines without ClearML configure
 
 from clearml_umem.clearml_io.metadata import SERVABLE_TAG, spec_from_clearml_model
 from clearml_umem.clearml_io.offline import OfflineSession
-from clearml_umem.clearml_io.poller import CatalogPoller
 from clearml_umem.clearml_io.registry import (
     Registration,
     RegistryCatalog,
@@ -20,7 +19,6 @@ from clearml_umem.clearml_io.session import clearml_configured, use_offline_unle
 
 __all__ = [
     "SERVABLE_TAG",
-    "CatalogPoller",
     "ClearMLReporter",
     "OfflineSession",
     "Registration",

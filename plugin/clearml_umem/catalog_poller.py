@@ -25,6 +25,10 @@ class CatalogPoller:
     A catalog that fails as a whole (registry unreachable) is logged and skipped: the
     last good snapshot keeps serving, since unloading every model because a server
     blinked would turn a registry outage into a serving outage.
+
+    A callback that returns False could not apply the snapshot in full (a model still
+    shutting down, an engine that failed to build): the same snapshot is offered again at
+    the next poll instead of being taken as applied.
     """
 
     def __init__(self, catalog: Catalog, on_change: Callable[[CatalogSnapshot], object], *,
@@ -37,6 +41,7 @@ class CatalogPoller:
         self.last: CatalogSnapshot | None = None
         self.failures = 0
         self._last_fp: tuple[object, ...] | None = None
+        self._pending_fp: tuple[object, ...] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -54,12 +59,21 @@ class CatalogPoller:
             return False
         added = {s.name for s in snapshot.specs} - {s.name for s in (self.last.specs if self.last else [])}
         removed = {s.name for s in (self.last.specs if self.last else [])} - {s.name for s in snapshot.specs}
-        log.info("catalog changed: %d models (%s added, %s removed), %d errors", len(snapshot.specs),
-                 ", ".join(sorted(added)) or "none", ", ".join(sorted(removed)) or "none", len(snapshot.errors))
-        self.on_change(snapshot)
+        if fp != self._pending_fp:
+            log.info("catalog changed: %d models (%s added, %s removed), %d errors", len(snapshot.specs),
+                     ", ".join(sorted(added)) or "none", ", ".join(sorted(removed)) or "none",
+                     len(snapshot.errors))
+        settled = self.on_change(snapshot)
         self.last = snapshot
-        self._last_fp = fp
+        self._pending_fp = fp
+        self._last_fp = None if settled is False else fp
         return True
+
+    def seed(self, snapshot: CatalogSnapshot) -> None:
+        """Take a snapshot the caller already applied as the baseline, so the first poll reports
+        only what changed since."""
+        self.last = snapshot
+        self._last_fp = self._pending_fp = _fingerprint(snapshot)
 
     def start(self, *, poll_now: bool = True) -> CatalogPoller:
         if poll_now:
