@@ -75,6 +75,8 @@ STOP_GRACE_S = 15.0
 
 PROGRESS_EVERY_S = 10.0
 
+KEEPALIVE_EXPIRY_S = 3.0
+
 _OOM_PATTERNS = re.compile(
     r"out of memory|OutOfMemoryError|No available memory for the cache blocks"
     r"|is less than requested memory|less than desired GPU memory utilization"
@@ -216,6 +218,8 @@ class VLLMEngine:
         self._port: int | None = None
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._client_key: tuple[int, int] | None = None
         self._incarnation = 0
         self._close_epoch = 0
         self.restarts = 0
@@ -329,6 +333,32 @@ class VLLMEngine:
     def _running(self) -> bool:
         return self._proc is not None and self._proc.alive()
 
+    def _http(self) -> httpx.AsyncClient:
+        """One pooled client per process and event loop.
+
+        A new `httpx.AsyncClient` per request costs about 20 ms (it builds an SSL context even
+        for plain HTTP), more than a hot first token, so requests and control calls share
+        kept-alive connections. `trust_env=False`: a proxy from the environment must never see
+        loopback traffic to an engine. Idle connections are dropped after 3 s, before vLLM's
+        server closes them (5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE): reusing one the server is
+        closing would fail a request for nothing.
+        """
+        url = self.url
+        key = (id(asyncio.get_running_loop()), self._port or 0)
+        if self._client is None or self._client_key != key:
+            self._client = httpx.AsyncClient(base_url=url, trust_env=False,
+                                             timeout=httpx.Timeout(self.request_timeout_s, connect=10.0),
+                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32,
+                                                                 keepalive_expiry=KEEPALIVE_EXPIRY_S))
+            self._client_key = key
+        return self._client
+
+    async def _drop_client(self) -> None:
+        client, self._client, self._client_key = self._client, None, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
     def _get_lock(self) -> asyncio.Lock:
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -439,10 +469,9 @@ class VLLMEngine:
 
     async def _control(self, method: str, path: str, *, params: Any = None,
                        json_body: Any = None) -> Any:
-        url = self.url
+        client = self._http()
         try:
-            async with httpx.AsyncClient(base_url=url, timeout=self.control_timeout_s) as client:
-                resp = await client.request(method, path, params=params, json=json_body)
+            resp = await client.request(method, path, params=params, json=json_body, timeout=self.control_timeout_s)
         except httpx.HTTPError as exc:
             raise EngineUnreachable(f"model {self.spec.name!r}: {method} {path} failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
@@ -496,34 +525,34 @@ class VLLMEngine:
     async def _wait_healthy(self, proc: process.ManagedProcess, started: float) -> None:
         deadline = started + self.start_timeout_s
         next_progress = started + PROGRESS_EVERY_S
-        url = f"http://127.0.0.1:{self._port}/health"
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                if not proc.alive():
-                    tail = proc.log_tail()
-                    text = (f"model {self.spec.name!r}: vLLM exited with code {proc.returncode} while starting; "
-                            f"log {self.log_file}:\n{tail[-3000:]}")
-                    if looks_out_of_memory(tail):
-                        raise EngineOutOfMemory(text)
-                    raise EngineError(text)
-                with contextlib.suppress(httpx.HTTPError):
-                    resp = await client.get(url)
-                    if resp.status_code == 200:
-                        return
-                now = time.monotonic()
-                if now >= deadline:
-                    tail = proc.log_tail(15)[-2000:]
-                    raise EngineStartTimeout(f"model {self.spec.name!r}: vLLM not healthy after "
-                                             f"{self.start_timeout_s:.0f} s; log {self.log_file}:\n{tail}")
-                if now >= next_progress:
-                    next_progress = now + PROGRESS_EVERY_S
-                    last = proc.log_tail(1).strip()
-                    log.info("model %s: waiting for vLLM to become healthy (%.0f s; last log line: %s)",
-                             self.spec.name, now - started, last[-200:])
-                await asyncio.sleep(0.25)
+        client = self._http()
+        while True:
+            if not proc.alive():
+                tail = proc.log_tail()
+                text = (f"model {self.spec.name!r}: vLLM exited with code {proc.returncode} while starting; "
+                        f"log {self.log_file}:\n{tail[-3000:]}")
+                if looks_out_of_memory(tail):
+                    raise EngineOutOfMemory(text)
+                raise EngineError(text)
+            with contextlib.suppress(httpx.HTTPError):
+                resp = await client.get("/health", timeout=2.0)
+                if resp.status_code == 200:
+                    return
+            now = time.monotonic()
+            if now >= deadline:
+                tail = proc.log_tail(15)[-2000:]
+                raise EngineStartTimeout(f"model {self.spec.name!r}: vLLM not healthy after "
+                                         f"{self.start_timeout_s:.0f} s; log {self.log_file}:\n{tail}")
+            if now >= next_progress:
+                next_progress = now + PROGRESS_EVERY_S
+                last = proc.log_tail(1).strip()
+                log.info("model %s: waiting for vLLM to become healthy (%.0f s; last log line: %s)",
+                         self.spec.name, now - started, last[-200:])
+            await asyncio.sleep(0.25)
 
     async def _stop(self) -> None:
         proc, self._proc, self._port = self._proc, None, None
+        await self._drop_client()
         if proc is not None:
             code = await asyncio.to_thread(proc.stop, self.stop_grace_s)
             log.info("model %s: vLLM process %d stopped (code %s)", self.spec.name, proc.pid, code)
@@ -590,10 +619,8 @@ class VLLMEngine:
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         path, body = self.request_body(request)
-        timeout = httpx.Timeout(self.request_timeout_s, connect=10.0)
         decoder = SSEDecoder(chat=request.is_chat)
-        async with httpx.AsyncClient(base_url=self.url, timeout=timeout) as client, \
-                client.stream("POST", path, json=body) as resp:
+        async with self._http().stream("POST", path, json=body) as resp:
             if resp.status_code != 200:
                 message = _error_message(await resp.aread())
                 if resp.status_code == 400:
