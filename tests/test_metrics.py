@@ -47,12 +47,12 @@ def test_events_become_prometheus_series(bus: EventBus) -> None:
     bus.emit(RequestArrived(model="a", t=0, request_id="r2", tier=Tier.GPU))
     bus.emit(TransitionFinished(model="a", t=1, src=Tier.RAM, dst=Tier.GPU, seconds=0.5, bytes_moved=2_000_000_000))
     bus.emit(TransitionFinished(model="b", t=1, src=Tier.GPU, dst=Tier.RAM, seconds=2.0, bytes_moved=1_000_000_000))
-    bus.emit(RequestDispatched(model="a", t=1, request_id="r1", tier_on_arrival=Tier.RAM, waited_s=0.6))
-    bus.emit(FirstToken(model="a", t=1, request_id="r1", tier_on_arrival=Tier.RAM, ttft_s=0.7))
-    bus.emit(FirstToken(model="a", t=1, request_id="r2", tier_on_arrival=Tier.GPU, ttft_s=0.02))
-    bus.emit(RequestFinished(model="a", t=2, request_id="r1", tier_on_arrival=Tier.RAM, ok=True,
+    bus.emit(RequestDispatched(model="a", t=1, request_id="r1", served_from=Tier.RAM, waited_s=0.6))
+    bus.emit(FirstToken(model="a", t=1, request_id="r1", served_from=Tier.RAM, ttft_s=0.7))
+    bus.emit(FirstToken(model="a", t=1, request_id="r2", served_from=Tier.GPU, ttft_s=0.02))
+    bus.emit(RequestFinished(model="a", t=2, request_id="r1", served_from=Tier.RAM, ok=True,
                              completion_tokens=5, duration_s=1.0))
-    bus.emit(RequestFinished(model="a", t=2, request_id="r2", tier_on_arrival=Tier.GPU, ok=False,
+    bus.emit(RequestFinished(model="a", t=2, request_id="r2", served_from=Tier.GPU, ok=False,
                              completion_tokens=0, duration_s=1.0))
     bus.emit(RequestRejected(model="huge", t=2, request_id="r3", reason="never fits"))
     bus.emit(TransitionFailed(model="c", t=3, src=Tier.COLD, dst=Tier.GPU, error="boom"))
@@ -88,8 +88,8 @@ def test_events_become_prometheus_series(bus: EventBus) -> None:
 def test_summary_medians_swaps_and_hits(bus: EventBus) -> None:
     metrics = Metrics(bus)
     for i, ttft in enumerate([0.1, 0.2, 0.3, 0.4, 1.0]):
-        bus.emit(FirstToken(model="m", t=i, request_id=f"r{i}", tier_on_arrival=Tier.DISK, ttft_s=ttft))
-    bus.emit(FirstToken(model="m", t=9, request_id="h", tier_on_arrival=Tier.GPU, ttft_s=0.01))
+        bus.emit(FirstToken(model="m", t=i, request_id=f"r{i}", served_from=Tier.DISK, ttft_s=ttft))
+    bus.emit(FirstToken(model="m", t=9, request_id="h", served_from=Tier.GPU, ttft_s=0.01))
     bus.emit(TransitionFinished(model="m", t=1, src=Tier.RAM, dst=Tier.GPU, seconds=1.0, bytes_moved=10_000_000_000))
     bus.emit(TransitionFinished(model="m", t=2, src=Tier.RAM, dst=Tier.GPU, seconds=2.0, bytes_moved=10_000_000_000))
     bus.emit(TransitionFinished(model="m", t=3, src=Tier.GPU, dst=Tier.DISK, seconds=0.1, bytes_moved=0))

@@ -335,7 +335,7 @@ def test_requests_emit_ttft_and_finished_events(served: Served) -> None:
                                 for e in served.events[start:]))
     new = served.events[start:]
     ttft = [e for e in new if isinstance(e, FirstToken)]
-    assert len(ttft) == 1 and ttft[0].model == "beta" and ttft[0].tier_on_arrival is Tier.COLD
+    assert len(ttft) == 1 and ttft[0].model == "beta" and ttft[0].served_from is Tier.COLD
     assert ttft[0].ttft_s >= served.runtime.swap_s["beta"], "TTFT counts the wait for the model"
     finished = [e for e in new if isinstance(e, RequestFinished)]
     assert finished[0].ok and finished[0].completion_tokens == 2 and finished[0].request_id == ttft[0].request_id

@@ -117,6 +117,10 @@ def test_draining_model_takes_no_new_requests_so_the_waiting_model_is_not_starve
     # the second a swap serves all five queued a requests at once
     assert {h.dispatch_time[f"a{i + 2}"] for i in range(5)} == {h.dispatch_time["a2"]}
     assert not h.unanswered()
+    # they arrived while a was hot, but waited for its load from RAM: that is the tier they count against
+    assert {h.events_of(RequestArrived)[i].tier for i in range(2, 7)} == {GPU}
+    assert {h.dispatched[f"a{i + 2}"].served_from for i in range(5)} == {RAM}
+    assert h.dispatched["a1"].served_from is COLD and h.dispatched["b1"].served_from is COLD
 
 
 def test_drain_mark_is_dropped_when_the_room_is_no_longer_needed() -> None:
@@ -646,10 +650,10 @@ def test_events_for_a_miss_then_a_hit_in_order() -> None:
     assert finished.direction == "in" and finished.bytes_moved == 10 * GB and finished.gbps == pytest.approx(2.0)
     assert isinstance(snap2, MemorySnapshot) and snap2.host_used == 0 and snap2.host_budget == 100 * GB
     assert isinstance(dispatched1, RequestDispatched) and dispatched1.waited_s == 5
-    assert dispatched1.tier_on_arrival is COLD
+    assert dispatched1.served_from is COLD
     assert isinstance(arrived2, RequestArrived) and arrived2.hit
     assert isinstance(dispatched2, RequestDispatched) and dispatched2.waited_s == 0
-    assert dispatched2.tier_on_arrival is GPU
+    assert dispatched2.served_from is GPU
     times = [e.t for e in h.events]
     assert times == sorted(times)
 
@@ -667,7 +671,7 @@ def test_arrival_tier_names_every_tier() -> None:
     h.request("a", "hot")
     seen.append(h.events_of(RequestArrived)[-1].tier)
     assert seen == [RAM, DISK, COLD, GPU]
-    assert [h.dispatched[f"from-{t.value}"].tier_on_arrival for t in (RAM, DISK, COLD)] == [RAM, DISK, COLD]
+    assert [h.dispatched[f"from-{t.value}"].served_from for t in (RAM, DISK, COLD)] == [RAM, DISK, COLD]
 
 
 def test_request_during_a_demotion_counts_the_tier_being_entered() -> None:
@@ -679,7 +683,7 @@ def test_request_during_a_demotion_counts_the_tier_being_entered() -> None:
     h.request("a", "a2")
     assert h.events_of(RequestArrived)[-1].tier is RAM
     h.run()
-    assert h.dispatched["a2"].tier_on_arrival is RAM
+    assert h.dispatched["a2"].served_from is RAM
     assert [(m.src, m.dst) for m in h.moves] == [(COLD, GPU), (GPU, RAM), (RAM, GPU)]
 
 

@@ -37,24 +37,29 @@ class RequestArrived(Event):
 
 @dataclass(frozen=True)
 class RequestDispatched(Event):
+    """`served_from` is the tier the request waited for its model to come out of: where the model
+    was on arrival, or, when it left the GPU before the request's turn came (it was draining
+    for another model), the tier it was loaded back from."""
+
     request_id: str
-    tier_on_arrival: Tier
+    served_from: Tier
     waited_s: float
 
 
 @dataclass(frozen=True)
 class FirstToken(Event):
-    """Measured at the router: request arrival to the first token sent to the client."""
+    """Measured at the router: request arrival to the first token sent to the client; `served_from`
+    as in RequestDispatched."""
 
     request_id: str
-    tier_on_arrival: Tier
+    served_from: Tier
     ttft_s: float
 
 
 @dataclass(frozen=True)
 class RequestFinished(Event):
     request_id: str
-    tier_on_arrival: Tier
+    served_from: Tier
     ok: bool
     completion_tokens: int
     duration_s: float

@@ -81,7 +81,8 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("umem_ttft_seconds", "Time to first token, from request arrival at the router to the "
-                              "first token sent, by the model's tier on arrival", ["model", "tier"],
+                              "first token sent, by the tier the model was served from (where it was on "
+                              "arrival, or the tier it came back from if it left the GPU first)", ["model", "tier"],
                               buckets=TTFT_BUCKETS, registry=r)
         self.swap_seconds = Histogram("umem_swap_seconds", "Duration of tier moves; direction in = toward the GPU",
                                       ["model", "direction", "src", "dst"], buckets=SWAP_BUCKETS, registry=r)
@@ -132,9 +133,9 @@ class Metrics:
             handler(event)
 
     def _on_first_token(self, e: FirstToken) -> None:
-        self.ttft.labels(e.model, e.tier_on_arrival.value).observe(e.ttft_s)
+        self.ttft.labels(e.model, e.served_from.value).observe(e.ttft_s)
         with self._lock:
-            self._ttft_samples[(e.model, e.tier_on_arrival)].append(e.ttft_s)
+            self._ttft_samples[(e.model, e.served_from)].append(e.ttft_s)
 
     def _on_transition_finished(self, e: TransitionFinished) -> None:
         labels = (e.model, e.direction, e.src.value, e.dst.value)
@@ -167,7 +168,7 @@ class Metrics:
             self._finished[e.model][e.ok] += 1
 
     def _on_dispatched(self, e: RequestDispatched) -> None:
-        self.queue_wait.labels(e.model, e.tier_on_arrival.value).observe(max(0.0, e.waited_s))
+        self.queue_wait.labels(e.model, e.served_from.value).observe(max(0.0, e.waited_s))
 
     def _on_memory(self, e: MemorySnapshot) -> None:
         values = {("device", "used"): e.device_used, ("device", "budget"): e.device_budget,

@@ -51,7 +51,7 @@ class Rejected(Exception):
 @dataclass(frozen=True)
 class Lease:
     engine: Engine
-    tier_on_arrival: Tier
+    served_from: Tier
     arrived: float
 
 
@@ -219,7 +219,7 @@ class Runtime:
         finally:
             self._waiters.pop(request_id, None)
         try:
-            yield Lease(self._engines[model], dispatch.tier_on_arrival, arrived)
+            yield Lease(self._engines[model], dispatch.served_from, arrived)
         finally:
             self._apply(self.scheduler.finished(model, request_id))
 

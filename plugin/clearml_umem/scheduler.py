@@ -53,7 +53,7 @@ class Move:
 class Dispatch:
     model: str
     request_id: str
-    tier_on_arrival: Tier
+    served_from: Tier
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ Command = Move | Dispatch | Reject | Release
 class _Waiting:
     request_id: str
     arrived: float
-    tier_on_arrival: Tier
+    served_from: Tier
     seq: int
 
 
@@ -333,8 +333,8 @@ class Scheduler:
                 m.last_used = now
                 m.uses += 1
                 self._emit(RequestDispatched(model=m.name, t=now, request_id=w.request_id,
-                                             tier_on_arrival=w.tier_on_arrival, waited_s=now - w.arrived))
-                cmds.append(Dispatch(m.name, w.request_id, w.tier_on_arrival))
+                                             served_from=w.served_from, waited_s=now - w.arrived))
+                cmds.append(Dispatch(m.name, w.request_id, w.served_from))
         return cmds
 
     def _swap_in(self) -> list[Command]:
@@ -598,6 +598,12 @@ class Scheduler:
     def _start_move(self, m: _Model, dst: Tier) -> Move:
         src = m.tier
         m.moving_to = dst
+        if dst is Tier.GPU:
+            # Requests that arrived while the model was hotter (a draining model about to make
+            # room) waited for this load: their first token counts against `src`, not the GPU.
+            for w in m.waiting:
+                if w.served_from.hotter_than(src):
+                    w.served_from = src
         self._emit(TransitionStarted(model=m.name, t=self._clock(), src=src, dst=dst))
         self._emit_memory()
         return Move(m.name, src, dst)

@@ -124,7 +124,7 @@ class ClearMLReporter:
 
     def _report(self, event: Event) -> int:
         if isinstance(event, FirstToken):
-            tier = Tier(event.tier_on_arrival)
+            tier = Tier(event.served_from)
             self._ttft[(event.model, tier)].append(event.ttft_s)
             self._scalar(ttft_title(event.model), tier.value, event.ttft_s)
             self._scalar(TITLE_TTFT_BY_TIER, tier.value, event.ttft_s)

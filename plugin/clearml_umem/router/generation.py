@@ -64,7 +64,7 @@ class Generation:
         self.request = request
         self.request_id = request_id
         self.arrived = arrived
-        self.tier_on_arrival: Tier | None = None
+        self.served_from: Tier | None = None
         self.finish_reason: str | None = None
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
@@ -88,7 +88,7 @@ class Generation:
             raise model_not_found(self.model) from None
         except Rejected as exc:
             raise APIError(exc.status, exc.reason, code="model_unavailable") from None
-        self.tier_on_arrival = lease.tier_on_arrival
+        self.served_from = lease.served_from
         try:
             self._stream = lease.engine.generate(self.request)
             self._pending = await self._pull()
@@ -134,12 +134,12 @@ class Generation:
 
     def first_token(self) -> None:
         """Records TTFT once, at the moment the first token leaves for the client."""
-        if self._first_token_sent or self.tier_on_arrival is None:
+        if self._first_token_sent or self.served_from is None:
             return
         self._first_token_sent = True
         now = time.monotonic()
         self.runtime.bus.emit(FirstToken(model=self.model, t=now, request_id=self.request_id,
-                                         tier_on_arrival=self.tier_on_arrival, ttft_s=now - self.arrived))
+                                         served_from=self.served_from, ttft_s=now - self.arrived))
 
     async def close(self, ok: bool) -> None:
         """Stop generation, give the lease back, report the request; idempotent and cancellation-proof."""
@@ -158,10 +158,10 @@ class Generation:
                 await self._stack.aclose()
             except Exception:  # noqa: BLE001 - a runtime bug must not turn a served answer into an error
                 log.exception("request %s: releasing the lease on %s failed", self.request_id, self.model)
-        if self.tier_on_arrival is not None:
+        if self.served_from is not None:
             now = time.monotonic()
             self.runtime.bus.emit(RequestFinished(model=self.model, t=now, request_id=self.request_id,
-                                                  tier_on_arrival=self.tier_on_arrival, ok=ok,
+                                                  served_from=self.served_from, ok=ok,
                                                   completion_tokens=self.usage()["completion_tokens"],
                                                   duration_s=now - self.arrived))
 
