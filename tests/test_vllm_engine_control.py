@@ -246,6 +246,40 @@ def test_calls_to_one_process_share_a_kept_alive_connection(make_engine: Any) ->
     assert second[0]["peer"] != first[0]["peer"], "a new process needs a new connection"
 
 
+def test_engines_start_one_at_a_time(make_engine: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Two models asked for at once: the second vLLM process is launched only once the first is healthy."""
+    first, j1 = make_engine(behaviour={"startup_delay_s": 0.6})
+    second, j2 = make_engine(behaviour={"startup_delay_s": 0.6})
+
+    async def both() -> None:
+        await asyncio.gather(first.transition(Tier.COLD, Tier.GPU), second.transition(Tier.COLD, Tier.GPU))
+
+    with caplog.at_level(logging.INFO, logger="clearml_umem.engines.vllm_engine"):
+        run(both())
+    assert first.describe()["running"] and second.describe()["running"]
+    healthy_first = min(c["t"] for c in j1._lines("calls.jsonl") if c.get("path") == "/health")
+    assert j2.starts()[0]["t"] >= healthy_first
+    assert "waiting for another vLLM engine to finish starting" in caplog.text
+
+
+def test_close_while_waiting_to_start_launches_nothing(make_engine: Any) -> None:
+    first, _ = make_engine(behaviour={"startup_delay_s": 0.6})
+    second, j2 = make_engine()
+
+    async def race() -> None:
+        starting = asyncio.create_task(first.transition(Tier.COLD, Tier.GPU))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(second.transition(Tier.COLD, Tier.GPU))
+        await asyncio.sleep(0.1)
+        await second.close()
+        with pytest.raises(EngineError, match="engine closed while"):
+            await waiting
+        await starting
+
+    run(race())
+    assert j2.starts() == [] and second.describe()["tier"] == "cold"
+
+
 def test_ram_to_disk_stops_and_disk_to_gpu_starts_again(make_engine: Any) -> None:
     engine, journal = make_engine()
 

@@ -85,6 +85,23 @@ _OOM_PATTERNS = re.compile(
 )
 
 _degraded_logged = False
+_start_locks: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+def _start_lock(device: str) -> asyncio.Lock:
+    """One vLLM start at a time per device and event loop.
+
+    A starting vLLM checks the free device memory against what it was asked for and profiles
+    its own use; a second engine allocating beside it at the same time makes both wrong (an
+    engine refused for memory that is only briefly taken, or a KV cache sized on a half-loaded
+    neighbour). On a CPU, two starts sharing the cores would each take twice as long, so the
+    first model to be asked for is served sooner this way too.
+    """
+    key = (id(asyncio.get_running_loop()), device)
+    lock = _start_locks.get(key)
+    if lock is None:
+        lock = _start_locks[key] = asyncio.Lock()
+    return lock
 
 
 class EngineUnreachable(EngineError):
@@ -507,6 +524,17 @@ class VLLMEngine:
     async def _start_once(self) -> None:
         if self._proc is not None:
             await self._stop()
+        epoch = self._close_epoch
+        lock = _start_lock(self.ctx.device)
+        if lock.locked():
+            log.info("model %s: waiting for another vLLM engine to finish starting on %s", self.spec.name,
+                     self.ctx.device)
+        async with lock:
+            if self._close_epoch != epoch:
+                raise EngineError(f"model {self.spec.name!r}: engine closed while waiting to start")
+            await self._launch_and_wait()
+
+    async def _launch_and_wait(self) -> None:
         port = process.free_port()
         cmd = self.command(port)
         started = time.monotonic()
