@@ -274,6 +274,25 @@ def test_victims_go_further_down_when_sleeping_engines_keep_device_memory() -> N
     assert "c1" in h.dispatched and h.sched.device_used == 8 * GB
 
 
+def test_measured_footprints_from_a_finished_move_replace_the_estimates() -> None:
+    # a's engine estimated 0.5 GB left on the device while asleep; after its sleep it measured 3 GB.
+    # b then needs 6 GB of the 8: with the measured numbers, a must go further down than RAM.
+    clock = [0.0]
+    sched = Scheduler(8 * GB, 100 * GB, clock=lambda: clock[0])
+    sched.add_model("a", footprints(4 * GB, device_overhead=GB // 2), ALL_TIERS)
+    sched.add_model("b", footprints(6 * GB), ALL_TIERS)
+    assert sched.request("a", "a1") == [Move("a", COLD, GPU)]
+    assert [type(c) for c in sched.transition_done("a", COLD, GPU, 1.0, 4 * GB)] == [Dispatch]
+    sched.finished("a", "a1")
+    sched.place("a", RAM)
+    measured = {RAM: Footprint(3 * GB, 4 * GB), DISK: Footprint(3 * GB, 0)}
+    assert sched.transition_done("a", GPU, RAM, 0.5, 4 * GB, footprints=measured) == []
+    assert sched.device_used == 3 * GB and sched.state("a").device_bytes == 3 * GB
+    assert sched.request("b", "b1") == [Move("a", RAM, COLD)]
+    assert sched.transition_done("a", RAM, COLD, 0.1, 0) == [Move("b", COLD, GPU)]
+    assert sched.state("a").tier is COLD and sched.device_used == 6 * GB
+
+
 def test_offloads_to_ram_are_preferred_over_sending_a_victim_cold() -> None:
     fps = {n: footprints(3 * GB + GB // 2, device_overhead=GB // 2) for n in "abc"}
     fps["d"] = footprints(4 * GB)

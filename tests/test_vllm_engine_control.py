@@ -151,6 +151,76 @@ def test_footprints_and_describe(make_engine: Any) -> None:
     assert info["log_file"].endswith("vllm-m0.log") and info["tier"] == "cold" and info["pid"] is None
 
 
+class ScriptedProbe:
+    """Stands in for NVML: answers the next scripted byte count and records the pids asked about."""
+
+    def __init__(self, *answers: int | None) -> None:
+        self.answers = list(answers)
+        self.asked: list[set[int]] = []
+
+    def used_by(self, pids: Any) -> int | None:
+        self.asked.append(set(pids))
+        return self.answers.pop(0)
+
+
+def test_measured_device_memory_replaces_the_estimates(make_engine: Any) -> None:
+    probe = ScriptedProbe()
+    engine, journal = make_engine(behaviour={"spawn_child": True}, device_usage_probe=probe)
+    kv, margin, mib = engine.plan.kv_cache_bytes, ve.MEASURE_MARGIN_BYTES, 2**20
+    awake, asleep = WEIGHTS + kv + 300 * mib, 2 * GiB
+    # one answer per move that ends with a live process: gpu, ram, (disk: stopped), gpu, ram
+    probe.answers = [awake, asleep, awake + 10 * mib, asleep + 10 * mib]
+
+    async def walk() -> list[Any]:
+        return [await engine.transition(src, dst) for src, dst in
+                ((Tier.COLD, Tier.GPU), (Tier.GPU, Tier.RAM), (Tier.RAM, Tier.DISK), (Tier.DISK, Tier.GPU),
+                 (Tier.GPU, Tier.RAM), (Tier.RAM, Tier.COLD))]
+
+    to_gpu, to_ram, ram_to_disk, disk_to_gpu, to_ram_again, to_cold = run(walk())
+    assert to_gpu.footprints is not None
+    assert to_gpu.footprints[Tier.GPU].device_bytes == awake + margin
+    assert engine.process_overhead_bytes == 300 * mib + margin
+    assert to_ram.footprints is not None and to_ram.footprints[Tier.RAM].device_bytes == asleep + margin
+    assert to_ram.footprints[Tier.DISK].device_bytes == asleep + margin
+    assert engine.footprint(Tier.RAM).host_bytes == WEIGHTS
+    # ram -> disk stops the process (nothing to measure); within the margin, nothing is re-planned
+    assert ram_to_disk.footprints is None and disk_to_gpu.footprints is None
+    assert to_ram_again.footprints is None and to_cold.footprints is None
+    assert engine.describe()["measured_device_bytes"] == {"gpu": awake + 10 * mib, "ram": asleep + 10 * mib}
+    child = int((journal.state / "children.txt").read_text().split()[0])
+    assert {journal.starts()[0]["pid"], child} <= probe.asked[0], "the engine core child holds the memory"
+    assert probe.answers == []
+
+
+def test_explicit_overheads_and_unseen_processes_keep_the_estimates(make_engine: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    fixed, _ = make_engine(device_usage_probe=ScriptedProbe(5 * GiB, 5 * GiB), sleep_overhead_bytes=GiB // 2)
+
+    async def fixed_walk() -> list[Any]:
+        return [await fixed.transition(Tier.COLD, Tier.GPU), await fixed.transition(Tier.GPU, Tier.RAM)]
+
+    to_gpu, to_ram = run(fixed_walk())
+    assert to_gpu.footprints is not None, "the awake overhead was not fixed, so it is measured"
+    assert to_ram.footprints is None and fixed.sleep_overhead_bytes == GiB // 2
+
+    hidden, _ = make_engine(device_usage_probe=ScriptedProbe(None, None))
+
+    async def hidden_walk() -> list[Any]:
+        return [await hidden.transition(Tier.COLD, Tier.GPU), await hidden.transition(Tier.GPU, Tier.RAM)]
+
+    with caplog.at_level(logging.INFO, logger="clearml_umem.engines.vllm_engine"):
+        results = run(hidden_walk())
+    assert [r.footprints for r in results] == [None, None]
+    assert hidden.sleep_overhead_bytes == ve.SLEEP_OVERHEAD_BYTES and hidden.describe()["measured_device_bytes"] == {}
+    assert caplog.text.count("NVML does not see the vLLM processes") == 1
+
+
+def test_measured_awake_footprint_is_capped_at_the_device_budget(make_engine: Any) -> None:
+    engine, _ = make_engine(device_usage_probe=ScriptedProbe(20 * GiB))
+    run(engine.transition(Tier.COLD, Tier.GPU))
+    assert engine.footprint(Tier.GPU).device_bytes == 8 * GiB
+
+
 def test_start_command_environment_and_log(make_engine: Any) -> None:
     engine, journal = make_engine(vllm_args=["--max-num-seqs", "4"])
     result = run(engine.transition(Tier.COLD, Tier.GPU))

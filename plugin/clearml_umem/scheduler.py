@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from clearml_umem.engines.base import Footprint
@@ -244,10 +244,18 @@ class Scheduler:
         model.placement_since = (self._clock(), next(self._seq))
         return self._pump()
 
-    def transition_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int) -> list[Command]:
+    def transition_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int,
+                        footprints: Mapping[Tier, Footprint] | None = None) -> list[Command]:
+        """A move ended well; `footprints`, when given, replace the model's (its engine measured them).
+
+        Larger measured footprints can leave a budget overcommitted for a moment; the next
+        load that needs room then evicts by the true numbers.
+        """
         model = self._get(name)
         self._check_move(model, src, dst)
         model.tier, model.moving_to = dst, None
+        if footprints:
+            model.footprints = {**model.footprints, **footprints}
         if dst is Tier.GPU:
             model.oom_retried = False
             prev = model.swap_in_seconds.get(src)

@@ -7,7 +7,7 @@ process, an in-process transformers model) stays behind this protocol.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -56,9 +56,14 @@ class Delta:
 
 @dataclass(frozen=True)
 class TransitionResult:
-    """What one tier move did, for the swap metrics."""
+    """What one tier move did, for the swap metrics.
+
+    `footprints` is set when the move taught the engine better numbers than it registered
+    (device memory measured from the driver): the scheduler counts those from then on.
+    """
 
     bytes_moved: int
+    footprints: Mapping[Tier, Footprint] | None = None
 
 
 class EngineError(RuntimeError):

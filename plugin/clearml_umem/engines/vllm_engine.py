@@ -46,6 +46,7 @@ from clearml_umem.engines.base import (
     InvalidRequest,
     TransitionResult,
 )
+from clearml_umem.engines.device_usage import DeviceUsageProbe, default_probe, process_tree
 from clearml_umem.engines.kv_sizing import GiB, KVPlan, KVSizingError, plan_kv_cache, shape_from_config
 from clearml_umem.spec import ModelSpec, read_hf_config
 from clearml_umem.tiers import Tier
@@ -56,13 +57,17 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 PROCESS_OVERHEAD_BYTES = 1 * GiB
 """Device memory an awake vLLM process holds beside weights and KV cache: CUDA context,
-CUDA graphs, activation workspace. About 1 GB for small models, more for large ones;
-override with the `process_overhead_bytes` option once measured with NVML."""
+CUDA graphs, activation workspace. About 1 GB for small models, more for large ones. The
+starting estimate: once NVML has measured the process awake, the measurement counts."""
 
 SLEEP_OVERHEAD_BYTES = 1 * GiB
 """Device memory a sleeping vLLM process still holds: sleep mode frees weights and KV cache
 but not the CUDA context nor the captured graphs (from about 1 GB up). Counted against the
-device budget in the ram and disk tiers; override with the `sleep_overhead_bytes` option."""
+device budget in the ram and disk tiers; replaced by the NVML measurement after a sleep."""
+
+MEASURE_MARGIN_BYTES = 64 * 2**20
+"""Added to a measured footprint (allocator rounding, a graph captured later), and the change
+below which a new measurement is not worth re-planning for."""
 
 START_TIMEOUT_S = 600.0
 """A cold start loads weights and, on GPU, captures CUDA graphs: minutes for large models."""
@@ -206,8 +211,9 @@ class VLLMEngine:
     `sleep_mode` (True/False; default: on when a CUDA driver is present and device is not cpu),
     `enforce_eager` (default: on without sleep mode, where compiling costs a minute per start
     on a small CPU for no gain), `max_model_len`, `kv_cache_bytes`, `process_overhead_bytes`,
-    `sleep_overhead_bytes`, `start_timeout_s`, `control_timeout_s`, `request_timeout_s`,
-    `stop_grace_s`, `vllm_args` (extra CLI arguments), `env` (extra environment).
+    `sleep_overhead_bytes` (fixed; else estimated, then measured with NVML), `measure_device_memory`
+    (default True), `device_usage_probe` (tests), `start_timeout_s`, `control_timeout_s`,
+    `request_timeout_s`, `stop_grace_s`, `vllm_args` (extra CLI arguments), `env` (extra environment).
     """
 
     def __init__(self, spec: ModelSpec, ctx: EngineContext) -> None:
@@ -222,6 +228,11 @@ class VLLMEngine:
         self.enforce_eager = bool(opts.get("enforce_eager", not self.sleep_mode))
         self.process_overhead_bytes = int(opts.get("process_overhead_bytes", PROCESS_OVERHEAD_BYTES))
         self.sleep_overhead_bytes = int(opts.get("sleep_overhead_bytes", SLEEP_OVERHEAD_BYTES))
+        self._fixed_overheads = {k for k in ("process_overhead_bytes", "sleep_overhead_bytes") if k in opts}
+        self._probe: DeviceUsageProbe | None = opts.get("device_usage_probe")
+        self._probe_wanted = self._probe is not None or bool(opts.get("measure_device_memory", True))
+        self.measured_device_bytes: dict[str, int] = {}
+        self._unmeasured_logged = False
         self.start_timeout_s = float(opts.get("start_timeout_s", START_TIMEOUT_S))
         self.control_timeout_s = float(opts.get("control_timeout_s", CONTROL_TIMEOUT_S))
         self.request_timeout_s = float(opts.get("request_timeout_s", 600.0))
@@ -317,6 +328,7 @@ class VLLMEngine:
             "enforce_eager": self.enforce_eager,
             "process_overhead_bytes": self.process_overhead_bytes,
             "sleep_overhead_bytes": self.sleep_overhead_bytes,
+            "measured_device_bytes": dict(self.measured_device_bytes),
             **self.plan.as_dict(),
         }
 
@@ -398,7 +410,46 @@ class VLLMEngine:
             else:
                 moved = await self._to_sleep(src, 1 if dst is Tier.RAM else 2)
             self._tier = dst
-            return TransitionResult(bytes_moved=moved)
+            changed = await self._measure(dst) if self.ctx.device != "cpu" and dst is not Tier.COLD else False
+            footprints = {tier: self.footprint(tier) for tier in self._tiers} if changed else None
+            return TransitionResult(bytes_moved=moved, footprints=footprints)
+
+    async def _measure(self, tier: Tier) -> bool:
+        """Read what the process tree holds on the device now (NVML) and count that from then on,
+        instead of the starting estimates; True when a footprint changed. Options that set an
+        overhead explicitly are kept as given."""
+        attr = "process_overhead_bytes" if tier is Tier.GPU else "sleep_overhead_bytes"
+        if self._proc is None or not self._probe_wanted or attr in self._fixed_overheads:
+            return False
+        if self._probe is None:
+            self._probe = await asyncio.to_thread(default_probe)
+            if self._probe is None:
+                self._probe_wanted = False
+                return False
+        pids = await asyncio.to_thread(process_tree, self._proc.pid)
+        used = await asyncio.to_thread(self._probe.used_by, pids)
+        if used is None:
+            if not self._unmeasured_logged:
+                self._unmeasured_logged = True
+                log.info("model %s: NVML does not see the vLLM processes (%s); counting the estimated "
+                         "overheads", self.spec.name, ", ".join(str(p) for p in sorted(pids)))
+            return False
+        self.measured_device_bytes[tier.value] = used
+        new = used + MEASURE_MARGIN_BYTES
+        if tier is Tier.GPU:
+            new = max(0, new - self.spec.size_bytes - self.plan.kv_cache_bytes)
+            budget = self.ctx.device_budget_bytes
+            if budget:
+                # it runs, so it fits the device; a budget below what it really takes would only
+                # make the model unservable
+                new = min(new, max(0, budget - self.spec.size_bytes - self.plan.kv_cache_bytes))
+        old = getattr(self, attr)
+        if abs(new - old) <= MEASURE_MARGIN_BYTES:
+            return False
+        setattr(self, attr, new)
+        log.info("model %s: vLLM holds %.2f GiB on the device in %s (NVML); %s %.2f -> %.2f GiB",
+                 self.spec.name, used / GiB, tier.value, attr, old / GiB, new / GiB)
+        return True
 
     async def _to_gpu(self, src: Tier) -> None:
         if not self._running():
