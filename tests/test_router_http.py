@@ -268,6 +268,16 @@ def test_chat_non_streaming_and_streaming_agree(served: Served) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_responses_name_the_tier_the_model_was_served_from(served: Served) -> None:
+    client = served.client()
+    served.runtime.tiers["alpha"] = Tier.RAM
+    raw = client.chat.completions.with_raw_response.create(model="alpha", messages=CHAT, max_tokens=2)
+    assert raw.headers["x-umem-served-from"] == "ram" and raw.parse().choices[0].message.content
+    raw = client.completions.with_raw_response.create(model="alpha", prompt="hi", max_tokens=2, stream=True)
+    assert raw.headers["x-umem-served-from"] == "gpu"
+    assert "".join(c.choices[0].text for c in raw.parse() if c.choices)
+
+
 def test_stream_without_usage_has_no_usage_chunk(served: Served) -> None:
     chunks = list(served.client().chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, stream=True))
     assert all(c.choices for c in chunks)

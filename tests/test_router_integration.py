@@ -59,7 +59,10 @@ def test_every_model_answers_streaming_and_not_with_swaps(served) -> None:
 
     first_answers = {}
     for name in names:
-        chat = client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0)
+        raw = client.chat.completions.with_raw_response.create(model=name, messages=CHAT, max_tokens=8,
+                                                               temperature=0)
+        assert raw.headers["x-umem-served-from"] == "cold"
+        chat = raw.parse()
         assert chat.choices[0].message.role == "assistant"
         assert chat.choices[0].message.content
         assert chat.choices[0].finish_reason in ("length", "stop")
@@ -85,8 +88,10 @@ def test_every_model_answers_streaming_and_not_with_swaps(served) -> None:
     # Each model was evicted by the next one: answering again means swapping back from RAM,
     # and greedy output must be identical to the answer before the swap.
     for name in names:
-        again = client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0)
-        assert again.choices[0].message.content == first_answers[name]
+        raw = client.chat.completions.with_raw_response.create(model=name, messages=CHAT, max_tokens=8,
+                                                               temperature=0)
+        assert raw.headers["x-umem-served-from"] == "ram"
+        assert raw.parse().choices[0].message.content == first_answers[name]
 
     admin = httpx.get(router.url + "/admin/models").json()["data"]
     tiers = {row["name"]: row["tier"] for row in admin}

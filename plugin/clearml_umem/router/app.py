@@ -127,6 +127,9 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     return app
 
 
+SERVED_FROM_HEADER = "x-umem-served-from"
+
+
 async def _serve(runtime: ServingRuntime, request: Request, chat: bool) -> Response:
     arrived = time.monotonic()
     data = parse_json(await request.body())
@@ -142,11 +145,19 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool) -> Respo
             await until_disconnect(request.receive, gen.open)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage))
+        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage),
+                                   headers=_served_from_header(gen))
     try:
-        return JSONResponse(await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat)))
+        content = await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(content, headers=_served_from_header(gen))
+
+
+def _served_from_header(gen: Generation) -> dict[str, str]:
+    """Which tier the model was served from (gpu = it was hot): lets a client, or the
+    clearml-serving hook, tell a swap-in's latency from a hot one's without reading /metrics."""
+    return {SERVED_FROM_HEADER: gen.served_from.value} if gen.served_from is not None else {}
 
 
 async def _complete(gen: Generation, model: str, created: int, chat: bool) -> dict[str, Any]:
