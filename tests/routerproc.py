@@ -12,6 +12,11 @@ from pathlib import Path
 
 import psutil
 
+from clearml_umem.catalog import write_manifest
+from clearml_umem.demo import room_for_one
+from clearml_umem.engines import EngineContext
+from clearml_umem.spec import spec_from_mapping
+
 READY_PREFIX = "umem: serving on "
 
 
@@ -67,6 +72,18 @@ def start_router(manifest: Path, work_dir: Path, *extra: str, env: dict[str, str
         proc.wait(timeout=10)
         raise RuntimeError(f"router exited with {proc.returncode}:\n" + "\n".join(lines[-40:]))
     return RouterProcess(proc, url[0], lines)
+
+
+def start_room_for_one(models: dict[str, Path], work_dir: Path) -> tuple[RouterProcess, list[str]]:
+    """These models behind a router on the CPU whose budgets hold only one of them hot: every
+    switch between models is a swap."""
+    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in models.items()]
+    manifest = work_dir / "models.yaml"
+    write_manifest(manifest, specs)
+    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work_dir, device="cpu"))
+    router = start_router(manifest, work_dir, "--device", "cpu", "--device-budget", str(device_budget),
+                          "--host-budget", str(host_budget))
+    return router, [s.name for s in specs]
 
 
 def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:

@@ -4,8 +4,6 @@ follows edits of its manifest over real HTTP."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,7 @@ from clearml_umem.runtime import Runtime
 from clearml_umem.server import UnifiedMemoryServer
 from clearml_umem.spec import ModelSpec, SpecError, spec_from_mapping
 from clearml_umem.tiers import Tier
+from tests.waiting import wait_until
 
 
 def _spec(name: str) -> ModelSpec:
@@ -124,14 +123,6 @@ def test_period_must_be_positive() -> None:
         CatalogPoller(ScriptedCatalog(snap()), print, period_s=0)
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_router_follows_manifest_edits(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """A model added to the manifest becomes servable and a removed one disappears, without a restart."""
@@ -147,13 +138,13 @@ def test_router_follows_manifest_edits(tiny_models: dict[str, Path], tmp_path: P
 
         assert listed() == ["tiny-llama"]
         write_manifest(manifest, [llama, qwen])
-        _wait_for(lambda: listed() == ["tiny-llama", "tiny-qwen2"])
+        assert wait_until(lambda: listed() == ["tiny-llama", "tiny-qwen2"], timeout=30)
         answer = httpx.post(url + "/v1/completions", timeout=120, json={
             "model": "tiny-qwen2", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
         assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"]
 
         write_manifest(manifest, [qwen])
-        _wait_for(lambda: listed() == ["tiny-qwen2"])
+        assert wait_until(lambda: listed() == ["tiny-qwen2"], timeout=30)
         gone = httpx.post(url + "/v1/completions", timeout=30, json={
             "model": "tiny-llama", "prompt": "Hello", "max_tokens": 3})
         assert gone.status_code == 404 and "tiny-llama" in gone.json()["error"]["message"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from clearml_umem.clearml_io.registry import (
 from clearml_umem.spec import SpecError, weights_size
 from tests.clearml_env import write_sdk_config
 from tests.fixtures.clearml_api_server import ApiError, ClearMLApiFixture
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +52,6 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClearMLApiFixture]
 
 def meta(**values: str) -> dict[str, str]:
     return {"size_bytes": "1000", "dtype": "bfloat16", "engine": "transformers", **values}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_registering_the_same_weights_twice_updates_one_entry(api: ClearMLApiFixture,
@@ -183,13 +176,13 @@ def test_poller_picks_up_new_and_removed_entries_and_survives_an_outage(api: Cle
     with CatalogPoller(catalog, seen.append, period_s=0.1) as poller:
         assert names() == ["p-one"]
         second = api.add_model("p-two", uri, project="poll", tags=[SERVABLE_TAG], metadata=meta())
-        wait_for(lambda: names() == ["p-one", "p-two"])
+        assert wait_until(lambda: names() == ["p-one", "p-two"])
         api.remove_model(first)
-        wait_for(lambda: names() == ["p-two"])
+        assert wait_until(lambda: names() == ["p-two"])
         calls = len(seen)
         api.fail_next["models.get_all"] = ApiError(400, 0, "simulated outage")
-        wait_for(lambda: poller.failures >= 1)
+        assert wait_until(lambda: poller.failures >= 1)
         assert len(seen) == calls and names() == ["p-two"]
         api.models[second]["metadata"]["size_bytes"]["value"] = "oops"
-        wait_for(lambda: not seen[-1].specs and seen[-1].errors)
+        assert wait_until(lambda: not seen[-1].specs and seen[-1].errors)
         assert seen[-1].errors[0].field == "metadata.size_bytes"

@@ -14,11 +14,9 @@ from typing import Any
 import pytest
 
 from clearml_umem.catalog import write_manifest
-from clearml_umem.demo import room_for_one
-from clearml_umem.engines import EngineContext
 from clearml_umem.spec import spec_from_mapping
 from tests.clearml_env import REPO, offline_env, run_python
-from tests.routerproc import RouterProcess, start_router
+from tests.routerproc import RouterProcess, start_room_for_one, start_router
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +26,7 @@ CHAT = [{"role": "user", "content": "Tell me about tiers."}]
 
 @pytest.fixture(scope="module")
 def router(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp("serving-router")
-    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in tiny_models.items()]
-    manifest = work / "models.yaml"
-    write_manifest(manifest, specs)
-    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work, device="cpu"))
-    proc = start_router(manifest, work, "--device", "cpu", "--device-budget", str(device_budget),
-                        "--host-budget", str(host_budget))
+    proc, _ = start_room_for_one(tiny_models, tmp_path_factory.mktemp("serving-router"))
     yield proc
     proc.kill()
 

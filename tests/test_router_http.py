@@ -12,7 +12,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,6 +29,7 @@ from clearml_umem.runtime import Lease, ModelNotFound, Rejected
 from clearml_umem.scheduler import SchedulerError
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import ALL_TIERS, Tier
+from tests.waiting import wait_until
 
 CHAT = [{"role": "user", "content": "hello"}]
 KEY = "s3cret-key"
@@ -210,15 +211,6 @@ def keyed() -> Iterator[Served]:
     yield from _serve(_runtime(), KEY)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 def metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -341,7 +333,7 @@ def test_requests_emit_ttft_and_finished_events(served: Served) -> None:
     served.runtime.tiers["beta"] = Tier.COLD
     start = len(served.events)
     served.client().chat.completions.create(model="beta", messages=CHAT, max_tokens=2)
-    assert wait_for(lambda: any(isinstance(e, RequestFinished) and e.model == "beta"
+    assert wait_until(lambda: any(isinstance(e, RequestFinished) and e.model == "beta"
                                 for e in served.events[start:]))
     new = served.events[start:]
     ttft = [e for e in new if isinstance(e, FirstToken)]
@@ -445,7 +437,7 @@ def test_rejection_by_the_scheduler_is_a_503_with_the_reason(served: Served) -> 
 def test_engine_failure_mid_stream_ends_the_stream_with_an_error(served: Served) -> None:
     with pytest.raises(openai.APIError, match="lost the GPU"):
         list(served.client().completions.create(model="alpha", prompt="BREAK_MIDWAY", max_tokens=8, stream=True))
-    assert wait_for(lambda: served.runtime.in_flight["alpha"] == 0)
+    assert wait_until(lambda: served.runtime.in_flight["alpha"] == 0)
 
 
 # -- disconnects ----------------------------------------------------------------------------
@@ -467,10 +459,10 @@ def test_client_disconnect_mid_stream_closes_the_generator_and_releases_the_leas
                 break
         assert served.runtime.in_flight["slow"] == 1
     # 60 tokens at 50 ms would take 3 s; the generator must be closed long before that.
-    assert wait_for(lambda: engine.closed == closed + 1, timeout=2.0), "the engine's generator was not closed"
+    assert wait_until(lambda: engine.closed == closed + 1, timeout=2.0), "the engine's generator was not closed"
     assert engine.started == started + 1 and engine.finished_normally == normal
-    assert wait_for(lambda: served.runtime.in_flight["slow"] == 0, timeout=2.0), "the lease was not released"
-    assert wait_for(lambda: any(isinstance(e, RequestFinished) and e.model == "slow" and not e.ok
+    assert wait_until(lambda: served.runtime.in_flight["slow"] == 0, timeout=2.0), "the lease was not released"
+    assert wait_until(lambda: any(isinstance(e, RequestFinished) and e.model == "slow" and not e.ok
                                 for e in served.events[start:]))
     assert served.client().chat.completions.create(model="slow", messages=CHAT, max_tokens=1).choices
 
@@ -483,7 +475,7 @@ def test_client_disconnect_while_waiting_for_the_model_cancels_the_wait(served: 
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(served.url + "/v1/chat/completions", json={"model": "slow", "messages": CHAT}, timeout=0.3)
-        assert wait_for(lambda: runtime.cancelled_waits == before + 1, timeout=3.0)
+        assert wait_until(lambda: runtime.cancelled_waits == before + 1, timeout=3.0)
         assert runtime.in_flight["slow"] == 0
     finally:
         runtime.swap_s["slow"] = 0.01

@@ -11,10 +11,8 @@ import openai
 import pytest
 
 from clearml_umem.catalog import write_manifest
-from clearml_umem.demo import room_for_one
-from clearml_umem.engines import EngineContext
 from clearml_umem.spec import spec_from_mapping
-from tests.routerproc import RouterProcess, start_router, wait_gone
+from tests.routerproc import RouterProcess, start_room_for_one, start_router, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +21,8 @@ CHAT = [{"role": "user", "content": "Tell me about tiers."}]
 
 @pytest.fixture(scope="module")
 def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp("router")
-    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in tiny_models.items()]
-    manifest = work / "models.yaml"
-    write_manifest(manifest, specs)
-    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work, device="cpu"))
-    router = start_router(manifest, work, "--device", "cpu", "--device-budget", str(device_budget),
-                          "--host-budget", str(host_budget))
-    yield router, [s.name for s in specs]
+    router, names = start_room_for_one(tiny_models, tmp_path_factory.mktemp("router"))
+    yield router, names
     router.kill()
 
 

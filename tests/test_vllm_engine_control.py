@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from clearml_umem.engines.kv_sizing import GiB
 from clearml_umem.engines.vllm_engine import SSEDecoder, VLLMEngine
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="engine processes need Linux")
 
@@ -110,15 +110,6 @@ def pid_alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_tiers_with_and_without_sleep_mode(make_engine: Any, caplog: pytest.LogCaptureFixture,
