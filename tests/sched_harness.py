@@ -68,16 +68,21 @@ class FakeEngine:
     name: str
     fps: dict[Tier, Footprint]
     tiers: frozenset[Tier]
+    transits: dict[tuple[Tier, Tier], Tier] = field(default_factory=dict)
     tier: Tier = Tier.COLD
     moving: Move | None = None
     in_flight: set[str] = field(default_factory=set)
 
     def held(self) -> Footprint:
+        """Mid-move, the most it holds at once: both ends, and the tier it passes through."""
         if self.moving is None:
             return self.fps.get(self.tier, Footprint())
-        a = self.fps.get(self.moving.src, Footprint())
-        b = self.fps.get(self.moving.dst, Footprint())
-        return Footprint(max(a.device_bytes, b.device_bytes), max(a.host_bytes, b.host_bytes))
+        passed = [self.moving.src, self.moving.dst]
+        via = self.transits.get((self.moving.src, self.moving.dst))
+        if via is not None:
+            passed.append(via)
+        held = [self.fps.get(t, Footprint()) for t in passed]
+        return Footprint(max(f.device_bytes for f in held), max(f.host_bytes for f in held))
 
 
 Failure = tuple[str, Tier, bool]
@@ -91,6 +96,7 @@ class Harness:
         host_budget: int,
         models: dict[str, dict[Tier, Footprint]] | None = None,
         *,
+        transits: dict[str, dict[tuple[Tier, Tier], Tier]] | None = None,
         policy: Policy | None = None,
         move_seconds: Callable[[Move], float] = default_move_seconds,
         service_seconds: float | Callable[[str, str], float] = 1.0,
@@ -119,14 +125,15 @@ class Harness:
         self._queue: list[tuple[float, int, Callable[[], object]]] = []
         self._seq = itertools.count()
         for name, fps in (models or {}).items():
-            self.add_model(name, fps)
+            self.add_model(name, fps, transits=(transits or {}).get(name))
 
     # -- inputs, each followed by the invariant checks -----------------------------------
 
-    def add_model(self, name: str, fps: dict[Tier, Footprint], tiers: Iterable[Tier] | None = None) -> None:
+    def add_model(self, name: str, fps: dict[Tier, Footprint], tiers: Iterable[Tier] | None = None,
+                  transits: dict[tuple[Tier, Tier], Tier] | None = None) -> None:
         tier_set = frozenset(tiers if tiers is not None else fps)
-        self.sched.add_model(name, fps, tier_set)
-        self.engines[name] = FakeEngine(name, dict(fps), tier_set)
+        self.sched.add_model(name, fps, tier_set, transits)
+        self.engines[name] = FakeEngine(name, dict(fps), tier_set, dict(transits or {}))
         self.check()
 
     def request(self, model: str, request_id: str) -> list[Command]:

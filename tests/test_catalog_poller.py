@@ -97,6 +97,7 @@ class _IdleEngine:
     """Never asked to move: sync_catalog only builds engines and registers their footprints."""
 
     tiers = frozenset(Tier)
+    transits: dict[tuple[Tier, Tier], Tier] = {}
 
     def footprint(self, tier: Tier) -> Footprint:
         return Footprint(device_bytes=1000 if tier is Tier.GPU else 0, host_bytes=1000 if tier is Tier.RAM else 0)

@@ -293,6 +293,31 @@ def test_measured_footprints_from_a_finished_move_replace_the_estimates() -> Non
     assert sched.state("a").tier is COLD and sched.device_used == 6 * GB
 
 
+def test_a_move_through_the_gpu_reserves_the_gpu_footprint_while_it_runs() -> None:
+    # like vLLM: putting a stopped engine to sleep in RAM starts it on the GPU first
+    via_gpu = {(COLD, RAM): GPU, (COLD, DISK): GPU, (DISK, RAM): GPU}
+    sched = Scheduler(12 * GB, 100 * GB)
+    sched.add_model("a", footprints(6 * GB, device_overhead=GB), ALL_TIERS, transits=via_gpu)
+    sched.add_model("b", footprints(8 * GB), ALL_TIERS)
+    assert sched.request("b", "b1") == [Move("b", COLD, GPU)]
+    sched.transition_done("b", COLD, GPU, 1.0, 8 * GB)
+    sched.finished("b", "b1")
+    # a in RAM holds only 1 GB of device memory, but getting there takes its 7 GB awake footprint
+    assert sched.place("a", RAM) == [Move("b", GPU, RAM)]
+    assert sched.transition_done("b", GPU, RAM, 0.5, 8 * GB) == [Move("a", COLD, RAM)]
+    assert sched.device_used == 7 * GB
+    assert sched.transition_done("a", COLD, RAM, 3.0, 6 * GB) == []
+    assert sched.device_used == GB and sched.state("a").tier is RAM
+
+
+def test_a_move_through_the_gpu_must_fit_the_device_budget() -> None:
+    sched = Scheduler(4 * GB, 100 * GB)
+    sched.add_model("big", {GPU: Footprint(6 * GB, 0), RAM: Footprint(GB, 6 * GB), COLD: Footprint()},
+                    (GPU, RAM, COLD), transits={(COLD, RAM): GPU})
+    with pytest.raises(SchedulerError, match=r"on its way to tier 'ram' \(through gpu\)"):
+        sched.place("big", RAM)
+
+
 def test_offloads_to_ram_are_preferred_over_sending_a_victim_cold() -> None:
     fps = {n: footprints(3 * GB + GB // 2, device_overhead=GB // 2) for n in "abc"}
     fps["d"] = footprints(4 * GB)
@@ -802,20 +827,23 @@ def test_unknown_request_finish_is_harmless() -> None:
 # -- randomized simulations: the rules hold at every step ---------------------------------
 
 
-def _random_run(seed: int) -> Harness:
+def _random_run(seed: int, place_share: float = 0.1, sleep_through_gpu: bool = False) -> Harness:
     rng = random.Random(seed)
     tier_choices = [ALL_TIERS, GPU_COLD_ONLY, (GPU, RAM, COLD), (GPU, DISK, COLD)]
     fps = {f"m{i}": footprints(rng.randint(1, 8) * GB, rng.choice(tier_choices), rng.choice([0, 0, GB // 4]),
                                rng.choice([0, 0, GB // 2]))
            for i in range(rng.randint(2, 6))}
     fail_rate = rng.choice([0.0, 0.0, 0.1])
+    # engines like vLLM's pass through the GPU to go to sleep
+    vllm_like = {(COLD, RAM): GPU, (COLD, DISK): GPU, (DISK, RAM): GPU}
+    transits = {name: vllm_like for name, fp in fps.items() if sleep_through_gpu and set(fp) == set(ALL_TIERS)}
 
     def fail(move: Move) -> tuple[str, Tier, bool] | None:
         if rng.random() >= fail_rate:
             return None
         return ("boom", rng.choice([move.src, COLD]), move.dst is GPU and rng.random() < 0.5)
 
-    h = Harness(rng.randint(8, 20) * GB, rng.randint(4, 30) * GB, fps,
+    h = Harness(rng.randint(8, 20) * GB, rng.randint(4, 30) * GB, fps, transits=transits,
                 policy=rng.choice([LRUPolicy(), CostAwarePolicy(60)]),
                 move_seconds=lambda m: rng.uniform(0.05, 3), service_seconds=lambda m, r: rng.uniform(0.05, 3),
                 fail=fail)
@@ -827,8 +855,11 @@ def _random_run(seed: int) -> Harness:
         roll = rng.random()
         if roll < 0.8:
             request_at(h, t, name, f"r{k}")
-        elif roll < 0.9:
-            tier = rng.choice(sorted(h.sched.state(name).tiers))
+        elif roll < 0.8 + place_share:
+            tiers = sorted(h.sched.state(name).tiers)
+            if name in transits:  # mostly to sleep: the moves that pass through the GPU
+                tiers = [t for t in tiers if t in (RAM, DISK)] * 3 + tiers
+            tier = rng.choice(tiers)
             h.at(t, lambda name=name, tier=tier: _safe_place(h, name, tier))
         else:
             h.at(t, lambda name=name: _cancel_some(h, name, rng))
@@ -850,9 +881,10 @@ def _cancel_some(h: Harness, name: str, rng: random.Random) -> None:
         h.cancel(name, rid)
 
 
-@pytest.mark.parametrize("seed", range(300))
-def test_random_runs_keep_the_rules(seed: int) -> None:
-    h = _random_run(seed)
+@pytest.mark.parametrize(("seed", "place_share", "through_gpu"),
+                         [(seed, 0.1, False) for seed in range(300)] + [(seed, 0.2, True) for seed in range(300, 500)])
+def test_random_runs_keep_the_rules(seed: int, place_share: float, through_gpu: bool) -> None:
+    h = _random_run(seed, place_share, through_gpu)
     # every request is answered (dispatched and finished, or rejected), except cancelled ones
     assert h.unanswered() <= h.cancelled
     assert set(h.dispatched) == h.finished

@@ -108,6 +108,7 @@ def generation_threads() -> list[threading.Thread]:
 def test_load_describe_and_protocol(engine: TransformersEngine, llama_dir: Path) -> None:
     assert isinstance(engine, Engine)
     assert engine.tiers == frozenset(Tier)
+    assert engine.transits == {(Tier.COLD, Tier.DISK): Tier.RAM}
     info = engine.describe()
     assert info["device"] == "cpu" and info["dtype"] == "bfloat16" and info["tier"] == "gpu"
     assert info["weights"] == str(llama_dir)

@@ -121,6 +121,9 @@ def test_tiers_with_and_without_sleep_mode(make_engine: Any, caplog: pytest.LogC
         cpu2, _ = make_engine(sleep_mode=False)
     assert gpu.tiers == frozenset(Tier)
     assert cpu.tiers == cpu2.tiers == frozenset({Tier.GPU, Tier.COLD})
+    assert gpu.transits == {(Tier.COLD, Tier.RAM): Tier.GPU, (Tier.COLD, Tier.DISK): Tier.GPU,
+                            (Tier.DISK, Tier.RAM): Tier.GPU}, "sleeping needs an awake engine"
+    assert cpu.transits == {}
     assert sum("without sleep mode" in r.getMessage() for r in caplog.records) == 1
     assert any("KV cache" in r.getMessage() and "max_model_len" in r.getMessage() for r in caplog.records)
     with pytest.raises(EngineError, match="no ram tier"):

@@ -85,7 +85,7 @@ class Runtime:
         """Create the engine object (no loading yet: models start cold) and register its footprints."""
         engine = self._factory(spec, self.engine_context)
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
-        self.scheduler.add_model(spec.name, footprints, engine.tiers)
+        self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits)
         self._engines[spec.name] = engine
         self._specs[spec.name] = spec
         gpu = footprints[Tier.GPU]

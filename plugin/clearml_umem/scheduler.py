@@ -87,6 +87,7 @@ class _Model:
     name: str
     footprints: dict[Tier, Footprint]
     tiers: frozenset[Tier]
+    transits: dict[tuple[Tier, Tier], Tier] = field(default_factory=dict)
     tier: Tier = Tier.COLD
     moving_to: Tier | None = None
     in_flight: set[str] = field(default_factory=set)
@@ -104,13 +105,21 @@ class _Model:
     def fp(self, tier: Tier) -> Footprint:
         return self.footprints.get(tier, Footprint())
 
+    def move_peak(self, dst: Tier) -> Footprint:
+        """The most a move to `dst` holds at once: the larger of both ends, and of the tier it
+        passes through when its engine has no direct path (vLLM starts, then sleeps, for cold -> ram)."""
+        ends = [self.fp(self.tier), self.fp(dst)]
+        via = self.transits.get((self.tier, dst))
+        if via is not None:
+            ends.append(self.fp(via))
+        return Footprint(max(f.device_bytes for f in ends), max(f.host_bytes for f in ends))
+
     @property
     def reserved(self) -> Footprint:
-        """Memory held now; mid-move, the larger of both ends so a budget is never overrun."""
+        """Memory held now; mid-move, the move's peak so a budget is never overrun."""
         if self.moving_to is None:
             return self.fp(self.tier)
-        a, b = self.fp(self.tier), self.fp(self.moving_to)
-        return Footprint(max(a.device_bytes, b.device_bytes), max(a.host_bytes, b.host_bytes))
+        return self.move_peak(self.moving_to)
 
     @property
     def idle(self) -> bool:
@@ -163,8 +172,10 @@ class Scheduler:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def add_model(self, name: str, footprints: dict[Tier, Footprint], tiers: Iterable[Tier]) -> None:
-        """Register a cold model; `footprints` gives its memory per tier, as its engine reports it."""
+    def add_model(self, name: str, footprints: dict[Tier, Footprint], tiers: Iterable[Tier],
+                  transits: Mapping[tuple[Tier, Tier], Tier] | None = None) -> None:
+        """Register a cold model; `footprints` gives its memory per tier, as its engine reports it,
+        `transits` the moves that pass through a third tier (src, dst) -> via."""
         tier_set = frozenset(tiers)
         if not {Tier.GPU, Tier.COLD} <= tier_set:
             raise SchedulerError(f"model {name!r}: an engine must support at least the gpu and cold tiers")
@@ -173,9 +184,10 @@ class Scheduler:
         if name in self._models:
             model = self._models[name]
             model.removing = False
-            model.footprints, model.tiers = dict(footprints), tier_set
+            model.footprints, model.tiers, model.transits = dict(footprints), tier_set, dict(transits or {})
             return
-        self._models[name] = _Model(name=name, footprints=dict(footprints), tiers=tier_set)
+        self._models[name] = _Model(name=name, footprints=dict(footprints), tiers=tier_set,
+                                    transits=dict(transits or {}))
 
     def remove_model(self, name: str) -> list[Command]:
         """Take a model out of service: waiting requests are refused, in-flight ones finish first."""
@@ -231,12 +243,13 @@ class Scheduler:
             reason = self._never_fits(model)
             if reason:
                 raise SchedulerError(reason)
-        fp = model.fp(tier)
+        fp = model.move_peak(tier) if model.moving_to is None else model.fp(tier)
         if fp.device_bytes > self.device_budget or fp.host_bytes > self.host_budget:
+            via = model.transits.get((model.tier, tier)) if model.moving_to is None else None
+            way = f" on its way to tier {tier.value!r} (through {via.value})" if via else f" in tier {tier.value!r}"
             raise SchedulerError(
                 f"model {name!r} needs {_gb(fp.device_bytes)} on the device and {_gb(fp.host_bytes)} of host "
-                f"memory in tier {tier.value!r}, over the budgets ({_gb(self.device_budget)} device, "
-                f"{_gb(self.host_budget)} host)")
+                f"memory{way}, over the budgets ({_gb(self.device_budget)} device, {_gb(self.host_budget)} host)")
         if model.tier is tier and model.moving_to is None:
             model.placement = None
             return []
@@ -382,8 +395,9 @@ class Scheduler:
                 continue
             if m.in_flight or m.waiting:
                 continue
-            need_device = m.fp(target).device_bytes - m.fp(m.tier).device_bytes
-            need_host = m.fp(target).host_bytes - m.fp(m.tier).host_bytes
+            peak, now = m.move_peak(target), m.fp(m.tier)
+            need_device = peak.device_bytes - now.device_bytes
+            need_host = peak.host_bytes - now.host_bytes
             if self._fits(need_device, need_host):
                 cmds.append(self._start_move(m, target))
             else:

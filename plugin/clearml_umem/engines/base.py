@@ -102,6 +102,12 @@ class Engine(Protocol):
         """Memory held in `tier`; the scheduler budgets with it before any move."""
         ...
 
+    @property
+    def transits(self) -> Mapping[tuple[Tier, Tier], Tier]:
+        """Moves with no direct path, (src, dst) -> the tier they pass through: the scheduler
+        reserves that tier's footprint too while such a move runs."""
+        ...
+
     async def transition(self, src: Tier, dst: Tier) -> TransitionResult:
         """Move from `src` to `dst`; both are in `tiers`. Raises EngineError on failure."""
         ...

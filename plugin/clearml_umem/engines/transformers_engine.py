@@ -268,6 +268,11 @@ class TransformersEngine:
         return frozenset(ALL_TIERS)
 
     @property
+    def transits(self) -> dict[tuple[Tier, Tier], Tier]:
+        """COLD -> DISK loads into host RAM first, to keep the skeleton and tokenizer (see `_plan`)."""
+        return {(Tier.COLD, Tier.DISK): Tier.RAM}
+
+    @property
     def tier(self) -> Tier:
         return self._tier
 

@@ -290,6 +290,14 @@ class VLLMEngine:
         return self._tiers
 
     @property
+    def transits(self) -> dict[tuple[Tier, Tier], Tier]:
+        """Sleeping needs an awake engine: a move into ram or disk from a stopped process, or from
+        disk to ram, starts or wakes it on the GPU first (see `_to_sleep`)."""
+        if not self.sleep_mode:
+            return {}
+        return {(Tier.COLD, Tier.RAM): Tier.GPU, (Tier.COLD, Tier.DISK): Tier.GPU, (Tier.DISK, Tier.RAM): Tier.GPU}
+
+    @property
     def url(self) -> str:
         if self._port is None:
             raise EngineError(f"model {self.spec.name!r}: vLLM is not running")
