@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ _OOM_PATTERNS = re.compile(
 )
 
 _degraded_logged = False
-_start_locks: dict[tuple[int, str], asyncio.Lock] = {}
+_start_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _start_lock(device: str) -> asyncio.Lock:
@@ -102,10 +104,10 @@ def _start_lock(device: str) -> asyncio.Lock:
     neighbour). On a CPU, two starts sharing the cores would each take twice as long, so the
     first model to be asked for is served sooner this way too.
     """
-    key = (id(asyncio.get_running_loop()), device)
-    lock = _start_locks.get(key)
+    per_device = _start_locks.setdefault(asyncio.get_running_loop(), {})
+    lock = per_device.get(device)
     if lock is None:
-        lock = _start_locks[key] = asyncio.Lock()
+        lock = per_device[device] = asyncio.Lock()
     return lock
 
 
@@ -247,7 +249,7 @@ class VLLMEngine:
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
         self._client: httpx.AsyncClient | None = None
-        self._client_key: tuple[int, int] | None = None
+        self._client_key: tuple[asyncio.AbstractEventLoop, int] | None = None
         self._incarnation = 0
         self._close_epoch = 0
         self.restarts = 0
@@ -381,7 +383,7 @@ class VLLMEngine:
         closing would fail a request for nothing.
         """
         url = self.url
-        key = (id(asyncio.get_running_loop()), self._port or 0)
+        key = (asyncio.get_running_loop(), self._port or 0)
         if self._client is None or self._client_key != key:
             self._client = httpx.AsyncClient(base_url=url, trust_env=False,
                                              timeout=httpx.Timeout(self.request_timeout_s, connect=10.0),
