@@ -209,10 +209,13 @@ def test_explicit_overheads_and_unseen_processes_keep_the_estimates(make_engine:
     assert caplog.text.count("NVML does not see the vLLM processes") == 1
 
 
-def test_measured_awake_footprint_is_capped_at_the_device_budget(make_engine: Any) -> None:
+def test_measured_awake_footprint_is_capped_at_the_device_budget(make_engine: Any,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     engine, _ = make_engine(device_usage_probe=ScriptedProbe(20 * GiB))
-    run(engine.transition(Tier.COLD, Tier.GPU))
+    with caplog.at_level(logging.WARNING, logger="clearml_umem.engines.vllm_engine"):
+        run(engine.transition(Tier.COLD, Tier.GPU))
     assert engine.footprint(Tier.GPU).device_bytes == 8 * GiB
+    assert "more than the device budget leaves it" in caplog.text
 
 
 def test_start_command_environment_and_log(make_engine: Any) -> None:

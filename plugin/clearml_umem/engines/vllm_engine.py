@@ -449,10 +449,14 @@ class VLLMEngine:
         if tier is Tier.GPU:
             new = max(0, new - self.spec.size_bytes - self.plan.kv_cache_bytes)
             budget = self.ctx.device_budget_bytes
-            if budget:
-                # it runs, so it fits the device; a budget below what it really takes would only
-                # make the model unservable
-                new = min(new, max(0, budget - self.spec.size_bytes - self.plan.kv_cache_bytes))
+            room = max(0, budget - self.spec.size_bytes - self.plan.kv_cache_bytes) if budget else new
+            if new > room:
+                # it runs, so it fits the device; counting more than the budget would only make the
+                # model unservable
+                log.warning("model %s: vLLM holds %.2f GiB awake, more than the device budget leaves it "
+                            "(%.2f GiB); counting it at the budget", self.spec.name, used / GiB,
+                            (budget or 0) / GiB)
+                new = room
         old = getattr(self, attr)
         if abs(new - old) <= MEASURE_MARGIN_BYTES:
             return False
