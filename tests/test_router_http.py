@@ -396,6 +396,16 @@ def test_metrics_show_ttft_and_request_series(served: Served) -> None:
         ("/v1/completions", b'{"model": "alpha", "prompt": "RAISE_INVALID"}', 400, None, "context"),
         ("/v1/completions", b'{"model": "alpha", "prompt": "RAISE_ENGINE", "stream": true}', 503, None, "died"),
         ("/v1/nothing-here", b"{}", 404, None, "route"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"tools": [{"type": "function", "function": {"name": "f"}}]}', 400, "tools", "not supported"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"response_format": {"type": "json_object"}}', 400, "response_format", "json_object"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"logprobs": true, "top_logprobs": 2}', 400, "logprobs", "not supported"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "echo": true}', 400, "echo", "leave it unset"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "best_of": 3}', 400, "best_of", "not supported"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "presence_penalty": 0.5}', 400, "presence_penalty",
+         "0.5"),
     ],
 )
 def test_bad_input_gets_openai_errors_and_server_keeps_serving(served: Served, path: str, body: bytes, status: int,
@@ -508,6 +518,24 @@ def test_admin_view_and_place(served: Served) -> None:
 def test_health(served: Served) -> None:
     resp = httpx.get(served.url + "/health")
     assert resp.status_code == 200 and resp.json()["status"] == "ok" and resp.json()["models"] == 3
+
+
+def test_unused_openai_options_at_their_defaults_pass(served: Served) -> None:
+    """Clients that always send these fields, at values that ask for nothing, keep working."""
+    out = served.client().chat.completions.create(
+        model="alpha", messages=CHAT, max_tokens=2, logprobs=False, frequency_penalty=0, presence_penalty=0.0,
+        response_format={"type": "text"}, tool_choice="none", tools=[], logit_bias={})
+    assert out.choices[0].message.content
+    comp = served.client().completions.create(model="alpha", prompt="hi", max_tokens=2, echo=False, best_of=1,
+                                              logprobs=None, suffix=None)
+    assert comp.choices[0].text
+
+
+def test_openai_client_gets_a_bad_request_for_tools(served: Served) -> None:
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client().chat.completions.create(model="alpha", messages=CHAT, max_tokens=2, tools=[tool])
+    assert info.value.param == "tools" and "not supported" in info.value.message
 
 
 @pytest.mark.parametrize("path", ["/health", "/metrics", "/admin/models", "/v1/models", "/no-such-route"])

@@ -2,7 +2,9 @@
 
 Validation happens here, before a request waits for its model: a bad field must cost a
 400 in microseconds, not a swap-in first. Unknown fields are ignored, as OpenAI-compatible
-servers do, so newer clients that send extra options keep working.
+servers do, so newer clients that send extra options keep working; but OpenAI options this
+router does not implement are refused when they ask for something (tools, logprobs, JSON
+mode...): ignoring them would hand the client an answer of another shape than it asked for.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from clearml_umem.engines.base import GenerationRequest
 from clearml_umem.router.errors import bad_request
@@ -77,6 +80,29 @@ class _Sampling(_Body):
     seed: int | None = None
     n: int | None = 1
     user: str | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @model_validator(mode="after")
+    def _unsupported_options(self) -> _Sampling:
+        """The first option set to something this router cannot honour; defaults pass."""
+        for name in UNSUPPORTED_OPTIONS:
+            value = getattr(self, name)
+            if not _is_default(name, value):
+                raise PydanticCustomError("unsupported", "'{option}' is not supported by this server (got {value}); "
+                                          "leave it unset", {"option": name, "value": json.dumps(value)})
+        return self
 
     @field_validator("n")
     @classmethod
@@ -107,6 +133,25 @@ class _Sampling(_Body):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+UNSUPPORTED_OPTIONS = ("logprobs", "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty",
+                       "response_format", "tools", "tool_choice", "functions", "function_call", "echo", "best_of",
+                       "suffix")
+
+
+def _is_default(name: str, value: Any) -> bool:
+    """What a client sends when it does not use the option: unset, null, false, zero, empty,
+    one best_of, the plain text response format, or a tool choice of none."""
+    if value is None or value is False or value == 0 or value in ([], {}, ""):
+        return True
+    if name == "best_of":
+        return value == 1
+    if name == "response_format":
+        return isinstance(value, dict) and value.get("type") == "text"
+    if name in ("tool_choice", "function_call"):
+        return value == "none"
+    return False
 
 
 class CompletionRequest(_Sampling):
@@ -153,6 +198,8 @@ def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         param = ".".join(str(part) for part in err["loc"]) or None
+        if err["type"] == "unsupported":
+            raise bad_request(err["msg"], param=err["ctx"]["option"]) from None
         if err["type"] == "missing":
             message = f"'{param}' is required"
         else:
