@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 VENV="${UMEM_VENV:-$ROOT/.venv}"
-"$VENV/bin/ruff" check plugin tests tasks examples serving
+"$VENV/bin/ruff" check plugin tests tasks examples serving benchmarks
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 
 if [ "${UMEM_TEST_VLLM:-1}" = "1" ]; then
