@@ -102,10 +102,12 @@ class Harness:
         service_seconds: float | Callable[[str, str], float] = 1.0,
         fail: Callable[[Move], Failure | None] | None = None,
         auto_finish: bool = True,
+        backfill: bool = True,
     ) -> None:
         self.clock = FakeClock()
         self.events: list[Event] = []
-        self.sched = Scheduler(device_budget, host_budget, policy=policy, clock=self.clock, emit=self.events.append)
+        self.sched = Scheduler(device_budget, host_budget, policy=policy, clock=self.clock, emit=self.events.append,
+                               backfill=backfill)
         self.engines: dict[str, FakeEngine] = {}
         self.move_seconds = move_seconds
         self.service_seconds = service_seconds

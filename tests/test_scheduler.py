@@ -24,7 +24,7 @@ from clearml_umem.events import (
 from clearml_umem.policy import CostAwarePolicy, LRUPolicy
 from clearml_umem.scheduler import Dispatch, Move, Reject, Release, Scheduler, SchedulerError
 from clearml_umem.tiers import ALL_TIERS, Tier
-from tests.sched_harness import GB, Harness, footprints
+from tests.sched_harness import GB, Harness, default_move_seconds, footprints
 
 GPU, RAM, DISK, COLD = Tier.GPU, Tier.RAM, Tier.DISK, Tier.COLD
 GPU_COLD_ONLY = (GPU, COLD)
@@ -121,6 +121,43 @@ def test_draining_model_takes_no_new_requests_so_the_waiting_model_is_not_starve
     assert {h.events_of(RequestArrived)[i].tier for i in range(2, 7)} == {GPU}
     assert {h.dispatched[f"a{i + 2}"].served_from for i in range(5)} == {RAM}
     assert h.dispatched["a1"].served_from is COLD and h.dispatched["b1"].served_from is COLD
+
+
+def _backfill_run(small_gb: int, backfill: bool = True) -> Harness:
+    # a is busy for long, b is idle; c (10 GB) needs b's room; d arrives while b is being evicted
+    fps = {"a": footprints(8 * GB), "b": footprints(8 * GB), "c": footprints(10 * GB), "d": footprints(small_gb * GB)}
+    slow_eviction = {(GPU, RAM): 3.0}  # b's eviction takes 3 s: long enough to matter
+
+    def move_seconds(move: Move) -> float:
+        return slow_eviction.get((move.src, move.dst)) or default_move_seconds(move)
+
+    h = Harness(20 * GB, 100 * GB, fps, service_seconds=lambda m, r: 100.0 if r == "a1" else 1.0,
+                move_seconds=move_seconds, backfill=backfill)
+    request_at(h, 0, "a", "a1")
+    request_at(h, 0, "b", "b1")
+    request_at(h, 20, "c", "c1")
+    request_at(h, 20.1, "d", "d1")
+    h.run()
+    assert not h.unanswered()
+    return h
+
+
+def test_a_younger_model_loads_into_room_the_oldest_will_not_need() -> None:
+    h = _backfill_run(small_gb=1)
+    # b's eviction frees 8 GB of the 10 c needs; 4 GB are free, 2 of them c's: d (1 GB) loads at once
+    assert [(m.model, m.src, m.dst) for m in h.moves[2:5]] == [("b", GPU, RAM), ("d", COLD, GPU), ("c", COLD, GPU)]
+    assert h.dispatch_time["d1"] == pytest.approx(20.1 + 5)
+    assert h.dispatch_time["c1"] == pytest.approx(20 + 3 + 5), "the oldest request is not delayed"
+    strict = _backfill_run(small_gb=1, backfill=False)
+    assert strict.dispatch_time["c1"] == h.dispatch_time["c1"]
+    assert strict.dispatch_time["d1"] == pytest.approx(20 + 3 + 5), "in strict order d waits for c's room"
+
+
+def test_a_younger_model_does_not_take_the_room_the_oldest_needs() -> None:
+    h = _backfill_run(small_gb=3)
+    assert h.dispatch_time["c1"] == pytest.approx(20 + 3 + 5)
+    assert h.dispatch_time["d1"] >= h.dispatch_time["c1"], "d (3 GB) would have taken c's room"
+    assert h.dispatch_time["c1"] == _backfill_run(small_gb=3, backfill=False).dispatch_time["c1"]
 
 
 def test_drain_mark_is_dropped_when_the_room_is_no_longer_needed() -> None:

@@ -12,7 +12,8 @@ Rules it keeps:
 - a model that can never fit is refused at once, with the numbers;
 - requests wait in arrival order instead of evicting a busy model: a model chosen to
   make room stops taking new requests (it drains), so each swap serves everything queued
-  for the incoming model and swaps never outnumber what the arrival order implies;
+  for the incoming model and swaps never outnumber what the arrival order implies; a
+  younger model may load ahead only into room the oldest one will not need;
 - no request is dropped: each one is dispatched, or rejected with a reason.
 """
 
@@ -159,7 +160,10 @@ class Scheduler:
         policy: Policy | None = None,
         clock: Callable[[], float] | None = None,
         emit: Callable[[Event], None] | None = None,
+        backfill: bool = True,
     ) -> None:
+        """`backfill=False` keeps strict arrival order (nothing loads while an older request's
+        model waits for room): the old behaviour, kept for comparison in benchmarks."""
         if device_budget <= 0 or host_budget <= 0:
             raise SchedulerError(f"budgets must be positive (device {device_budget}, host {host_budget})")
         self.device_budget = device_budget
@@ -169,6 +173,7 @@ class Scheduler:
         self._emit = emit or (lambda event: None)
         self._models: dict[str, _Model] = {}
         self._seq = itertools.count()
+        self.backfill = backfill
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -361,26 +366,38 @@ class Scheduler:
     def _swap_in(self) -> list[Command]:
         """Bring waiting models to GPU in the order their oldest request arrived.
 
-        The first model that cannot get room yet blocks the ones behind it, so a stream of
-        small requests cannot starve a big model. A model retrying after running out of
-        device memory waits until the evictions made for it have ended.
+        The first model that cannot get room yet has room made for it; the ones behind it
+        may only load into room it will not need once the moves under way have ended
+        (backfill), so a stream of small requests cannot starve a big model, yet small
+        models do not queue behind a swap that leaves them room. A model retrying after
+        running out of device memory waits until the evictions made for it have ended.
         """
         wanting = [m for m in self._models.values()
                    if m.tier is not Tier.GPU and m.moving_to is None and not m.removing
                    and m.wants_gpu_since is not None]
         wanting.sort(key=lambda m: m.wants_gpu_since or (0.0, 0))
         cmds: list[Command] = []
+        reserved: tuple[int, int] | None = None
         for m in wanting:
             m.retry_after = {n for n in m.retry_after if n in self._models and self._models[n].moving_to is not None}
             if m.retry_after:
                 break
             need_device = m.fp(Tier.GPU).device_bytes - m.fp(m.tier).device_bytes
             need_host = m.fp(Tier.GPU).host_bytes - m.fp(m.tier).host_bytes
-            if self._fits(need_device, need_host):
-                cmds.append(self._start_move(m, Tier.GPU))
+            if reserved is None:
+                if self._fits(need_device, need_host):
+                    cmds.append(self._start_move(m, Tier.GPU))
+                    continue
+                cmds += self._make_room(m, need_device, need_host)
+                # what the first model still needs beyond what the moves under way will free
+                pending_device, pending_host = self._pending_frees()
+                reserved = (max(0, need_device - pending_device), max(0, need_host - pending_host))
                 continue
-            cmds += self._make_room(m, need_device, need_host)
-            break
+            if not self.backfill:
+                break
+            # a victim of the room just planned may be in this list: it is moving now
+            if m.moving_to is None and self._fits(need_device + reserved[0], max(need_host, 0) + reserved[1]):
+                cmds.append(self._start_move(m, Tier.GPU))
         return cmds
 
     def _placements(self) -> list[Command]:
