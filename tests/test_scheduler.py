@@ -123,7 +123,7 @@ def test_draining_model_takes_no_new_requests_so_the_waiting_model_is_not_starve
     assert h.dispatched["a1"].served_from is COLD and h.dispatched["b1"].served_from is COLD
 
 
-def _backfill_run(small_gb: int, backfill: bool = True) -> Harness:
+def _backfill_run(small_gb: int, backfill: bool = True, d_from: Tier = RAM) -> Harness:
     # a is busy for long, b is idle; c (10 GB) needs b's room; d arrives while b is being evicted
     fps = {"a": footprints(8 * GB), "b": footprints(8 * GB), "c": footprints(10 * GB), "d": footprints(small_gb * GB)}
     slow_eviction = {(GPU, RAM): 3.0}  # b's eviction takes 3 s: long enough to matter
@@ -133,8 +133,10 @@ def _backfill_run(small_gb: int, backfill: bool = True) -> Harness:
 
     h = Harness(20 * GB, 100 * GB, fps, service_seconds=lambda m, r: 100.0 if r == "a1" else 1.0,
                 move_seconds=move_seconds, backfill=backfill)
-    request_at(h, 0, "a", "a1")
-    request_at(h, 0, "b", "b1")
+    if d_from is not COLD:
+        h.place("d", d_from)
+    request_at(h, 1, "a", "a1")
+    request_at(h, 1, "b", "b1")
     request_at(h, 20, "c", "c1")
     request_at(h, 20.1, "d", "d1")
     h.run()
@@ -144,18 +146,26 @@ def _backfill_run(small_gb: int, backfill: bool = True) -> Harness:
 
 def test_a_younger_model_loads_into_room_the_oldest_will_not_need() -> None:
     h = _backfill_run(small_gb=1)
-    # b's eviction frees 8 GB of the 10 c needs; 4 GB are free, 2 of them c's: d (1 GB) loads at once
-    assert [(m.model, m.src, m.dst) for m in h.moves[2:5]] == [("b", GPU, RAM), ("d", COLD, GPU), ("c", COLD, GPU)]
-    assert h.dispatch_time["d1"] == pytest.approx(20.1 + 5)
+    # b's eviction frees 8 GB of the 10 c needs; 4 GB are free, 2 of them c's: d (1 GB, in RAM) loads at once
+    assert [(m.model, m.src, m.dst) for m in h.moves if m.dst is GPU or m.model == "b"][2:5] == [
+        ("b", GPU, RAM), ("d", RAM, GPU), ("c", COLD, GPU)]
+    assert h.dispatch_time["d1"] == pytest.approx(20.1 + 0.5)
     assert h.dispatch_time["c1"] == pytest.approx(20 + 3 + 5), "the oldest request is not delayed"
     strict = _backfill_run(small_gb=1, backfill=False)
     assert strict.dispatch_time["c1"] == h.dispatch_time["c1"]
-    assert strict.dispatch_time["d1"] == pytest.approx(20 + 3 + 5), "in strict order d waits for c's room"
+    assert strict.dispatch_time["d1"] == pytest.approx(20 + 3 + 0.5), "in strict order d waits for c's room"
+
+
+def test_a_younger_cold_model_does_not_start_its_engine_ahead() -> None:
+    h = _backfill_run(small_gb=1, d_from=COLD)
+    assert h.dispatch_time["c1"] == pytest.approx(20 + 3 + 5)
+    assert h.dispatch_time["d1"] == pytest.approx(20 + 3 + 5), "d starts with c, once c has its room"
 
 
 def test_a_younger_model_does_not_take_the_room_the_oldest_needs() -> None:
     h = _backfill_run(small_gb=3)
     assert h.dispatch_time["c1"] == pytest.approx(20 + 3 + 5)
+    assert [m.model for m in h.moves if m.dst is GPU].index("c") < [m.model for m in h.moves if m.dst is GPU].index("d")
     assert h.dispatch_time["d1"] >= h.dispatch_time["c1"], "d (3 GB) would have taken c's room"
     assert h.dispatch_time["c1"] == _backfill_run(small_gb=3, backfill=False).dispatch_time["c1"]
 

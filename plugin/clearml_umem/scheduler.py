@@ -367,9 +367,9 @@ class Scheduler:
         """Bring waiting models to GPU in the order their oldest request arrived.
 
         The first model that cannot get room yet has room made for it; the ones behind it
-        may only load into room it will not need once the moves under way have ended
-        (backfill), so a stream of small requests cannot starve a big model, yet small
-        models do not queue behind a swap that leaves them room. A model retrying after
+        may only load, from RAM or disk, into room it will not need once the moves under way
+        have ended (backfill), so a stream of small requests cannot starve a big model, yet
+        small models do not queue behind a swap that leaves them room. A model retrying after
         running out of device memory waits until the evictions made for it have ended.
         """
         wanting = [m for m in self._models.values()
@@ -395,8 +395,11 @@ class Scheduler:
                 continue
             if not self.backfill:
                 break
-            # a victim of the room just planned may be in this list: it is moving now
-            if m.moving_to is None and self._fits(need_device + reserved[0], max(need_host, 0) + reserved[1]):
+            # Not from cold: starting an engine is long and takes what the oldest model's own
+            # load may need (vLLM starts one engine at a time, the disk). A victim of the room
+            # just planned may be in this list: it is moving now.
+            if (m.moving_to is None and m.tier is not Tier.COLD
+                    and self._fits(need_device + reserved[0], max(need_host, 0) + reserved[1])):
                 cmds.append(self._start_move(m, Tier.GPU))
         return cmds
 
