@@ -6,7 +6,7 @@ and talks to the ClearML Logger; if that thread falls behind, the oldest events 
 dropped and counted rather than growing memory or blocking a request.
 
 Scalars (title / series):
-- `TTFT {model} (s)` / tier on arrival, and `TTFT by tier (s)` / tier: one point per request
+- `TTFT {model} (s)` / tier served from, and `TTFT by tier (s)` / tier: one point per request
 - `swap-in (s)`, `swap-in (GB/s)`, `swap-out (s)`, `swap-out (GB/s)` / `{model} {src}->{dst}`
 - `requests by tier on arrival` / tier, and `cache` / hits, misses, hit rate: cumulative
 - `memory (GB)` / device used, device budget, host used, host budget
