@@ -7,6 +7,7 @@ real models is covered by tests/test_router_integration.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import socket
@@ -405,7 +406,7 @@ def test_metrics_show_ttft_and_request_series(served: Served) -> None:
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "echo": true}', 400, "echo", "leave it unset"),
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "best_of": 3}', 400, "best_of", "not supported"),
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "presence_penalty": 0.5}', 400, "presence_penalty",
-         "0.5"),
+         "engine transformers"),
     ],
 )
 def test_bad_input_gets_openai_errors_and_server_keeps_serving(served: Served, path: str, body: bytes, status: int,
@@ -529,6 +530,24 @@ def test_unused_openai_options_at_their_defaults_pass(served: Served) -> None:
     comp = served.client().completions.create(model="alpha", prompt="hi", max_tokens=2, echo=False, best_of=1,
                                               logprobs=None, suffix=None)
     assert comp.choices[0].text
+
+
+def test_engine_specific_options_reach_the_engines_that_take_them() -> None:
+    vllm_engine = FakeEngine(dataclasses.replace(_spec("vee"), engine="vllm"))
+    serving = _serve(FakeRuntime({"vee": vllm_engine, "alpha": FakeEngine(_spec("alpha"))}), None)
+    served = next(serving)
+    try:
+        client = served.client()
+        out = client.completions.create(model="vee", prompt="hi", max_tokens=2, presence_penalty=0.5,
+                                        frequency_penalty=0, logit_bias={"7": -100})
+        assert out.choices[0].text
+        assert vllm_engine.last_request is not None
+        assert vllm_engine.last_request.options == {"presence_penalty": 0.5, "logit_bias": {"7": -100}}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="alpha", prompt="hi", max_tokens=2, presence_penalty=0.5)
+        assert info.value.param == "presence_penalty" and "models served by vllm take it" in info.value.message
+    finally:
+        serving.close()
 
 
 def test_openai_client_gets_a_bad_request_for_tools(served: Served) -> None:

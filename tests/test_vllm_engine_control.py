@@ -370,7 +370,8 @@ def test_generate_chat_and_completion(make_engine: Any) -> None:
         await engine.transition(Tier.COLD, Tier.GPU)
         chat = await collect(engine, GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                                        temperature=0.0, stop=["\n"], seed=7))
-        text = await collect(engine, GenerationRequest(prompt="hello", max_tokens=6))
+        text = await collect(engine, GenerationRequest(prompt="hello", max_tokens=6,
+                                                       options={"presence_penalty": 0.5, "logit_bias": {"7": -100}}))
         return chat, text
 
     chat, text = run(go())
@@ -386,6 +387,8 @@ def test_generate_chat_and_completion(make_engine: Any) -> None:
     assert body["model"] == "m0" and body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["messages"] == [{"role": "user", "content": "hi"}]
     assert (body["temperature"], body["stop"], body["seed"], body["max_tokens"]) == (0.0, ["\n"], 7, 4)
+    assert "presence_penalty" not in body
+    assert (text_call["body"]["presence_penalty"], text_call["body"]["logit_bias"]) == (0.5, {"7": -100})
     assert text_call["path"] == "/v1/completions" and text_call["body"]["prompt"] == "hello"
 
 

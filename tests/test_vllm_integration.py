@@ -196,7 +196,9 @@ def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, 
         a, b = names
         first_answer = ask(a)
         assert tiers() == {a: "gpu", b: "cold"}
-        comp = client.completions.create(model=b, prompt="Once upon a time", max_tokens=6, temperature=0)
+        # penalties pass through to vLLM (the router refuses them for transformers models)
+        comp = client.completions.create(model=b, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                         presence_penalty=0.5, frequency_penalty=0.2)
         assert comp.choices[0].text is not None and comp.usage and comp.usage.completion_tokens > 0
         engine_pids.update(p.pid for p in router.descendants())
         assert tiers() == {a: "cold", b: "gpu"}, "only one vLLM engine fits the device budget"

@@ -34,6 +34,13 @@ def _vllm(spec: ModelSpec, ctx: EngineContext) -> Engine:
 
 FACTORIES: dict[str, EngineFactory] = {"transformers": _transformers, "vllm": _vllm}
 
+SAMPLING_OPTIONS: dict[str, frozenset[str]] = {
+    "transformers": frozenset(),
+    "vllm": frozenset({"frequency_penalty", "presence_penalty", "logit_bias"}),
+}
+"""OpenAI options each engine honours beyond max_tokens, temperature, top_p, stop and seed.
+Only options that leave the answer's shape as it is: vLLM takes them as OpenAI does."""
+
 
 def create_engine(spec: ModelSpec, ctx: EngineContext) -> Engine:
     try:
@@ -52,6 +59,7 @@ __all__ = [
     "Footprint",
     "GenerationRequest",
     "InvalidRequest",
+    "SAMPLING_OPTIONS",
     "TransitionResult",
     "create_engine",
 ]

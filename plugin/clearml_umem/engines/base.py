@@ -38,6 +38,9 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """OpenAI sampling options this model's engine honours beyond the common ones
+    (`engines.SAMPLING_OPTIONS`), passed through as the client sent them."""
 
     @property
     def is_chat(self) -> bool:

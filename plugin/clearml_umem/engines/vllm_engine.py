@@ -704,6 +704,7 @@ class VLLMEngine:
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
+        body.update(request.options)
         if request.is_chat:
             body["messages"] = request.messages
             return "/v1/chat/completions", body

@@ -4,7 +4,8 @@ Validation happens here, before a request waits for its model: a bad field must 
 400 in microseconds, not a swap-in first. Unknown fields are ignored, as OpenAI-compatible
 servers do, so newer clients that send extra options keep working; but OpenAI options this
 router does not implement are refused when they ask for something (tools, logprobs, JSON
-mode...): ignoring them would hand the client an answer of another shape than it asked for.
+mode...): ignoring them would hand the client another answer than it asked for. Sampling
+options that only some engines honour (penalties, logit_bias with vLLM) pass to those.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from clearml_umem.engines import SAMPLING_OPTIONS
 from clearml_umem.engines.base import GenerationRequest
 from clearml_umem.router.errors import bad_request
 from clearml_umem.spec import ModelSpec
@@ -96,13 +98,29 @@ class _Sampling(_Body):
 
     @model_validator(mode="after")
     def _unsupported_options(self) -> _Sampling:
-        """The first option set to something this router cannot honour; defaults pass."""
+        """The first option set to something no engine here honours; defaults pass. Options some
+        engines honour are checked against the model's engine in `to_generation_request`."""
         for name in UNSUPPORTED_OPTIONS:
             value = getattr(self, name)
-            if not _is_default(name, value):
+            if name not in ENGINE_OPTIONS and not _is_default(name, value):
                 raise PydanticCustomError("unsupported", "'{option}' is not supported by this server (got {value}); "
                                           "leave it unset", {"option": name, "value": json.dumps(value)})
         return self
+
+    def engine_options(self, spec: ModelSpec) -> dict[str, Any]:
+        """The options set for this request that the model's engine takes; a 400 for the others."""
+        honoured = SAMPLING_OPTIONS.get(spec.engine, frozenset())
+        options: dict[str, Any] = {}
+        for name in sorted(ENGINE_OPTIONS):
+            value = getattr(self, name)
+            if _is_default(name, value):
+                continue
+            if name not in honoured:
+                engines = ", ".join(sorted(e for e, names in SAMPLING_OPTIONS.items() if name in names))
+                raise bad_request(f"'{name}' is not supported by model '{spec.name}' (engine {spec.engine}); "
+                                  f"models served by {engines} take it", param=name)
+            options[name] = value
+        return options
 
     @field_validator("n")
     @classmethod
@@ -134,6 +152,9 @@ class _Sampling(_Body):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+
+ENGINE_OPTIONS = frozenset().union(*SAMPLING_OPTIONS.values())
+"""Options some engines honour (see engines.SAMPLING_OPTIONS)."""
 
 UNSUPPORTED_OPTIONS = ("logprobs", "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty",
                        "response_format", "tools", "tool_choice", "functions", "function_call", "echo", "best_of",
@@ -233,6 +254,7 @@ def to_generation_request(body: CompletionRequest | ChatRequest, spec: ModelSpec
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "stop": body.stop_list(),
         "seed": body.seed,
+        "options": body.engine_options(spec),
     }
     if isinstance(body, ChatRequest):
         return GenerationRequest(messages=[{"role": m.role, "content": m.text()} for m in body.messages], **common)
