@@ -404,6 +404,8 @@ def test_metrics_show_ttft_and_request_series(served: Served) -> None:
         ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
          b'"logprobs": true, "top_logprobs": 2}', 400, "logprobs", "not supported"),
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "echo": true}', 400, "echo", "leave it unset"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], '
+         b'"tool_choice": "required"}', 400, "tool_choice", "not supported"),
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "best_of": 3}', 400, "best_of", "not supported"),
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "presence_penalty": 0.5}', 400, "presence_penalty",
          "engine transformers"),
@@ -525,7 +527,7 @@ def test_unused_openai_options_at_their_defaults_pass(served: Served) -> None:
     """Clients that always send these fields, at values that ask for nothing, keep working."""
     out = served.client().chat.completions.create(
         model="alpha", messages=CHAT, max_tokens=2, logprobs=False, frequency_penalty=0, presence_penalty=0.0,
-        response_format={"type": "text"}, tool_choice="none", tools=[], logit_bias={})
+        response_format={"type": "text"}, tool_choice="auto", tools=[], logit_bias={})
     assert out.choices[0].message.content
     comp = served.client().completions.create(model="alpha", prompt="hi", max_tokens=2, echo=False, best_of=1,
                                               logprobs=None, suffix=None)

@@ -163,7 +163,8 @@ UNSUPPORTED_OPTIONS = ("logprobs", "top_logprobs", "logit_bias", "frequency_pena
 
 def _is_default(name: str, value: Any) -> bool:
     """What a client sends when it does not use the option: unset, null, false, zero, empty,
-    one best_of, the plain text response format, or a tool choice of none."""
+    one best_of, the plain text response format, or a tool choice of none or auto (with no
+    tools, auto chooses none; tools themselves are refused)."""
     if value is None or value is False or value == 0 or value in ([], {}, ""):
         return True
     if name == "best_of":
@@ -171,7 +172,7 @@ def _is_default(name: str, value: Any) -> bool:
     if name == "response_format":
         return isinstance(value, dict) and value.get("type") == "text"
     if name in ("tool_choice", "function_call"):
-        return value == "none"
+        return value in ("none", "auto")
     return False
 
 
