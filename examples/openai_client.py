@@ -23,13 +23,15 @@ def main() -> None:
         start = time.perf_counter()
         first = None
         text = []
-        stream = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": args.prompt}],
-                                                max_tokens=32, stream=True)
-        for chunk in stream:
+        # the raw response carries the router's x-umem-served-from header: the tier the model came from
+        raw = client.chat.completions.with_raw_response.create(
+            model=model.id, messages=[{"role": "user", "content": args.prompt}], max_tokens=32, stream=True)
+        for chunk in raw.parse():
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.perf_counter() - start
                 text.append(chunk.choices[0].delta.content)
-        print(f"{model.id}: first token after {1000 * (first or 0):.0f} ms: {''.join(text)!r}")
+        tier = raw.headers.get("x-umem-served-from", "?")
+        print(f"{model.id} (from {tier}): first token after {1000 * (first or 0):.0f} ms: {''.join(text)!r}")
 
 
 if __name__ == "__main__":

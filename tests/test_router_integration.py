@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from clearml_umem.spec import spec_from_mapping
 from tests.routerproc import RouterProcess, start_room_for_one, start_router, wait_gone
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHAT = [{"role": "user", "content": "Tell me about tiers."}]
 
@@ -146,6 +150,15 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(served, body: byt
     assert error["type"]
     ok = _client(router).chat.completions.create(model=names[0], messages=CHAT, max_tokens=2, temperature=0)
     assert ok.choices[0].message.content
+
+
+def test_openai_client_example_runs_against_the_router(served) -> None:
+    router, names = served
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "openai_client.py"), "--base-url",
+                          router.url + "/v1"], capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = out.strip().splitlines()
+    assert sorted(line.split(" ")[0] for line in lines) == sorted(names)
+    assert all(re.search(r"\(from (gpu|ram|disk|cold)\): first token after \d+ ms: .+", line) for line in lines), out
 
 
 def test_openai_client_raises_typed_errors(served) -> None:
