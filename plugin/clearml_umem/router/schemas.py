@@ -82,26 +82,18 @@ class _Sampling(_Body):
     seed: int | None = None
     n: int | None = 1
     user: str | None = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    logit_bias: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    echo: Any = None
-    best_of: Any = None
-    suffix: Any = None
+    # kept, not dropped: the OpenAI options below are read from the extra fields
+    model_config = ConfigDict(extra="allow")
+
+    def _option(self, name: str) -> Any:
+        return (self.model_extra or {}).get(name)
 
     @model_validator(mode="after")
     def _unsupported_options(self) -> _Sampling:
         """The first option set to something no engine here honours; defaults pass. Options some
         engines honour are checked against the model's engine in `to_generation_request`."""
         for name in UNSUPPORTED_OPTIONS:
-            value = getattr(self, name)
+            value = self._option(name)
             if name not in ENGINE_OPTIONS and not _is_default(name, value):
                 raise PydanticCustomError("unsupported", "'{option}' is not supported by this server (got {value}); "
                                           "leave it unset", {"option": name, "value": json.dumps(value)})
@@ -112,7 +104,7 @@ class _Sampling(_Body):
         honoured = SAMPLING_OPTIONS.get(spec.engine, frozenset())
         options: dict[str, Any] = {}
         for name in sorted(ENGINE_OPTIONS):
-            value = getattr(self, name)
+            value = self._option(name)
             if _is_default(name, value):
                 continue
             if name not in honoured:
