@@ -10,6 +10,7 @@ and the engine keeps counting its defaults.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Collection
@@ -78,15 +79,7 @@ class NvmlProbe:
         return total if seen else None
 
 
-_default: NvmlProbe | None = None
-_default_made = False
-_default_lock = threading.Lock()
-
-
+@functools.cache
 def default_probe() -> NvmlProbe | None:
     """One NVML probe per process, made on first use."""
-    global _default, _default_made
-    with _default_lock:
-        if not _default_made:
-            _default, _default_made = NvmlProbe.create(), True
-        return _default
+    return NvmlProbe.create()

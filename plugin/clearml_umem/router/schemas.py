@@ -92,9 +92,9 @@ class _Sampling(_Body):
     def _unsupported_options(self) -> _Sampling:
         """The first option set to something no engine here honours; defaults pass. Options some
         engines honour are checked against the model's engine in `to_generation_request`."""
-        for name in UNSUPPORTED_OPTIONS:
+        for name in REFUSED_OPTIONS:
             value = self._option(name)
-            if name not in ENGINE_OPTIONS and not _is_default(name, value):
+            if not _is_default(name, value):
                 raise PydanticCustomError("unsupported", "'{option}' is not supported by this server (got {value}); "
                                           "leave it unset", {"option": name, "value": json.dumps(value)})
         return self
@@ -148,9 +148,9 @@ class _Sampling(_Body):
 ENGINE_OPTIONS = frozenset().union(*SAMPLING_OPTIONS.values())
 """Options some engines honour (see engines.SAMPLING_OPTIONS)."""
 
-UNSUPPORTED_OPTIONS = ("logprobs", "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty",
-                       "response_format", "tools", "tool_choice", "functions", "function_call", "echo", "best_of",
-                       "suffix")
+REFUSED_OPTIONS = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "functions",
+                   "function_call", "echo", "best_of", "suffix")
+"""OpenAI options no engine here honours."""
 
 
 def _is_default(name: str, value: Any) -> bool:
