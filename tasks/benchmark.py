@@ -3,8 +3,9 @@
 For each selected model, before every measured request the model is put in a tier with
 `POST /admin/models/{name}/place`: hot (GPU), after a swap from RAM, after an engine
 reload from disk, and from a cold start; each several times (median and spread).
-Host-to-device bandwidth is probed in the same run, so a swap's GB/s is reported as a
-share of what the link did that day rather than of a datasheet number.
+Host-to-device bandwidth is probed in the same run, with as many bytes as each model's
+weights, so a swap's GB/s is reported as a share of what the link did that day for that
+size rather than of a datasheet number.
 
 Recorded on the task as scalars, a table and a bar chart, and printed as Markdown.
 
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default="", help="comma-separated model names (default: all served)")
     parser.add_argument("--runs", type=int, default=3, help="measured requests per model and scenario")
     parser.add_argument("--max-tokens", type=int, default=4)
-    parser.add_argument("--probe-mb", type=int, default=256, help="bytes copied by the bandwidth probe, in MiB")
+    parser.add_argument("--probe-mb", type=int, default=0,
+                        help="bytes copied by the bandwidth probe, in MiB; 0 (default): one probe per model, "
+                             "of the model's own size")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     parser.add_argument("--task-project", default=TASK_PROJECT, help="project of this task (not a hyperparameter)")
     parser.add_argument("--task-name", default=TASK_NAME, help="name of this task (not a hyperparameter)")
@@ -60,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
         config = ServeConfig.from_mapping(serve_params).validate()
         result = run_benchmark(config, models=[m.strip() for m in str(bench["models"]).split(",") if m.strip()],
                                runs=int(bench["runs"]), max_tokens=int(bench["max_tokens"]),
-                               probe_bytes=int(bench["probe_mb"]) * 2**20, logger=task.get_logger())
+                               probe_bytes=int(bench["probe_mb"]) * 2**20 or None, logger=task.get_logger())
         print(result.markdown(), flush=True)
         if args.json:
             with open(args.json, "w") as fh:

@@ -144,7 +144,7 @@ def test_benchmark_report_records_table_plot_ratio_and_single_values(tmp_path: P
     session = OfflineSession.find(task_name="benchmark report", cache_dir=env["CLEARML_CACHE_DIR"])
     rows = {row[1]: row for row in session.table("benchmark")[1:]}
     assert rows["hot"][2:6] == [15.0, 10.0, 20.0, 2]
-    assert rows["from RAM"][6:] == [0.06, 4.5, 0.45]
+    assert rows["from RAM"][6:10] == [0.06, 4.5, 0.45, 10.0]
     assert rows["from disk"][2] == "n/a" and "409" in rows["from disk"][8]
     assert session.values("benchmark TTFT m (s)", "from RAM") == [0.1, 0.2]
     assert session.values("benchmark swap / probe", "m ram->gpu") == [0.5, 0.4]

@@ -47,9 +47,10 @@ async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Delt
     return "".join(d.text for d in deltas), deltas[-1], deltas
 
 
-def make_engine(weights: Path, device: str = "cpu", **spec: Any) -> TransformersEngine:
+def make_engine(weights: Path, device: str = "cpu", host_copy: str = "auto", **spec: Any) -> TransformersEngine:
     model_spec = spec_from_mapping({"name": weights.name, "weights": str(weights), **spec})
-    engine = create_engine(model_spec, EngineContext(work_dir=weights.parent, device=device))
+    context = EngineContext(work_dir=weights.parent, device=device, options={"host_copy": host_copy})
+    engine = create_engine(model_spec, context)
     assert isinstance(engine, TransformersEngine)
     return engine
 
@@ -78,9 +79,10 @@ def tied_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def engine(llama_dir: Path) -> Iterator[TransformersEngine]:
-    eng = make_engine(llama_dir)
+@pytest.fixture(params=["keep", "evict"])
+def engine(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[TransformersEngine]:
+    """Both ways of leaving the GPU: the host copy kept while hot, or copied on eviction."""
+    eng = make_engine(llama_dir, host_copy=request.param)
     run(eng.transition(Tier.COLD, Tier.GPU))
     yield eng
     run(eng.close())
@@ -108,7 +110,7 @@ def generation_threads() -> list[threading.Thread]:
 def test_load_describe_and_protocol(engine: TransformersEngine, llama_dir: Path) -> None:
     assert isinstance(engine, Engine)
     assert engine.tiers == frozenset(Tier)
-    assert engine.transits == {(Tier.COLD, Tier.DISK): Tier.RAM}
+    assert engine.transits == {}
     info = engine.describe()
     assert info["device"] == "cpu" and info["dtype"] == "bfloat16" and info["tier"] == "gpu"
     assert info["weights"] == str(llama_dir)
@@ -124,7 +126,8 @@ def test_footprint_known_before_loading(llama_dir: Path) -> None:
     exact = param_bytes(cold)
     assert estimate == cold.footprint(Tier.GPU)
     assert estimate.device_bytes == int(exact * (1 + ACTIVATION_MARGIN_FRACTION) + 0.999999)
-    assert estimate.host_bytes == 0
+    assert estimate.host_bytes == exact, "the kept host copy counts against the host budget"
+    assert make_engine(llama_dir, host_copy="evict").footprint(Tier.GPU) == Footprint(estimate.device_bytes, 0)
     assert cold.footprint(Tier.RAM) == Footprint(device_bytes=0, host_bytes=exact)
     assert cold.footprint(Tier.DISK) == Footprint() == cold.footprint(Tier.COLD)
     run(cold.close())
@@ -143,42 +146,69 @@ def test_footprint_known_before_loading(llama_dir: Path) -> None:
 ], ids=lambda p: "-".join(t.value for t in p))
 def test_greedy_answer_survives_round_trip(engine: TransformersEngine, baseline: str, path: tuple[Tier, ...]) -> None:
     expected_bytes = param_bytes(engine)
+    kept = engine.keep_host_copy
     for src, dst in itertools.pairwise(path):
         result = run(engine.transition(src, dst))
         assert engine.tier is dst
-        copies_weights = (src, dst) in {(Tier.GPU, Tier.RAM), (Tier.RAM, Tier.GPU), (Tier.DISK, Tier.GPU),
-                                        (Tier.DISK, Tier.RAM), (Tier.COLD, Tier.GPU), (Tier.COLD, Tier.RAM),
-                                        (Tier.COLD, Tier.DISK)}
+        copies_weights = dst in (Tier.GPU, Tier.RAM) and not (kept and (src, dst) == (Tier.GPU, Tier.RAM))
         assert result.bytes_moved == (expected_bytes if copies_weights else 0), (src, dst)
+        if (src, dst) == (Tier.GPU, Tier.RAM):
+            assert result.host_copy == ("kept" if kept else "copied")
+        assert (engine.host_buffer is not None) == (dst is Tier.RAM or dst is Tier.GPU and kept), (src, dst)
     text, last, _ = run(collect(engine, GREEDY))
     assert text == baseline
     assert last.finish_reason == "length"
 
 
+def test_hot_parameters_are_views_into_one_buffer(engine: TransformersEngine) -> None:
+    params = dict(engine.model.named_parameters())
+    storages = {p.untyped_storage().data_ptr() for p in params.values()}
+    assert len(storages) == 1, "one device buffer, so a swap is one copy"
+    base = min(p.data_ptr() for p in params.values())
+    assert all((p.data_ptr() - base) % 512 == 0 for p in params.values())
+
+
 def test_offload_to_ram_releases_device_storage(engine: TransformersEngine) -> None:
     params = dict(engine.model.named_parameters())
     before = {name: (p.data_ptr(), p.detach().clone()) for name, p in params.items()}
+    kept_buffer = engine.host_buffer
     result = run(engine.transition(Tier.GPU, Tier.RAM))
-    host = engine._host
-    assert host is not None and set(host) == set(params)
-    assert result.bytes_moved == sum(t.numel() * t.element_size() for t in host.values())
+    host = engine.host_buffer
+    assert host is not None and host.nbytes >= result.bytes_moved
+    assert (host is kept_buffer) == engine.keep_host_copy, "a kept copy is reused, not made again"
+    views = engine._layout.views(host.tensor)
+    assert set(views) == set(params)
     for name, p in params.items():
         assert p.numel() == 0, name
-        assert host[name].data_ptr() != before[name][0]
-        assert torch.equal(host[name], before[name][1])
+        assert torch.equal(views[name], before[name][1])
     buffers = dict(engine.model.named_buffers())
     assert buffers["model.rotary_emb.inv_freq"].numel() > 0
     run(engine.transition(Tier.RAM, Tier.GPU))
-    assert engine._host is None
+    assert (engine.host_buffer is host) == engine.keep_host_copy
     for name, p in params.items():
         assert torch.equal(p.data, before[name][1])
-        assert p.data_ptr() != host[name].data_ptr()
+        assert p.data_ptr() != views[name].data_ptr(), "the device copy is its own memory"
+
+
+def test_host_copy_mode_is_validated_and_auto_follows_the_budgets(llama_dir: Path) -> None:
+    from clearml_umem.engines.transformers_engine import keep_host_copy
+
+    def ctx(**kw: Any) -> EngineContext:
+        return EngineContext(work_dir=llama_dir.parent, **kw)
+
+    assert keep_host_copy(ctx())
+    assert keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=20))
+    assert not keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=19))
+    assert keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=1, options={"host_copy": "keep"}))
+    assert not keep_host_copy(ctx(options={"host_copy": "evict"}))
+    with pytest.raises(EngineError, match="host_copy must be one of auto, keep, evict"):
+        keep_host_copy(ctx(options={"host_copy": "sometimes"}))
 
 
 def test_disk_tier_keeps_skeleton_and_tokenizer_only(engine: TransformersEngine) -> None:
     run(engine.transition(Tier.GPU, Tier.RAM))
     run(engine.transition(Tier.RAM, Tier.DISK))
-    assert engine._host is None
+    assert engine.host_buffer is None
     assert all(p.numel() == 0 for p in engine.model.parameters())
     assert engine.describe()["tier"] == "disk"
     run(engine.transition(Tier.DISK, Tier.COLD))
@@ -397,7 +427,7 @@ def test_gpu_memory_is_released_and_restored(llama_dir: Path) -> None:
     run(eng.transition(Tier.GPU, Tier.RAM))
     warm = torch.cuda.memory_allocated()
     assert hot - warm >= weights * 0.99
-    assert all(t.is_pinned() for t in eng._host.values())
+    assert eng.host_buffer.pinned and eng.host_buffer.tensor.is_pinned()
     run(eng.transition(Tier.RAM, Tier.GPU))
     assert torch.cuda.memory_allocated() - warm >= weights * 0.99
     assert run(collect(eng, GREEDY))[0] == expected

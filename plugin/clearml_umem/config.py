@@ -17,6 +17,7 @@ from clearml_umem.memory import parse_size
 from clearml_umem.policy import POLICIES
 
 ENV_PREFIX = "UMEM_"
+HOST_COPY_MODES = ("auto", "keep", "evict")
 DEFAULT_WORK_DIR = "~/.cache/clearml-umem"
 
 
@@ -38,6 +39,9 @@ class ServeConfig:
     device_budget: str | None = None
     host_budget: str | None = None
     policy: str = "lru"
+    host_copy: str = "auto"
+    """Transformers models: keep the host copy of a hot model (swap-out frees device memory
+    only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
     work_dir: str = DEFAULT_WORK_DIR
     catalog_poll_seconds: float = 0.0
     vllm_python: str | None = None
@@ -72,6 +76,8 @@ class ServeConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.host_copy not in HOST_COPY_MODES:
+            raise ConfigError(f"host_copy must be one of {', '.join(HOST_COPY_MODES)}, got {self.host_copy!r}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("device_budget", "host_budget"):

@@ -83,6 +83,9 @@ class TransitionFinished(Event):
     dst: Tier
     seconds: float
     bytes_moved: int
+    host_copy: str | None = None
+    """Swap-outs of engines that keep a host copy while hot: 'kept' (only device memory was
+    freed, nothing crossed the link) or 'copied' (the weights were copied off the device)."""
 
     @property
     def direction(self) -> str:

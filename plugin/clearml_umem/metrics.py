@@ -90,6 +90,10 @@ class Metrics:
                                   ["model", "direction", "src", "dst"], registry=r)
         self.swap_gbps = Gauge("umem_swap_gbps", "Speed of the last tier move (GB/s)", ["model", "direction"],
                                registry=r)
+        self.swap_out_host_copy = Counter(
+            "umem_swap_out_host_copy", "Swap-outs by how the host copy was had: kept (made while hot, so only "
+            "device memory was freed) or copied (copied off the device on eviction)", ["model", "host_copy"],
+            registry=r)
         self.requests = Counter("umem_requests", "Requests by the model's tier on arrival; hit = it was on the GPU",
                                 ["model", "tier", "result"], registry=r)
         self.rejections = Counter("umem_request_rejections", "Requests the scheduler refused", ["model"],
@@ -141,7 +145,10 @@ class Metrics:
         labels = (e.model, e.direction, e.src.value, e.dst.value)
         self.swap_seconds.labels(*labels).observe(e.seconds)
         self.swap_bytes.labels(*labels).inc(max(0, e.bytes_moved))
-        self.swap_gbps.labels(e.model, e.direction).set(e.gbps)
+        if e.host_copy is not None:
+            self.swap_out_host_copy.labels(e.model, e.host_copy).inc()
+        if e.bytes_moved > 0:
+            self.swap_gbps.labels(e.model, e.direction).set(e.gbps)
         with self._lock:
             self._swaps[(e.model, e.direction)].add(e)
         self._set_tier(e.model, e.dst)

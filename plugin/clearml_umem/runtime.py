@@ -289,7 +289,7 @@ class Runtime:
             log.info("model %s: %s -> %s in %.3f s (%.1f MB)", cmd.model, cmd.src.value, cmd.dst.value, seconds,
                      result.bytes_moved / 1e6)
             self._apply(self.scheduler.transition_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
-                                                       footprints=result.footprints))
+                                                       footprints=result.footprints, host_copy=result.host_copy))
         async with self._changed:
             self._changed.notify_all()
 

@@ -263,8 +263,10 @@ class Scheduler:
         return self._pump()
 
     def transition_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int,
-                        footprints: Mapping[Tier, Footprint] | None = None) -> list[Command]:
-        """A move ended well; `footprints`, when given, replace the model's (its engine measured them).
+                        footprints: Mapping[Tier, Footprint] | None = None,
+                        host_copy: str | None = None) -> list[Command]:
+        """A move ended well; `footprints`, when given, replace the model's (its engine measured them);
+        `host_copy` says how a swap-out got its host copy ('kept' or 'copied'), for the metrics.
 
         Larger measured footprints can leave a budget overcommitted for a moment; the next
         load that needs room then evicts by the true numbers.
@@ -283,7 +285,7 @@ class Scheduler:
             if dst is Tier.GPU:
                 model.last_used = self._clock()
         self._emit(TransitionFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
-                                      bytes_moved=bytes_moved))
+                                      bytes_moved=bytes_moved, host_copy=host_copy))
         self._emit_memory()
         return self._pump()
 

@@ -67,9 +67,11 @@ class UnifiedMemoryServer:
         self.bus = EventBus()
         self.metrics = Metrics(self.bus)
         work = config.work_path
-        options = {"vllm_python": config.vllm_python} if config.vllm_python else {}
+        options: dict[str, object] = {"host_copy": config.host_copy}
+        if config.vllm_python:
+            options["vllm_python"] = config.vllm_python
         context = EngineContext(work_dir=work, device=config.device, device_budget_bytes=self.budgets.device_bytes,
-                                log_dir=work / "logs", options=options)
+                                host_budget_bytes=self.budgets.host_bytes, log_dir=work / "logs", options=options)
         self.runtime = Runtime(self.budgets.device_bytes, self.budgets.host_bytes, context,
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory)
         self.app = create_app(self.runtime, self.metrics, config.api_key)

@@ -5,7 +5,12 @@ pipeline step runs must be importable from the installed package, not from a scr
 
 Before every measured request the model is put in a tier with
 `POST /admin/models/{name}/place`, so each number is the cost of exactly one tier.
-TTFT is measured at the client (what users see); swaps come from the server's events.
+TTFT is measured at the client (what users see); swaps come from the server's events:
+swap-ins from the measured request, swap-outs from the placement to RAM before it.
+
+The bandwidth probe copies, by default, as many bytes as each model's weights, from the
+same kind of page-locked buffer the engine swaps from, so "swap / probe" compares like
+with like; `probe_bytes` gives one fixed-size probe for the whole run instead.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class ScenarioResult:
     swap_in_s: list[float] = field(default_factory=list)
     swap_in_gbps: list[float] = field(default_factory=list)
     skipped: str | None = None
+    swap_out_s: list[float] = field(default_factory=list)
+    host_copy: list[str] = field(default_factory=list)
+    """How each swap-out got its host copy: 'kept' (only device memory freed) or 'copied'."""
 
     @property
     def median_ms(self) -> float | None:
@@ -54,22 +62,33 @@ class BenchmarkResult:
     probe_path: str
     runs: int
     scenarios: list[ScenarioResult]
+    model_probe_gbps: dict[str, float] = field(default_factory=dict)
+    """A probe per model, of that model's size, when the run measured one; else `probe_gbps` applies."""
+    model_bytes: dict[str, int] = field(default_factory=dict)
+
+    def probe_for(self, model: str) -> float:
+        return self.model_probe_gbps.get(model, self.probe_gbps)
 
     def rows(self) -> list[list[Any]]:
         """Header plus one row per model x scenario: what the table, the Markdown and tests show."""
         rows: list[list[Any]] = [["model", "scenario", "TTFT median ms", "TTFT min ms", "TTFT max ms", "n",
-                                  "swap-in s", "swap-in GB/s", "swap / probe"]]
+                                  "swap-in s", "swap-in GB/s", "swap / probe", "probe GB/s", "swap-out s",
+                                  "host copy"]]
         for r in self.scenarios:
             if r.skipped:
-                rows.append([r.model, r.scenario, "n/a", "", "", 0, "", "", r.skipped])
+                rows.append([r.model, r.scenario, "n/a", "", "", 0, "", "", r.skipped, "", "", ""])
                 continue
             spread = r.spread_ms or (0.0, 0.0)
             swap_s = statistics.median(r.swap_in_s) if r.swap_in_s else None
             gbps = statistics.median(r.swap_in_gbps) if r.swap_in_gbps else None
+            probe = self.probe_for(r.model)
+            out_s = statistics.median(r.swap_out_s) if r.swap_out_s else None
             rows.append([r.model, r.scenario, round(r.median_ms or 0.0, 2), round(spread[0], 2), round(spread[1], 2),
                          len(r.ttft_s), "" if swap_s is None else round(swap_s, 4),
                          "" if gbps is None else round(gbps, 3),
-                         "" if gbps is None or self.probe_gbps <= 0 else round(gbps / self.probe_gbps, 3)])
+                         "" if gbps is None or probe <= 0 else round(gbps / probe, 3),
+                         "" if gbps is None else round(probe, 3),
+                         "" if out_s is None else round(out_s, 4), ",".join(sorted(set(r.host_copy)))])
         return rows
 
     def markdown(self) -> str:
@@ -77,26 +96,32 @@ class BenchmarkResult:
         lines = ["| " + " | ".join(str(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]]
         lines.append("")
-        lines.append(f"Host-to-device bandwidth probe ({self.probe_path}): {self.probe_gbps:.2f} GB/s, "
-                     f"{self.runs} runs per scenario.")
+        if self.model_probe_gbps:
+            probes = ", ".join(f"{m} {g:.2f} GB/s ({self.model_bytes.get(m, 0) / 1e9:.2f} GB)"
+                               for m, g in self.model_probe_gbps.items())
+            lines.append(f"Bandwidth probes ({self.probe_path}), each of the model's size: {probes}; "
+                         f"{self.runs} runs per scenario.")
+        else:
+            lines.append(f"Host-to-device bandwidth probe ({self.probe_path}): {self.probe_gbps:.2f} GB/s, "
+                         f"{self.runs} runs per scenario.")
         return "\n".join(lines)
 
 
 class SwapRecorder:
-    """Swap-ins seen on the server's event bus, so each measurement gets the move it caused."""
+    """Tier moves seen on the server's event bus, so each measurement gets the move it caused."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.events: list[TransitionFinished] = []
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, TransitionFinished) and event.direction == "in":
+        if isinstance(event, TransitionFinished):
             with self._lock:
                 self.events.append(event)
 
-    def since(self, index: int, model: str, src: Tier) -> list[TransitionFinished]:
+    def since(self, index: int, model: str, src: Tier, dst: Tier = Tier.GPU) -> list[TransitionFinished]:
         with self._lock:
-            return [e for e in self.events[index:] if e.model == model and e.src is src and e.dst is Tier.GPU]
+            return [e for e in self.events[index:] if e.model == model and e.src is src and e.dst is dst]
 
     def mark(self) -> int:
         with self._lock:
@@ -104,13 +129,18 @@ class SwapRecorder:
 
 
 def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int = 3, max_tokens: int = 4,
-                  probe_bytes: int = 256 * 2**20, logger: Any = None) -> BenchmarkResult:
-    """Serve `config` in this process, measure every scenario, report to `logger` when given."""
+                  probe_bytes: int | None = 256 * 2**20, logger: Any = None) -> BenchmarkResult:
+    """Serve `config` in this process, measure every scenario, report to `logger` when given.
+
+    `probe_bytes=None` probes once per model with as many bytes as its weights.
+    """
     from clearml_umem.bandwidth import probe_bandwidth
     from clearml_umem.server import UnifiedMemoryServer
 
-    probe = probe_bandwidth(config.device, probe_bytes)
-    log.info("bandwidth probe (%s): %.2f GB/s", probe.path, probe.gbps)
+    probe = None
+    if probe_bytes is not None:
+        probe = probe_bandwidth(config.device, probe_bytes)
+        log.info("bandwidth probe (%s): %.2f GB/s", probe.path, probe.gbps)
     server = UnifiedMemoryServer(config)
     recorder = SwapRecorder()
     server.bus.subscribe(recorder)
@@ -120,6 +150,8 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
 
         reporter = ClearMLReporter(logger, flush_period_s=0.5).attach(server.bus)
     results: list[ScenarioResult] = []
+    model_probes: dict[str, float] = {}
+    model_bytes: dict[str, int] = {}
     try:
         with server.run_in_thread() as url, open_client(url) as client:
             served = [m["id"] for m in client.get("/v1/models").raise_for_status().json()["data"]]
@@ -128,14 +160,25 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
             if missing:
                 raise ConfigError(f"models not served: {', '.join(missing)}; served: {', '.join(served)}")
             for model in selected:
+                if probe_bytes is None:
+                    size = _weight_bytes(client, model)
+                    probe = probe_bandwidth(config.device, size)
+                    model_probes[model], model_bytes[model] = probe.gbps, size
+                    log.info("%s: bandwidth probe of %.2f GB (%s): %.2f GB/s", model, size / 1e9, probe.path,
+                             probe.gbps)
                 for scenario, tier in SCENARIOS:
                     result = ScenarioResult(model, scenario, tier.value)
                     results.append(result)
                     for _ in range(runs):
+                        before_place = recorder.mark()
                         result.skipped = place(client, model, tier)
                         if result.skipped:
                             log.info("%s %s skipped: %s", model, scenario, result.skipped)
                             break
+                        for out in recorder.since(before_place, model, Tier.GPU, tier) if tier is Tier.RAM else []:
+                            result.swap_out_s.append(out.seconds)
+                            if out.host_copy:
+                                result.host_copy.append(out.host_copy)
                         mark = recorder.mark()
                         result.ttft_s.append(stream_ttft(client, model, max_tokens, PROMPT)[0])
                         for swap in recorder.since(mark, model, tier) if tier is not Tier.GPU else []:
@@ -147,23 +190,39 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
     finally:
         if reporter is not None:
             reporter.close()
-    outcome = BenchmarkResult(probe_gbps=probe.gbps, probe_path=probe.path, runs=runs, scenarios=results)
+    assert probe is not None or not results
+    outcome = BenchmarkResult(probe_gbps=probe.gbps if probe else 0.0, probe_path=probe.path if probe else "",
+                              runs=runs, scenarios=results, model_probe_gbps=model_probes, model_bytes=model_bytes)
     if logger is not None:
         report(outcome, logger)
     return outcome
 
 
+def _weight_bytes(client: Any, model: str) -> int:
+    """The model's weight bytes as its engine counts them (what a swap moves)."""
+    rows = client.get("/admin/models").raise_for_status().json()["data"]
+    row = next(r for r in rows if r["name"] == model)
+    return int(row["engine_details"].get("param_bytes") or row["size_bytes"])
+
+
 def report(result: BenchmarkResult, logger: Any) -> None:
     """Scalars per run, the table, a grouped bar chart and headline single values."""
-    logger.report_scalar("bandwidth probe (GB/s)", result.probe_path, result.probe_gbps, 0)
-    logger.report_single_value("bandwidth probe (GB/s)", result.probe_gbps)
+    if result.model_probe_gbps:
+        for model, gbps in result.model_probe_gbps.items():
+            logger.report_scalar("bandwidth probe (GB/s)", f"{model} ({result.probe_path})", gbps, 0)
+    else:
+        logger.report_scalar("bandwidth probe (GB/s)", result.probe_path, result.probe_gbps, 0)
+        logger.report_single_value("bandwidth probe (GB/s)", result.probe_gbps)
     for r in result.scenarios:
         for i, ttft in enumerate(r.ttft_s):
             logger.report_scalar(f"benchmark TTFT {r.model} (s)", r.scenario, ttft, i)
         for i, gbps in enumerate(r.swap_in_gbps):
             logger.report_scalar("benchmark swap-in (GB/s)", f"{r.model} {r.tier}->gpu", gbps, i)
-            if result.probe_gbps > 0:
-                logger.report_scalar("benchmark swap / probe", f"{r.model} {r.tier}->gpu", gbps / result.probe_gbps, i)
+            if result.probe_for(r.model) > 0:
+                logger.report_scalar("benchmark swap / probe", f"{r.model} {r.tier}->gpu",
+                                     gbps / result.probe_for(r.model), i)
+        for i, seconds in enumerate(r.swap_out_s):
+            logger.report_scalar("benchmark swap-out (s)", f"{r.model} gpu->{r.tier}", seconds, i)
         if r.median_ms is not None:
             logger.report_single_value(f"TTFT median {r.model} {r.scenario} (ms)", r.median_ms)
     logger.report_table("benchmark", "TTFT by model x scenario", iteration=0, table_plot=result.rows())

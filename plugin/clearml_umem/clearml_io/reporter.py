@@ -7,7 +7,8 @@ dropped and counted rather than growing memory or blocking a request.
 
 Scalars (title / series):
 - `TTFT {model} (s)` / tier served from, and `TTFT by tier (s)` / tier: one point per request
-- `swap-in (s)`, `swap-in (GB/s)`, `swap-out (s)`, `swap-out (GB/s)` / `{model} {src}->{dst}`
+- `swap-in (s)`, `swap-in (GB/s)`, `swap-out (s)`, `swap-out (GB/s)` / `{model} {src}->{dst}`; a
+  swap-out says how its host copy was had: `... gpu->ram (copy kept)` or `(copied)`
 - `requests by tier on arrival` / tier, and `cache` / hits, misses, hit rate: cumulative
 - `memory (GB)` / device used, device budget, host used, host budget
 - `throughput` / requests/s over each flush period
@@ -131,6 +132,8 @@ class ClearMLReporter:
         elif isinstance(event, TransitionFinished):
             seconds_title, gbps_title = swap_titles(event.direction)
             series = f"{event.model} {event.src.value}->{event.dst.value}"
+            if event.host_copy is not None:
+                series += " (copy kept)" if event.host_copy == "kept" else " (copied)"
             self._swaps[event.direction].append((event.seconds, event.gbps))
             self._scalar(seconds_title, series, event.seconds)
             if event.bytes_moved > 0 and event.seconds > 0:

@@ -67,6 +67,9 @@ class TransitionResult:
 
     bytes_moved: int
     footprints: Mapping[Tier, Footprint] | None = None
+    host_copy: str | None = None
+    """For a swap-out (GPU -> RAM): 'kept' when the host copy was already there and only device
+    memory was freed, 'copied' when the weights were copied off the device."""
 
 
 class EngineError(RuntimeError):
@@ -88,6 +91,7 @@ class EngineContext:
     work_dir: Path
     device: str = "auto"
     device_budget_bytes: int | None = None
+    host_budget_bytes: int | None = None
     log_dir: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -3,14 +3,18 @@
 This engine is what runs everywhere: on a CPU-only machine (tests, the demo) the "device"
 is the CPU and the tiers are logical, but every move still copies the real bytes, so the
 swap timings and byte counts the metrics report are honest. On a CUDA machine the same
-code frees device memory on the way out and copies back from pinned host memory.
+code frees device memory on the way out and copies back from page-locked host memory.
+
+The weights live in one flat buffer per place (`weight_store`): parameters are views into
+a single device buffer, and the host copy has the same layout, so a swap-in is one large
+copy at the speed of the link.
 
 Representation, per tier:
-- GPU: the module's parameters hold device tensors.
-- RAM: parameters hold empty device tensors; `_host` maps each parameter name to a host
-  copy (pinned when CUDA is present, so the copy back is a fast, asynchronous DMA).
-- DISK: parameters empty, no host copies; the module skeleton, its buffers and the
-  tokenizer stay, so a reload only reads the safetensors files back into the parameters.
+- GPU: the device buffer; with the host copy kept (the default when the host budget is
+  ample), the host buffer too, so that leaving the GPU only frees device memory.
+- RAM: the host buffer; parameters are empty.
+- DISK: neither buffer; the module skeleton, its buffers and the tokenizer stay, so a
+  reload only reads the safetensors files back.
 - COLD: nothing is held.
 
 Buffers never move: they are small, and some (rotary `inv_freq`) are computed at init and
@@ -56,6 +60,14 @@ from clearml_umem.engines.base import (
     InvalidRequest,
     TransitionResult,
 )
+from clearml_umem.engines.weight_store import (
+    CheckpointMismatch,
+    FlatLayout,
+    HostBuffer,
+    plan_reads,
+    read_checkpoint,
+)
+from clearml_umem.config import HOST_COPY_MODES
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
 from clearml_umem.tiers import ALL_TIERS, Tier
 
@@ -78,6 +90,49 @@ _CHECKPOINT_ITEMSIZE = {
 }
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
+
+
+def keep_host_copy(ctx: EngineContext) -> bool:
+    """Whether a hot model keeps its host copy, which makes its swap-out free.
+
+    `keep` and `evict` say so; `auto` keeps it when the host budget is at least twice the
+    device budget (or either is unknown): the copies of everything the device can hold then
+    take at most half of the host budget, and what they cost there the RAM tier would need
+    anyway the moment those models are evicted. With less host memory, copying on eviction
+    leaves the host budget to models in RAM.
+    """
+    mode = str(ctx.options.get("host_copy", "auto")).strip().lower()
+    if mode not in HOST_COPY_MODES:
+        raise EngineError(f"host_copy must be one of {', '.join(HOST_COPY_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "keep"
+    if ctx.device_budget_bytes is None or ctx.host_budget_bytes is None:
+        return True
+    return ctx.host_budget_bytes >= 2 * ctx.device_budget_bytes
+
+
+def _move_buffers(model: Any, device: torch.device) -> None:
+    """Buffers, and tensors modules keep as plain attributes (rotary `original_inv_freq`), to `device`."""
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.device != device:
+                setattr(module, name, value.to(device))
+
+
+def _materialize_parameters(model: Any, device: torch.device) -> None:
+    """Replace meta parameters by empty ones on `device`, keeping tied ones tied (one object each)."""
+    fresh: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in fresh:
+                fresh[id(param)] = torch.nn.Parameter(torch.empty(0, dtype=param.dtype, device=device),
+                                                      requires_grad=False)
+            module._parameters[name] = fresh[id(param)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -252,10 +307,11 @@ class TransformersEngine:
         self._model: Any = None
         self._tokenizer: Any = None
         self._params: dict[str, torch.nn.Parameter] = {}
-        self._shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
-        self._host: dict[str, torch.Tensor] | None = None
-        self._param_bytes: int | None = None
+        self._layout: FlatLayout | None = None
+        self._device_flat: torch.Tensor | None = None
+        self._host: HostBuffer | None = None
         self._estimated_bytes: int | None = None
+        self.keep_host_copy = keep_host_copy(ctx)
         self._transition_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._moving = False
@@ -269,8 +325,8 @@ class TransformersEngine:
 
     @property
     def transits(self) -> dict[tuple[Tier, Tier], Tier]:
-        """COLD -> DISK loads into host RAM first, to keep the skeleton and tokenizer (see `_plan`)."""
-        return {(Tier.COLD, Tier.DISK): Tier.RAM}
+        """Every move is direct: cold -> disk builds the skeleton without reading any weights."""
+        return {}
 
     @property
     def tier(self) -> Tier:
@@ -285,6 +341,11 @@ class TransformersEngine:
     def model(self) -> Any:
         """The live module (None when cold), for tests and diagnostics; do not move it behind the engine's back."""
         return self._model
+
+    @property
+    def host_buffer(self) -> HostBuffer | None:
+        """The host copy of the weights (RAM tier, or GPU tier when the copy is kept), for tests."""
+        return self._host
 
     def _load_dtype(self) -> torch.dtype:
         """`auto` keeps the checkpoint's precision: casting a bf16 model to fp32 would double every copy."""
@@ -303,8 +364,8 @@ class TransformersEngine:
     @property
     def weight_bytes(self) -> int:
         """Parameter bytes in the load dtype: exact once loaded, from the checkpoint headers before."""
-        if self._param_bytes is not None:
-            return self._param_bytes
+        if self._layout is not None:
+            return self._layout.param_bytes
         if self._estimated_bytes is None:
             self._estimated_bytes = self._estimate_weight_bytes()
         return self._estimated_bytes
@@ -324,9 +385,11 @@ class TransformersEngine:
         return total
 
     def footprint(self, tier: Tier) -> Footprint:
+        """While hot, the kept host copy counts against the host budget like a model in RAM."""
         weights = self.weight_bytes
         if tier is Tier.GPU:
-            return Footprint(device_bytes=math.ceil(weights * (1.0 + self._margin)), host_bytes=0)
+            return Footprint(device_bytes=math.ceil(weights * (1.0 + self._margin)),
+                             host_bytes=weights if self.keep_host_copy else 0)
         if tier is Tier.RAM:
             return Footprint(device_bytes=0, host_bytes=weights)
         return Footprint()
@@ -341,6 +404,8 @@ class TransformersEngine:
             "param_bytes": self.weight_bytes,
             "context_length": self.context_length,
             "pinned_host_memory": self._pin,
+            "host_copy": "kept while hot" if self.keep_host_copy else "copied on eviction",
+            "host_pinned_by": self._host.pinned_by if self._host is not None else None,
             "active_generations": self.active_generations,
         }
 
@@ -350,10 +415,9 @@ class TransformersEngine:
         src, dst = Tier(src), Tier(dst)
         if src == dst:
             raise EngineError(f"model {self.spec.name!r}: transition from {src} to itself")
-        moved = await asyncio.to_thread(self._transition_sync, src, dst)
-        return TransitionResult(bytes_moved=moved)
+        return await asyncio.to_thread(self._transition_sync, src, dst)
 
-    def _transition_sync(self, src: Tier, dst: Tier) -> int:
+    def _transition_sync(self, src: Tier, dst: Tier) -> TransitionResult:
         with self._transition_lock:
             with self._state_lock:
                 if self._tier is not src:
@@ -363,36 +427,55 @@ class TransformersEngine:
                                       " it cannot leave the device")
                 self._moving = True
             try:
-                moved = 0
-                for step_dst, step in self._plan(src, dst):
-                    moved += self._run_step(step)
-                    self._tier = step_dst
-                return moved
+                host_copy = None
+                if (src, dst) == (Tier.GPU, Tier.RAM):
+                    host_copy = "kept" if self._host is not None else "copied"
+                moved = self._run_step(lambda: self._move(src, dst))
+                self._tier = dst
+                return TransitionResult(bytes_moved=moved, host_copy=host_copy)
             finally:
                 with self._state_lock:
                     self._moving = False
 
-    def _plan(self, src: Tier, dst: Tier) -> list[tuple[Tier, Callable[[], int]]]:
-        """Direct steps where one exists; COLD->DISK goes through host RAM, never through the device.
+    def _move(self, src: Tier, dst: Tier) -> int:
+        """One move as a few steps on the three things a tier is made of.
 
-        Nothing that ends below GPU touches the device, so a demotion the scheduler
-        budgeted as "no device memory" never needs any.
+        The skeleton (module with empty parameters, buffers, tokenizer) exists in every tier
+        but cold; the host buffer in RAM, and on the GPU when the copy is kept; the device
+        buffer on the GPU only. Returns the bytes copied.
         """
         if dst is Tier.COLD:
-            return [(Tier.COLD, self._unload)]
-        direct: dict[tuple[Tier, Tier], Callable[[], int]] = {
-            (Tier.COLD, Tier.GPU): lambda: self._load(Tier.GPU),
-            (Tier.COLD, Tier.RAM): lambda: self._load(Tier.RAM),
-            (Tier.GPU, Tier.RAM): self._offload,
-            (Tier.RAM, Tier.GPU): self._onload,
-            (Tier.GPU, Tier.DISK): self._drop_device,
-            (Tier.RAM, Tier.DISK): self._drop_host,
-            (Tier.DISK, Tier.GPU): lambda: self._reload(Tier.GPU),
-            (Tier.DISK, Tier.RAM): lambda: self._reload(Tier.RAM),
-        }
-        if (src, dst) in direct:
-            return [(dst, direct[(src, dst)])]
-        return [(Tier.RAM, direct[(Tier.COLD, Tier.RAM)]), (Tier.DISK, self._drop_host)]
+            return self._unload()
+        try:
+            if src is Tier.COLD:
+                self._build_skeleton()
+            if dst is Tier.DISK:
+                self._release_device()
+                self._release_host()
+                return 0
+            if dst is Tier.RAM:
+                moved = 0
+                if self._host is None:
+                    moved = self._download() if src is Tier.GPU else self._read_host()
+                self._release_device()
+                return moved
+            # dst is GPU
+            if self._host is None and not self.keep_host_copy:
+                return self._read_device()
+            if self._host is None:
+                self._read_host()
+            moved = self._upload()
+            if not self.keep_host_copy:
+                self._release_host()
+            return moved
+        except BaseException:
+            if src is Tier.COLD:
+                self._unload()
+            elif dst is Tier.GPU:
+                self._release_device()
+                if src is not Tier.RAM:
+                    self._release_host()
+            raise
 
     def _run_step(self, step: Callable[[], int]) -> int:
         try:
@@ -405,151 +488,167 @@ class TransformersEngine:
         except Exception as exc:
             raise EngineError(f"model {self.spec.name!r}: {type(exc).__name__}: {exc}") from exc
 
-    def _empty(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(0, dtype=dtype, device=self.device)
+    def _build_skeleton(self) -> None:
+        """The module with its buffers on the device and parameters allocated nowhere yet.
+
+        Parameters start on the meta device (accelerate's `init_empty_weights`) while buffers
+        are computed for real, rotary `inv_freq` included, which is not in the checkpoint.
+        Checkpoints whose tensor names do not match the module's go through `from_pretrained`
+        instead, which knows every conversion; its weights then seed the host buffer.
+        """
+        tokenizer = AutoTokenizer.from_pretrained(self.weights)
+        files = checkpoint_files(self.weights)
+        model = self._empty_model()
+        if model is not None:
+            params = dict(model.named_parameters())
+            layout = FlatLayout.of({n: (p.shape, p.dtype) for n, p in params.items()})
+            try:
+                plan_reads(files, layout)
+            except CheckpointMismatch:
+                model = None
+        self._tokenizer = tokenizer
+        if model is None:
+            self._adopt_loaded(self._load_on_cpu())
+            return
+        _materialize_parameters(model, self.device)
+        self._adopt(model, layout)
+
+    def _empty_model(self) -> Any:
+        if importlib.util.find_spec("accelerate") is None or not checkpoint_files(self.weights):
+            return None
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        hf_logging.disable_progress_bar()
+        config = AutoConfig.from_pretrained(self.weights)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(self.weights)
+        if self.device.type != "cpu":
+            _move_buffers(model, self.device)
+        return model
+
+    def _adopt(self, model: Any, layout: FlatLayout) -> None:
+        """Remember the parameters by name; `named_parameters` dedups tied weights, so each is moved once."""
+        model.eval()
+        self._model = model
+        self._params = dict(model.named_parameters())
+        self._layout = layout
+        self._release_device()
+
+    def _adopt_loaded(self, model: Any) -> None:
+        """A module loaded by `from_pretrained` on the CPU: its weights become the host buffer."""
+        params = dict(model.named_parameters())
+        layout = FlatLayout.of({n: (p.shape, p.dtype) for n, p in params.items()})
+        host = self._host_from_module(model, layout)
+        if self.device.type != "cpu":
+            _move_buffers(model, self.device)
+        self._adopt(model, layout)
+        self._host = host
+
+    def _host_from_module(self, model: Any, layout: FlatLayout) -> HostBuffer:
+        params = dict(model.named_parameters())
+        host = HostBuffer(layout.total_bytes, self._pin)
+        for name, view in layout.views(host.tensor).items():
+            view.copy_(params[name].data)
+        return host
+
+    def _read_host(self) -> int:
+        """Checkpoint -> host buffer (the RAM tier's copy, or the staging of a load)."""
+        assert self._layout is not None
+        host = HostBuffer(self._layout.total_bytes, self._pin)
+        try:
+            read_checkpoint(checkpoint_files(self.weights), self._layout, host.tensor)
+        except CheckpointMismatch:
+            host.close()
+            host = self._host_from_module(self._load_on_cpu(), self._layout)
+        except BaseException:
+            host.close()
+            raise
+        self._host = host
+        return self._layout.param_bytes
+
+    def _read_device(self) -> int:
+        """Checkpoint -> device buffer one tensor at a time, for when no host copy may be held."""
+        assert self._layout is not None
+        files = checkpoint_files(self.weights)
+        try:
+            plan_reads(files, self._layout)
+        except CheckpointMismatch:
+            self._read_host()
+            moved = self._upload()
+            self._release_host()
+            return moved
+        from safetensors import safe_open
+
+        flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
+        views = self._layout.views(flat)
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    if name in views:
+                        views[name].copy_(fh.get_tensor(name).to(self._layout.slots[name].dtype))
+        self._synchronize()
+        self._attach(flat)
+        return self._layout.param_bytes
+
+    def _upload(self) -> int:
+        """Host buffer -> device buffer in one copy: the swap-in."""
+        assert self._layout is not None and self._host is not None
+        flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
+        flat.copy_(self._host.tensor, non_blocking=self._host.pinned)
+        self._synchronize()
+        self._attach(flat)
+        return self._layout.param_bytes
+
+    def _download(self) -> int:
+        """Device buffer -> a new host buffer: the swap-out when no copy was kept."""
+        assert self._layout is not None and self._device_flat is not None
+        host = HostBuffer(self._layout.total_bytes, self._pin)
+        host.tensor.copy_(self._device_flat, non_blocking=host.pinned)
+        self._synchronize()
+        self._host = host
+        return self._layout.param_bytes
+
+    def _attach(self, flat: torch.Tensor) -> None:
+        assert self._layout is not None
+        for name, view in self._layout.views(flat).items():
+            self._params[name].data = view
+        self._device_flat = flat
 
     def _release_device(self) -> None:
-        """Point every parameter at an empty tensor so the caching allocator can give the memory back."""
-        for name, param in self._params.items():
-            param.data = self._empty(self._shapes[name][1])
+        """Point every parameter at an empty tensor so the device buffer can be given back."""
+        for param in self._params.values():
+            param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+        self._device_flat = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _release_host(self) -> None:
+        if self._host is not None:
+            self._host.close()
+            self._host = None
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self._pin)
-        host.copy_(tensor, non_blocking=self._pin)
-        return host
-
-    def _adopt(self, model: Any) -> None:
-        """Remember the parameters by name; `named_parameters` dedups tied weights, so each is moved once."""
-        model.eval()
-        self._model = model
-        self._params = dict(model.named_parameters())
-        self._shapes = {name: (p.shape, p.dtype) for name, p in self._params.items()}
-        self._param_bytes = sum(p.numel() * p.element_size() for p in self._params.values())
-
-    def _from_pretrained(self, device: torch.device) -> Any:
-        """Load straight to `device` when accelerate is there (transformers needs it for `device_map`).
-
-        Without it the model is loaded in host RAM and copied over: slower and briefly
-        holding the weights twice, but correct, so accelerate stays optional.
-        """
+    def _load_on_cpu(self) -> Any:
         hf_logging.disable_progress_bar()
-        if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
-            return AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype, device_map={"": str(device)})
-        model = AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype)
-        return model.to(device) if device.type != "cpu" else model
-
-    def _load(self, target: Tier) -> int:
-        tokenizer = AutoTokenizer.from_pretrained(self.weights)
-        try:
-            model = self._from_pretrained(self.device if target is Tier.GPU else torch.device("cpu"))
-            self._adopt(model)
-            if target is Tier.RAM:
-                host = {name: self._host_copy(p.data) if self._pin else p.data for name, p in self._params.items()}
-                self._synchronize()
-                self._host = host
-                self._release_device()
-                model.to(self.device)
-        except BaseException:
-            self._unload()
-            raise
-        self._tokenizer = tokenizer
-        return self.weight_bytes
-
-    def _offload(self) -> int:
-        host = {name: self._host_copy(p.data) for name, p in self._params.items()}
-        self._synchronize()
-        self._host = host
-        self._release_device()
-        return sum(t.numel() * t.element_size() for t in host.values())
-
-    def _onload(self) -> int:
-        assert self._host is not None
-        moved = 0
-        try:
-            for name, param in self._params.items():
-                host = self._host[name]
-                # On CPU `.to` would alias the host tensor; clone so the copy (and its cost) is real.
-                param.data = host.to(self.device, non_blocking=True) if self._pin else host.clone()
-                moved += host.numel() * host.element_size()
-            self._synchronize()
-        except BaseException:
-            self._release_device()
-            raise
-        self._host = None
-        return moved
-
-    def _drop_device(self) -> int:
-        self._release_device()
-        return 0
-
-    def _drop_host(self) -> int:
-        self._host = None
-        return 0
-
-    def _reload(self, target: Tier) -> int:
-        """Read the checkpoint back into the kept skeleton: straight to the device, or into host RAM.
-
-        Checkpoints whose tensor names do not match the module's (renamed keys, .bin files)
-        go through `from_pretrained` instead, which knows every conversion.
-        """
-        device = self.device if target is Tier.GPU else torch.device("cpu")
-        files = checkpoint_files(self.weights)
-        names_on_disk = {name for path in files for name in read_safetensors_header(path)}
-        loaded: dict[str, torch.Tensor] = {}
-        try:
-            if files and set(self._params) <= names_on_disk:
-                from safetensors import safe_open
-
-                for path in files:
-                    with safe_open(str(path), framework="pt", device=str(device)) as fh:
-                        for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                            if name in self._params:
-                                loaded[name] = self._place(name, fh.get_tensor(name), target)
-            else:
-                fresh = self._from_pretrained(device)
-                for name, param in fresh.named_parameters():
-                    if name in self._params:
-                        loaded[name] = self._place(name, param.data, target)
-                del fresh
-            missing = set(self._params) - set(loaded)
-            if missing:
-                raise EngineError(f"model {self.spec.name!r}: checkpoint lacks {sorted(missing)[:5]}")
-            self._synchronize()
-        except BaseException:
-            loaded.clear()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise
-        if target is Tier.GPU:
-            for name, param in self._params.items():
-                param.data = loaded[name]
-        else:
-            self._host = loaded
-        return sum(t.numel() * t.element_size() for t in loaded.values())
-
-    def _place(self, name: str, tensor: torch.Tensor, target: Tier) -> torch.Tensor:
-        shape, dtype = self._shapes[name]
-        if tensor.shape != shape:
-            raise EngineError(f"model {self.spec.name!r}: {name} has shape {tuple(tensor.shape)} on disk,"
-                              f" {tuple(shape)} in the model")
-        tensor = tensor.to(dtype)
-        return self._host_copy(tensor) if target is Tier.RAM and self._pin else tensor
+        return AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype)
 
     def _unload(self) -> int:
+        self._release_host()
         self._model = None
         self._tokenizer = None
         self._params = {}
-        self._host = None
+        self._device_flat = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return 0
+
 
     # ------------------------------------------------------------- generation
 

@@ -1,0 +1,260 @@
+"""A model's weights as one flat buffer per place: one on the device, one in host RAM.
+
+Why flat: a swap is then one large copy instead of hundreds of small ones, and one
+allocation instead of hundreds, so it runs at the speed of the link. The module's
+parameters are views into the device buffer; the host buffer keeps the same layout, so
+moving between them is a single `copy_`.
+
+Why not torch's `pin_memory=True`: its caching host allocator rounds every request up to
+a power of two (a 17 GB model would pin 34 GB) and keeps freed blocks cached, so the host
+budget would be off by up to 2x. Here the host buffer is an ordinary allocation of the
+exact size, page-locked with `cudaHostRegister` and unlocked when it is closed.
+
+Reading a checkpoint goes straight from the safetensors file into the host buffer with
+positional reads on a few threads: one copy from the page cache, no intermediate tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT = 512
+"""Byte alignment of every parameter in a flat buffer: what CUDA's allocator gives a lone tensor,
+so kernels see the same alignment as with separately allocated parameters."""
+
+READ_THREADS = 8
+READ_CHUNK = 64 * 2**20
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one parameter lives in a flat buffer."""
+
+    offset: int
+    nbytes: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    slots: Mapping[str, Slot]
+    total_bytes: int
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of the parameters themselves, without alignment padding: what a swap moves."""
+        return sum(s.nbytes for s in self.slots.values())
+
+    @classmethod
+    def of(cls, params: Mapping[str, tuple[torch.Size, torch.dtype]]) -> FlatLayout:
+        slots: dict[str, Slot] = {}
+        offset = 0
+        for name, (shape, dtype) in params.items():
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            slots[name] = Slot(offset, nbytes, torch.Size(shape), dtype)
+            offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+        return cls(slots, max(offset, ALIGNMENT))
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each parameter as a typed view into `flat` (a uint8 buffer of `total_bytes`)."""
+        return {name: flat[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape) for name, s in self.slots.items()}
+
+
+class HostBuffer:
+    """An exact-size host allocation, page-locked when CUDA is in use so copies are DMA.
+
+    Falls back to torch's pinned allocator, then to pageable memory, where page-locking
+    is refused (a sandbox, a locked-memory limit); `pinned_by` says which happened.
+    """
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.nbytes = nbytes
+        self.pinned_by = "none"
+        self._registered = False
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        if not pin:
+            return
+        # Touching the pages first on all cores makes the registration below only lock them.
+        self.tensor.zero_()
+        code = _cuda_host_register(self.tensor.data_ptr(), nbytes)
+        if code == 0:
+            self._registered = True
+            self.pinned_by = "cudaHostRegister"
+            return
+        log.warning("cudaHostRegister of %.2f GB failed (error %s); using torch's pinned allocator",
+                    nbytes / 1e9, code)
+        try:
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.pinned_by = "torch pin_memory"
+        except RuntimeError as exc:
+            log.warning("pinned allocation of %.2f GB failed (%s); copies will be slower", nbytes / 1e9, exc)
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_by != "none"
+
+    def close(self) -> None:
+        """Give the memory back now (not when the garbage collector gets to it)."""
+        if self._registered:
+            _cuda_host_unregister(self.tensor.data_ptr())
+            self._registered = False
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        if self.pinned_by == "torch pin_memory":
+            # torch caches freed pinned blocks; the host budget counts them as given back
+            _host_empty_cache()
+        self.pinned_by = "none"
+
+    def __del__(self) -> None:
+        if self._registered:
+            _cuda_host_unregister(self.tensor.data_ptr())
+
+
+def _cuda_host_register(ptr: int, nbytes: int) -> int:
+    try:
+        result = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    except Exception as exc:  # noqa: BLE001 - no runtime binding: treat as refused
+        log.debug("cudaHostRegister unavailable: %s", exc)
+        return -1
+    return int(getattr(result, "value", result))
+
+
+def _cuda_host_unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # noqa: BLE001 - best effort at teardown
+        log.debug("cudaHostUnregister failed", exc_info=True)
+
+
+def _host_empty_cache() -> None:
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
+
+
+@dataclass(frozen=True)
+class _Piece:
+    path: Path
+    file_offset: int
+    nbytes: int
+    dest_offset: int
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not hold the model's parameters as raw tensors of the right shape."""
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor table of a safetensors file and where its data starts; bounded and validated,
+    since weights come from a registry and are untrusted."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise CheckpointMismatch(f"{path.name}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(size - 8, 100 * 2**20):
+            raise CheckpointMismatch(f"{path.name}: safetensors header of {length} bytes is implausible")
+        header = json.loads(fh.read(length))
+    if not isinstance(header, dict):
+        raise CheckpointMismatch(f"{path.name}: safetensors header is not a table")
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def plan_reads(files: Iterable[Path], layout: FlatLayout) -> tuple[list[_Piece], list[tuple[Path, str]]]:
+    """Byte ranges to copy verbatim, and the tensors that need a dtype conversion on the way.
+
+    Raises CheckpointMismatch when a parameter is missing or has another shape.
+    """
+    pieces: list[_Piece] = []
+    convert: list[tuple[Path, str]] = []
+    found: set[str] = set()
+    for path in files:
+        header, data_start = safetensors_header(path)
+        file_size = path.stat().st_size
+        for name, info in header.items():
+            slot = layout.slots.get(name)
+            if slot is None or name in found:
+                continue
+            shape = torch.Size(info.get("shape", []))
+            if shape != slot.shape:
+                raise CheckpointMismatch(f"{name} has shape {tuple(shape)} on disk, {tuple(slot.shape)} in the model")
+            begin, end = (int(x) for x in info.get("data_offsets", (0, -1)))
+            if not 0 <= begin <= end or data_start + end > file_size:
+                raise CheckpointMismatch(f"{path.name}: {name} lies outside the file")
+            found.add(name)
+            if _SAFETENSORS_DTYPES.get(info.get("dtype", "")) == slot.dtype and end - begin == slot.nbytes:
+                for start in range(0, slot.nbytes, READ_CHUNK):
+                    n = min(READ_CHUNK, slot.nbytes - start)
+                    pieces.append(_Piece(path, data_start + begin + start, n, slot.offset + start))
+            else:
+                convert.append((path, name))
+    missing = sorted(set(layout.slots) - found)
+    if missing:
+        raise CheckpointMismatch(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+    return pieces, convert
+
+
+def read_checkpoint(files: Iterable[Path], layout: FlatLayout, flat: torch.Tensor) -> int:
+    """Fill `flat` (host, uint8, `layout.total_bytes`) from safetensors files; returns the bytes read."""
+    pieces, convert = plan_reads(list(files), layout)
+    dest = flat.numpy()
+    handles: dict[Path, int] = {}
+    lock = threading.Lock()
+
+    def fd(path: Path) -> int:
+        with lock:
+            if path not in handles:
+                handles[path] = os.open(path, os.O_RDONLY)
+            return handles[path]
+
+    def read(piece: _Piece) -> None:
+        view = memoryview(dest[piece.dest_offset:piece.dest_offset + piece.nbytes])
+        done = 0
+        handle = fd(piece.path)
+        while done < piece.nbytes:
+            n = os.preadv(handle, [view[done:]], piece.file_offset + done)
+            if n <= 0:
+                raise CheckpointMismatch(f"{piece.path.name}: file ended early")
+            done += n
+
+    try:
+        if pieces:
+            with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pieces)),
+                                    thread_name_prefix="umem-read") as pool:
+                list(pool.map(read, pieces))
+    finally:
+        for handle in handles.values():
+            os.close(handle)
+    if convert:
+        from safetensors import safe_open
+
+        views = layout.views(flat)
+        by_file: dict[Path, list[str]] = {}
+        for path, name in convert:
+            by_file.setdefault(path, []).append(name)
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for name in names:
+                    views[name].copy_(fh.get_tensor(name).to(layout.slots[name].dtype))
+    return layout.param_bytes
