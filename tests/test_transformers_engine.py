@@ -417,14 +417,17 @@ def test_held_back_text_is_flushed_at_the_end(llama_dir: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_memory_is_released_and_restored(llama_dir: Path) -> None:
-    eng = make_engine(llama_dir, device="cuda")
+@pytest.mark.parametrize("host_copy", ["keep", "evict"])
+def test_gpu_memory_is_released_and_restored(llama_dir: Path, host_copy: str) -> None:
+    eng = make_engine(llama_dir, device="cuda", host_copy=host_copy)
     run(eng.transition(Tier.COLD, Tier.GPU))
     expected, _, _ = run(collect(eng, GREEDY))
     torch.cuda.synchronize()
     hot = torch.cuda.memory_allocated()
     weights = param_bytes(eng)
-    run(eng.transition(Tier.GPU, Tier.RAM))
+    assert (eng.host_buffer is not None) == (host_copy == "keep")
+    result = run(eng.transition(Tier.GPU, Tier.RAM))
+    assert result.host_copy == ("kept" if host_copy == "keep" else "copied")
     warm = torch.cuda.memory_allocated()
     assert hot - warm >= weights * 0.99
     assert eng.host_buffer.pinned and eng.host_buffer.tensor.is_pinned()
@@ -433,6 +436,28 @@ def test_gpu_memory_is_released_and_restored(llama_dir: Path) -> None:
     assert run(collect(eng, GREEDY))[0] == expected
     run(eng.transition(Tier.GPU, Tier.DISK))
     assert hot - torch.cuda.memory_allocated() >= weights * 0.99
+    assert eng.host_buffer is None
     run(eng.transition(Tier.DISK, Tier.GPU))
     assert run(collect(eng, GREEDY))[0] == expected
+    run(eng.transition(Tier.GPU, Tier.COLD))
+    run(eng.transition(Tier.COLD, Tier.RAM))
+    run(eng.transition(Tier.RAM, Tier.GPU))
+    assert run(collect(eng, GREEDY))[0] == expected
+    run(eng.close())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_greedy_answer_matches_across_every_round_trip(tied_sharded_dir: Path) -> None:
+    """Bit-identical greedy output on the GPU after each kind of move, for a tied, sharded checkpoint."""
+    eng = make_engine(tied_sharded_dir, device="cuda")
+    run(eng.transition(Tier.COLD, Tier.GPU))
+    expected, _, _ = run(collect(eng, GREEDY))
+    for path in [(Tier.GPU, Tier.RAM, Tier.GPU), (Tier.GPU, Tier.DISK, Tier.GPU), (Tier.GPU, Tier.DISK, Tier.RAM,
+                 Tier.GPU), (Tier.GPU, Tier.COLD, Tier.DISK, Tier.GPU)]:
+        for src, dst in itertools.pairwise(path):
+            run(eng.transition(src, dst))
+        assert run(collect(eng, GREEDY))[0] == expected, path
+    model = eng.model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     run(eng.close())

@@ -50,6 +50,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
+from clearml_umem.config import HOST_COPY_MODES
 from clearml_umem.engines.base import (
     Delta,
     EngineContext,
@@ -67,7 +68,6 @@ from clearml_umem.engines.weight_store import (
     plan_reads,
     read_checkpoint,
 )
-from clearml_umem.config import HOST_COPY_MODES
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
 from clearml_umem.tiers import ALL_TIERS, Tier
 

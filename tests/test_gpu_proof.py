@@ -1,0 +1,88 @@
+"""The GPU proof kit, run on the CPU with small shapes so it cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_proof_runs_end_to_end_through_its_script_and_reports_every_tier(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "UMEM_PROOF_TESTS": "0", "UMEM_PROOF_WHEELS": str(tmp_path),
+           "UMEM_PROOF_SITE": str(tmp_path / "site")}
+    proc = subprocess.run(["bash", "scripts/gpu-proof.sh", str(out), "--device", "cpu", "--runs", "2",
+                           "--work-dir", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["errors"] == []
+    assert [m["name"] for m in report["models"]] == ["cpu-llama", "cpu-qwen2"]
+    rows = report["rows"]
+    assert len(rows) == 1 + 2 * 4
+    for line in report["summary"]:
+        for key in ("hot_ms", "swap_ms", "reload_ms", "cold_ms", "swap_in_s", "swap_in_gbps", "probe_gbps",
+                    "swap_in_over_probe", "swap_out_ms"):
+            assert isinstance(line[key], (int, float)) and line[key] > 0, (line["model"], key, line[key])
+        assert line["host_copy"] == "kept"
+    assert report["device_budget_bytes"] > 0
+    md = (out / "report.md").read_text()
+    assert md.startswith("# GPU proof: CPU")
+    assert "| model | weights | hot | swap from RAM | reload from disk | cold start |" in md
+    assert not (tmp_path / "work").exists(), "generated models are removed unless --keep-models"
+
+
+def test_copy_on_eviction_is_reported_as_copied(tmp_path: Path) -> None:
+    from benchmarks.gpu_proof import main
+
+    assert main(["--out", str(tmp_path / "out"), "--device", "cpu", "--runs", "1", "--shapes", "cpu-qwen2",
+                 "--host-copy", "evict", "--work-dir", str(tmp_path / "work")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [s["host_copy"] for s in report["summary"]] == ["copied"]
+
+
+def test_bad_shape_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.gpu_proof import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--device", "cpu", "--shapes", "llama-9000"])
+    assert "unknown shape(s) llama-9000" in capsys.readouterr().err
+
+
+def test_real_shapes_have_their_published_sizes() -> None:
+    from benchmarks.gpu_proof import SHAPES
+
+    assert SHAPES["llama-3-8b"].parameters == 8_030_261_248
+    assert SHAPES["llama-3.2-1b"].parameters == 1_235_814_400
+    assert round(SHAPES["qwen2.5-32b"].parameters / 1e9, 1) == 32.8
+
+
+def test_what_the_proof_imports_is_on_the_gpu_machine_or_in_the_carried_wheels() -> None:
+    """The GPU machine has no network: anything the router needs beyond its image must be in the bundle."""
+    code = ("import sys, json, importlib.metadata as md; import clearml_umem.server, "
+            "clearml_umem.clearml_io.benchmark, benchmarks.gpu_proof; "
+            "dists = md.packages_distributions(); "
+            "print(json.dumps(sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'plugin'}"})
+    assert proc.returncode == 0, proc.stderr
+    imported = {_norm(d) for d in json.loads(proc.stdout)}
+    device = {_norm(line) for line in (ROOT / "benchmarks/device-packages.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    script = (ROOT / "scripts/gpu-wheels.sh").read_text()
+    carried = {_norm(n) for n in re.search(r"PACKAGES=\(([^)]*)\)", script).group(1).split()}
+    imported -= {"clearml-unified-memory"}
+    assert imported - device - carried == set()
+    assert not carried & {"torch", "nvidia-cublas", "triton"}, "no torch or CUDA libraries in the bundle"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
