@@ -197,8 +197,8 @@ def test_host_copy_mode_is_validated_and_auto_follows_the_budgets(llama_dir: Pat
         return EngineContext(work_dir=llama_dir.parent, **kw)
 
     assert keep_host_copy(ctx())
-    assert keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=20))
-    assert not keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=19))
+    assert keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=10))
+    assert not keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=9))
     assert keep_host_copy(ctx(device_budget_bytes=10, host_budget_bytes=1, options={"host_copy": "keep"}))
     assert not keep_host_copy(ctx(options={"host_copy": "evict"}))
     with pytest.raises(EngineError, match="host_copy must be one of auto, keep, evict"):

@@ -123,6 +123,11 @@ def test_host_buffer_is_page_locked_at_its_exact_size() -> None:
     assert int(on_device.sum()) == 5 * size
     buf.close()
     assert not buf.pinned
+    later = HostBuffer(size, pin=True)
+    later.close_in_background()
+    after = HostBuffer(size, pin=True)
+    assert later.tensor.numel() == 0 and not later.pinned, "a new buffer waits for released ones to be unlocked"
+    after.close()
 
 
 @pytest.mark.gpu

@@ -95,11 +95,11 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 def keep_host_copy(ctx: EngineContext) -> bool:
     """Whether a hot model keeps its host copy, which makes its swap-out free.
 
-    `keep` and `evict` say so; `auto` keeps it when the host budget is at least twice the
-    device budget (or either is unknown): the copies of everything the device can hold then
-    take at most half of the host budget, and what they cost there the RAM tier would need
-    anyway the moment those models are evicted. With less host memory, copying on eviction
-    leaves the host budget to models in RAM.
+    `keep` and `evict` say so; `auto` keeps it when the host budget is at least the device
+    budget (or either is unknown): the copies of everything the device can hold then fit in
+    host RAM, so no model is refused or evicted for its copy, and what they take there the
+    RAM tier would need anyway the moment those models are evicted. With less host memory
+    than device memory, copying on eviction leaves the host budget to models in RAM.
     """
     mode = str(ctx.options.get("host_copy", "auto")).strip().lower()
     if mode not in HOST_COPY_MODES:
@@ -108,7 +108,7 @@ def keep_host_copy(ctx: EngineContext) -> bool:
         return mode == "keep"
     if ctx.device_budget_bytes is None or ctx.host_budget_bytes is None:
         return True
-    return ctx.host_budget_bytes >= 2 * ctx.device_budget_bytes
+    return ctx.host_budget_bytes >= ctx.device_budget_bytes
 
 
 def _move_buffers(model: Any, device: torch.device) -> None:
@@ -627,7 +627,7 @@ class TransformersEngine:
 
     def _release_host(self) -> None:
         if self._host is not None:
-            self._host.close()
+            self._host.close_in_background()
             self._host = None
 
     def _synchronize(self) -> None:
