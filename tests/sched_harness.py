@@ -35,14 +35,16 @@ class FakeClock:
 
 
 def footprints(size: int, tiers: Iterable[Tier] = ALL_TIERS, overhead: int = 0,
-               device_overhead: int = 0) -> dict[Tier, Footprint]:
+               device_overhead: int = 0, kept_copy: bool = False) -> dict[Tier, Footprint]:
     """A model of `size` bytes: weights on the device when hot, in host RAM when warm.
 
     `overhead` is host memory its engine holds in every tier but cold (a process);
-    `device_overhead` is device memory a live engine keeps while asleep (a CUDA context).
+    `device_overhead` is device memory a live engine keeps while asleep (a CUDA context);
+    `kept_copy`: the host copy stays while hot (the transformers engine's default), so the
+    GPU tier holds the weights in host RAM too.
     """
     table = {
-        Tier.GPU: Footprint(size + device_overhead, overhead),
+        Tier.GPU: Footprint(size + device_overhead, overhead + (size if kept_copy else 0)),
         Tier.RAM: Footprint(device_overhead, size + overhead),
         Tier.DISK: Footprint(device_overhead, overhead),
         Tier.COLD: Footprint(0, 0),

@@ -548,6 +548,15 @@ class Scheduler:
                 if host_after >= 0:
                     break
                 host_after = self._plan_host_victim(plan, m, host_after)
+            # Last, victims whose colder tier still holds host memory (an engine process, the
+            # skeleton of a model on disk) go cold: without this, a model whose footprint fits
+            # only with every other one cold would wait forever.
+            for i, (m, dst) in enumerate(plan):
+                if host_after >= 0:
+                    break
+                if dst is not Tier.COLD and m.fp(dst).host_bytes > 0:
+                    host_after += m.fp(dst).host_bytes
+                    plan[i] = (m, Tier.COLD)
             if host_after < 0:
                 return []
         return self._issue(plan)
