@@ -147,3 +147,18 @@ def test_unsubscribe_stops_updates(bus: EventBus) -> None:
     metrics.unsubscribe()
     bus.emit(RequestArrived(model="a", t=0, request_id="r", tier=Tier.GPU))
     assert metrics.summary()["requests"] == {}
+
+
+def test_swap_outs_say_whether_the_host_copy_was_kept_or_copied(bus: EventBus) -> None:
+    metrics = Metrics(bus)
+    bus.emit(TransitionFinished(model="a", t=1, src=Tier.GPU, dst=Tier.RAM, seconds=0.5, bytes_moved=2_000_000_000,
+                                host_copy="copied"))
+    bus.emit(TransitionFinished(model="a", t=2, src=Tier.GPU, dst=Tier.RAM, seconds=0.004, bytes_moved=0,
+                                host_copy="kept"))
+    bus.emit(TransitionFinished(model="a", t=3, src=Tier.GPU, dst=Tier.RAM, seconds=0.003, bytes_moved=0,
+                                host_copy="kept"))
+    text = metrics.render().decode()
+    assert sample(text, "umem_swap_out_host_copy_total", model="a", host_copy="kept") == 2
+    assert sample(text, "umem_swap_out_host_copy_total", model="a", host_copy="copied") == 1
+    assert sample(text, "umem_swap_gbps", model="a", direction="out") == pytest.approx(4.0), \
+        "a kept copy moves nothing: the last copying swap-out's speed stays"
