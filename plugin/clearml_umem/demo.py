@@ -139,20 +139,22 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
         print(f"TTFT by tier (median of {rounds} rounds, streaming chat, measured by the client over HTTP)")
         header = f"{'model':14s} {'size':>8s} " + " ".join(f"{t.value + (' (hot)' if t is Tier.GPU else ''):>11s}"
                                                           for t in TIER_COLUMNS)
-        header += f" {'swap-in GB/s':>13s} {'swap-out GB/s':>14s} {'in / probe':>10s}"
+        header += f" {'swap-in GB/s':>13s} {'in / probe':>10s} {'swap-out':>11s} {'host copy':>9s}"
         print(header)
         print("-" * len(header))
         for s in specs_list:
             row = f"{s.name:14s} {s.size_bytes / 1e6:6.1f}MB " + " ".join(f"{_fmt_ms(ttfts[s.name][t]):>11s}"
                                                                          for t in TIER_COLUMNS)
             ins = [e.gbps for e in swaps[(s.name, "in")] if e.src is Tier.RAM]
-            outs = [e.gbps for e in swaps[(s.name, "out")] if e.dst is Tier.RAM]
+            outs = [e for e in swaps[(s.name, "out")] if e.src is Tier.GPU and e.dst is Tier.RAM]
             gin = statistics.median(ins) if ins else 0.0
-            gout = statistics.median(outs) if outs else 0.0
-            row += f" {gin:13.2f} {gout:14.2f} {gin / probe.gbps:10.2f}"
+            out_ms = _fmt_ms([e.seconds for e in outs])
+            copies = ",".join(sorted({e.host_copy for e in outs if e.host_copy})) or "-"
+            row += f" {gin:13.2f} {gin / probe.gbps:10.2f} {out_ms:>11s} {copies:>9s}"
             print(row)
         print()
-        print(f"bandwidth probe ({probe.path}): {probe.gbps:.2f} GB/s; swap-in GB/s counts RAM -> {device} moves only")
+        print(f"bandwidth probe ({probe.path}): {probe.gbps:.2f} GB/s; swap-in GB/s counts RAM -> {device} moves only;"
+              " swap-out is GPU -> RAM, median; host copy 'kept' = it stayed while hot, only device memory freed")
         swap_lines = [line for line in metrics_text.splitlines() if line.startswith("umem_swap_seconds_count")]
         print(f"/metrics reports {len(swap_lines)} swap series; e.g. {swap_lines[0] if swap_lines else '-'}")
         if keep_serving:
