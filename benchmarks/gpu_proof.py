@@ -205,6 +205,7 @@ def summarize(result: Any, models: list[dict[str, Any]]) -> list[dict[str, Any]]
         swap_in_s = statistics.median(ram.swap_in_s) if ram and ram.swap_in_s else None
         swap_in_gbps = statistics.median(ram.swap_in_gbps) if ram and ram.swap_in_gbps else None
         swap_out_s = statistics.median(ram.swap_out_s) if ram and ram.swap_out_s else None
+        swap_out_gbps = statistics.median(ram.swap_out_gbps) if ram and ram.swap_out_gbps else None
         probe = result.probe_for(name)
         ratio = swap_in_gbps / probe if swap_in_gbps and probe > 0 else None
         lines.append({
@@ -213,6 +214,7 @@ def summarize(result: Any, models: list[dict[str, Any]]) -> list[dict[str, Any]]
             "swap_in_s": swap_in_s, "swap_in_gbps": swap_in_gbps, "probe_gbps": probe,
             "swap_in_over_probe": None if ratio is None else round(ratio, 3),
             "swap_out_ms": None if swap_out_s is None else round(swap_out_s * 1000, 2),
+            "swap_out_gbps": swap_out_gbps,
             "host_copy": ",".join(sorted(set(ram.host_copy))) if ram else "",
             "swap_in_target_met": None if ratio is None or m["weight_bytes"] < 1e9 else ratio >= SWAP_IN_TARGET,
             "swap_out_target_met": None if swap_out_s is None else swap_out_s <= SWAP_OUT_TARGET_S,
@@ -241,7 +243,9 @@ def markdown(report: ProofReport) -> str:
         out.append(f"| {s['model']} | {s['size_gb']:.2f} GB | {f(s['hot_ms'], ' ms')} | {f(s['swap_ms'], ' ms')} | "
                    f"{f(s['reload_ms'], ' ms')} | {f(s['cold_ms'], ' ms')} | {f(s['swap_in_s'], ' s', 3)} at "
                    f"{f(s['swap_in_gbps'], ' GB/s', 1)} | {f(s['swap_in_over_probe'], '', 2)} of "
-                   f"{f(s['probe_gbps'], ' GB/s', 1)} | {f(s['swap_out_ms'], ' ms', 2)} ({s['host_copy'] or '?'}) |")
+                   f"{f(s['probe_gbps'], ' GB/s', 1)} | {f(s['swap_out_ms'], ' ms', 2)}"
+                   + (f" at {s['swap_out_gbps']:.1f} GB/s" if s.get("swap_out_gbps") else "")
+                   + f" ({s['host_copy'] or '?'}) |")
     out.append("")
     for s in report.summary:
         verdicts = []

@@ -47,6 +47,7 @@ def test_copy_on_eviction_is_reported_as_copied(tmp_path: Path) -> None:
                  "--host-copy", "evict", "--work-dir", str(tmp_path / "work")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [s["host_copy"] for s in report["summary"]] == ["copied"]
+    assert report["summary"][0]["swap_out_gbps"] > 0, "a copying swap-out has a speed"
 
 
 def test_bad_shape_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,6 +44,8 @@ class ScenarioResult:
     swap_in_gbps: list[float] = field(default_factory=list)
     skipped: str | None = None
     swap_out_s: list[float] = field(default_factory=list)
+    swap_out_gbps: list[float] = field(default_factory=list)
+    """Only swap-outs that copied the weights off the device; a kept copy moves nothing."""
     host_copy: list[str] = field(default_factory=list)
     """How each swap-out got its host copy: 'kept' (only device memory freed) or 'copied'."""
 
@@ -73,22 +75,24 @@ class BenchmarkResult:
         """Header plus one row per model x scenario: what the table, the Markdown and tests show."""
         rows: list[list[Any]] = [["model", "scenario", "TTFT median ms", "TTFT min ms", "TTFT max ms", "n",
                                   "swap-in s", "swap-in GB/s", "swap / probe", "probe GB/s", "swap-out s",
-                                  "host copy"]]
+                                  "swap-out GB/s", "host copy"]]
         for r in self.scenarios:
             if r.skipped:
-                rows.append([r.model, r.scenario, "n/a", "", "", 0, "", "", r.skipped, "", "", ""])
+                rows.append([r.model, r.scenario, "n/a", "", "", 0, "", "", r.skipped, "", "", "", ""])
                 continue
             spread = r.spread_ms or (0.0, 0.0)
             swap_s = statistics.median(r.swap_in_s) if r.swap_in_s else None
             gbps = statistics.median(r.swap_in_gbps) if r.swap_in_gbps else None
             probe = self.probe_for(r.model)
             out_s = statistics.median(r.swap_out_s) if r.swap_out_s else None
+            out_gbps = statistics.median(r.swap_out_gbps) if r.swap_out_gbps else None
             rows.append([r.model, r.scenario, round(r.median_ms or 0.0, 2), round(spread[0], 2), round(spread[1], 2),
                          len(r.ttft_s), "" if swap_s is None else round(swap_s, 4),
                          "" if gbps is None else round(gbps, 3),
                          "" if gbps is None or probe <= 0 else round(gbps / probe, 3),
                          "" if gbps is None else round(probe, 3),
-                         "" if out_s is None else round(out_s, 4), ",".join(sorted(set(r.host_copy)))])
+                         "" if out_s is None else round(out_s, 4), "" if out_gbps is None else round(out_gbps, 3),
+                         ",".join(sorted(set(r.host_copy)))])
         return rows
 
     def markdown(self) -> str:
@@ -177,6 +181,8 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
                             break
                         for out in recorder.since(before_place, model, Tier.GPU, tier) if tier is Tier.RAM else []:
                             result.swap_out_s.append(out.seconds)
+                            if out.bytes_moved > 0 and out.seconds > 0:
+                                result.swap_out_gbps.append(out.gbps)
                             if out.host_copy:
                                 result.host_copy.append(out.host_copy)
                         mark = recorder.mark()
