@@ -61,6 +61,7 @@ from clearml_umem.engines.base import (
     InvalidRequest,
     TransitionResult,
 )
+from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
     FlatLayout,
@@ -90,6 +91,10 @@ _CHECKPOINT_ITEMSIZE = {
 }
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
+
+
+MOVES: MoveTable[tuple[Tier, Tier]] = MoveTable({(a, b): (a, b) for a in ALL_TIERS for b in ALL_TIERS if a is not b})
+"""Every tier to every other in one step: `_move` builds any tier from the three parts it is made of."""
 
 
 def keep_host_copy(ctx: EngineContext) -> bool:
@@ -325,8 +330,8 @@ class TransformersEngine:
 
     @property
     def transits(self) -> dict[tuple[Tier, Tier], Tier]:
-        """Every move is direct: cold -> disk builds the skeleton without reading any weights."""
-        return {}
+        """From the move table: every move is one step (cold -> disk builds the skeleton only)."""
+        return MOVES.transits
 
     @property
     def tier(self) -> Tier:
@@ -430,8 +435,10 @@ class TransformersEngine:
                 host_copy = None
                 if (src, dst) == (Tier.GPU, Tier.RAM):
                     host_copy = "kept" if self._host is not None else "copied"
-                moved = self._run_step(lambda: self._move(src, dst))
-                self._tier = dst
+                moved = 0
+                for stop, step in MOVES.route(src, dst):
+                    moved += self._run_step(lambda step=step: self._move(*step))
+                    self._tier = stop
                 return TransitionResult(bytes_moved=moved, host_copy=host_copy)
             finally:
                 with self._state_lock:
