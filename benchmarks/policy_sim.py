@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.sched_harness import GB, Harness, footprints  # noqa: E402
 
+from clearml_umem.commands import Move  # noqa: E402
 from clearml_umem.policy import CostAwarePolicy, LRUPolicy, Policy  # noqa: E402
-from clearml_umem.scheduler import Move  # noqa: E402
 from clearml_umem.tiers import Tier  # noqa: E402
 
 MODELS_GB = {"qwen-0.5b": 1.0, "llama-1b": 2.5, "gemma-2b": 5.0, "qwen-3b": 6.2, "phi-3.8b": 7.6,

@@ -13,11 +13,11 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from clearml_umem.engines.base import Footprint
+from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
 from clearml_umem.events import Event
 from clearml_umem.policy import Policy
-from clearml_umem.scheduler import Command, Dispatch, Move, Reject, Release, Scheduler
-from clearml_umem.tiers import ALL_TIERS, Tier
+from clearml_umem.scheduler import Scheduler
+from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 
 GB = 1_000_000_000
 
@@ -143,18 +143,18 @@ class Harness:
     def request(self, model: str, request_id: str) -> list[Command]:
         assert request_id not in self.requests, f"duplicate request id {request_id}"
         self.requests[request_id] = model
-        return self._handle(self.sched.request(model, request_id))
+        return self._handle(self.sched.on_request(model, request_id))
 
     def cancel(self, model: str, request_id: str) -> list[Command]:
         self.cancelled.add(request_id)
-        return self._handle(self.sched.cancel(model, request_id))
+        return self._handle(self.sched.on_cancel(model, request_id))
 
     def finish(self, model: str, request_id: str) -> list[Command]:
         engine = self.engines[model]
         assert request_id in engine.in_flight, f"{request_id} is not running on {model}"
         engine.in_flight.discard(request_id)
         self.finished.add(request_id)
-        return self._handle(self.sched.finished(model, request_id))
+        return self._handle(self.sched.on_finished(model, request_id))
 
     def place(self, model: str, tier: Tier) -> list[Command]:
         return self._handle(self.sched.place(model, tier))
@@ -220,12 +220,12 @@ class Harness:
         if failure is not None:
             error, now_in, oom = failure
             engine.tier = now_in
-            return self._handle(self.sched.transition_failed(move.model, move.src, move.dst, error, now_in,
+            return self._handle(self.sched.on_move_failed(move.model, move.src, move.dst, error, now_in,
                                                              out_of_memory=oom))
         engine.tier = move.dst
         src_fp, dst_fp = engine.fps.get(move.src, Footprint()), engine.fps.get(move.dst, Footprint())
         moved = max(src_fp.device_bytes, dst_fp.device_bytes)
-        return self._handle(self.sched.transition_done(move.model, move.src, move.dst, seconds, moved))
+        return self._handle(self.sched.on_move_done(move.model, move.src, move.dst, seconds, moved))
 
     def _dispatch(self, cmd: Dispatch) -> None:
         engine = self.engines[cmd.model]

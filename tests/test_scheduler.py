@@ -11,7 +11,6 @@ import random
 
 import pytest
 
-from clearml_umem.engines.base import Footprint
 from clearml_umem.events import (
     MemorySnapshot,
     RequestArrived,
@@ -23,7 +22,7 @@ from clearml_umem.events import (
 )
 from clearml_umem.policy import CostAwarePolicy, LRUPolicy
 from clearml_umem.scheduler import Dispatch, Move, Reject, Release, Scheduler, SchedulerError
-from clearml_umem.tiers import ALL_TIERS, Tier
+from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 from tests.sched_harness import GB, Harness, default_move_seconds, footprints
 
 GPU, RAM, DISK, COLD = Tier.GPU, Tier.RAM, Tier.DISK, Tier.COLD
@@ -328,15 +327,15 @@ def test_measured_footprints_from_a_finished_move_replace_the_estimates() -> Non
     sched = Scheduler(8 * GB, 100 * GB, clock=lambda: clock[0])
     sched.add_model("a", footprints(4 * GB, device_overhead=GB // 2), ALL_TIERS)
     sched.add_model("b", footprints(6 * GB), ALL_TIERS)
-    assert sched.request("a", "a1") == [Move("a", COLD, GPU)]
-    assert [type(c) for c in sched.transition_done("a", COLD, GPU, 1.0, 4 * GB)] == [Dispatch]
-    sched.finished("a", "a1")
+    assert sched.on_request("a", "a1") == [Move("a", COLD, GPU)]
+    assert [type(c) for c in sched.on_move_done("a", COLD, GPU, 1.0, 4 * GB)] == [Dispatch]
+    sched.on_finished("a", "a1")
     sched.place("a", RAM)
     measured = {RAM: Footprint(3 * GB, 4 * GB), DISK: Footprint(3 * GB, 0)}
-    assert sched.transition_done("a", GPU, RAM, 0.5, 4 * GB, footprints=measured) == []
+    assert sched.on_move_done("a", GPU, RAM, 0.5, 4 * GB, footprints=measured) == []
     assert sched.device_used == 3 * GB and sched.state("a").device_bytes == 3 * GB
-    assert sched.request("b", "b1") == [Move("a", RAM, COLD)]
-    assert sched.transition_done("a", RAM, COLD, 0.1, 0) == [Move("b", COLD, GPU)]
+    assert sched.on_request("b", "b1") == [Move("a", RAM, COLD)]
+    assert sched.on_move_done("a", RAM, COLD, 0.1, 0) == [Move("b", COLD, GPU)]
     assert sched.state("a").tier is COLD and sched.device_used == 6 * GB
 
 
@@ -346,14 +345,14 @@ def test_a_move_through_the_gpu_reserves_the_gpu_footprint_while_it_runs() -> No
     sched = Scheduler(12 * GB, 100 * GB)
     sched.add_model("a", footprints(6 * GB, device_overhead=GB), ALL_TIERS, transits=via_gpu)
     sched.add_model("b", footprints(8 * GB), ALL_TIERS)
-    assert sched.request("b", "b1") == [Move("b", COLD, GPU)]
-    sched.transition_done("b", COLD, GPU, 1.0, 8 * GB)
-    sched.finished("b", "b1")
+    assert sched.on_request("b", "b1") == [Move("b", COLD, GPU)]
+    sched.on_move_done("b", COLD, GPU, 1.0, 8 * GB)
+    sched.on_finished("b", "b1")
     # a in RAM holds only 1 GB of device memory, but getting there takes its 7 GB awake footprint
     assert sched.place("a", RAM) == [Move("b", GPU, RAM)]
-    assert sched.transition_done("b", GPU, RAM, 0.5, 8 * GB) == [Move("a", COLD, RAM)]
+    assert sched.on_move_done("b", GPU, RAM, 0.5, 8 * GB) == [Move("a", COLD, RAM)]
     assert sched.device_used == 7 * GB
-    assert sched.transition_done("a", COLD, RAM, 3.0, 6 * GB) == []
+    assert sched.on_move_done("a", COLD, RAM, 3.0, 6 * GB) == []
     assert sched.device_used == GB and sched.state("a").tier is RAM
 
 
@@ -591,7 +590,7 @@ def test_remove_model_rejects_waiting_lets_in_flight_finish_then_releases() -> N
     assert "a" not in h.sched
     assert h.sched.state("b").tier is GPU and "b1" in h.dispatched
     with pytest.raises(SchedulerError, match="unknown model 'a'"):
-        h.sched.request("a", "a4")
+        h.sched.on_request("a", "a4")
 
 
 def test_remove_idle_cold_model_releases_at_once() -> None:
@@ -714,10 +713,10 @@ def test_failed_demotion_leaves_the_model_where_the_runtime_says() -> None:
 def test_unexpected_transition_report_is_an_error() -> None:
     h = Harness(10 * GB, 100 * GB, models("a"))
     with pytest.raises(SchedulerError, match="no move cold->gpu in progress"):
-        h.sched.transition_done("a", COLD, GPU, 1.0, 0)
+        h.sched.on_move_done("a", COLD, GPU, 1.0, 0)
     h.request("a", "a1")
     with pytest.raises(SchedulerError, match="no move cold->ram"):
-        h.sched.transition_failed("a", COLD, RAM, "x", COLD)
+        h.sched.on_move_failed("a", COLD, RAM, "x", COLD)
 
 
 # -- events -------------------------------------------------------------------------------
@@ -847,7 +846,7 @@ def test_constructor_and_registration_checks() -> None:
     with pytest.raises(SchedulerError, match="already registered"):
         s.add_model("x", footprints(GB), ALL_TIERS)
     with pytest.raises(SchedulerError, match="unknown model 'y'"):
-        s.request("y", "r")
+        s.on_request("y", "r")
     assert "x" in s and "y" not in s
     st = s.state("x")
     assert (st.tier, st.moving_to, st.in_flight, st.waiting, st.device_bytes, st.tiers) == (
@@ -868,7 +867,7 @@ def test_state_view_while_serving() -> None:
 
 def test_unknown_request_finish_is_harmless() -> None:
     h = Harness(10 * GB, 100 * GB, models("a"))
-    assert h.sched.finished("a", "never-seen") == []
+    assert h.sched.on_finished("a", "never-seen") == []
 
 
 def test_kept_host_copy_is_counted_while_hot_and_swap_out_needs_no_more_host() -> None:

@@ -8,6 +8,7 @@ embedded default (no ClearML server); the ClearML model repository is another ca
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,7 +79,11 @@ class ManifestCatalog:
 
 
 def write_manifest(path: Path, specs: list[ModelSpec]) -> None:
-    """Write a manifest that `ManifestCatalog` reads back to the same specs."""
+    """Write a manifest that `ManifestCatalog` reads back to the same specs.
+
+    Atomically (a temporary file renamed over it): a server polling the manifest must never
+    read half a file, which could parse as a shorter list and drain the models cut off.
+    """
     entries = []
     for s in specs:
         entry: dict[str, Any] = {"name": s.name, "weights": s.weights, "engine": s.engine, "dtype": s.dtype,
@@ -90,4 +95,6 @@ def write_manifest(path: Path, specs: list[ModelSpec]) -> None:
         if s.tags:
             entry["tags"] = list(s.tags)
         entries.append(entry)
-    path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
+    os.replace(tmp, path)

@@ -18,10 +18,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from clearml_umem.catalog import CatalogSnapshot
+from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
 from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, create_engine
 from clearml_umem.events import EventBus
 from clearml_umem.policy import Policy
-from clearml_umem.scheduler import Command, Dispatch, ModelState, Move, Reject, Release, Scheduler
+from clearml_umem.scheduler import ModelState, Scheduler
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import ALL_TIERS, Tier
 
@@ -207,21 +208,21 @@ class Runtime:
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = fut
         try:
-            self._apply(self.scheduler.request(model, request_id))
+            self._apply(self.scheduler.on_request(model, request_id))
             try:
                 dispatch = await fut
             except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self._apply(self.scheduler.finished(model, request_id))
+                    self._apply(self.scheduler.on_finished(model, request_id))
                 elif model in self.scheduler:
-                    self._apply(self.scheduler.cancel(model, request_id))
+                    self._apply(self.scheduler.on_cancel(model, request_id))
                 raise
         finally:
             self._waiters.pop(request_id, None)
         try:
             yield Lease(self._engines[model], dispatch.served_from, arrived)
         finally:
-            self._apply(self.scheduler.finished(model, request_id))
+            self._apply(self.scheduler.on_finished(model, request_id))
 
     async def place(self, model: str, tier: Tier) -> ModelState:
         """Move a model to `tier` (when it is idle) and wait until it is there."""
@@ -248,7 +249,7 @@ class Runtime:
                 if fut is not None and not fut.done():
                     fut.set_result(cmd)
                 else:
-                    self._apply(self.scheduler.finished(cmd.model, cmd.request_id))
+                    self._apply(self.scheduler.on_finished(cmd.model, cmd.request_id))
             elif isinstance(cmd, Reject):
                 fut = self._waiters.get(cmd.request_id)
                 if fut is not None and not fut.done():
@@ -274,7 +275,7 @@ class Runtime:
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)
             self._failures[cmd.model] = (self._clock(), str(exc))
-            self._apply(self.scheduler.transition_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
+            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
             log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
@@ -283,12 +284,12 @@ class Runtime:
                 await engine.close()
             except Exception:  # noqa: BLE001
                 log.exception("model %s: closing the engine after a failed move also failed", cmd.model)
-            self._apply(self.scheduler.transition_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
+            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
         else:
             seconds = self._clock() - started
             log.info("model %s: %s -> %s in %.3f s (%.1f MB)", cmd.model, cmd.src.value, cmd.dst.value, seconds,
                      result.bytes_moved / 1e6)
-            self._apply(self.scheduler.transition_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
+            self._apply(self.scheduler.on_move_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
                                                        footprints=result.footprints, host_copy=result.host_copy))
         async with self._changed:
             self._changed.notify_all()

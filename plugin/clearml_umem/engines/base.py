@@ -13,15 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from clearml_umem.spec import ModelSpec
-from clearml_umem.tiers import Tier
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Bytes a model holds on the compute device and in host RAM while in one tier."""
-
-    device_bytes: int = 0
-    host_bytes: int = 0
+from clearml_umem.tiers import Footprint, Tier
 
 
 @dataclass
