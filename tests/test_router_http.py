@@ -27,7 +27,7 @@ from clearml_umem.events import Event, EventBus, FirstToken, RequestArrived, Req
 from clearml_umem.metrics import Metrics
 from clearml_umem.router import create_app
 from clearml_umem.runtime import Lease, ModelNotFound, Rejected
-from clearml_umem.scheduler import SchedulerError
+from clearml_umem.scheduler import PlacementRefused
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import ALL_TIERS, Tier
 from tests.waiting import wait_until
@@ -143,7 +143,7 @@ class FakeRuntime:
         if model not in self.engines:
             raise ModelNotFound(model)
         if tier not in self.engines[model].tiers:
-            raise SchedulerError(f"model {model!r} cannot be put in tier {tier.value!r}")
+            raise PlacementRefused(f"model {model!r} cannot be put in tier {tier.value!r}")
         self.tiers[model] = tier
 
     def admin_view(self) -> list[dict[str, Any]]:

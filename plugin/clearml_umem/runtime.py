@@ -20,6 +20,7 @@ from typing import Any
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
 from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, create_engine
+from clearml_umem.errors import NotFound, ServingError
 from clearml_umem.events import EventBus
 from clearml_umem.policy import Policy
 from clearml_umem.scheduler import ModelState, Scheduler
@@ -31,21 +32,17 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
 
 
-class ModelNotFound(KeyError):
+class ModelNotFound(NotFound):
     def __init__(self, name: str) -> None:
-        super().__init__(name)
+        super().__init__(f"The model '{name}' does not exist; GET /v1/models lists the models served here.")
         self.name = name
 
-    def __str__(self) -> str:
-        return f"model {self.name!r} does not exist"
 
+class Rejected(ServingError):
+    """The scheduler or an engine refused a request or a placement, with the status it means."""
 
-class Rejected(Exception):
-    """The scheduler or an engine refused a request; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
+    def __init__(self, status: int, reason: str, code: str = "model_unavailable") -> None:
+        super().__init__(reason, status=status, code=code)
         self.reason = reason
 
 
@@ -237,7 +234,8 @@ class Runtime:
                     return st
                 failure = self._failures.get(model)
                 if failure and failure[0] >= since:
-                    raise Rejected(503, f"could not move model {model!r} to {tier.value}: {failure[1]}")
+                    raise Rejected(503, f"could not move model {model!r} to {tier.value}: {failure[1]}",
+                                   code="placement_failed")
                 await self._changed.wait()
 
     # -- carrying out commands ------------------------------------------------------------

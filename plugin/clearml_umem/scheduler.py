@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from clearml_umem import ledger
 from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
+from clearml_umem.errors import InvalidInput, NotFound
 from clearml_umem.events import (
     Event,
     MemorySnapshot,
@@ -43,11 +44,23 @@ from clearml_umem.planner import colder_for_host, demotion_target, plan_room
 from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 
-__all__ = ["Command", "Dispatch", "ModelState", "Move", "Reject", "Release", "Scheduler", "SchedulerError"]
+__all__ = ["Command", "Dispatch", "ModelState", "Move", "PlacementRefused", "Reject", "Release", "Scheduler",
+           "SchedulerError", "UnknownModel"]
 
 
 class SchedulerError(ValueError):
-    """A call the scheduler cannot accept (unknown model, tier the engine lacks...)."""
+    """A call the scheduler cannot accept (a budget that is not positive, a model registered twice...)."""
+
+
+class UnknownModel(SchedulerError, NotFound):
+    """A model the scheduler does not know."""
+
+
+class PlacementRefused(SchedulerError, InvalidInput):
+    """A placement that can never be done: a tier the engine lacks, or a footprint over the budgets."""
+
+    param = "tier"
+    code = "invalid_placement"
 
 
 @dataclass
@@ -208,24 +221,24 @@ class Scheduler:
     def place(self, name: str, tier: Tier) -> list[Command]:
         """Ask for a model to be moved to `tier` as soon as it is idle (admin, benchmark, pre-warm).
 
-        Raises SchedulerError for a tier its engine lacks or whose footprint exceeds a budget.
+        Raises PlacementRefused for a tier its engine lacks or whose footprint exceeds a budget.
         """
         model = self._get(name)
         if tier not in model.tiers:
             supported = ", ".join(t.value for t in ALL_TIERS if t in model.tiers)
-            raise SchedulerError(
+            raise PlacementRefused(
                 f"model {name!r} cannot be put in tier {tier.value!r}; its engine supports {supported}")
         if model.removing:
-            raise SchedulerError(f"model {name!r} is being removed")
+            raise PlacementRefused(f"model {name!r} is being removed")
         if tier is Tier.GPU:
             reason = self._never_fits(model)
             if reason:
-                raise SchedulerError(reason)
+                raise PlacementRefused(reason)
         fp = ledger.peak(model, tier) if model.moving_to is None else footprint(model, tier)
         if not self._ledger().within_budget(fp):
             via = model.transits.get((model.tier, tier)) if model.moving_to is None else None
             way = f" on its way to tier {tier.value!r} (through {via.value})" if via else f" in tier {tier.value!r}"
-            raise SchedulerError(
+            raise PlacementRefused(
                 f"model {name!r} needs {_gb(fp.device_bytes)} on the device and {_gb(fp.host_bytes)} of host "
                 f"memory{way}, over the budgets ({_gb(self.device_budget)} device, {_gb(self.host_budget)} host)")
         if model.tier is tier and model.moving_to is None:
@@ -497,7 +510,7 @@ class Scheduler:
         try:
             return self._models[name]
         except KeyError:
-            raise SchedulerError(f"unknown model {name!r}") from None
+            raise UnknownModel(f"unknown model {name!r}") from None
 
 
 def _gb(n: int) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from clearml_umem.errors import ServingError
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import Footprint, Tier
 
@@ -64,12 +65,18 @@ class TransitionResult:
     memory was freed, 'copied' when the weights were copied off the device."""
 
 
-class EngineError(RuntimeError):
-    """An engine failed in a way the router should report, not crash on."""
+class EngineError(ServingError, RuntimeError):
+    """An engine failed in a way the router should report, not crash on: a 503, a retry may work."""
+
+    status = 503
+    code = "engine_error"
 
 
 class InvalidRequest(EngineError):
     """The request cannot be served as asked (prompt plus max_tokens over the context...): a 400, not a 5xx."""
+
+    status = 400
+    code = None
 
 
 class EngineOutOfMemory(EngineError):

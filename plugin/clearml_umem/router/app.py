@@ -24,8 +24,6 @@ from clearml_umem.router.errors import APIError, bad_request, install_error_hand
 from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
-from clearml_umem.runtime import ModelNotFound, Rejected
-from clearml_umem.scheduler import SchedulerError
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
@@ -111,14 +109,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
             raise bad_request(f"Invalid value for 'tier': {raw!r}; expected one of {names}", param="tier") from None
         if not runtime.has_model(name):
             raise model_not_found(name)
-        try:
-            await runtime.place(name, tier)
-        except ModelNotFound:
-            raise model_not_found(name) from None
-        except SchedulerError as exc:
-            raise bad_request(str(exc), param="tier") from None
-        except Rejected as exc:
-            raise APIError(exc.status, exc.reason, code="placement_failed") from None
+        await runtime.place(name, tier)  # its errors say what they mean (router/errors.py maps them)
         row = next((r for r in runtime.admin_view() if r["name"] == name), None)
         if row is None:
             raise model_not_found(name)

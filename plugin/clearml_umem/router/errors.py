@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clearml_umem.errors import ServingError
+
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
@@ -56,6 +58,11 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def api_error(exc: ServingError) -> APIError:
+    """The one mapping from an error raised anywhere below the router to its response."""
+    return APIError(exc.status, exc.message, param=exc.param, code=exc.code)
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, code)
 
@@ -77,6 +84,10 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, APIError)
         return exc.response()
 
+    async def on_serving_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServingError)
+        return api_error(exc).response()
+
     async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         message = str(exc.detail) if exc.detail else "error"
@@ -88,5 +99,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", SERVER_ERROR).response()
 
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(ServingError, on_serving_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

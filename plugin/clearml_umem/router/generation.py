@@ -18,10 +18,11 @@ from typing import Any, Protocol, TypeVar
 import anyio
 from starlette.types import Receive
 
-from clearml_umem.engines.base import Delta, EngineError, GenerationRequest, InvalidRequest
+from clearml_umem.engines.base import Delta, GenerationRequest
+from clearml_umem.errors import ServingError
 from clearml_umem.events import EventBus, FirstToken, RequestFinished
-from clearml_umem.router.errors import APIError, bad_request, model_not_found
-from clearml_umem.runtime import Lease, ModelNotFound, Rejected
+from clearml_umem.router.errors import api_error
+from clearml_umem.runtime import Lease
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import Tier
 
@@ -48,12 +49,6 @@ class ServingRuntime(Protocol):
     def admin_view(self) -> list[dict[str, Any]]: ...
 
     def memory(self) -> Mapping[str, int]: ...
-
-
-def engine_error(exc: EngineError) -> APIError:
-    if isinstance(exc, InvalidRequest):
-        return bad_request(str(exc))
-    return APIError(503, str(exc) or type(exc).__name__, code="engine_error")
 
 
 class Generation:
@@ -84,10 +79,8 @@ class Generation:
         """
         try:
             lease = await self._stack.enter_async_context(self.runtime.lease(self.model, self.request_id))
-        except ModelNotFound:
-            raise model_not_found(self.model) from None
-        except Rejected as exc:
-            raise APIError(exc.status, exc.reason, code="model_unavailable") from None
+        except ServingError as exc:
+            raise api_error(exc) from None
         self.served_from = lease.served_from
         try:
             self._stream = lease.engine.generate(self.request)
@@ -103,8 +96,8 @@ class Generation:
         except StopAsyncIteration:
             self._exhausted = True
             return None
-        except EngineError as exc:
-            raise engine_error(exc) from exc
+        except ServingError as exc:
+            raise api_error(exc) from exc
 
     async def next_delta(self) -> Delta | None:
         """The next piece of the answer, None at its end; raises APIError when the engine fails."""
