@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 
 from clearml_umem import ledger
 from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
@@ -40,6 +39,7 @@ from clearml_umem.events import (
     TransitionStarted,
 )
 from clearml_umem.ledger import Ledger, footprint
+from clearml_umem.model_state import ModelRecord, ModelState, OomRetry, Waiting, Wish
 from clearml_umem.planner import colder_for_host, demotion_target, plan_room
 from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
@@ -63,80 +63,6 @@ class PlacementRefused(SchedulerError, InvalidInput):
     code = "invalid_placement"
 
 
-@dataclass
-class _Waiting:
-    request_id: str
-    arrived: float
-    served_from: Tier
-    seq: int
-
-
-@dataclass(frozen=True)
-class _Wish:
-    """An operator's placement, and when it was asked for (time, arrival sequence)."""
-
-    tier: Tier
-    since: tuple[float, int]
-
-
-@dataclass(frozen=True)
-class _OomRetry:
-    """A load to the GPU ran out of device memory once; it retries after these models' moves end."""
-
-    waiting_for: frozenset[str] = frozenset()
-
-
-@dataclass
-class _Model:
-    name: str
-    footprints: dict[Tier, Footprint]
-    tiers: frozenset[Tier]
-    transits: dict[tuple[Tier, Tier], Tier] = field(default_factory=dict)
-    tier: Tier = Tier.COLD
-    moving_to: Tier | None = None
-    in_flight: set[str] = field(default_factory=set)
-    waiting: deque[_Waiting] = field(default_factory=deque)
-    last_used: float = 0.0
-    uses: int = 0
-    wish: _Wish | None = None
-    removing: bool = False
-    oom_retry: _OomRetry | None = None
-    swap_in_seconds: dict[Tier, float] = field(default_factory=dict)
-
-    @property
-    def placement(self) -> Tier | None:
-        return self.wish.tier if self.wish is not None else None
-
-    @property
-    def idle(self) -> bool:
-        return not self.in_flight and not self.waiting and self.moving_to is None
-
-    @property
-    def wants_gpu_since(self) -> tuple[float, int] | None:
-        """(time, arrival sequence) of the oldest wish for GPU: the sequence breaks clock ties."""
-        times = [(w.arrived, w.seq) for w in self.waiting]
-        if self.wish is not None and self.wish.tier is Tier.GPU:
-            times.append(self.wish.since)
-        return min(times) if times else None
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """A read-only view for the admin page and the tests."""
-
-    name: str
-    tier: Tier
-    moving_to: Tier | None
-    in_flight: int
-    waiting: int
-    last_used: float
-    uses: int
-    draining: bool
-    device_bytes: int
-    host_bytes: int
-    tiers: frozenset[Tier]
-
-
 class Scheduler:
     def __init__(
         self,
@@ -156,7 +82,7 @@ class Scheduler:
         self.policy: Policy = policy or LRUPolicy()
         self._clock = clock or _monotonic
         self._emit = emit or (lambda event: None)
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ModelRecord] = {}
         self._draining: frozenset[str] = frozenset()
         self._seq = itertools.count()
         self.backfill = backfill
@@ -177,7 +103,7 @@ class Scheduler:
             model.removing = False
             model.footprints, model.tiers, model.transits = dict(footprints), tier_set, dict(transits or {})
             return
-        self._models[name] = _Model(name=name, footprints=dict(footprints), tiers=tier_set,
+        self._models[name] = ModelRecord(name=name, footprints=dict(footprints), tiers=tier_set,
                                     transits=dict(transits or {}))
 
     def remove_model(self, name: str) -> list[Command]:
@@ -203,7 +129,7 @@ class Scheduler:
         reason = self._never_fits(model)
         if reason:
             return [self._reject(model, request_id, reason, 503)]
-        model.waiting.append(_Waiting(request_id, now, arrival_tier, next(self._seq)))
+        model.waiting.append(Waiting(request_id, now, arrival_tier, next(self._seq)))
         return self._pump()
 
     def on_cancel(self, name: str, request_id: str) -> list[Command]:
@@ -244,7 +170,7 @@ class Scheduler:
         if model.tier is tier and model.moving_to is None:
             model.wish = None
             return []
-        model.wish = _Wish(tier, (self._clock(), next(self._seq)))
+        model.wish = Wish(tier, (self._clock(), next(self._seq)))
         return self._pump()
 
     def on_move_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int,
@@ -289,7 +215,7 @@ class Scheduler:
         cmds: list[Command] = []
         if dst is Tier.GPU and out_of_memory and model.oom_retry is None:
             cmds += self._evict_all_idle(except_for=name)
-            model.oom_retry = _OomRetry(frozenset(c.model for c in cmds if isinstance(c, Move)))
+            model.oom_retry = OomRetry(frozenset(c.model for c in cmds if isinstance(c, Move)))
             return cmds + self._pump()
         if model.placement is dst:
             model.wish = None
@@ -376,7 +302,7 @@ class Scheduler:
         reserved: Footprint | None = None
         for m in wanting:
             if m.oom_retry is not None:
-                m.oom_retry = _OomRetry(frozenset(n for n in m.oom_retry.waiting_for
+                m.oom_retry = OomRetry(frozenset(n for n in m.oom_retry.waiting_for
                                                   if n in self._models and self._models[n].moving_to is not None))
                 if m.oom_retry.waiting_for:
                     break
@@ -435,7 +361,7 @@ class Scheduler:
 
     # -- making room ----------------------------------------------------------------------
 
-    def _make_room(self, incoming: _Model, need: Footprint) -> tuple[list[Command], frozenset[str]]:
+    def _make_room(self, incoming: ModelRecord, need: Footprint) -> tuple[list[Command], frozenset[str]]:
         """Plan the demotions that let `incoming` fit and start the ones that can start now.
 
         Busy victims drain. A demotion to RAM needs host room at once, which a move to disk
@@ -463,7 +389,7 @@ class Scheduler:
             cmds.append(self._start_move(m, dst))
         return cmds
 
-    def _never_fits(self, model: _Model) -> str | None:
+    def _never_fits(self, model: ModelRecord) -> str | None:
         fp = footprint(model, Tier.GPU)
         if fp.device_bytes > self.device_budget:
             return (f"model {model.name!r} needs {_gb(fp.device_bytes)} on the device but the device budget is "
@@ -478,7 +404,7 @@ class Scheduler:
     def _ledger(self) -> Ledger:
         return Ledger.of(Footprint(self.device_budget, self.host_budget), self._models.values())
 
-    def _start_move(self, m: _Model, dst: Tier) -> Move:
+    def _start_move(self, m: ModelRecord, dst: Tier) -> Move:
         src = m.tier
         m.moving_to = dst
         if dst is Tier.GPU:
@@ -491,7 +417,7 @@ class Scheduler:
         self._emit_memory()
         return Move(m.name, src, dst)
 
-    def _reject(self, m: _Model, request_id: str, reason: str, status: int) -> Reject:
+    def _reject(self, m: ModelRecord, request_id: str, reason: str, status: int) -> Reject:
         self._emit(RequestRejected(model=m.name, t=self._clock(), request_id=request_id, reason=reason))
         return Reject(m.name, request_id, reason, status)
 
@@ -501,12 +427,12 @@ class Scheduler:
                                   device_budget=self.device_budget, host_used=used.host_bytes,
                                   host_budget=self.host_budget))
 
-    def _check_move(self, m: _Model, src: Tier, dst: Tier) -> None:
+    def _check_move(self, m: ModelRecord, src: Tier, dst: Tier) -> None:
         if m.tier is not src or m.moving_to is not dst:
             raise SchedulerError(f"model {m.name!r}: no move {src.value}->{dst.value} in progress "
                                  f"(state {m.tier.value}->{m.moving_to.value if m.moving_to else '-'})")
 
-    def _get(self, name: str) -> _Model:
+    def _get(self, name: str) -> ModelRecord:
         try:
             return self._models[name]
         except KeyError:

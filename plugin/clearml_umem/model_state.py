@@ -1,0 +1,87 @@
+"""What the scheduler knows about each model, grouped into small values.
+
+`ModelRecord` is the scheduler's own, mutable record; `ModelState` the read-only view it
+hands out. An operator's placement is a `Wish`, an out-of-memory retry an `OomRetry`:
+values that are there or not, instead of flags whose meaning depends on each other.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from clearml_umem.tiers import Footprint, Tier
+
+
+@dataclass
+class Waiting:
+    request_id: str
+    arrived: float
+    served_from: Tier
+    seq: int
+
+
+@dataclass(frozen=True)
+class Wish:
+    """An operator's placement, and when it was asked for (time, arrival sequence)."""
+
+    tier: Tier
+    since: tuple[float, int]
+
+
+@dataclass(frozen=True)
+class OomRetry:
+    """A load to the GPU ran out of device memory once; it retries after these models' moves end."""
+
+    waiting_for: frozenset[str] = frozenset()
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    footprints: dict[Tier, Footprint]
+    tiers: frozenset[Tier]
+    transits: dict[tuple[Tier, Tier], Tier] = field(default_factory=dict)
+    tier: Tier = Tier.COLD
+    moving_to: Tier | None = None
+    in_flight: set[str] = field(default_factory=set)
+    waiting: deque[Waiting] = field(default_factory=deque)
+    last_used: float = 0.0
+    uses: int = 0
+    wish: Wish | None = None
+    removing: bool = False
+    oom_retry: OomRetry | None = None
+    swap_in_seconds: dict[Tier, float] = field(default_factory=dict)
+
+    @property
+    def placement(self) -> Tier | None:
+        return self.wish.tier if self.wish is not None else None
+
+    @property
+    def idle(self) -> bool:
+        return not self.in_flight and not self.waiting and self.moving_to is None
+
+    @property
+    def wants_gpu_since(self) -> tuple[float, int] | None:
+        """(time, arrival sequence) of the oldest wish for GPU: the sequence breaks clock ties."""
+        times = [(w.arrived, w.seq) for w in self.waiting]
+        if self.wish is not None and self.wish.tier is Tier.GPU:
+            times.append(self.wish.since)
+        return min(times) if times else None
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A read-only view for the admin page and the tests."""
+
+    name: str
+    tier: Tier
+    moving_to: Tier | None
+    in_flight: int
+    waiting: int
+    last_used: float
+    uses: int
+    draining: bool
+    device_bytes: int
+    host_bytes: int
+    tiers: frozenset[Tier]
