@@ -68,6 +68,8 @@ class FakeEngine:
                 raise InvalidRequest("the prompt is too long for this model's context")
             if "RAISE_ENGINE" in text:
                 raise EngineError("the engine process died")
+            if "RAISE_BUG" in text:
+                raise KeyError("/secret/path/api-key-1234")
             produced = ""
             for i in range(request.max_tokens):
                 word = f"w{i}"
@@ -409,6 +411,15 @@ def test_metrics_show_ttft_and_request_series(served: Served) -> None:
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "best_of": 3}', 400, "best_of", "not supported"),
         ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "presence_penalty": 0.5}', 400, "presence_penalty",
          "engine transformers"),
+        # hostile bodies: 400s naming the field, never a 5xx that SDKs would retry
+        ("/v1/chat/completions", b'{"model": "alpha", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, None,
+         "nested"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "seed": 18446744073709551616}', 400, "seed", "seed"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "seed": -9223372036854775809}', 400, "seed", "seed"),
+        ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+         400, "messages.0.content", "unicode"),
+        ("/v1/completions", b'{"model": "alpha", "prompt": ["\\udfff"]}', 400, "prompt.0", "unicode"),
+        ("/admin/models/alpha/place", b'{"tier": "\\ud800"}', 400, "tier", "unicode"),
     ],
 )
 def test_bad_input_gets_openai_errors_and_server_keeps_serving(served: Served, path: str, body: bytes, status: int,
@@ -425,6 +436,54 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(served: Served, p
         assert error["code"] == "model_not_found"
     assert served.client().chat.completions.create(model="alpha", messages=CHAT, max_tokens=1).choices
     assert all(n == 0 for n in served.runtime.in_flight.values()), "an error must not keep a lease"
+
+
+def test_tiny_temperatures_sample_greedily(served: Served) -> None:
+    """1e-39 would overflow the logits into NaNs: like vLLM, anything under 1e-5 is greedy."""
+    served.client().completions.create(model="alpha", prompt="p", max_tokens=2, temperature=1e-39)
+    req = served.runtime.engines["alpha"].last_request
+    assert req is not None and req.temperature == 0.0
+
+
+def test_oversized_body_is_refused_before_it_is_read(served: Served) -> None:
+    big = b'{"model": "alpha", "prompt": "' + b"x" * (9 * 2**20) + b'"}'
+    with httpx.Client(timeout=30) as client:
+        resp = client.post(served.url + "/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert resp.status_code == 413, resp.text
+        assert resp.json()["error"]["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no content-length: refused while it streams in
+            yield b'{"model": "alpha", "prompt": "'
+            for _ in range(10):
+                yield b"x" * 2**20
+            yield b'"}'
+
+        resp = client.post(served.url + "/v1/completions", content=chunks(),
+                           headers={"content-type": "application/json"})
+        assert resp.status_code == 413, resp.text
+    assert served.client().completions.create(model="alpha", prompt="p", max_tokens=1).choices
+
+
+def test_a_bug_answers_500_without_internal_text(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("ERROR"):
+        resp = httpx.post(served.url + "/v1/completions", json={"model": "alpha", "prompt": "RAISE_BUG"}, timeout=30)
+    assert resp.status_code == 500
+    message = resp.json()["error"]["message"]
+    assert "secret" not in message and "KeyError" not in message and "reference" in message
+    reference = message.split("reference ")[1].split(")")[0]
+    assert any(reference in r.getMessage() for r in caplog.records), "the log has the reference and the details"
+
+
+def test_hostile_body_keeps_the_connection(served: Served) -> None:
+    """A 400 for a deep body on a kept-alive connection: the next request goes over the same one."""
+    with httpx.Client(timeout=30) as client:
+        deep = b'{"model": "alpha", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        first = client.post(served.url + "/v1/chat/completions", content=deep,
+                            headers={"content-type": "application/json"})
+        assert first.status_code == 400
+        second = client.post(served.url + "/v1/completions", json={"model": "alpha", "prompt": "p", "max_tokens": 1})
+        assert second.status_code == 200
+        assert second.extensions["network_stream"] is first.extensions["network_stream"], "same connection"
 
 
 def test_openai_client_raises_typed_errors(served: Served) -> None:

@@ -42,6 +42,8 @@ class ServeConfig:
     host_copy: str = "auto"
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
+    max_request_bytes: str = "8MiB"
+    """Largest request body accepted; bigger ones get a 413 before anything reads them."""
     work_dir: str = DEFAULT_WORK_DIR
     catalog_poll_seconds: float = 0.0
     vllm_python: str | None = None
@@ -59,6 +61,10 @@ class ServeConfig:
     @property
     def host_budget_bytes(self) -> int | None:
         return parse_size(self.host_budget) if self.host_budget else None
+
+    @property
+    def max_request_body(self) -> int:
+        return parse_size(self.max_request_bytes)
 
     @property
     def work_path(self) -> Path:
@@ -80,7 +86,7 @@ class ServeConfig:
             raise ConfigError(f"host_copy must be one of {', '.join(HOST_COPY_MODES)}, got {self.host_copy!r}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        for name in ("device_budget", "host_budget"):
+        for name in ("device_budget", "host_budget", "max_request_bytes"):
             value = getattr(self, name)
             if value:
                 try:

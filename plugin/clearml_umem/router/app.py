@@ -49,7 +49,13 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None) -> FastAPI:
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+"""A request body limit: far above any context window's worth of text (128k tokens is about
+0.5 MB), far below what would hold a model for seconds of tokenizing."""
+
+
+def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     if api_key:
@@ -86,11 +92,11 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=False)
+        return await _serve(runtime, request, chat=False, max_body_bytes=max_body_bytes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=True)
+        return await _serve(runtime, request, chat=True, max_body_bytes=max_body_bytes)
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
@@ -98,7 +104,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.post("/admin/models/{name:path}/place")
     async def place(name: str, request: Request) -> dict[str, Any]:
-        body = parse_json(await request.body())
+        body = parse_json(await read_body(request, max_body_bytes))
         names = ", ".join(t.value for t in ALL_TIERS)
         raw = body.get("tier")
         if raw is None:
@@ -121,9 +127,27 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 SERVED_FROM_HEADER = "x-umem-served-from"
 
 
-async def _serve(runtime: ServingRuntime, request: Request, chat: bool) -> Response:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed `limit` (by its declared
+    length, or while it streams in), so an oversized body is never held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"The request body is {int(declared)} bytes; this server takes at most {limit}",
+                       code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"The request body exceeds {limit} bytes, the most this server takes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _serve(runtime: ServingRuntime, request: Request, chat: bool, max_body_bytes: int) -> Response:
     arrived = time.monotonic()
-    data = parse_json(await request.body())
+    data = parse_json(await read_body(request, max_body_bytes))
     body: ChatRequest | CompletionRequest = validate(ChatRequest if chat else CompletionRequest, data)
     if not runtime.has_model(body.model):
         raise model_not_found(body.model)

@@ -7,6 +7,8 @@ or the reason in words a user can act on.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clearml_umem.errors import ServingError
+
+log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
@@ -95,8 +99,13 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "No such route; this server serves /v1/models, /v1/completions and /v1/chat/completions."
         return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
 
-    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", SERVER_ERROR).response()
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # internal exception text can hold paths and secrets: it goes to the log, the client gets a reference
+        reference = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", reference, request.method, request.url.path,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        return APIError(500, f"Internal server error (reference {reference}); the server log has the details.",
+                        SERVER_ERROR).response()
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(ServingError, on_serving_error)

@@ -79,7 +79,7 @@ class _Sampling(_Body):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int | None = 1
     user: str | None = None
     # kept, not dropped: the OpenAI options below are read from the extra fields
@@ -195,14 +195,74 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+MAX_JSON_DEPTH = 32
+"""Deeper than any OpenAI request (content parts are 4 levels); deeper bodies are refused before
+anything walks them recursively (Python's json and pydantic would hit the recursion limit: a 500)."""
+
+GREEDY_BELOW = 1e-5
+"""Temperatures this small sample greedily, as vLLM does: 1e-39 would overflow the logits into NaNs."""
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, checked for what would break the layers behind it: nesting
+    beyond `MAX_JSON_DEPTH` and strings that are not valid Unicode (a lone surrogate, which
+    JSON's escapes allow and every tokenizer refuses). Each is a 400 naming the field."""
+    _check_depth(raw)
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise bad_request(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request(f"The request body must be a JSON object, got {type(data).__name__}")
+    _check_strings(data)
     return data
+
+
+def _check_depth(raw: bytes) -> None:
+    """Bracket depth counted on the raw bytes (outside strings), before any recursive parser runs."""
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise bad_request(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+
+
+def _check_strings(data: dict[str, Any]) -> None:
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
+            bad_key = next((k for k in value if isinstance(k, str) and not _is_unicode(k)), None)
+            if bad_key is not None:
+                raise bad_request(f"A key in '{path or 'the body'}' is not valid Unicode (a lone surrogate)",
+                                  param=path or None)
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(value))
+        elif isinstance(value, str) and not _is_unicode(value):
+            raise bad_request(f"Invalid value for '{path}': the text is not valid Unicode (a lone surrogate such as "
+                              "\\ud800 without its pair)", param=path)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:
@@ -243,7 +303,8 @@ def to_generation_request(body: CompletionRequest | ChatRequest, spec: ModelSpec
     chat = isinstance(body, ChatRequest)
     common: dict[str, Any] = {
         "max_tokens": resolve_max_tokens(body, spec, chat),
-        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "temperature": 1.0 if body.temperature is None else 0.0 if body.temperature < GREEDY_BELOW
+        else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "stop": body.stop_list(),
         "seed": body.seed,
