@@ -186,3 +186,28 @@ def test_poller_picks_up_new_and_removed_entries_and_survives_an_outage(api: Cle
         api.models[second]["metadata"]["size_bytes"]["value"] = "oops"
         assert wait_until(lambda: not seen[-1].specs and seen[-1].errors)
         assert seen[-1].errors[0].field == "metadata.size_bytes"
+
+
+def test_a_crafted_archive_makes_its_entry_unservable_and_writes_nothing_outside(api: ClearMLApiFixture,
+                                                                                  tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    victim = tmp_path / "victim.txt"
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for k in range(40):
+            link = tarfile.TarInfo(f"L{k}")
+            link.type, link.linkname = tarfile.SYMTYPE, "." if k == 0 else f"L{k - 1}/.."
+            tar.addfile(link)
+        payload = tarfile.TarInfo("L39/" + str(victim).lstrip("/"))
+        payload.size = 5
+        tar.addfile(payload, io.BytesIO(b"pwned"))
+    evil = api.add_model("evil", archive.as_uri(), project="arch/a", tags=[SERVABLE_TAG],
+                         metadata=meta(weights_layout="archive"))
+    snap = RegistryCatalog(RegistrySelector(project="arch/a"), cache_dir=tmp_path / "cache").snapshot()
+    assert not snap.specs
+    (error,) = snap.errors
+    assert error.entry.startswith(evil) and error.field == "uri"
+    assert "cannot be extracted safely" in str(error) and "symlink" in str(error)
+    assert not victim.exists()

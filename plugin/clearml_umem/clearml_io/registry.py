@@ -8,6 +8,7 @@ on its own: one entry with broken metadata is reported and the others still serv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from clearml_umem.catalog import CatalogSnapshot, read_manifest
+from clearml_umem.clearml_io.archives import UnsafeArchive, extract_archive
 from clearml_umem.clearml_io.metadata import (
     ARCHIVE_SUFFIXES,
     CONFIG_SECTION,
@@ -557,6 +559,8 @@ class RegistryCatalog:
             local = self._download(uri, str(spec.extra.get(KEY_LAYOUT) or layout_for_uri(uri)), spec)
         except SpecError:
             raise
+        except UnsafeArchive as exc:
+            raise SpecError(label, "uri", f"the weights archive at {uri} cannot be extracted safely: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - storage drivers raise many types; report them per entry
             raise SpecError(label, "uri", f"weights could not be fetched from {uri}: {exc}") from exc
         if local is None or not Path(local).exists():
@@ -579,9 +583,24 @@ class RegistryCatalog:
             folder = StorageManager.download_folder(uri, local_folder=str(target))
             return str(_model_root(Path(folder))) if folder else None
         if layout == LAYOUT_ARCHIVE:
-            extracted = StorageManager.get_local_copy(uri, extract_archive=True)
-            return str(_model_root(Path(extracted))) if extracted else None
+            # downloaded as a file and extracted here: the SDK's extraction can be escaped (archives.py)
+            archive = StorageManager.get_local_copy(uri, extract_archive=False)
+            if not archive:
+                return None
+            digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+            target = (self.cache_dir or _default_cache()) / "models" / f"{spec.model_id or spec.name}-{digest}"
+            done = target / EXTRACTED_MARKER
+            if not done.exists():
+                if target.exists():
+                    shutil.rmtree(target)
+                extract_archive(Path(archive), target)
+                done.touch()
+            return str(_model_root(target))
         return StorageManager.get_local_copy(uri, extract_archive=False)
+
+
+EXTRACTED_MARKER = ".umem-extracted"
+"""Written once an archive is fully extracted, so a half-extracted folder is never reused."""
 
 
 def _default_cache() -> Path:
