@@ -172,10 +172,10 @@ class Served:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30)
 
 
-def _serve(runtime: FakeRuntime, api_key: str | None) -> Iterator[Served]:
+def _serve(runtime: FakeRuntime, api_key: str | None, admin_key: str | None = None) -> Iterator[Served]:
     events: list[Event] = []
     runtime.bus.subscribe(events.append)
-    app = create_app(runtime, Metrics(runtime.bus), api_key)
+    app = create_app(runtime, Metrics(runtime.bus), api_key, admin_key=admin_key)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -212,6 +212,14 @@ def served() -> Iterator[Served]:
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[Served]:
     yield from _serve(_runtime(), KEY)
+
+
+ADMIN_KEY = "adm1n-key"
+
+
+@pytest.fixture(scope="module")
+def admin_keyed() -> Iterator[Served]:
+    yield from _serve(_runtime(), KEY, ADMIN_KEY)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -634,3 +642,27 @@ def test_api_key_with_the_openai_client(keyed: Served) -> None:
     assert keyed.client(KEY).chat.completions.create(model="alpha", messages=CHAT, max_tokens=1).choices
     resp = httpx.post(keyed.url + "/admin/models/alpha/place", json={"tier": "gpu"})
     assert resp.status_code == 401
+
+
+def test_with_an_admin_key_inference_keys_cannot_evict(admin_keyed: Served) -> None:
+    def call(method: str, path: str, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.request(method, admin_keyed.url + path, headers=headers, timeout=30,
+                             json={"tier": "ram"} if method == "POST" else None).status_code
+
+    assert call("POST", "/admin/models/alpha/place", KEY) == 401, "the API key does not place models"
+    assert call("GET", "/admin/models", KEY) == 401
+    assert call("POST", "/admin/models/alpha/place", None) == 401
+    assert call("POST", "/admin/models/alpha/place", ADMIN_KEY) == 200
+    assert call("GET", "/v1/models", KEY) == 200 and call("GET", "/v1/models", ADMIN_KEY) == 200
+    assert call("GET", "/v1/models", "wrong") == 401
+    assert admin_keyed.client(KEY).chat.completions.create(model="alpha", messages=CHAT, max_tokens=1).choices
+
+
+def test_admin_key_is_read_from_the_environment_only() -> None:
+    from clearml_umem.config import ServeConfig, parse_serve_args
+
+    cfg = parse_serve_args(["--manifest", __file__], env={"UMEM_ADMIN_KEY": "adm-zz9", "UMEM_API_KEY": "api-zz8"})
+    assert (cfg.admin_key, cfg.api_key) == ("adm-zz9", "api-zz8")
+    assert "admin_key" not in cfg.public_dict() and "zz9" not in repr(cfg) and "zz8" not in repr(cfg)
+    assert ServeConfig.from_mapping({"admin_key": "leak"}, env={}).admin_key is None

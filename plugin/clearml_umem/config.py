@@ -1,7 +1,8 @@
 """Serving configuration: one dataclass, filled from CLI flags, `UMEM_*` variables or a ClearML task.
 
-Precedence is flag > environment > default. The API key is read from the environment
-only (`UMEM_API_KEY`), so it never lands in a shell history or a task's hyperparameters.
+Precedence is flag > environment > default. The keys are read from the environment only
+(`UMEM_API_KEY`, `UMEM_ADMIN_KEY`), so they never land in a shell history or a task's
+hyperparameters.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class ServeConfig:
     vllm_python: str | None = None
     log_level: str = "info"
     api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    """When set, the admin routes (/admin/...) take this key only; the API key then serves inference alone."""
 
     @property
     def uses_clearml_registry(self) -> bool:
@@ -102,7 +105,8 @@ class ServeConfig:
     def public_dict(self) -> dict[str, Any]:
         """Everything but the secret, for a ClearML task's hyperparameters and logs."""
         data = asdict(self)
-        data.pop("api_key")
+        for name in SECRETS:
+            data.pop(name)
         return data
 
     @classmethod
@@ -111,12 +115,20 @@ class ServeConfig:
         env = os.environ if env is None else env
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "api_key" or f.name not in values or values[f.name] in (None, ""):
+            if f.name in SECRETS or f.name not in values or values[f.name] in (None, ""):
                 continue
             kwargs[f.name] = _coerce(f.name, values[f.name])
-        cfg = cls(**kwargs)
-        cfg.api_key = env.get(ENV_PREFIX + "API_KEY") or None
-        return cfg
+        return _with_secrets(cls(**kwargs), env)
+
+
+SECRETS = ("api_key", "admin_key")
+"""Read from `UMEM_API_KEY` / `UMEM_ADMIN_KEY` only: never a flag (shell history) or a hyperparameter."""
+
+
+def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
+    cfg.api_key = env.get(ENV_PREFIX + "API_KEY") or None
+    cfg.admin_key = env.get(ENV_PREFIX + "ADMIN_KEY") or None
+    return cfg
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -142,7 +154,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
     env = os.environ if env is None else env
     defaults = ServeConfig()
     for f in fields(ServeConfig):
-        if f.name == "api_key":
+        if f.name in SECRETS:
             continue
         flag = "--" + f.name.replace("_", "-")
         env_value = env.get(ENV_PREFIX + f.name.upper())
@@ -165,9 +177,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeConfig:
     env = os.environ if env is None else env
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
-    cfg = ServeConfig(**values)
-    cfg.api_key = env.get(ENV_PREFIX + "API_KEY") or None
-    return cfg.validate()
+    return _with_secrets(ServeConfig(**values), env).validate()
 
 
 def parse_serve_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:

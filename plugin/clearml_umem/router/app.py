@@ -32,20 +32,33 @@ CLIENT_CLOSED = 499
 
 
 class BearerAuth:
-    """Pure ASGI, not BaseHTTPMiddleware: that one buffers streams and hides client disconnects."""
+    """Pure ASGI, not BaseHTTPMiddleware: that one buffers streams and hides client disconnects.
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    Without an admin key, the API key guards every route (when set). With one, the admin
+    routes (`/admin/...`: placing and evicting models) take the admin key only, and every
+    other route takes either key; so inference clients cannot evict models.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None = None) -> None:
         self.app = app
-        self._key = api_key.encode()
+        self._api = api_key.encode() if api_key else None
+        self._admin = admin_key.encode() if admin_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
-            await unauthorized().response()(scope, receive, send)
-            return
+        admin_route = scope.get("path", "").startswith("/admin")
+        accepted = ([self._admin] if admin_route else [self._api, self._admin]) if self._admin else [self._api]
+        keys = [k for k in accepted if k is not None]
+        if keys:
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            given = token.strip().encode()
+            # every key compared, in constant time each, so timing does not say which one was close
+            matches = [hmac.compare_digest(given, k) for k in keys]
+            if scheme.lower() != "bearer" or not any(matches):
+                await unauthorized().response()(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -55,11 +68,11 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-    if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
+    if api_key or admin_key:
+        app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
     started = int(time.time())
 
     def tiers_now() -> dict[str, str]:
