@@ -76,6 +76,8 @@ class Runtime:
         self._failures: dict[str, tuple[float, str]] = {}
         self._changed = asyncio.Condition()
         self._closed = False
+        self.unservable: dict[str, str] = {}
+        """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
 
     # -- catalog --------------------------------------------------------------------------
 
@@ -122,8 +124,11 @@ class Runtime:
             log.info("model %s joined the catalog", name)
             try:
                 self.add_model(spec)
+                self.unservable.pop(name, None)
             except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
-                log.error("model %s cannot be served: %s", name, exc)
+                reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                log.error("model %s cannot be served: %s", name, reason)
+                self.unservable[name] = reason
                 settled = False
         for error in snapshot.errors:
             log.error("catalog entry skipped: %s", error)

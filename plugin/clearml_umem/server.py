@@ -90,6 +90,9 @@ class UnifiedMemoryServer:
             problems = "; ".join(str(e) for e in snapshot.errors) or "the catalog lists no models"
             raise ConfigError(f"no model can be served: {problems}")
         self.runtime.sync_catalog(snapshot)
+        if not self.runtime.model_names():
+            problems = "; ".join(f"{name}: {why}" for name, why in self.runtime.unservable.items())
+            raise ConfigError(f"no model can be served: {problems or 'every catalog entry failed'}")
         return snapshot
 
     def _start_poller(self, first: CatalogSnapshot, loop: asyncio.AbstractEventLoop) -> CatalogPoller:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,11 +54,37 @@ class ModelSpec:
         return replace(self, **changes)
 
 
+MAX_SCAN_ENTRIES = 10_000
+MAX_SCAN_DEPTH = 3
+"""A model folder is small and shallow; `weights: /` must fail fast, not walk the whole disk."""
+
+
 def weights_size(path: Path) -> int:
-    """Bytes of weight files under a model directory (or of one weights file)."""
+    """Bytes of weight files under a model directory (or of one weights file).
+
+    Raises ValueError for a folder that cannot be read or is far larger than a model's.
+    """
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    total = seen = 0
+    stack = [(path, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            raise ValueError(f"cannot read {folder}: {exc.strerror or exc}") from None
+        for entry in entries:
+            seen += 1
+            if seen > MAX_SCAN_ENTRIES:
+                raise ValueError(f"{path} holds more than {MAX_SCAN_ENTRIES} files and folders; point 'weights' "
+                                 "at the model's own folder")
+            if entry.is_dir(follow_symlinks=False):
+                if depth < MAX_SCAN_DEPTH:
+                    stack.append((Path(entry.path), depth + 1))
+            elif entry.is_file() and Path(entry.name).suffix in WEIGHT_SUFFIXES:
+                total += entry.stat().st_size
+    return total
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
@@ -144,7 +171,10 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
             raise SpecError(label, "weights", f"path does not exist: {local}")
         weights = str(local.resolve())
         if size is None:
-            size = weights_size(local)
+            try:
+                size = weights_size(local)
+            except ValueError as exc:
+                raise SpecError(label, "weights", str(exc)) from None
             if size <= 0:
                 raise SpecError(label, "weights", f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {local}")
         cfg = read_hf_config(local)

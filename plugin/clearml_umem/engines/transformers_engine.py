@@ -30,7 +30,6 @@ import importlib.util
 import json
 import math
 import secrets
-import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ from clearml_umem.engines.weight_store import (
     HostBuffer,
     plan_reads,
     read_checkpoint,
+    safetensors_header,
 )
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
 from clearml_umem.tiers import ALL_TIERS, Tier
@@ -169,12 +169,15 @@ def checkpoint_files(weights: Path) -> list[Path]:
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Tensor names, dtypes and shapes without reading the tensors: footprints are needed before loading."""
-    with path.open("rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    header.pop("__metadata__", None)
-    return header
+    """Tensor names, dtypes and shapes without reading the tensors: footprints are needed before loading.
+
+    Bounded and validated (weights are untrusted): a text file named model.safetensors is an
+    EngineError naming the file, not a MemoryError from a header length of 8 random bytes.
+    """
+    try:
+        return safetensors_header(path)[0]
+    except (CheckpointMismatch, OSError, ValueError) as exc:
+        raise EngineError(f"{path}: not a readable safetensors file: {exc}") from None
 
 
 def _dtype_from_config(cfg: dict[str, Any]) -> torch.dtype | None:
