@@ -213,7 +213,9 @@ class Runtime:
             self._apply(self.scheduler.on_request(model, request_id))
             try:
                 dispatch = await fut
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Rejected):
+                # Rejected here also comes from close(), which the scheduler has not heard of:
+                # cancel there too, or a move still ending would load the model for nobody.
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     self._apply(self.scheduler.on_finished(model, request_id))
                 elif model in self.scheduler:
@@ -228,6 +230,8 @@ class Runtime:
 
     async def place(self, model: str, tier: Tier) -> ModelState:
         """Move a model to `tier` (when it is idle) and wait until it is there."""
+        if self._closed:
+            raise Rejected(503, "the server is shutting down")
         if model not in self._specs:
             raise ModelNotFound(model)
         since = self._clock()
@@ -303,8 +307,10 @@ class Runtime:
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(Rejected(503, "the server is shutting down"))
-        if self._moves:
-            await asyncio.wait(list(self._moves), timeout=60)
+        # a move that ends may start another (a placement's load after its eviction): wait for those too
+        deadline = asyncio.get_running_loop().time() + 60
+        while self._moves and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(list(self._moves), timeout=left)
         for name, engine in list(self._engines.items()):
             try:
                 await engine.close()
