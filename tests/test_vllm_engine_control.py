@@ -476,6 +476,21 @@ def test_failed_wake_restarts_the_process(make_engine: Any) -> None:
     assert engine.restarts == 1 and len(journal.starts()) == 2
 
 
+def test_failed_wake_on_the_way_through_is_reported_not_restarted(make_engine: Any) -> None:
+    """disk -> ram wakes on the GPU only to sleep again: a failed wake there goes to the scheduler."""
+    engine, journal = make_engine()
+
+    async def go() -> None:
+        await engine.transition(Tier.COLD, Tier.DISK)
+        journal.set(fail={"/wake_up": {"status": 500, "message": "engine core is wedged", "times": 1}})
+        with pytest.raises(EngineError, match="answered 500"):
+            await engine.transition(Tier.DISK, Tier.RAM)
+        assert engine.describe()["tier"] == "disk"
+
+    run(go())
+    assert engine.restarts == 0 and len(journal.starts()) == 1
+
+
 def test_dead_process_in_ram_is_started_on_wake(make_engine: Any) -> None:
     engine, journal = make_engine()
 
