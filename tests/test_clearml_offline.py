@@ -59,7 +59,7 @@ REPORTER_SCRIPT = textwrap.dedent("""
     import time
     from clearml import Task
     from clearml_umem.clearml_io.reporter import ClearMLReporter
-    from clearml_umem.events import EventBus, FirstToken, MemorySnapshot, RequestArrived, TransitionFinished
+    from clearml_umem.events import EventBus, FirstToken, MemorySnapshot, RequestArrived, MoveFinished
     from clearml_umem.tiers import Tier
 
     task = Task.init(project_name="umem-tests", task_name="reporter", auto_connect_frameworks=False,
@@ -71,8 +71,8 @@ REPORTER_SCRIPT = textwrap.dedent("""
                                       (Tier.DISK, 1.0)]):
         bus.emit(RequestArrived("tiny", t, f"r{i}", tier))
         if tier is Tier.RAM:
-            bus.emit(TransitionFinished("other", t, Tier.GPU, Tier.RAM, 0.5, 1_000_000_000))
-            bus.emit(TransitionFinished("tiny", t, Tier.RAM, Tier.GPU, 0.25, 1_000_000_000))
+            bus.emit(MoveFinished("other", t, Tier.GPU, Tier.RAM, 0.5, 1_000_000_000))
+            bus.emit(MoveFinished("tiny", t, Tier.RAM, Tier.GPU, 0.25, 1_000_000_000))
         bus.emit(FirstToken("tiny", t, f"r{i}", tier, ttft))
     bus.emit(MemorySnapshot("", t, 2_000_000_000, 4_000_000_000, 1_000_000_000, 8_000_000_000))
     time.sleep(0.3)

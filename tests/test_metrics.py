@@ -11,12 +11,12 @@ from clearml_umem.events import (
     EventBus,
     FirstToken,
     MemorySnapshot,
+    MoveFailed,
+    MoveFinished,
     RequestArrived,
     RequestDispatched,
     RequestFinished,
     RequestRejected,
-    TransitionFailed,
-    TransitionFinished,
 )
 from clearml_umem.metrics import Metrics
 from clearml_umem.tiers import Tier
@@ -45,8 +45,8 @@ def test_events_become_prometheus_series(bus: EventBus) -> None:
     metrics = Metrics(bus)
     bus.emit(RequestArrived(model="a", t=0, request_id="r1", tier=Tier.RAM))
     bus.emit(RequestArrived(model="a", t=0, request_id="r2", tier=Tier.GPU))
-    bus.emit(TransitionFinished(model="a", t=1, src=Tier.RAM, dst=Tier.GPU, seconds=0.5, bytes_moved=2_000_000_000))
-    bus.emit(TransitionFinished(model="b", t=1, src=Tier.GPU, dst=Tier.RAM, seconds=2.0, bytes_moved=1_000_000_000))
+    bus.emit(MoveFinished(model="a", t=1, src=Tier.RAM, dst=Tier.GPU, seconds=0.5, bytes_moved=2_000_000_000))
+    bus.emit(MoveFinished(model="b", t=1, src=Tier.GPU, dst=Tier.RAM, seconds=2.0, bytes_moved=1_000_000_000))
     bus.emit(RequestDispatched(model="a", t=1, request_id="r1", served_from=Tier.RAM, waited_s=0.6))
     bus.emit(FirstToken(model="a", t=1, request_id="r1", served_from=Tier.RAM, ttft_s=0.7))
     bus.emit(FirstToken(model="a", t=1, request_id="r2", served_from=Tier.GPU, ttft_s=0.02))
@@ -55,7 +55,7 @@ def test_events_become_prometheus_series(bus: EventBus) -> None:
     bus.emit(RequestFinished(model="a", t=2, request_id="r2", served_from=Tier.GPU, ok=False,
                              completion_tokens=0, duration_s=1.0))
     bus.emit(RequestRejected(model="huge", t=2, request_id="r3", reason="never fits"))
-    bus.emit(TransitionFailed(model="c", t=3, src=Tier.COLD, dst=Tier.GPU, error="boom"))
+    bus.emit(MoveFailed(model="c", t=3, src=Tier.COLD, dst=Tier.GPU, error="boom"))
     bus.emit(MemorySnapshot(model="", t=3, device_used=100, device_budget=1000, host_used=200, host_budget=5000))
 
     text = metrics.render().decode()
@@ -65,17 +65,17 @@ def test_events_become_prometheus_series(bus: EventBus) -> None:
     assert sample(text, "umem_ttft_seconds_bucket", model="a", tier="gpu", le="0.025") == 1
     assert sample(text, "umem_ttft_seconds_bucket", model="a", tier="gpu", le="0.005") == 0
     assert sample(text, "umem_ttft_seconds_bucket", model="a", tier="ram", le="120.0") == 1
-    assert sample(text, "umem_swap_seconds_count", model="a", direction="in", src="ram", dst="gpu") == 1
-    assert sample(text, "umem_swap_seconds_count", model="b", direction="out", src="gpu", dst="ram") == 1
-    assert sample(text, "umem_swap_bytes_total", model="a", direction="in", src="ram", dst="gpu") == 2e9
-    assert sample(text, "umem_swap_gbps", model="a", direction="in") == pytest.approx(4.0)
-    assert sample(text, "umem_swap_gbps", model="b", direction="out") == pytest.approx(0.5)
+    assert sample(text, "umem_move_seconds_count", model="a", direction="in", src="ram", dst="gpu") == 1
+    assert sample(text, "umem_move_seconds_count", model="b", direction="out", src="gpu", dst="ram") == 1
+    assert sample(text, "umem_move_bytes_total", model="a", direction="in", src="ram", dst="gpu") == 2e9
+    assert sample(text, "umem_move_gbps", model="a", direction="in") == pytest.approx(4.0)
+    assert sample(text, "umem_move_gbps", model="b", direction="out") == pytest.approx(0.5)
     assert sample(text, "umem_requests_total", model="a", tier="ram", result="miss") == 1
     assert sample(text, "umem_requests_total", model="a", tier="gpu", result="hit") == 1
     assert sample(text, "umem_request_rejections_total", model="huge") == 1
     assert sample(text, "umem_requests_finished_total", model="a", ok="true") == 1
     assert sample(text, "umem_requests_finished_total", model="a", ok="false") == 1
-    assert sample(text, "umem_transition_failures_total", model="c", src="cold", dst="gpu") == 1
+    assert sample(text, "umem_move_failures_total", model="c", src="cold", dst="gpu") == 1
     assert sample(text, "umem_memory_bytes", kind="device", what="used") == 100
     assert sample(text, "umem_memory_bytes", kind="host", what="budget") == 5000
     assert sample(text, "umem_queue_wait_seconds_count", model="a", tier="ram") == 1
@@ -90,9 +90,9 @@ def test_summary_medians_swaps_and_hits(bus: EventBus) -> None:
     for i, ttft in enumerate([0.1, 0.2, 0.3, 0.4, 1.0]):
         bus.emit(FirstToken(model="m", t=i, request_id=f"r{i}", served_from=Tier.DISK, ttft_s=ttft))
     bus.emit(FirstToken(model="m", t=9, request_id="h", served_from=Tier.GPU, ttft_s=0.01))
-    bus.emit(TransitionFinished(model="m", t=1, src=Tier.RAM, dst=Tier.GPU, seconds=1.0, bytes_moved=10_000_000_000))
-    bus.emit(TransitionFinished(model="m", t=2, src=Tier.RAM, dst=Tier.GPU, seconds=2.0, bytes_moved=10_000_000_000))
-    bus.emit(TransitionFinished(model="m", t=3, src=Tier.GPU, dst=Tier.DISK, seconds=0.1, bytes_moved=0))
+    bus.emit(MoveFinished(model="m", t=1, src=Tier.RAM, dst=Tier.GPU, seconds=1.0, bytes_moved=10_000_000_000))
+    bus.emit(MoveFinished(model="m", t=2, src=Tier.RAM, dst=Tier.GPU, seconds=2.0, bytes_moved=10_000_000_000))
+    bus.emit(MoveFinished(model="m", t=3, src=Tier.GPU, dst=Tier.DISK, seconds=0.1, bytes_moved=0))
     for tier in (Tier.GPU, Tier.GPU, Tier.RAM, Tier.COLD):
         bus.emit(RequestArrived(model="m", t=4, request_id="x", tier=tier))
     bus.emit(RequestRejected(model="m", t=5, request_id="y", reason="no"))
@@ -151,14 +151,14 @@ def test_unsubscribe_stops_updates(bus: EventBus) -> None:
 
 def test_swap_outs_say_whether_the_host_copy_was_kept_or_copied(bus: EventBus) -> None:
     metrics = Metrics(bus)
-    bus.emit(TransitionFinished(model="a", t=1, src=Tier.GPU, dst=Tier.RAM, seconds=0.5, bytes_moved=2_000_000_000,
+    bus.emit(MoveFinished(model="a", t=1, src=Tier.GPU, dst=Tier.RAM, seconds=0.5, bytes_moved=2_000_000_000,
                                 host_copy="copied"))
-    bus.emit(TransitionFinished(model="a", t=2, src=Tier.GPU, dst=Tier.RAM, seconds=0.004, bytes_moved=0,
+    bus.emit(MoveFinished(model="a", t=2, src=Tier.GPU, dst=Tier.RAM, seconds=0.004, bytes_moved=0,
                                 host_copy="kept"))
-    bus.emit(TransitionFinished(model="a", t=3, src=Tier.GPU, dst=Tier.RAM, seconds=0.003, bytes_moved=0,
+    bus.emit(MoveFinished(model="a", t=3, src=Tier.GPU, dst=Tier.RAM, seconds=0.003, bytes_moved=0,
                                 host_copy="kept"))
     text = metrics.render().decode()
     assert sample(text, "umem_swap_out_host_copy_total", model="a", host_copy="kept") == 2
     assert sample(text, "umem_swap_out_host_copy_total", model="a", host_copy="copied") == 1
-    assert sample(text, "umem_swap_gbps", model="a", direction="out") == pytest.approx(4.0), \
+    assert sample(text, "umem_move_gbps", model="a", direction="out") == pytest.approx(4.0), \
         "a kept copy moves nothing: the last copying swap-out's speed stays"

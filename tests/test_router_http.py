@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 
 from clearml_umem.engines.base import Delta, EngineError, Footprint, GenerationRequest, InvalidRequest
-from clearml_umem.events import Event, EventBus, FirstToken, RequestArrived, RequestFinished, TransitionFinished
+from clearml_umem.events import Event, EventBus, FirstToken, MoveFinished, RequestArrived, RequestFinished
 from clearml_umem.metrics import Metrics
 from clearml_umem.router import create_app
 from clearml_umem.runtime import Lease, ModelNotFound, Rejected
@@ -132,7 +132,7 @@ class FakeRuntime:
                 self.cancelled_waits += 1
                 raise
             self.tiers[model] = Tier.GPU
-            self.bus.emit(TransitionFinished(model=model, t=time.monotonic(), src=tier, dst=Tier.GPU,
+            self.bus.emit(MoveFinished(model=model, t=time.monotonic(), src=tier, dst=Tier.GPU,
                                              seconds=self.swap_s[model], bytes_moved=1_000_000))
         self.in_flight[model] += 1
         self.uses[model] += 1
@@ -367,7 +367,7 @@ def test_metrics_show_ttft_and_request_series(served: Served) -> None:
     assert metric(text, "umem_requests_total", model="alpha", tier="ram", result="miss") >= 1
     assert metric(text, "umem_requests_total", model="alpha", tier="gpu", result="hit") >= 1
     assert metric(text, "umem_requests_finished_total", model="alpha", ok="true") >= 2
-    assert metric(text, "umem_swap_seconds_count", model="alpha", direction="in") >= 1
+    assert metric(text, "umem_move_seconds_count", model="alpha", direction="in") >= 1
     assert metric(text, "umem_model_tier", model="alpha", tier="gpu") == 1
     assert metric(text, "umem_model_tier", model="slow") == 1, "every model has exactly one current tier"
 

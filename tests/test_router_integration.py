@@ -97,8 +97,8 @@ def test_every_model_answers_streaming_and_not_with_swaps(served) -> None:
 
     metrics = httpx.get(router.url + "/metrics").text
     for name in names:
-        assert _metric(metrics, "umem_swap_seconds_count", model=name, direction="in") >= 2
-        assert _metric(metrics, "umem_swap_seconds_count", model=name, direction="out") >= 1
+        assert _metric(metrics, "umem_move_seconds_count", model=name, direction="in") >= 2
+        assert _metric(metrics, "umem_move_seconds_count", model=name, direction="out") >= 1
         assert _metric(metrics, "umem_ttft_seconds_count", model=name, tier="cold") >= 1
         assert _metric(metrics, "umem_ttft_seconds_count", model=name, tier="ram") >= 1
         assert _metric(metrics, "umem_ttft_seconds_count", model=name, tier="gpu") >= 1

@@ -23,7 +23,7 @@ from clearml_umem.engines.base import (
     EngineOutOfMemory,
     Footprint,
     GenerationRequest,
-    TransitionResult,
+    MoveResult,
 )
 from clearml_umem.events import Event, RequestDispatched
 from clearml_umem.runtime import Rejected, Runtime
@@ -61,7 +61,7 @@ class Gate:
 
 
 class GatedEngine:
-    """Implements the Engine protocol; `transition` waits for its gate, `close` only counts."""
+    """Implements the Engine protocol; `move` waits for its gate, `close` only counts."""
 
     def __init__(self, spec: ModelSpec, log: list[str]) -> None:
         self.spec = spec
@@ -69,7 +69,7 @@ class GatedEngine:
         self.transits: dict[tuple[Tier, Tier], Tier] = {}
         self.tier = Tier.COLD
         self.moves: list[tuple[Tier, Tier]] = []
-        """Every transition asked for, in order."""
+        """Every move asked for, in order."""
         self.gates: asyncio.Queue[Gate] = asyncio.Queue()
         """Moves started and not yet taken by the test."""
         self.closes = 0
@@ -80,7 +80,7 @@ class GatedEngine:
     def footprint(self, tier: Tier) -> Footprint:
         return {Tier.GPU: Footprint(SIZE, 0), Tier.RAM: Footprint(0, SIZE)}.get(tier, Footprint())
 
-    async def transition(self, src: Tier, dst: Tier) -> TransitionResult:
+    async def move(self, src: Tier, dst: Tier) -> MoveResult:
         assert src is self.tier, f"{self.spec.name}: asked to move from {src} while in {self.tier}"
         self.moves.append((src, dst))
         gate = Gate(src, dst)
@@ -96,7 +96,7 @@ class GatedEngine:
             self.moving = False
         self.tier = dst
         self._log.append(f"{self.spec.name}: done {src.value}->{dst.value}")
-        return TransitionResult(bytes_moved=SIZE)
+        return MoveResult(bytes_moved=SIZE)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         yield Delta("ok", finish_reason="stop", prompt_tokens=1, completion_tokens=1)

@@ -13,12 +13,12 @@ import pytest
 
 from clearml_umem.events import (
     MemorySnapshot,
+    MoveFailed,
+    MoveFinished,
+    MoveStarted,
     RequestArrived,
     RequestDispatched,
     RequestRejected,
-    TransitionFailed,
-    TransitionFinished,
-    TransitionStarted,
 )
 from clearml_umem.policy import CostAwarePolicy, LRUPolicy
 from clearml_umem.scheduler import Dispatch, Move, Reject, Release, Scheduler, SchedulerError
@@ -476,7 +476,7 @@ def test_three_models_room_for_one_stream_no_request_waits_through_two_swaps() -
     h.run()
     assert len(h.dispatched) == 60 and not h.unanswered() and not h.rejected
     assert len(h.evictions()) == len(h.loads()) - 1
-    done_loads = [(e.t, e.model) for e in h.events_of(TransitionFinished) if e.dst is GPU]
+    done_loads = [(e.t, e.model) for e in h.events_of(MoveFinished) if e.dst is GPU]
     arrived = {e.request_id: e.t for e in h.events_of(RequestArrived)}
     for rid, d in h.dispatched.items():
         through = [m for t_done, m in done_loads if m == d.model and arrived[rid] < t_done <= h.dispatch_time[rid]]
@@ -653,7 +653,7 @@ def test_failed_load_rejects_the_waiting_with_503_and_a_later_request_retries() 
     assert {r: h.rejected[r].status for r in h.rejected} == {"b1": 503, "b2": 503}
     assert "could not be loaded to gpu: engine crashed" in h.rejected["b1"].reason
     assert "b3" in h.dispatched
-    (failed,) = h.events_of(TransitionFailed)
+    (failed,) = h.events_of(MoveFailed)
     assert (failed.model, failed.src, failed.dst, failed.error) == ("b", COLD, GPU, "engine crashed")
     assert h.sched.device_used == 10 * GB
 
@@ -673,10 +673,10 @@ def test_out_of_memory_evicts_idle_models_and_retries_once_after_they_left() -> 
     request_at(h, 10, "b", "b1")
     h.run()
     assert evictions(h) == [("a", RAM)]
-    a_left = next(e.t for e in h.events_of(TransitionFinished) if e.model == "a" and e.dst is RAM)
+    a_left = next(e.t for e in h.events_of(MoveFinished) if e.model == "a" and e.dst is RAM)
     b_retry = [m for m in h.moves if m.model == "b"]
     assert len(b_retry) == 2 and len(attempts) == 2
-    retry_start = next(e.t for e in h.events_of(TransitionStarted) if e.model == "b" and e.t > 10 + 5)
+    retry_start = next(e.t for e in h.events_of(MoveStarted) if e.model == "b" and e.t > 10 + 5)
     assert retry_start >= a_left  # the retry did not race the eviction
     assert "b1" in h.dispatched and not h.rejected
 
@@ -710,7 +710,7 @@ def test_failed_demotion_leaves_the_model_where_the_runtime_says() -> None:
     assert "b1" in h.dispatched and not h.rejected
 
 
-def test_unexpected_transition_report_is_an_error() -> None:
+def test_unexpected_move_report_is_an_error() -> None:
     h = Harness(10 * GB, 100 * GB, models("a"))
     with pytest.raises(SchedulerError, match="no move cold->gpu in progress"):
         h.sched.on_move_done("a", COLD, GPU, 1.0, 0)
@@ -729,14 +729,14 @@ def test_events_for_a_miss_then_a_hit_in_order() -> None:
     h.run()
     kinds = [type(e).__name__ for e in h.events]
     assert kinds == [
-        "RequestArrived", "TransitionStarted", "MemorySnapshot", "TransitionFinished", "MemorySnapshot",
+        "RequestArrived", "MoveStarted", "MemorySnapshot", "MoveFinished", "MemorySnapshot",
         "RequestDispatched", "RequestArrived", "RequestDispatched",
     ]
     arrived1, started, snap1, finished, snap2, dispatched1, arrived2, dispatched2 = h.events
     assert isinstance(arrived1, RequestArrived) and arrived1.tier is COLD and not arrived1.hit
-    assert isinstance(started, TransitionStarted) and (started.src, started.dst, started.t) == (COLD, GPU, 0)
+    assert isinstance(started, MoveStarted) and (started.src, started.dst, started.t) == (COLD, GPU, 0)
     assert isinstance(snap1, MemorySnapshot) and snap1.device_used == 10 * GB and snap1.device_budget == 10 * GB
-    assert isinstance(finished, TransitionFinished) and finished.t == 5 and finished.seconds == 5
+    assert isinstance(finished, MoveFinished) and finished.t == 5 and finished.seconds == 5
     assert finished.direction == "in" and finished.bytes_moved == 10 * GB and finished.gbps == pytest.approx(2.0)
     assert isinstance(snap2, MemorySnapshot) and snap2.host_used == 0 and snap2.host_budget == 100 * GB
     assert isinstance(dispatched1, RequestDispatched) and dispatched1.waited_s == 5
@@ -782,8 +782,8 @@ def test_eviction_events_pair_up_and_snapshots_track_memory() -> None:
     for name in "abc":
         request_at(h, 0, name, f"{name}1")
     h.run()
-    started = h.events_of(TransitionStarted)
-    finished = h.events_of(TransitionFinished)
+    started = h.events_of(MoveStarted)
+    finished = h.events_of(MoveFinished)
     assert [(e.model, e.src, e.dst) for e in started] == [(e.model, e.src, e.dst) for e in finished]
     assert [(e.model, e.src, e.dst) for e in started] == [(m.model, m.src, m.dst) for m in h.moves]
     outs = [e for e in finished if e.direction == "out"]

@@ -83,7 +83,7 @@ def tied_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[TransformersEngine]:
     """Both ways of leaving the GPU: the host copy kept while hot, or copied on eviction."""
     eng = make_engine(llama_dir, host_copy=request.param)
-    run(eng.transition(Tier.COLD, Tier.GPU))
+    run(eng.move(Tier.COLD, Tier.GPU))
     yield eng
     run(eng.close())
 
@@ -92,7 +92,7 @@ def engine(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[Transfor
 def baseline(llama_dir: Path) -> str:
     """The greedy answer of a freshly loaded model, which every tier round trip must reproduce."""
     eng = make_engine(llama_dir)
-    run(eng.transition(Tier.COLD, Tier.GPU))
+    run(eng.move(Tier.COLD, Tier.GPU))
     text, last, _ = run(collect(eng, GREEDY))
     run(eng.close())
     assert last.completion_tokens == GREEDY.max_tokens and len(text) > 0
@@ -122,7 +122,7 @@ def test_footprint_known_before_loading(llama_dir: Path) -> None:
     cold = make_engine(llama_dir)
     estimate = cold.footprint(Tier.GPU)
     assert cold.model is None
-    run(cold.transition(Tier.COLD, Tier.GPU))
+    run(cold.move(Tier.COLD, Tier.GPU))
     exact = param_bytes(cold)
     assert estimate == cold.footprint(Tier.GPU)
     assert estimate.device_bytes == int(exact * (1 + ACTIVATION_MARGIN_FRACTION) + 0.999999)
@@ -148,7 +148,7 @@ def test_greedy_answer_survives_round_trip(engine: TransformersEngine, baseline:
     expected_bytes = param_bytes(engine)
     kept = engine.keep_host_copy
     for src, dst in itertools.pairwise(path):
-        result = run(engine.transition(src, dst))
+        result = run(engine.move(src, dst))
         assert engine.tier is dst
         copies_weights = dst in (Tier.GPU, Tier.RAM) and not (kept and (src, dst) == (Tier.GPU, Tier.RAM))
         assert result.bytes_moved == (expected_bytes if copies_weights else 0), (src, dst)
@@ -172,7 +172,7 @@ def test_offload_to_ram_releases_device_storage(engine: TransformersEngine) -> N
     params = dict(engine.model.named_parameters())
     before = {name: (p.data_ptr(), p.detach().clone()) for name, p in params.items()}
     kept_buffer = engine.host_buffer
-    result = run(engine.transition(Tier.GPU, Tier.RAM))
+    result = run(engine.move(Tier.GPU, Tier.RAM))
     host = engine.host_buffer
     assert host is not None and host.nbytes >= result.bytes_moved
     assert (host is kept_buffer) == engine.keep_host_copy, "a kept copy is reused, not made again"
@@ -183,7 +183,7 @@ def test_offload_to_ram_releases_device_storage(engine: TransformersEngine) -> N
         assert torch.equal(views[name], before[name][1])
     buffers = dict(engine.model.named_buffers())
     assert buffers["model.rotary_emb.inv_freq"].numel() > 0
-    run(engine.transition(Tier.RAM, Tier.GPU))
+    run(engine.move(Tier.RAM, Tier.GPU))
     assert (engine.host_buffer is host) == engine.keep_host_copy
     for name, p in params.items():
         assert torch.equal(p.data, before[name][1])
@@ -206,12 +206,12 @@ def test_host_copy_mode_is_validated_and_auto_follows_the_budgets(llama_dir: Pat
 
 
 def test_disk_tier_keeps_skeleton_and_tokenizer_only(engine: TransformersEngine) -> None:
-    run(engine.transition(Tier.GPU, Tier.RAM))
-    run(engine.transition(Tier.RAM, Tier.DISK))
+    run(engine.move(Tier.GPU, Tier.RAM))
+    run(engine.move(Tier.RAM, Tier.DISK))
     assert engine.host_buffer is None
     assert all(p.numel() == 0 for p in engine.model.parameters())
     assert engine.describe()["tier"] == "disk"
-    run(engine.transition(Tier.DISK, Tier.COLD))
+    run(engine.move(Tier.DISK, Tier.COLD))
     assert engine.model is None
 
 
@@ -221,7 +221,7 @@ def test_tied_and_sharded_checkpoint(tied_sharded_dir: Path) -> None:
     assert "lm_head.weight" not in index["weight_map"]
     eng = make_engine(tied_sharded_dir)
     estimate = eng.footprint(Tier.RAM).host_bytes
-    run(eng.transition(Tier.COLD, Tier.GPU))
+    run(eng.move(Tier.COLD, Tier.GPU))
     model = eng.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
     exact = param_bytes(eng)
@@ -229,7 +229,7 @@ def test_tied_and_sharded_checkpoint(tied_sharded_dir: Path) -> None:
     expected, _, _ = run(collect(eng, GREEDY))
     for src, dst in [(Tier.GPU, Tier.DISK), (Tier.DISK, Tier.GPU), (Tier.GPU, Tier.RAM), (Tier.RAM, Tier.DISK),
                      (Tier.DISK, Tier.RAM), (Tier.RAM, Tier.GPU)]:
-        result = run(eng.transition(src, dst))
+        result = run(eng.move(src, dst))
         assert result.bytes_moved in (0, exact)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert run(collect(eng, GREEDY))[0] == expected
@@ -334,7 +334,7 @@ def test_too_long_request_is_invalid(engine: TransformersEngine) -> None:
 
 def test_context_length_from_spec_wins(llama_dir: Path) -> None:
     eng = make_engine(llama_dir, context_length=16)
-    run(eng.transition(Tier.COLD, Tier.GPU))
+    run(eng.move(Tier.COLD, Tier.GPU))
     with pytest.raises(InvalidRequest, match="context length of 16"):
         run(collect(eng, GenerationRequest(prompt=PROMPT, max_tokens=8)))
     run(eng.close())
@@ -357,7 +357,7 @@ def test_concurrent_generates(engine: TransformersEngine, baseline: str) -> None
 
 
 def test_generate_needs_the_model_hot(engine: TransformersEngine, llama_dir: Path) -> None:
-    run(engine.transition(Tier.GPU, Tier.RAM))
+    run(engine.move(Tier.GPU, Tier.RAM))
     with pytest.raises(EngineError, match="tier ram"):
         run(collect(engine, GREEDY))
     cold = make_engine(llama_dir)
@@ -370,9 +370,9 @@ def test_cannot_leave_device_with_generation_in_flight(engine: TransformersEngin
         stream = engine.generate(GenerationRequest(prompt=PROMPT, max_tokens=200, temperature=0.0))
         await stream.__anext__()
         with pytest.raises(EngineError, match="in flight"):
-            await engine.transition(Tier.GPU, Tier.RAM)
+            await engine.move(Tier.GPU, Tier.RAM)
         await stream.aclose()
-        await engine.transition(Tier.GPU, Tier.RAM)
+        await engine.move(Tier.GPU, Tier.RAM)
 
     run(scenario())
     assert engine.tier is Tier.RAM
@@ -380,7 +380,7 @@ def test_cannot_leave_device_with_generation_in_flight(engine: TransformersEngin
 
 def test_wrong_source_tier_and_idempotent_close(engine: TransformersEngine) -> None:
     with pytest.raises(EngineError, match="not ram"):
-        run(engine.transition(Tier.RAM, Tier.GPU))
+        run(engine.move(Tier.RAM, Tier.GPU))
     run(engine.close())
     run(engine.close())
     assert engine.tier is Tier.COLD and engine.model is None
@@ -420,28 +420,28 @@ def test_held_back_text_is_flushed_at_the_end(llama_dir: Path) -> None:
 @pytest.mark.parametrize("host_copy", ["keep", "evict"])
 def test_gpu_memory_is_released_and_restored(llama_dir: Path, host_copy: str) -> None:
     eng = make_engine(llama_dir, device="cuda", host_copy=host_copy)
-    run(eng.transition(Tier.COLD, Tier.GPU))
+    run(eng.move(Tier.COLD, Tier.GPU))
     expected, _, _ = run(collect(eng, GREEDY))
     torch.cuda.synchronize()
     hot = torch.cuda.memory_allocated()
     weights = param_bytes(eng)
     assert (eng.host_buffer is not None) == (host_copy == "keep")
-    result = run(eng.transition(Tier.GPU, Tier.RAM))
+    result = run(eng.move(Tier.GPU, Tier.RAM))
     assert result.host_copy == ("kept" if host_copy == "keep" else "copied")
     warm = torch.cuda.memory_allocated()
     assert hot - warm >= weights * 0.99
     assert eng.host_buffer.pinned and eng.host_buffer.tensor.is_pinned()
-    run(eng.transition(Tier.RAM, Tier.GPU))
+    run(eng.move(Tier.RAM, Tier.GPU))
     assert torch.cuda.memory_allocated() - warm >= weights * 0.99
     assert run(collect(eng, GREEDY))[0] == expected
-    run(eng.transition(Tier.GPU, Tier.DISK))
+    run(eng.move(Tier.GPU, Tier.DISK))
     assert hot - torch.cuda.memory_allocated() >= weights * 0.99
     assert eng.host_buffer is None
-    run(eng.transition(Tier.DISK, Tier.GPU))
+    run(eng.move(Tier.DISK, Tier.GPU))
     assert run(collect(eng, GREEDY))[0] == expected
-    run(eng.transition(Tier.GPU, Tier.COLD))
-    run(eng.transition(Tier.COLD, Tier.RAM))
-    run(eng.transition(Tier.RAM, Tier.GPU))
+    run(eng.move(Tier.GPU, Tier.COLD))
+    run(eng.move(Tier.COLD, Tier.RAM))
+    run(eng.move(Tier.RAM, Tier.GPU))
     assert run(collect(eng, GREEDY))[0] == expected
     run(eng.close())
 
@@ -451,12 +451,12 @@ def test_gpu_memory_is_released_and_restored(llama_dir: Path, host_copy: str) ->
 def test_cuda_greedy_answer_matches_across_every_round_trip(tied_sharded_dir: Path) -> None:
     """Bit-identical greedy output on the GPU after each kind of move, for a tied, sharded checkpoint."""
     eng = make_engine(tied_sharded_dir, device="cuda")
-    run(eng.transition(Tier.COLD, Tier.GPU))
+    run(eng.move(Tier.COLD, Tier.GPU))
     expected, _, _ = run(collect(eng, GREEDY))
     for path in [(Tier.GPU, Tier.RAM, Tier.GPU), (Tier.GPU, Tier.DISK, Tier.GPU), (Tier.GPU, Tier.DISK, Tier.RAM,
                  Tier.GPU), (Tier.GPU, Tier.COLD, Tier.DISK, Tier.GPU)]:
         for src, dst in itertools.pairwise(path):
-            run(eng.transition(src, dst))
+            run(eng.move(src, dst))
         assert run(collect(eng, GREEDY))[0] == expected, path
     model = eng.model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -127,7 +127,7 @@ def test_tiers_with_and_without_sleep_mode(make_engine: Any, caplog: pytest.LogC
     assert sum("without sleep mode" in r.getMessage() for r in caplog.records) == 1
     assert any("KV cache" in r.getMessage() and "max_model_len" in r.getMessage() for r in caplog.records)
     with pytest.raises(EngineError, match="no ram tier"):
-        run(cpu.transition(Tier.GPU, Tier.RAM))
+        run(cpu.move(Tier.GPU, Tier.RAM))
 
 
 def test_footprints_and_describe(make_engine: Any) -> None:
@@ -166,7 +166,7 @@ def test_measured_device_memory_replaces_the_estimates(make_engine: Any) -> None
     probe.answers = [awake, asleep, awake + 10 * mib, asleep + 10 * mib]
 
     async def walk() -> list[Any]:
-        return [await engine.transition(src, dst) for src, dst in
+        return [await engine.move(src, dst) for src, dst in
                 ((Tier.COLD, Tier.GPU), (Tier.GPU, Tier.RAM), (Tier.RAM, Tier.DISK), (Tier.DISK, Tier.GPU),
                  (Tier.GPU, Tier.RAM), (Tier.RAM, Tier.COLD))]
 
@@ -191,7 +191,7 @@ def test_explicit_overheads_and_unseen_processes_keep_the_estimates(make_engine:
     fixed, _ = make_engine(device_usage_probe=ScriptedProbe(5 * GiB, 5 * GiB), sleep_overhead_bytes=GiB // 2)
 
     async def fixed_walk() -> list[Any]:
-        return [await fixed.transition(Tier.COLD, Tier.GPU), await fixed.transition(Tier.GPU, Tier.RAM)]
+        return [await fixed.move(Tier.COLD, Tier.GPU), await fixed.move(Tier.GPU, Tier.RAM)]
 
     to_gpu, to_ram = run(fixed_walk())
     assert to_gpu.footprints is not None, "the awake overhead was not fixed, so it is measured"
@@ -200,7 +200,7 @@ def test_explicit_overheads_and_unseen_processes_keep_the_estimates(make_engine:
     hidden, _ = make_engine(device_usage_probe=ScriptedProbe(None, None))
 
     async def hidden_walk() -> list[Any]:
-        return [await hidden.transition(Tier.COLD, Tier.GPU), await hidden.transition(Tier.GPU, Tier.RAM)]
+        return [await hidden.move(Tier.COLD, Tier.GPU), await hidden.move(Tier.GPU, Tier.RAM)]
 
     with caplog.at_level(logging.INFO, logger="clearml_umem.engines.vllm_engine"):
         results = run(hidden_walk())
@@ -213,14 +213,14 @@ def test_measured_awake_footprint_is_capped_at_the_device_budget(make_engine: An
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     engine, _ = make_engine(device_usage_probe=ScriptedProbe(20 * GiB))
     with caplog.at_level(logging.WARNING, logger="clearml_umem.engines.vllm_engine"):
-        run(engine.transition(Tier.COLD, Tier.GPU))
+        run(engine.move(Tier.COLD, Tier.GPU))
     assert engine.footprint(Tier.GPU).device_bytes == 8 * GiB
     assert "more than the device budget leaves it" in caplog.text
 
 
 def test_start_command_environment_and_log(make_engine: Any) -> None:
     engine, journal = make_engine(vllm_args=["--max-num-seqs", "4"])
-    result = run(engine.transition(Tier.COLD, Tier.GPU))
+    result = run(engine.move(Tier.COLD, Tier.GPU))
     assert result.bytes_moved == WEIGHTS
     [start] = journal.starts()
     argv = start["argv"]
@@ -235,14 +235,14 @@ def test_start_command_environment_and_log(make_engine: Any) -> None:
     assert info["running"] and info["pid"] == start["pid"] and info["url"].startswith("http://127.0.0.1:")
     assert "fake-vllm: serving m0" in Path(info["log_file"]).read_text()
     pid = engine.pid
-    run(engine.transition(Tier.GPU, Tier.COLD))
+    run(engine.move(Tier.GPU, Tier.COLD))
     assert not pid_alive(pid)
     assert engine.describe()["running"] is False
 
 
 def test_cpu_mode_runs_eager_without_sleep_mode(make_engine: Any) -> None:
     engine, journal = make_engine(sleep_mode=False)
-    run(engine.transition(Tier.COLD, Tier.GPU))
+    run(engine.move(Tier.COLD, Tier.GPU))
     argv = journal.starts()[0]["argv"]
     assert "--enforce-eager" in argv and "--enable-sleep-mode" not in argv
 
@@ -275,7 +275,7 @@ def test_sleep_and_wake_sequences_per_tier_pair(make_engine: Any) -> None:
     async def walk() -> None:
         for src, dst, expected, moved in SEQUENCES:
             journal.clear_calls()
-            result = await engine.transition(src, dst)
+            result = await engine.move(src, dst)
             assert journal.control() == expected, f"{src}->{dst}"
             assert result.bytes_moved == moved, f"{src}->{dst}"
             assert engine.describe()["tier"] == dst.value
@@ -293,15 +293,15 @@ def test_calls_to_one_process_share_a_kept_alive_connection(make_engine: Any) ->
     engine, journal = make_engine()
 
     async def walk() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         journal.clear_calls()
-        await engine.transition(Tier.GPU, Tier.DISK)
-        await engine.transition(Tier.DISK, Tier.GPU)
+        await engine.move(Tier.GPU, Tier.DISK)
+        await engine.move(Tier.DISK, Tier.GPU)
         assert not await engine.is_sleeping()
         await collect(engine, GenerationRequest(prompt="hi", max_tokens=2))
-        await engine.transition(Tier.GPU, Tier.COLD)
-        await engine.transition(Tier.COLD, Tier.GPU)
-        await engine.transition(Tier.GPU, Tier.RAM)
+        await engine.move(Tier.GPU, Tier.COLD)
+        await engine.move(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.GPU, Tier.RAM)
 
     run(walk())
     calls = [c for c in journal.calls() if "path" in c]
@@ -319,7 +319,7 @@ def test_engines_start_one_at_a_time(make_engine: Any, caplog: pytest.LogCapture
     second, j2 = make_engine(behaviour={"startup_delay_s": 0.6})
 
     async def both() -> None:
-        await asyncio.gather(first.transition(Tier.COLD, Tier.GPU), second.transition(Tier.COLD, Tier.GPU))
+        await asyncio.gather(first.move(Tier.COLD, Tier.GPU), second.move(Tier.COLD, Tier.GPU))
 
     with caplog.at_level(logging.INFO, logger="clearml_umem.engines.vllm_engine"):
         run(both())
@@ -334,9 +334,9 @@ def test_close_while_waiting_to_start_launches_nothing(make_engine: Any) -> None
     second, j2 = make_engine()
 
     async def race() -> None:
-        starting = asyncio.create_task(first.transition(Tier.COLD, Tier.GPU))
+        starting = asyncio.create_task(first.move(Tier.COLD, Tier.GPU))
         await asyncio.sleep(0.1)
-        waiting = asyncio.create_task(second.transition(Tier.COLD, Tier.GPU))
+        waiting = asyncio.create_task(second.move(Tier.COLD, Tier.GPU))
         await asyncio.sleep(0.1)
         await second.close()
         with pytest.raises(EngineError, match="engine closed while"):
@@ -351,12 +351,12 @@ def test_ram_to_disk_stops_and_disk_to_gpu_starts_again(make_engine: Any) -> Non
     engine, journal = make_engine()
 
     async def walk() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
-        await engine.transition(Tier.GPU, Tier.RAM)
+        await engine.move(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.GPU, Tier.RAM)
         journal.clear_calls()
-        assert (await engine.transition(Tier.RAM, Tier.DISK)).bytes_moved == 0
+        assert (await engine.move(Tier.RAM, Tier.DISK)).bytes_moved == 0
         assert engine.pid is None and journal.control() == []
-        await engine.transition(Tier.DISK, Tier.GPU)
+        await engine.move(Tier.DISK, Tier.GPU)
         assert journal.control() == []
 
     run(walk())
@@ -367,7 +367,7 @@ def test_generate_chat_and_completion(make_engine: Any) -> None:
     engine, journal = make_engine()
 
     async def go() -> tuple[list[Any], list[Any]]:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         chat = await collect(engine, GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                                        temperature=0.0, stop=["\n"], seed=7))
         text = await collect(engine, GenerationRequest(prompt="hello", max_tokens=6,
@@ -396,7 +396,7 @@ def test_bad_request_maps_to_invalid_request(make_engine: Any) -> None:
     engine, _ = make_engine()
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         await collect(engine, GenerationRequest(prompt="x", max_tokens=10**6))
 
     with pytest.raises(InvalidRequest, match="max_model_len"):
@@ -408,7 +408,7 @@ def test_closing_the_iterator_closes_the_stream(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"token_delay_s": 0.05})
 
     async def go() -> int:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         stream = engine.generate(GenerationRequest(prompt="x", max_tokens=400))
         got = 0
         async for _ in stream:
@@ -429,7 +429,7 @@ def test_dead_process_is_restarted_before_a_request(make_engine: Any) -> None:
     engine, journal = make_engine()
 
     async def go() -> list[Any]:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         os.kill(engine.pid, signal.SIGKILL)
         assert wait_until(lambda: not engine._running(), 5)
         return await collect(engine, GenerationRequest(prompt="x", max_tokens=2))
@@ -443,7 +443,7 @@ def test_crash_under_a_request_restarts_and_retries_once(make_engine: Any) -> No
     engine, journal = make_engine(behaviour={"crash_on": {"/v1/completions": 1}})
 
     async def go() -> list[Any]:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         return await collect(engine, GenerationRequest(prompt="x", max_tokens=2))
 
     assert "".join(d.text for d in run(go())) == "Hello,"
@@ -454,7 +454,7 @@ def test_a_second_crash_fails_the_request(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"crash_on": {"/v1/completions": 5}})
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         await collect(engine, GenerationRequest(prompt="x", max_tokens=2))
 
     with pytest.raises(EngineError, match="stream from vLLM failed"):
@@ -466,10 +466,10 @@ def test_failed_wake_restarts_the_process(make_engine: Any) -> None:
     engine, journal = make_engine()
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
-        await engine.transition(Tier.GPU, Tier.RAM)
+        await engine.move(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.GPU, Tier.RAM)
         journal.set(fail={"/wake_up": {"status": 500, "message": "engine core is wedged", "times": 1}})
-        await engine.transition(Tier.RAM, Tier.GPU)
+        await engine.move(Tier.RAM, Tier.GPU)
         assert not await engine.is_sleeping()
 
     run(go())
@@ -481,10 +481,10 @@ def test_failed_wake_on_the_way_through_is_reported_not_restarted(make_engine: A
     engine, journal = make_engine()
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.DISK)
+        await engine.move(Tier.COLD, Tier.DISK)
         journal.set(fail={"/wake_up": {"status": 500, "message": "engine core is wedged", "times": 1}})
         with pytest.raises(EngineError, match="answered 500"):
-            await engine.transition(Tier.DISK, Tier.RAM)
+            await engine.move(Tier.DISK, Tier.RAM)
         assert engine.describe()["tier"] == "disk"
 
     run(go())
@@ -495,12 +495,12 @@ def test_dead_process_in_ram_is_started_on_wake(make_engine: Any) -> None:
     engine, journal = make_engine()
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
-        await engine.transition(Tier.GPU, Tier.RAM)
+        await engine.move(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.GPU, Tier.RAM)
         os.kill(engine.pid, signal.SIGKILL)
         assert wait_until(lambda: not engine._running(), 5)
         journal.clear_calls()
-        await engine.transition(Tier.RAM, Tier.GPU)
+        await engine.move(Tier.RAM, Tier.GPU)
         assert journal.control() == []
 
     run(go())
@@ -511,14 +511,14 @@ def test_wake_out_of_memory_is_reported_not_restarted(make_engine: Any) -> None:
     engine, journal = make_engine()
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
-        await engine.transition(Tier.GPU, Tier.RAM)
+        await engine.move(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.GPU, Tier.RAM)
         journal.set(fail={"/wake_up": {"status": 500, "times": 1,
                                        "message": "CUDA out of memory. Tried to allocate 2.00 GiB"}})
         with pytest.raises(EngineOutOfMemory):
-            await engine.transition(Tier.RAM, Tier.GPU)
+            await engine.move(Tier.RAM, Tier.GPU)
         assert engine.describe()["tier"] == "ram"
-        await engine.transition(Tier.RAM, Tier.GPU)
+        await engine.move(Tier.RAM, Tier.GPU)
 
     run(go())
     assert engine.restarts == 0 and len(journal.starts()) == 1
@@ -528,18 +528,18 @@ def test_out_of_memory_at_start_is_reported_without_retry(make_engine: Any) -> N
     engine, journal = make_engine(behaviour={"exit_at_start_times": 5, "exit_message":
                                              "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB"})
     with pytest.raises(EngineOutOfMemory, match="exited with code 3"):
-        run(engine.transition(Tier.COLD, Tier.GPU))
+        run(engine.move(Tier.COLD, Tier.GPU))
     assert len(journal.starts()) == 1
     assert engine.pid is None
 
 
 def test_crash_at_start_is_retried_once(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"exit_at_start_times": 1})
-    run(engine.transition(Tier.COLD, Tier.GPU))
+    run(engine.move(Tier.COLD, Tier.GPU))
     assert engine.restarts == 1 and len(journal.starts()) == 2
     again, journal2 = make_engine(behaviour={"exit_at_start_times": 2})
     with pytest.raises(EngineError, match="failing at start"):
-        run(again.transition(Tier.COLD, Tier.GPU))
+        run(again.move(Tier.COLD, Tier.GPU))
     assert len(journal2.starts()) == 2
 
 
@@ -547,7 +547,7 @@ def test_start_timeout_stops_the_process(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"startup_delay_s": 60}, start_timeout_s=1.0)
     started = time.monotonic()
     with pytest.raises(ve.EngineStartTimeout, match="not healthy after"):
-        run(engine.transition(Tier.COLD, Tier.GPU))
+        run(engine.move(Tier.COLD, Tier.GPU))
     assert time.monotonic() - started < 10
     [start] = journal.starts()
     assert wait_until(lambda: not pid_alive(start["pid"]), 5)
@@ -558,15 +558,15 @@ def test_failed_sleep_is_retried_once(make_engine: Any) -> None:
     engine, journal = make_engine()
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         journal.set(fail={"/sleep": {"status": 500, "message": "busy", "times": 1}})
         journal.clear_calls()
-        await engine.transition(Tier.GPU, Tier.RAM)
+        await engine.move(Tier.GPU, Tier.RAM)
         assert [c[0] for c in journal.control()] == ["/sleep", "/sleep"]
         journal.set(fail={"/sleep": {"status": 500, "message": "busy", "times": 5}})
-        await engine.transition(Tier.RAM, Tier.GPU)
+        await engine.move(Tier.RAM, Tier.GPU)
         with pytest.raises(EngineError, match="answered 500"):
-            await engine.transition(Tier.GPU, Tier.DISK)
+            await engine.move(Tier.GPU, Tier.DISK)
 
     run(go())
 
@@ -575,12 +575,12 @@ def test_process_dead_on_the_way_to_sleep_counts_as_asleep(make_engine: Any) -> 
     engine, journal = make_engine()
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         os.kill(engine.pid, signal.SIGKILL)
         assert wait_until(lambda: not engine._running(), 5)
-        assert (await engine.transition(Tier.GPU, Tier.RAM)).bytes_moved == 0
+        assert (await engine.move(Tier.GPU, Tier.RAM)).bytes_moved == 0
         assert engine.pid is None
-        await engine.transition(Tier.RAM, Tier.GPU)
+        await engine.move(Tier.RAM, Tier.GPU)
 
     run(go())
     assert len(journal.starts()) == 2
@@ -590,10 +590,10 @@ def test_crash_while_going_to_sleep_leaves_it_stopped(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"crash_on": {"/sleep": 1}})
 
     async def go() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
-        assert (await engine.transition(Tier.GPU, Tier.RAM)).bytes_moved == 0
+        await engine.move(Tier.COLD, Tier.GPU)
+        assert (await engine.move(Tier.GPU, Tier.RAM)).bytes_moved == 0
         assert engine.pid is None and engine.describe()["tier"] == "ram"
-        await engine.transition(Tier.RAM, Tier.GPU)
+        await engine.move(Tier.RAM, Tier.GPU)
 
     run(go())
     assert len(journal.starts()) == 2
@@ -601,7 +601,7 @@ def test_crash_while_going_to_sleep_leaves_it_stopped(make_engine: Any) -> None:
 
 def test_close_stops_the_group_even_when_sigterm_is_ignored(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"spawn_child": True, "ignore_sigterm": True}, stop_grace_s=0.5)
-    run(engine.transition(Tier.COLD, Tier.GPU))
+    run(engine.move(Tier.COLD, Tier.GPU))
     leader = engine.pid
     child = int((journal.state / "children.txt").read_text().split()[0])
     assert pid_alive(child)
@@ -610,7 +610,7 @@ def test_close_stops_the_group_even_when_sigterm_is_ignored(make_engine: Any) ->
     assert not pid_alive(leader)
     assert wait_until(lambda: not pid_alive(child), 5)
     assert engine.describe()["tier"] == "cold"
-    run(engine.transition(Tier.COLD, Tier.GPU))
+    run(engine.move(Tier.COLD, Tier.GPU))
     assert engine.describe()["running"] and len(journal.starts()) == 2
 
 
@@ -618,7 +618,7 @@ def test_close_during_start_is_not_retried(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"startup_delay_s": 30})
 
     async def go() -> None:
-        move = asyncio.ensure_future(engine.transition(Tier.COLD, Tier.GPU))
+        move = asyncio.ensure_future(engine.move(Tier.COLD, Tier.GPU))
         assert await asyncio.to_thread(wait_until, lambda: len(journal.starts()) == 1, 10)
         await engine.close()
         with pytest.raises(EngineError):

@@ -65,14 +65,14 @@ def test_sleep_round_trips_keep_greedy_output(setup: tuple[str, Path], tmp_path:
     timings: dict[str, float] = {}
 
     async def scenario() -> None:
-        await engine.transition(Tier.COLD, Tier.GPU)
+        await engine.move(Tier.COLD, Tier.GPU)
         before = await greedy(engine)
         assert before
         for level_tier in (Tier.RAM, Tier.DISK):
-            await engine.transition(Tier.GPU, level_tier)
+            await engine.move(Tier.GPU, level_tier)
             assert await engine.is_sleeping()
             started = time.perf_counter()
-            await engine.transition(level_tier, Tier.GPU)
+            await engine.move(level_tier, Tier.GPU)
             timings[f"{level_tier.value}->gpu s"] = time.perf_counter() - started
             assert not await engine.is_sleeping()
             assert await greedy(engine) == before, f"greedy output changed across a {level_tier.value} round trip"
@@ -86,8 +86,8 @@ def test_sleep_round_trips_keep_greedy_output(setup: tuple[str, Path], tmp_path:
         asyncio.run(scenario())
     finally:
         asyncio.run(engine.close())
-    swap_gbps = spec.size_bytes / timings["ram->gpu s"] / 1e9
+    move_gbps = spec.size_bytes / timings["ram->gpu s"] / 1e9
     print(f"\nvLLM sleep mode on {probe.path}: weights {spec.size_bytes / 1e9:.2f} GB; "
-          f"probe {probe.gbps:.1f} GB/s; wake from ram {timings['ram->gpu s']:.3f} s ({swap_gbps:.1f} GB/s, "
-          f"{swap_gbps / probe.gbps:.2f} of the probe); wake from disk {timings['disk->gpu s']:.3f} s; "
+          f"probe {probe.gbps:.1f} GB/s; wake from ram {timings['ram->gpu s']:.3f} s ({move_gbps:.1f} GB/s, "
+          f"{move_gbps / probe.gbps:.2f} of the probe); wake from disk {timings['disk->gpu s']:.3f} s; "
           f"measured device bytes {engine.describe()['measured_device_bytes']}")

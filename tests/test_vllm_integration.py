@@ -95,7 +95,7 @@ def test_two_engines_directly(vllm_python: str, vllm_models: dict[str, Path], tm
 
     async def scenario() -> None:
         started = time.monotonic()
-        await first.transition(Tier.COLD, Tier.GPU)
+        await first.move(Tier.COLD, Tier.GPU)
         timings["healthy_s"] = time.monotonic() - started
         seen.extend(group_pids(first.pid))
         assert len(seen) >= 2, "vLLM runs an engine core beside its API server"
@@ -136,9 +136,9 @@ def test_two_engines_directly(vllm_python: str, vllm_models: dict[str, Path], tm
         after_cancel, _ = await chat(first)
         assert after_cancel == text
 
-        await first.transition(Tier.GPU, Tier.COLD)
+        await first.move(Tier.GPU, Tier.COLD)
         started = time.monotonic()
-        await second.transition(Tier.COLD, Tier.GPU)
+        await second.move(Tier.COLD, Tier.GPU)
         timings["second_healthy_s"] = time.monotonic() - started
         seen.extend(group_pids(second.pid))
         deltas = [d async for d in second.generate(GenerationRequest(prompt="Once upon a time", max_tokens=6,

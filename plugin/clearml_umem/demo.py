@@ -20,7 +20,7 @@ from clearml_umem.catalog import write_manifest
 from clearml_umem.client import open_client, place, stream_ttft, tier_of
 from clearml_umem.config import ServeConfig
 from clearml_umem.engines import EngineContext, create_engine
-from clearml_umem.events import Event, TransitionFinished
+from clearml_umem.events import Event, MoveFinished
 from clearml_umem.memory import detect_budgets, resolve_device
 from clearml_umem.server import UnifiedMemoryServer
 from clearml_umem.spec import ModelSpec, spec_from_mapping
@@ -77,11 +77,11 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
     config = ServeConfig(manifest=str(manifest), port=0, device=device, work_dir=str(work),
                          device_budget=str(device_budget), host_budget=str(budgets.host_bytes))
     server = UnifiedMemoryServer(config, budgets=budgets)
-    swaps: dict[tuple[str, str], list[TransitionFinished]] = defaultdict(list)
+    swaps: dict[tuple[str, str], list[MoveFinished]] = defaultdict(list)
     lock = threading.Lock()
 
     def on_event(event: Event) -> None:
-        if isinstance(event, TransitionFinished):
+        if isinstance(event, MoveFinished):
             with lock:
                 swaps[(event.model, event.direction)].append(event)
 
@@ -155,7 +155,7 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
         print()
         print(f"bandwidth probe ({probe.path}): {probe.gbps:.2f} GB/s; swap-in GB/s counts RAM -> {device} moves only;"
               " swap-out is GPU -> RAM, median; host copy 'kept' = it stayed while hot, only device memory freed")
-        swap_lines = [line for line in metrics_text.splitlines() if line.startswith("umem_swap_seconds_count")]
+        swap_lines = [line for line in metrics_text.splitlines() if line.startswith("umem_move_seconds_count")]
         print(f"/metrics reports {len(swap_lines)} swap series; e.g. {swap_lines[0] if swap_lines else '-'}")
         if keep_serving:
             _say(f"serving on {url} until Ctrl-C")

@@ -72,13 +72,13 @@ class RequestRejected(Event):
 
 
 @dataclass(frozen=True)
-class TransitionStarted(Event):
+class MoveStarted(Event):
     src: Tier
     dst: Tier
 
 
 @dataclass(frozen=True)
-class TransitionFinished(Event):
+class MoveFinished(Event):
     src: Tier
     dst: Tier
     seconds: float
@@ -98,7 +98,7 @@ class TransitionFinished(Event):
 
 
 @dataclass(frozen=True)
-class TransitionFailed(Event):
+class MoveFailed(Event):
     src: Tier
     dst: Tier
     error: str

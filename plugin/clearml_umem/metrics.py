@@ -24,12 +24,12 @@ from clearml_umem.events import (
     EventBus,
     FirstToken,
     MemorySnapshot,
+    MoveFailed,
+    MoveFinished,
     RequestArrived,
     RequestDispatched,
     RequestFinished,
     RequestRejected,
-    TransitionFailed,
-    TransitionFinished,
 )
 from clearml_umem.tiers import ALL_TIERS, Tier
 
@@ -56,7 +56,7 @@ class _SwapStats:
         self.bytes = 0
         self.gbps_sum = 0.0
 
-    def add(self, event: TransitionFinished) -> None:
+    def add(self, event: MoveFinished) -> None:
         self.count += 1
         self.seconds += event.seconds
         self.bytes += event.bytes_moved
@@ -84,11 +84,11 @@ class Metrics:
                               "first token sent, by the tier the model was served from (where it was on "
                               "arrival, or the tier it came back from if it left the GPU first)", ["model", "tier"],
                               buckets=TTFT_BUCKETS, registry=r)
-        self.swap_seconds = Histogram("umem_swap_seconds", "Duration of tier moves; direction in = toward the GPU",
+        self.move_seconds = Histogram("umem_move_seconds", "Duration of tier moves; direction in = toward the GPU",
                                       ["model", "direction", "src", "dst"], buckets=SWAP_BUCKETS, registry=r)
-        self.swap_bytes = Counter("umem_swap_bytes", "Bytes moved by tier moves",
+        self.move_bytes = Counter("umem_move_bytes", "Bytes moved by tier moves",
                                   ["model", "direction", "src", "dst"], registry=r)
-        self.swap_gbps = Gauge("umem_swap_gbps", "Speed of the last tier move (GB/s)", ["model", "direction"],
+        self.move_gbps = Gauge("umem_move_gbps", "Speed of the last tier move (GB/s)", ["model", "direction"],
                                registry=r)
         self.swap_out_host_copy = Counter(
             "umem_swap_out_host_copy", "Swap-outs by how the host copy was had: kept (made while hot, so only "
@@ -100,7 +100,7 @@ class Metrics:
                                   registry=r)
         self.finished = Counter("umem_requests_finished", "Requests that ended, successfully or not",
                                 ["model", "ok"], registry=r)
-        self.transition_failures = Counter("umem_transition_failures", "Tier moves that failed",
+        self.move_failures = Counter("umem_move_failures", "Tier moves that failed",
                                            ["model", "src", "dst"], registry=r)
         self.memory = Gauge("umem_memory_bytes", "Budgeted memory: used and budget, on the device and the host",
                             ["kind", "what"], registry=r)
@@ -119,8 +119,8 @@ class Metrics:
         self._tiers: dict[str, Tier | None] = {}
         self._handlers: dict[type[Event], Callable[[Any], None]] = {
             FirstToken: self._on_first_token,
-            TransitionFinished: self._on_transition_finished,
-            TransitionFailed: self._on_transition_failed,
+            MoveFinished: self._on_move_finished,
+            MoveFailed: self._on_move_failed,
             RequestArrived: self._on_arrived,
             RequestRejected: self._on_rejected,
             RequestFinished: self._on_finished,
@@ -141,20 +141,20 @@ class Metrics:
         with self._lock:
             self._ttft_samples[(e.model, e.served_from)].append(e.ttft_s)
 
-    def _on_transition_finished(self, e: TransitionFinished) -> None:
+    def _on_move_finished(self, e: MoveFinished) -> None:
         labels = (e.model, e.direction, e.src.value, e.dst.value)
-        self.swap_seconds.labels(*labels).observe(e.seconds)
-        self.swap_bytes.labels(*labels).inc(max(0, e.bytes_moved))
+        self.move_seconds.labels(*labels).observe(e.seconds)
+        self.move_bytes.labels(*labels).inc(max(0, e.bytes_moved))
         if e.host_copy is not None:
             self.swap_out_host_copy.labels(e.model, e.host_copy).inc()
         if e.bytes_moved > 0:
-            self.swap_gbps.labels(e.model, e.direction).set(e.gbps)
+            self.move_gbps.labels(e.model, e.direction).set(e.gbps)
         with self._lock:
             self._swaps[(e.model, e.direction)].add(e)
         self._set_tier(e.model, e.dst)
 
-    def _on_transition_failed(self, e: TransitionFailed) -> None:
-        self.transition_failures.labels(e.model, e.src.value, e.dst.value).inc()
+    def _on_move_failed(self, e: MoveFailed) -> None:
+        self.move_failures.labels(e.model, e.src.value, e.dst.value).inc()
         # Where a failed move leaves the engine (back in src, or cold) is the runtime's call and
         # not in the event: the gauge says "unknown" until the next move or `set_model_tiers`.
         self._set_tier(e.model, None)

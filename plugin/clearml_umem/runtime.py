@@ -277,7 +277,7 @@ class Runtime:
         started = self._clock()
         log.info("model %s: %s -> %s", cmd.model, cmd.src.value, cmd.dst.value)
         try:
-            result = await engine.transition(cmd.src, cmd.dst)
+            result = await engine.move(cmd.src, cmd.dst)
         except EngineOutOfMemory as exc:
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)

@@ -31,12 +31,12 @@ from clearml_umem.errors import InvalidInput, NotFound
 from clearml_umem.events import (
     Event,
     MemorySnapshot,
+    MoveFailed,
+    MoveFinished,
+    MoveStarted,
     RequestArrived,
     RequestDispatched,
     RequestRejected,
-    TransitionFailed,
-    TransitionFinished,
-    TransitionStarted,
 )
 from clearml_umem.ledger import Ledger, footprint
 from clearml_umem.model_state import ModelRecord, ModelState, OomRetry, Waiting, Wish
@@ -195,7 +195,7 @@ class Scheduler:
             model.wish = None
             if dst is Tier.GPU:
                 model.last_used = self._clock()
-        self._emit(TransitionFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
+        self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
                                       bytes_moved=bytes_moved, host_copy=host_copy))
         self._emit_memory()
         return self._pump()
@@ -210,7 +210,7 @@ class Scheduler:
         model = self._get(name)
         self._check_move(model, src, dst)
         model.tier, model.moving_to = now_in, None
-        self._emit(TransitionFailed(model=name, t=self._clock(), src=src, dst=dst, error=error))
+        self._emit(MoveFailed(model=name, t=self._clock(), src=src, dst=dst, error=error))
         self._emit_memory()
         cmds: list[Command] = []
         if dst is Tier.GPU and out_of_memory and model.oom_retry is None:
@@ -413,7 +413,7 @@ class Scheduler:
             for w in m.waiting:
                 if w.served_from.hotter_than(src):
                     w.served_from = src
-        self._emit(TransitionStarted(model=m.name, t=self._clock(), src=src, dst=dst))
+        self._emit(MoveStarted(model=m.name, t=self._clock(), src=src, dst=dst))
         self._emit_memory()
         return Move(m.name, src, dst)
 

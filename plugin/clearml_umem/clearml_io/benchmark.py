@@ -24,7 +24,7 @@ from typing import Any
 
 from clearml_umem.client import open_client, place, stream_ttft
 from clearml_umem.config import ConfigError, ServeConfig
-from clearml_umem.events import Event, TransitionFinished
+from clearml_umem.events import Event, MoveFinished
 from clearml_umem.tiers import Tier
 
 SCENARIOS: tuple[tuple[str, Tier], ...] = (
@@ -116,14 +116,14 @@ class SwapRecorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.events: list[TransitionFinished] = []
+        self.events: list[MoveFinished] = []
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, TransitionFinished):
+        if isinstance(event, MoveFinished):
             with self._lock:
                 self.events.append(event)
 
-    def since(self, index: int, model: str, src: Tier, dst: Tier = Tier.GPU) -> list[TransitionFinished]:
+    def since(self, index: int, model: str, src: Tier, dst: Tier = Tier.GPU) -> list[MoveFinished]:
         with self._lock:
             return [e for e in self.events[index:] if e.model == model and e.src is src and e.dst is dst]
 

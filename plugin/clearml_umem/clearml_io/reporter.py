@@ -25,7 +25,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
-from clearml_umem.events import Event, EventBus, FirstToken, MemorySnapshot, RequestArrived, TransitionFinished
+from clearml_umem.events import Event, EventBus, FirstToken, MemorySnapshot, MoveFinished, RequestArrived
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ClearMLReporter:
         return self
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, (FirstToken, TransitionFinished, RequestArrived, MemorySnapshot)):
+        if isinstance(event, (FirstToken, MoveFinished, RequestArrived, MemorySnapshot)):
             if len(self._buffer) == self._buffer.maxlen:
                 self.dropped += 1
             self._buffer.append(event)
@@ -129,7 +129,7 @@ class ClearMLReporter:
             self._ttft[(event.model, tier)].append(event.ttft_s)
             self._scalar(ttft_title(event.model), tier.value, event.ttft_s)
             self._scalar(TITLE_TTFT_BY_TIER, tier.value, event.ttft_s)
-        elif isinstance(event, TransitionFinished):
+        elif isinstance(event, MoveFinished):
             seconds_title, gbps_title = swap_titles(event.direction)
             series = f"{event.model} {event.src.value}->{event.dst.value}"
             if event.host_copy is not None:

@@ -13,7 +13,7 @@ from clearml_umem.engines.base import (
     Footprint,
     GenerationRequest,
     InvalidRequest,
-    TransitionResult,
+    MoveResult,
 )
 from clearml_umem.spec import ModelSpec
 
@@ -60,6 +60,6 @@ __all__ = [
     "GenerationRequest",
     "InvalidRequest",
     "SAMPLING_OPTIONS",
-    "TransitionResult",
+    "MoveResult",
     "create_engine",
 ]

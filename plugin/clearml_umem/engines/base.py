@@ -51,7 +51,7 @@ class Delta:
 
 
 @dataclass(frozen=True)
-class TransitionResult:
+class MoveResult:
     """What one tier move did, for the swap metrics.
 
     `footprints` is set when the move taught the engine better numbers than it registered
@@ -114,7 +114,7 @@ class Engine(Protocol):
         reserves that tier's footprint too while such a move runs."""
         ...
 
-    async def transition(self, src: Tier, dst: Tier) -> TransitionResult:
+    async def move(self, src: Tier, dst: Tier) -> MoveResult:
         """Move from `src` to `dst`; both are in `tiers`. Raises EngineError on failure."""
         ...
 

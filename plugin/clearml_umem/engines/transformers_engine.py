@@ -58,7 +58,7 @@ from clearml_umem.engines.base import (
     Footprint,
     GenerationRequest,
     InvalidRequest,
-    TransitionResult,
+    MoveResult,
 )
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.weight_store import (
@@ -94,7 +94,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 MOVES: MoveTable[tuple[Tier, Tier]] = MoveTable({(a, b): (a, b) for a in ALL_TIERS for b in ALL_TIERS if a is not b})
-"""Every tier to every other in one step: `_move` builds any tier from the three parts it is made of."""
+"""Every tier to every other in one step: `_step` builds any tier from the three parts it is made of."""
 
 
 def keep_host_copy(ctx: EngineContext) -> bool:
@@ -322,7 +322,7 @@ class TransformersEngine:
         self._counting_tokenizer: Any = None
         self._counting_lock = threading.Lock()
         self.keep_host_copy = keep_host_copy(ctx)
-        self._transition_lock = threading.Lock()
+        self._move_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._moving = False
         self._jobs: set[_Job] = set()
@@ -419,16 +419,16 @@ class TransformersEngine:
             "active_generations": self.active_generations,
         }
 
-    # ------------------------------------------------------------ transitions
+    # ------------------------------------------------------------------ moves
 
-    async def transition(self, src: Tier, dst: Tier) -> TransitionResult:
+    async def move(self, src: Tier, dst: Tier) -> MoveResult:
         src, dst = Tier(src), Tier(dst)
         if src == dst:
-            raise EngineError(f"model {self.spec.name!r}: transition from {src} to itself")
-        return await asyncio.to_thread(self._transition_sync, src, dst)
+            raise EngineError(f"model {self.spec.name!r}: move from {src} to itself")
+        return await asyncio.to_thread(self._move_sync, src, dst)
 
-    def _transition_sync(self, src: Tier, dst: Tier) -> TransitionResult:
-        with self._transition_lock:
+    def _move_sync(self, src: Tier, dst: Tier) -> MoveResult:
+        with self._move_lock:
             with self._state_lock:
                 if self._tier is not src:
                     raise EngineError(f"model {self.spec.name!r} is in tier {self._tier}, not {src}")
@@ -442,14 +442,14 @@ class TransformersEngine:
                     host_copy = "kept" if self._host is not None else "copied"
                 moved = 0
                 for stop, step in MOVES.route(src, dst):
-                    moved += self._run_step(lambda step=step: self._move(*step))
+                    moved += self._run_step(lambda step=step: self._step(*step))
                     self._tier = stop
-                return TransitionResult(bytes_moved=moved, host_copy=host_copy)
+                return MoveResult(bytes_moved=moved, host_copy=host_copy)
             finally:
                 with self._state_lock:
                     self._moving = False
 
-    def _move(self, src: Tier, dst: Tier) -> int:
+    def _step(self, src: Tier, dst: Tier) -> int:
         """One move as a few steps on the three things a tier is made of.
 
         The skeleton (module with empty parameters, buffers, tokenizer) exists in every tier
@@ -668,7 +668,7 @@ class TransformersEngine:
         """Stream one request from its own thread.
 
         A dedicated thread rather than the loop's default executor: long generations would
-        otherwise occupy its few workers and starve the `to_thread` calls of transitions.
+        otherwise occupy its few workers and starve the `to_thread` calls of moves.
         Errors, InvalidRequest included, surface on the first `__anext__`.
         """
         loop = asyncio.get_running_loop()
@@ -833,7 +833,7 @@ class TransformersEngine:
         await asyncio.to_thread(self._close_sync)
 
     def _close_sync(self) -> None:
-        with self._transition_lock:
+        with self._move_lock:
             self._unload()
             self._tier = Tier.COLD
 

@@ -46,7 +46,7 @@ from clearml_umem.engines.base import (
     Footprint,
     GenerationRequest,
     InvalidRequest,
-    TransitionResult,
+    MoveResult,
 )
 from clearml_umem.engines.device_usage import DeviceUsageProbe, default_probe, process_tree
 from clearml_umem.engines.kv_sizing import GiB, KVPlan, KVSizingError, plan_kv_cache, shape_from_config
@@ -346,7 +346,7 @@ class VLLMEngine:
             self._lock = asyncio.Lock()
         return self._lock
 
-    async def transition(self, src: Tier, dst: Tier) -> TransitionResult:
+    async def move(self, src: Tier, dst: Tier) -> MoveResult:
         """Run the steps of the move table from `src` to `dst`, one at a time under the move lock.
 
         A move reports the bytes of its last step: the ones before it only bring the server
@@ -359,7 +359,7 @@ class VLLMEngine:
                                   f"(tiers: {', '.join(sorted(t.value for t in self.tiers))})")
         async with self._get_lock():
             if src is dst:
-                return TransitionResult(bytes_moved=0)
+                return MoveResult(bytes_moved=0)
             moved, here = 0, src
             for stop, step in self.moves.route(src, dst):
                 moved = await self._run_step(step, here, ends_move=stop is dst)
@@ -367,7 +367,7 @@ class VLLMEngine:
             self._tier = dst
             changed = await self._measure(dst) if self.ctx.device != "cpu" and dst is not Tier.COLD else False
             footprints = {tier: self.footprint(tier) for tier in self.tiers} if changed else None
-            return TransitionResult(bytes_moved=moved, footprints=footprints)
+            return MoveResult(bytes_moved=moved, footprints=footprints)
 
     async def _run_step(self, step: Step, src: Tier, *, ends_move: bool) -> int:
         """One step of the move table; returns the bytes it moved between device and host."""
@@ -565,7 +565,7 @@ class VLLMEngine:
         yield decoder.finish()
 
     async def close(self) -> None:
-        """Stops the process without waiting for a transition in progress: that one sees it gone and fails
+        """Stops the process without waiting for a move in progress: that one sees it gone and fails
         (a start is not retried then). The engine stays usable: a later move from cold starts it again,
         which is how the runtime reuses an engine it closed after a failed move."""
         await self.process.close()
