@@ -116,6 +116,10 @@ class FakeRuntime:
     def model_names(self) -> list[str]:
         return sorted(self.engines)
 
+    async def check_request(self, model: str, request: GenerationRequest) -> None:
+        if model not in self.engines:
+            raise ModelNotFound(model)
+
     @asynccontextmanager
     async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:
         if model not in self.engines:

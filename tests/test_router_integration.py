@@ -184,3 +184,29 @@ def test_stop_and_kill_leave_no_process_behind(served, tiny_models: dict[str, Pa
             router.kill()
         assert wait_gone(pids) == []
     assert served_router.proc.poll() is None
+
+
+def test_a_prompt_over_the_context_is_refused_before_any_move(served) -> None:
+    """With one model hot, a too-long prompt for another is a 400 naming the field, and nothing moves."""
+    router, names = served
+    first, other = names[0], names[1]
+    client = _client(router)
+    client.chat.completions.create(model=first, messages=CHAT, max_tokens=2)
+
+    def tiers() -> dict[str, str]:
+        return {r["name"]: r["tier"] for r in httpx.get(router.url + "/admin/models", timeout=30).json()["data"]}
+
+    def moves() -> float:
+        return _metric(httpx.get(router.url + "/metrics", timeout=30).text, "umem_move_seconds_count")
+
+    before_tiers, before_moves = tiers(), moves()
+    assert before_tiers[first] == "gpu" and before_tiers[other] != "gpu"
+    for kind, body in (("messages", {"messages": [{"role": "user", "content": "x" * 5000}]}),
+                       ("prompt", {"prompt": "y" * 5000})):
+        path = "/v1/chat/completions" if kind == "messages" else "/v1/completions"
+        resp = httpx.post(router.url + path, json={"model": other, "max_tokens": 4, **body}, timeout=120)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == kind and error["code"] == "context_length_exceeded"
+        assert "context length" in error["message"]
+    assert tiers() == before_tiers and moves() == before_moves, "nothing moved for a request that could never fit"

@@ -19,7 +19,7 @@ from typing import Any
 
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
-from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, create_engine
+from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, GenerationRequest, create_engine
 from clearml_umem.errors import NotFound, ServingError
 from clearml_umem.events import EventBus
 from clearml_umem.policy import Policy
@@ -198,6 +198,16 @@ class Runtime:
         }
 
     # -- requests -------------------------------------------------------------------------
+
+    async def check_request(self, model: str, request: GenerationRequest) -> None:
+        """Refuse what the model can never serve (a prompt over its context window) before the
+        request waits for it or moves anything. Engines that can tell without being loaded do
+        (`check_request`, run in a worker thread: tokenizing a long prompt takes a while)."""
+        if model not in self._specs:
+            raise ModelNotFound(model)
+        check = getattr(self._engines[model], "check_request", None)
+        if check is not None:
+            await asyncio.to_thread(check, request)
 
     @asynccontextmanager
     async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:

@@ -42,6 +42,8 @@ class ServingRuntime(Protocol):
 
     def model_names(self) -> list[str]: ...
 
+    async def check_request(self, model: str, request: GenerationRequest) -> None: ...
+
     def lease(self, model: str, request_id: str) -> AbstractAsyncContextManager[Lease]: ...
 
     async def place(self, model: str, tier: Tier) -> Any: ...
@@ -78,6 +80,7 @@ class Generation:
         context...) still be a proper HTTP error instead of an error in the middle of a stream.
         """
         try:
+            await self.runtime.check_request(self.model, self.request)
             lease = await self._stack.enter_async_context(self.runtime.lease(self.model, self.request_id))
         except ServingError as exc:
             raise api_error(exc) from None
