@@ -210,3 +210,30 @@ def test_a_prompt_over_the_context_is_refused_before_any_move(served) -> None:
         assert error["param"] == kind and error["code"] == "context_length_exceeded"
         assert "context length" in error["message"]
     assert tiers() == before_tiers and moves() == before_moves, "nothing moved for a request that could never fit"
+
+
+def test_clients_that_hang_up_cost_their_model_nothing(served) -> None:
+    """Streaming and non-streaming clients ask for long answers and hang up; the next request for
+    another model (room for one) moves the first to RAM as usual: no failed move, no drop to cold."""
+    router, names = served
+    first, other = names[0], names[1]
+
+    def failures() -> float:
+        return _metric(httpx.get(router.url + "/metrics", timeout=30).text, "umem_move_failures_total")
+
+    before = failures()
+    body = {"model": first, "messages": CHAT, "max_tokens": 1500, "temperature": 0}
+    for _ in range(4):
+        with httpx.stream("POST", router.url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=120) as resp:
+            assert resp.status_code == 200
+            next(resp.iter_lines())  # the first chunk, then hang up
+    for _ in range(2):  # non-streaming: give up while the answer is being written
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(router.url + "/v1/chat/completions", json=body, timeout=0.5)
+    answer = _client(router).chat.completions.create(model=other, messages=CHAT, max_tokens=2)
+    assert answer.choices[0].message.content is not None
+    rows = {r["name"]: r for r in httpx.get(router.url + "/admin/models", timeout=30).json()["data"]}
+    assert rows[other]["tier"] == "gpu"
+    assert rows[first]["tier"] == "ram", rows[first]
+    assert rows[first]["last_error"] is None and failures() == before

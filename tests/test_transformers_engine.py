@@ -461,3 +461,40 @@ def test_cuda_greedy_answer_matches_across_every_round_trip(tied_sharded_dir: Pa
     model = eng.model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     run(eng.close())
+
+
+@pytest.mark.parametrize("how", ["anyio-scope", "task-cancel"])
+def test_a_cancelled_consumer_returns_only_once_the_generation_has_stopped(llama_dir: Path, how: str) -> None:
+    """A client that hangs up cancels the request's task (an anyio scope in the router); the engine's
+    generator must not end before its thread has, or the model counts as idle while it still generates
+    and the next move fails with 'in flight'."""
+    import anyio
+
+    eng = make_engine(llama_dir)
+    run(eng.move(Tier.COLD, Tier.GPU))
+    request = GenerationRequest(prompt=PROMPT, max_tokens=1500, temperature=0.0)
+
+    async def scenario() -> int:
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in eng.generate(request):
+                started.set()
+
+        if how == "anyio-scope":
+            async with anyio.create_task_group() as group:
+                group.start_soon(consume)
+                await started.wait()
+                group.cancel_scope.cancel()
+        else:
+            task = asyncio.ensure_future(consume())
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return eng.active_generations
+
+    assert run(scenario()) == 0
+    assert not generation_threads()
+    run(eng.move(Tier.GPU, Tier.RAM))
+    run(eng.close())

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -699,10 +700,7 @@ class TransformersEngine:
                     raise payload
         finally:
             job.cancel.set()
-            await asyncio.shield(job.done)
-            if job.thread is not None and job.thread.is_alive():
-                # `done` resolves as the thread's last act; joining makes "closed" mean "no thread left".
-                await asyncio.to_thread(job.thread.join)
+            await _wait_through_cancellation(job)
 
     def _run_job(self, job: _Job, model: Any, tokenizer: Any) -> None:
         kind: str = "error"
@@ -836,6 +834,34 @@ class TransformersEngine:
         with self._move_lock:
             self._unload()
             self._tier = Tier.COLD
+
+
+async def _wait_through_cancellation(job: _Job) -> None:
+    """Wait until the job's thread has really stopped, even when the caller is being cancelled.
+
+    A client that hangs up cancels the request's task; if this wait gave up, the model would
+    count as idle while its thread still generates, and the next move would fail ("in flight")
+    and drop the model to cold. The thread stops at its next decoding step (the cancel flag
+    is set), so the wait is short. Cancellation is held off (an anyio shield for the router's
+    task groups, a caught CancelledError for plain asyncio) and passed on once it is over.
+    """
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while not job.done.done():
+            try:
+                await asyncio.shield(job.done)
+            except asyncio.CancelledError:
+                cancelled = True
+        if job.thread is not None and job.thread.is_alive():
+            # `done` resolves as the thread's last act; joining makes "closed" mean "no thread left"
+            joined = asyncio.ensure_future(asyncio.to_thread(job.thread.join))
+            while not joined.done():
+                try:
+                    await asyncio.shield(joined)
+                except asyncio.CancelledError:
+                    cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
 
 
 class _Streamer(BaseStreamer):
