@@ -237,3 +237,30 @@ def test_clients_that_hang_up_cost_their_model_nothing(served) -> None:
     assert rows[other]["tier"] == "gpu"
     assert rows[first]["tier"] == "ram", rows[first]
     assert rows[first]["last_error"] is None and failures() == before
+
+
+def test_conflicting_placements_all_answer_promptly(served) -> None:
+    """All models to gpu at once (room for one), then one model to gpu, cold and ram at once: every call
+    answers, done or a 409 naming the later placement that overtook it."""
+    router, names = served
+    from concurrent.futures import ThreadPoolExecutor
+
+    def place(model: str, tier: str) -> httpx.Response:
+        return httpx.post(f"{router.url}/admin/models/{model}/place", json={"tier": tier}, timeout=120)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: place(n, "gpu"), names))
+    assert [a.status_code for a in answers] == [200] * len(names), [a.text for a in answers]
+
+    target = names[0]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(place, target, tier) for tier in ("gpu", "cold", "ram")]
+        answers = [f.result(timeout=120) for f in futures]
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 409} and 200 in codes, [a.text for a in answers]
+    for a in answers:
+        if a.status_code == 409:
+            assert a.json()["error"]["code"] == "placement_overtaken" and "overtook" in a.json()["error"]["message"]
+    done = {t for a, t in zip(answers, ("gpu", "cold", "ram"), strict=True) if a.status_code == 200}
+    final = {r["name"]: r["tier"] for r in httpx.get(router.url + "/admin/models", timeout=30).json()["data"]}
+    assert final[target] in done

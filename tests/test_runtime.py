@@ -494,3 +494,60 @@ def test_close_with_nothing_running_closes_every_engine_once(tmp_path: Path) -> 
         assert w.dispatched() == ["warm-a"] and w.engines["b"].moves == []
         assert [e.closes for e in w.built] == [1, 1]
     run(scenario)
+
+
+# -- placements that conflict --------------------------------------------------------------
+
+
+def test_conflicting_placements_of_one_model_all_answer(tmp_path: Path) -> None:
+    """gpu, then cold, then ram for the same model at once: the first two are overtaken (409 naming the
+    later tier), the last is done; nobody waits forever."""
+    async def scenario() -> None:
+        w = World(tmp_path, "a")
+        rt = w.runtime
+        to_gpu = asyncio.create_task(rt.place("a", Tier.GPU))
+        load = await w.engines["a"].next_gate(Tier.COLD, Tier.GPU)
+        to_cold = asyncio.create_task(rt.place("a", Tier.COLD))
+        to_ram = asyncio.create_task(rt.place("a", Tier.RAM))
+        for task, later in ((to_gpu, "cold"), (to_cold, "ram")):
+            err = await raises(Rejected, task)
+            assert isinstance(err, Rejected) and err.status == 409 and err.code == "placement_overtaken"
+            assert f"to tier '{later}'" in err.reason
+        load.open()
+        (await w.engines["a"].next_gate(Tier.GPU, Tier.RAM)).open()
+        assert (await within(to_ram)).tier is Tier.RAM
+    run(scenario)
+
+
+def test_placements_of_several_models_with_room_for_one_all_answer(tmp_path: Path) -> None:
+    """Each model reaches the GPU in turn; each placement answers when its model got there, even though
+    the next one evicts it right after."""
+    async def scenario() -> None:
+        w = World(tmp_path, "a", "b", "c")
+        rt = w.runtime
+        tasks = {n: asyncio.create_task(rt.place(n, Tier.GPU)) for n in ("a", "b", "c")}
+        (await w.engines["a"].next_gate(Tier.COLD, Tier.GPU)).open()
+        assert (await within(tasks["a"])).name == "a"
+        (await w.engines["a"].next_gate(Tier.GPU, Tier.RAM)).open()
+        (await w.engines["b"].next_gate(Tier.COLD, Tier.GPU)).open()
+        assert (await within(tasks["b"])).name == "b"
+        (await w.engines["b"].next_gate(Tier.GPU, Tier.RAM)).open()
+        (await w.engines["c"].next_gate(Tier.COLD, Tier.GPU)).open()
+        assert (await within(tasks["c"])).tier is Tier.GPU
+    run(scenario)
+
+
+def test_a_placement_that_cannot_finish_in_time_answers_and_is_withdrawn(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path, "a")
+        rt = w.runtime
+        rt.placement_timeout_s = 0.05
+        placing = asyncio.create_task(rt.place("a", Tier.GPU))
+        load = await w.engines["a"].next_gate(Tier.COLD, Tier.GPU)
+        err = await raises(Rejected, placing)
+        assert isinstance(err, Rejected) and err.status == 503 and err.code == "placement_timeout"
+        assert rt.scheduler._models["a"].wish is None, "nobody waits for it any more"
+        load.open()
+        await settle()
+        assert rt.scheduler.state("a").tier is Tier.GPU, "the move under way still ends cleanly"
+    run(scenario)

@@ -981,3 +981,38 @@ def test_random_runs_keep_the_rules(seed: int, place_share: float, through_gpu: 
     for st in h.sched.states():
         assert st.moving_to is None and st.in_flight == 0 and st.waiting == 0 and not st.draining
     assert h.max_device_used <= h.sched.device_budget and h.max_host_used <= h.sched.host_budget
+
+
+def test_placements_end_done_overtaken_or_failed_with_their_ids() -> None:
+    from clearml_umem.commands import PlacementEnded
+
+    s = Scheduler(10 * GB, 100 * GB, clock=lambda: 0.0)
+    s.add_model("a", footprints(4 * GB), ALL_TIERS)
+    assert s.place("a", GPU, "p1") == [Move("a", COLD, GPU)]
+    assert s.place("a", GPU, "p2") == [], "the same tier joins the placement under way"
+    assert s.on_move_done("a", COLD, GPU, 1.0, 4 * GB) == [PlacementEnded("a", ("p1", "p2"), "done")]
+    assert s.place("a", GPU, "p3") == [PlacementEnded("a", ("p3",), "done")], "already there: done at once"
+
+    assert s.place("a", RAM, "p4") == [Move("a", GPU, RAM)]
+    cmds = s.place("a", COLD, "p5")
+    assert [c for c in cmds if isinstance(c, PlacementEnded)] == [PlacementEnded(
+        "a", ("p4",), "overtaken", "a later placement of model 'a' to tier 'cold' overtook this one to 'ram'")]
+    failed = s.on_move_failed("a", GPU, RAM, "disk full", now_in=GPU)
+    assert failed == [Move("a", GPU, COLD)], "the overtaking placement goes on"
+    assert s.on_move_done("a", GPU, COLD, 0.1, 0) == [PlacementEnded("a", ("p5",), "done")]
+
+    assert s.place("a", RAM, "p6") == [Move("a", COLD, RAM)]
+    (ended,) = s.on_move_failed("a", COLD, RAM, "no disk", now_in=COLD)
+    assert ended == PlacementEnded("a", ("p6",), "failed", "could not move model 'a' to ram: no disk")
+
+
+def test_a_withdrawn_placement_is_forgotten_when_nobody_else_waits() -> None:
+    s = Scheduler(4 * GB, 100 * GB, clock=lambda: 0.0)
+    s.add_model("a", footprints(4 * GB), ALL_TIERS)
+    s.add_model("b", footprints(4 * GB), ALL_TIERS)
+    s.on_request("b", "r1")
+    s.on_move_done("b", COLD, GPU, 1.0, 4 * GB)
+    assert s.place("a", GPU, "p1") == [] and s.place("a", GPU, "p2") == [], "b is busy: a waits for room"
+    assert s.withdraw("a", "p1") == [] and s.state("a").tier is COLD
+    s.withdraw("a", "p2")
+    assert s.on_finished("b", "r1") == [], "nobody wants a any more: b stays"

@@ -42,4 +42,15 @@ class Release:
     model: str
 
 
-Command = Move | Dispatch | Reject | Release
+@dataclass(frozen=True)
+class PlacementEnded:
+    """The placements `ids` of a model ended: `done`, `overtaken` (a later placement to another
+    tier replaced them) or `failed`, with the reason; their callers get their answer."""
+
+    model: str
+    ids: tuple[str, ...]
+    outcome: str
+    reason: str = ""
+
+
+Command = Move | Dispatch | Reject | Release | PlacementEnded

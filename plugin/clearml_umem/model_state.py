@@ -23,10 +23,12 @@ class Waiting:
 
 @dataclass(frozen=True)
 class Wish:
-    """An operator's placement, and when it was asked for (time, arrival sequence)."""
+    """An operator's placement, when it was asked for (time, arrival sequence), and the ids of the
+    callers waiting for it to end (several callers may ask for the same tier)."""
 
     tier: Tier
     since: tuple[float, int]
+    ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from clearml_umem.catalog import CatalogSnapshot
-from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
+from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
 from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, GenerationRequest, create_engine
 from clearml_umem.errors import NotFound, ServingError
 from clearml_umem.events import EventBus
@@ -30,6 +31,10 @@ from clearml_umem.tiers import ALL_TIERS, Tier
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
+
+
+PLACEMENT_TIMEOUT_S = 1800.0
+"""Longest a placement waits: a cold start of a large model through vLLM can take minutes."""
 
 
 class ModelNotFound(NotFound):
@@ -63,6 +68,7 @@ class Runtime:
         bus: EventBus | None = None,
         engine_factory: EngineFactory = create_engine,
         clock: Callable[[], float] = time.monotonic,
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     ) -> None:
         self.bus = bus or EventBus()
         self.engine_context = engine_context
@@ -76,6 +82,8 @@ class Runtime:
         self._failures: dict[str, tuple[float, str]] = {}
         self._changed = asyncio.Condition()
         self._closed = False
+        self._placements: dict[str, asyncio.Future[PlacementEnded]] = {}
+        self.placement_timeout_s = placement_timeout_s
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
 
@@ -239,23 +247,41 @@ class Runtime:
             self._apply(self.scheduler.on_finished(model, request_id))
 
     async def place(self, model: str, tier: Tier) -> ModelState:
-        """Move a model to `tier` (when it is idle) and wait until it is there."""
+        """Move a model to `tier` (when it is idle) and wait until it is there.
+
+        Always answers: done; a 409 when a later placement of the same model to another tier
+        overtook this one; a 503 when the move failed or did not end within
+        `placement_timeout_s`. A caller that gives up withdraws its placement.
+        """
         if self._closed:
             raise Rejected(503, "the server is shutting down")
         if model not in self._specs:
             raise ModelNotFound(model)
-        since = self._clock()
-        self._apply(self.scheduler.place(model, tier))
-        async with self._changed:
-            while True:
-                st = self.scheduler.state(model)
-                if st.tier is tier and st.moving_to is None:
-                    return st
-                failure = self._failures.get(model)
-                if failure and failure[0] >= since:
-                    raise Rejected(503, f"could not move model {model!r} to {tier.value}: {failure[1]}",
-                                   code="placement_failed")
-                await self._changed.wait()
+        placement_id = uuid.uuid4().hex
+        fut: asyncio.Future[PlacementEnded] = asyncio.get_running_loop().create_future()
+        self._placements[placement_id] = fut
+        try:
+            self._apply(self.scheduler.place(model, tier, placement_id))
+            try:
+                ended = await asyncio.wait_for(asyncio.shield(fut), self.placement_timeout_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                self._withdraw(model, placement_id)
+                raise Rejected(503, f"model {model!r} did not reach tier {tier.value!r} within "
+                                    f"{self.placement_timeout_s:.0f} s", code="placement_timeout") from None
+            except asyncio.CancelledError:
+                self._withdraw(model, placement_id)
+                raise
+        finally:
+            self._placements.pop(placement_id, None)
+        if ended.outcome == "overtaken":
+            raise Rejected(409, ended.reason, code="placement_overtaken")
+        if ended.outcome != "done":
+            raise Rejected(503, ended.reason, code="placement_failed")
+        return self.scheduler.state(model)
+
+    def _withdraw(self, model: str, placement_id: str) -> None:
+        if model in self.scheduler:
+            self._apply(self.scheduler.withdraw(model, placement_id))
 
     # -- carrying out commands ------------------------------------------------------------
 
@@ -275,6 +301,11 @@ class Runtime:
                 task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
                 self._moves.add(task)
                 task.add_done_callback(self._moves.discard)
+            elif isinstance(cmd, PlacementEnded):
+                for placement_id in cmd.ids:
+                    waiter = self._placements.get(placement_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(cmd)
             elif isinstance(cmd, Release):
                 engine = self._engines.pop(cmd.model, None)
                 if engine is not None:
@@ -317,10 +348,15 @@ class Runtime:
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(Rejected(503, "the server is shutting down"))
+
         # a move that ends may start another (a placement's load after its eviction): wait for those too
         deadline = asyncio.get_running_loop().time() + 60
         while self._moves and (left := deadline - asyncio.get_running_loop().time()) > 0:
             await asyncio.wait(list(self._moves), timeout=left)
+        # placements whose moves ended above are answered; the others never will be
+        for waiter in self._placements.values():
+            if not waiter.done():
+                waiter.set_result(PlacementEnded("", (), "failed", "the server is shutting down"))
         for name, engine in list(self._engines.items()):
             try:
                 await engine.close()

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
 from clearml_umem import ledger
-from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
+from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
 from clearml_umem.errors import InvalidInput, NotFound
 from clearml_umem.events import (
     Event,
@@ -44,8 +44,8 @@ from clearml_umem.planner import colder_for_host, demotion_target, plan_room
 from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 
-__all__ = ["Command", "Dispatch", "ModelState", "Move", "PlacementRefused", "Reject", "Release", "Scheduler",
-           "SchedulerError", "UnknownModel"]
+__all__ = ["Command", "Dispatch", "ModelState", "Move", "PlacementEnded", "PlacementRefused", "Reject", "Release",
+           "Scheduler", "SchedulerError", "UnknownModel"]
 
 
 class SchedulerError(ValueError):
@@ -110,8 +110,7 @@ class Scheduler:
         """Take a model out of service: waiting requests are refused, in-flight ones finish first."""
         model = self._get(name)
         model.removing = True
-        model.wish = None
-        cmds: list[Command] = []
+        cmds: list[Command] = self._end_wish(model, "failed", f"model {name!r} was removed from the catalog")
         while model.waiting:
             w = model.waiting.popleft()
             cmds.append(self._reject(model, w.request_id, f"model {name!r} was removed from the catalog", 404))
@@ -144,10 +143,13 @@ class Scheduler:
         model.last_used = self._clock()
         return self._pump()
 
-    def place(self, name: str, tier: Tier) -> list[Command]:
+    def place(self, name: str, tier: Tier, placement_id: str | None = None) -> list[Command]:
         """Ask for a model to be moved to `tier` as soon as it is idle (admin, benchmark, pre-warm).
 
         Raises PlacementRefused for a tier its engine lacks or whose footprint exceeds a budget.
+        With a `placement_id`, a `PlacementEnded` command says when it is done, failed, or
+        overtaken by a later placement of the same model to another tier: every caller gets
+        an answer. A later placement to the same tier joins the earlier one.
         """
         model = self._get(name)
         if tier not in model.tiers:
@@ -167,10 +169,26 @@ class Scheduler:
             raise PlacementRefused(
                 f"model {name!r} needs {_gb(fp.device_bytes)} on the device and {_gb(fp.host_bytes)} of host "
                 f"memory{way}, over the budgets ({_gb(self.device_budget)} device, {_gb(self.host_budget)} host)")
+        ids = (placement_id,) if placement_id else ()
+        cmds: list[Command] = []
+        if model.wish is not None and model.wish.tier is tier:
+            ids = model.wish.ids + ids
+        elif model.wish is not None:
+            cmds += self._end_wish(model, "overtaken", f"a later placement of model {name!r} to tier "
+                                                       f"{tier.value!r} overtook this one to {model.wish.tier.value!r}")
         if model.tier is tier and model.moving_to is None:
-            model.wish = None
+            model.wish = Wish(tier, (self._clock(), next(self._seq)), ids)
+            return cmds + self._end_wish(model, "done")
+        model.wish = Wish(tier, (self._clock(), next(self._seq)), ids)
+        return cmds + self._pump()
+
+    def withdraw(self, name: str, placement_id: str) -> list[Command]:
+        """A placement's caller gave up (hung up, timed out): the wish goes when nobody else waits for it."""
+        model = self._models.get(name)
+        if model is None or model.wish is None or placement_id not in model.wish.ids:
             return []
-        model.wish = Wish(tier, (self._clock(), next(self._seq)))
+        left = tuple(i for i in model.wish.ids if i != placement_id)
+        model.wish = Wish(model.wish.tier, model.wish.since, left) if left else None
         return self._pump()
 
     def on_move_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int,
@@ -191,14 +209,15 @@ class Scheduler:
             model.oom_retry = None
             prev = model.swap_in_seconds.get(src)
             model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
+        ended: list[Command] = []
         if model.placement is dst:
-            model.wish = None
+            ended = self._end_wish(model, "done")
             if dst is Tier.GPU:
                 model.last_used = self._clock()
         self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
                                       bytes_moved=bytes_moved, host_copy=host_copy))
         self._emit_memory()
-        return self._pump()
+        return ended + self._pump()
 
     def on_move_failed(self, name: str, src: Tier, dst: Tier, error: str, now_in: Tier,
                        out_of_memory: bool = False) -> list[Command]:
@@ -218,7 +237,7 @@ class Scheduler:
             model.oom_retry = OomRetry(frozenset(c.model for c in cmds if isinstance(c, Move)))
             return cmds + self._pump()
         if model.placement is dst:
-            model.wish = None
+            cmds += self._end_wish(model, "failed", f"could not move model {name!r} to {dst.value}: {error}")
         if dst is Tier.GPU:
             model.oom_retry = None
             reason = f"model {name!r} could not be loaded to {dst.value}: {error}"
@@ -334,7 +353,7 @@ class Scheduler:
             if target is None or target is Tier.GPU or m.moving_to is not None:
                 continue
             if m.tier is target:
-                m.wish = None
+                cmds += self._end_wish(m, "done")
                 continue
             if m.in_flight or m.waiting:
                 continue
@@ -416,6 +435,13 @@ class Scheduler:
         self._emit(MoveStarted(model=m.name, t=self._clock(), src=src, dst=dst))
         self._emit_memory()
         return Move(m.name, src, dst)
+
+    def _end_wish(self, m: ModelRecord, outcome: str, reason: str = "") -> list[Command]:
+        """Clear the model's wish; its waiting callers learn how it ended."""
+        wish, m.wish = m.wish, None
+        if wish is None or not wish.ids:
+            return []
+        return [PlacementEnded(m.name, wish.ids, outcome, reason)]
 
     def _reject(self, m: ModelRecord, request_id: str, reason: str, status: int) -> Reject:
         self._emit(RequestRejected(model=m.name, t=self._clock(), request_id=request_id, reason=reason))
