@@ -264,3 +264,43 @@ def test_conflicting_placements_all_answer_promptly(served) -> None:
     done = {t for a, t in zip(answers, ("gpu", "cold", "ram"), strict=True) if a.status_code == 200}
     final = {r["name"]: r["tier"] for r in httpx.get(router.url + "/admin/models", timeout=30).json()["data"]}
     assert final[target] in done
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_bounds_the_work(tiny_models, tmp_path) -> None:
+    """Many clients at once for one model: it runs at most its concurrency, queues a bounded number,
+    and answers the rest at once with a 429 and Retry-After (which OpenAI SDKs honour), never a 5xx."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"])})
+    manifest = tmp_path / "models.yaml"
+    write_manifest(manifest, [spec])
+    router = start_router(manifest, tmp_path / "work", "--device", "cpu", "--max-waiting", "2")
+    try:
+        peak = [0]
+        over: list[dict] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                row = httpx.get(router.url + "/admin/models", timeout=30).json()["data"][0]
+                peak[0] = max(peak[0], row["in_flight"])
+                if row["in_flight"] > row["engine_details"]["max_concurrency"] or row["waiting"] > 2:
+                    over.append(row)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 200, "temperature": 0}
+        assert httpx.post(router.url + "/v1/completions", json={**body, "max_tokens": 1}, timeout=120).is_success
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: httpx.post(router.url + "/v1/completions", json=body, timeout=120),
+                                    range(16)))
+        stop.set()
+        watcher.join(timeout=30)
+        codes = sorted(a.status_code for a in answers)
+        assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2 + 1, codes
+        assert peak[0] >= 1 and over == [], over
+        busy = next(a for a in answers if a.status_code == 429)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        router.kill()

@@ -1016,3 +1016,23 @@ def test_a_withdrawn_placement_is_forgotten_when_nobody_else_waits() -> None:
     assert s.withdraw("a", "p1") == [] and s.state("a").tier is COLD
     s.withdraw("a", "p2")
     assert s.on_finished("b", "r1") == [], "nobody wants a any more: b stays"
+
+
+def test_a_model_runs_at_most_max_in_flight_requests_and_queues_the_rest() -> None:
+    s = Scheduler(10 * GB, 100 * GB, clock=lambda: 0.0, max_waiting=2)
+    s.add_model("a", footprints(4 * GB), ALL_TIERS, max_in_flight=2)
+    assert s.on_request("a", "r1") == [Move("a", COLD, GPU)]
+    s.on_request("a", "r2")
+    (full,) = s.on_request("a", "r3")
+    assert isinstance(full, Reject) and full.status == 429 and "2 requests waiting" in full.reason
+    dispatched = s.on_move_done("a", COLD, GPU, 1.0, 4 * GB)
+    assert [c.request_id for c in dispatched if isinstance(c, Dispatch)] == ["r1", "r2"]
+    s.on_request("a", "r4")
+    s.on_request("a", "r5")
+    assert (s.state("a").in_flight, s.state("a").waiting) == (2, 2), "two run, two wait"
+    assert isinstance(s.on_request("a", "r6")[0], Reject)
+    assert [c.request_id for c in s.on_finished("a", "r1") if isinstance(c, Dispatch)] == ["r4"]
+    with pytest.raises(SchedulerError, match="max_in_flight"):
+        s.add_model("b", footprints(GB), ALL_TIERS, max_in_flight=0)
+    with pytest.raises(SchedulerError, match="max_waiting"):
+        Scheduler(GB, GB, max_waiting=0)

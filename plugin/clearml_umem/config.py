@@ -43,6 +43,8 @@ class ServeConfig:
     host_copy: str = "auto"
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
+    max_waiting: int = 256
+    """Requests each model may queue; one more gets a 429 with Retry-After."""
     max_request_bytes: str = "8MiB"
     """Largest request body accepted; bigger ones get a 413 before anything reads them."""
     work_dir: str = DEFAULT_WORK_DIR
@@ -96,6 +98,8 @@ class ServeConfig:
                     parse_size(value)
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+        if self.max_waiting < 1:
+            raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:
             raise ConfigError("catalog_poll_seconds must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -136,11 +140,11 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return [str(v) for v in value]
-    if name == "port":
+    if name in ("port", "max_waiting"):
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"port must be an integer, got {value!r}") from None
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
     if name == "catalog_poll_seconds":
         try:
             return float(value)
@@ -167,6 +171,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
                                 help=f"comma-separated {help_text}")
         elif f.name == "port":
             parser.add_argument(flag, default=default, type=int, help=f"0 picks a free port {help_text}")
+        elif f.name == "max_waiting":
+            parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
         elif f.name == "catalog_poll_seconds":
             parser.add_argument(flag, default=default, type=float,
                                 help=f"re-read the catalog every N seconds, 0 = never {help_text}")

@@ -14,6 +14,8 @@ class ServingError(Exception):
     status: int = 500
     code: str | None = None
     param: str | None = None
+    retry_after: float | None = None
+    """Seconds after which a retry may work (sent as `Retry-After`)."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
                  param: str | None = None) -> None:

@@ -46,9 +46,11 @@ class ModelNotFound(NotFound):
 class Rejected(ServingError):
     """The scheduler or an engine refused a request or a placement, with the status it means."""
 
-    def __init__(self, status: int, reason: str, code: str = "model_unavailable") -> None:
+    def __init__(self, status: int, reason: str, code: str = "model_unavailable",
+                 retry_after: float | None = None) -> None:
         super().__init__(reason, status=status, code=code)
         self.reason = reason
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,14 @@ class Runtime:
         engine_factory: EngineFactory = create_engine,
         clock: Callable[[], float] = time.monotonic,
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+        max_waiting: int | None = None,
     ) -> None:
         self.bus = bus or EventBus()
         self.engine_context = engine_context
         self._clock = clock
         self._factory = engine_factory
-        self.scheduler = Scheduler(device_budget, host_budget, policy=policy, clock=clock, emit=self.bus.emit)
+        self.scheduler = Scheduler(device_budget, host_budget, policy=policy, clock=clock, emit=self.bus.emit,
+                                   max_waiting=max_waiting)
         self._engines: dict[str, Engine] = {}
         self._specs: dict[str, ModelSpec] = {}
         self._waiters: dict[str, asyncio.Future[Dispatch]] = {}
@@ -93,7 +97,8 @@ class Runtime:
         """Create the engine object (no loading yet: models start cold) and register its footprints."""
         engine = self._factory(spec, self.engine_context)
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
-        self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits)
+        self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits,
+                                 max_in_flight=getattr(engine, "max_concurrency", None))
         self._engines[spec.name] = engine
         self._specs[spec.name] = spec
         gpu = footprints[Tier.GPU]
@@ -296,7 +301,10 @@ class Runtime:
             elif isinstance(cmd, Reject):
                 fut = self._waiters.get(cmd.request_id)
                 if fut is not None and not fut.done():
-                    fut.set_exception(Rejected(cmd.status, cmd.reason))
+                    if cmd.status == 429:
+                        fut.set_exception(Rejected(429, cmd.reason, code="queue_full", retry_after=1.0))
+                    else:
+                        fut.set_exception(Rejected(cmd.status, cmd.reason))
             elif isinstance(cmd, Move):
                 task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
                 self._moves.add(task)

@@ -72,9 +72,11 @@ class Scheduler:
         clock: Callable[[], float] | None = None,
         emit: Callable[[Event], None] | None = None,
         backfill: bool = True,
+        max_waiting: int | None = None,
     ) -> None:
         """`backfill=False` keeps strict arrival order (nothing loads while an older request's
-        model waits for room): the old behaviour, kept for comparison in benchmarks."""
+        model waits for room): the old behaviour, kept for comparison in benchmarks.
+        `max_waiting` bounds each model's queue: a request beyond it is refused with a 429."""
         if device_budget <= 0 or host_budget <= 0:
             raise SchedulerError(f"budgets must be positive (device {device_budget}, host {host_budget})")
         self.device_budget = device_budget
@@ -86,13 +88,20 @@ class Scheduler:
         self._draining: frozenset[str] = frozenset()
         self._seq = itertools.count()
         self.backfill = backfill
+        if max_waiting is not None and max_waiting < 1:
+            raise SchedulerError(f"max_waiting must be at least 1, got {max_waiting}")
+        self.max_waiting = max_waiting
 
     # -- inputs ---------------------------------------------------------------------------
 
     def add_model(self, name: str, footprints: dict[Tier, Footprint], tiers: Iterable[Tier],
-                  transits: Mapping[tuple[Tier, Tier], Tier] | None = None) -> None:
+                  transits: Mapping[tuple[Tier, Tier], Tier] | None = None,
+                  max_in_flight: int | None = None) -> None:
         """Register a cold model; `footprints` gives its memory per tier, as its engine reports it,
-        `transits` the moves that pass through a third tier (src, dst) -> via."""
+        `transits` the moves that pass through a third tier (src, dst) -> via, `max_in_flight`
+        how many requests its engine may run at once (the others wait in its queue)."""
+        if max_in_flight is not None and max_in_flight < 1:
+            raise SchedulerError(f"model {name!r}: max_in_flight must be at least 1, got {max_in_flight}")
         tier_set = frozenset(tiers)
         if not {Tier.GPU, Tier.COLD} <= tier_set:
             raise SchedulerError(f"model {name!r}: an engine must support at least the gpu and cold tiers")
@@ -102,9 +111,10 @@ class Scheduler:
             model = self._models[name]
             model.removing = False
             model.footprints, model.tiers, model.transits = dict(footprints), tier_set, dict(transits or {})
+            model.max_in_flight = max_in_flight
             return
         self._models[name] = ModelRecord(name=name, footprints=dict(footprints), tiers=tier_set,
-                                    transits=dict(transits or {}))
+                                         transits=dict(transits or {}), max_in_flight=max_in_flight)
 
     def remove_model(self, name: str) -> list[Command]:
         """Take a model out of service: waiting requests are refused, in-flight ones finish first."""
@@ -128,6 +138,9 @@ class Scheduler:
         reason = self._never_fits(model)
         if reason:
             return [self._reject(model, request_id, reason, 503)]
+        if self.max_waiting is not None and len(model.waiting) >= self.max_waiting:
+            return [self._reject(model, request_id, f"model {name!r} has {len(model.waiting)} requests waiting, "
+                                 "the most this server queues; retry later", 429)]
         model.waiting.append(Waiting(request_id, now, arrival_tier, next(self._seq)))
         return self._pump()
 
@@ -292,7 +305,7 @@ class Scheduler:
         for m in self._models.values():
             if m.tier is not Tier.GPU or m.moving_to is not None or m.name in self._draining:
                 continue
-            while m.waiting:
+            while m.waiting and (m.max_in_flight is None or len(m.in_flight) < m.max_in_flight):
                 w = m.waiting.popleft()
                 m.in_flight.add(w.request_id)
                 m.last_used = now

@@ -29,6 +29,7 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -395,6 +396,28 @@ class TransformersEngine:
                 total += numel * size
         return total
 
+    @property
+    def max_concurrency(self) -> int:
+        """Requests this model may run at once; the scheduler queues the others.
+
+        Each one is a thread with its own KV cache. On a GPU, as many as the activation margin
+        holds KV caches for (up to 4096 tokens each, at most 64); on a CPU, one per core (more
+        only slow each other down). `EngineContext.options["max_concurrency"]` overrides it.
+        """
+        option = self.ctx.options.get("max_concurrency")
+        if option:
+            return max(1, int(option))
+        if self.device.type == "cpu":
+            return max(1, os.cpu_count() or 1)
+        cfg = self._config
+        layers = int(cfg.get("num_hidden_layers") or 1)
+        heads = int(cfg.get("num_attention_heads") or 1)
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size") or heads) // heads)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_request = 2 * layers * kv_heads * head_dim * itemsize * min(self.context_length or 4096, 4096)
+        return max(1, min(64, int(self.weight_bytes * self._margin // max(per_request, 1))))
+
     def footprint(self, tier: Tier) -> Footprint:
         """While hot, the kept host copy counts against the host budget like a model in RAM."""
         weights = self.weight_bytes
@@ -418,6 +441,7 @@ class TransformersEngine:
             "host_copy": "kept while hot" if self.keep_host_copy else "copied on eviction",
             "host_pinned_by": self._host.pinned_by if self._host is not None else None,
             "active_generations": self.active_generations,
+            "max_concurrency": self.max_concurrency,
         }
 
     # ------------------------------------------------------------------ moves

@@ -24,6 +24,7 @@ AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
 SERVER_ERROR = "server_error"
 UNAVAILABLE = "service_unavailable_error"
+RATE_LIMITED = "rate_limit_error"
 
 
 class APIError(Exception):
@@ -51,6 +52,8 @@ def default_type(status: int) -> str:
         return AUTHENTICATION
     if status == 404:
         return NOT_FOUND
+    if status == 429:
+        return RATE_LIMITED
     if status == 503:
         return UNAVAILABLE
     if status >= 500:
@@ -64,7 +67,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def api_error(exc: ServingError) -> APIError:
     """The one mapping from an error raised anywhere below the router to its response."""
-    return APIError(exc.status, exc.message, param=exc.param, code=exc.code)
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+    return APIError(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
