@@ -90,12 +90,13 @@ class Outcome:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def simulate(workload: Workload, policy: Policy, device_gb: float, host_gb: float, backfill: bool = True) -> Outcome:
+def simulate(workload: Workload, policy: Policy, device_gb: float, host_gb: float, backfill: bool = True,
+             fairness: bool = True) -> Outcome:
     sizes = dict(MODELS_GB)
     fps = {name: footprints(int(gb * 1.1 * GB)) for name, gb in sizes.items()}
     service = {f"r{i}": s for i, (_, _, s) in enumerate(workload.arrivals)}
     h = Harness(int(device_gb * GB), int(host_gb * GB), fps, policy=policy, move_seconds=move_seconds(sizes),
-                service_seconds=lambda model, rid: service[rid], backfill=backfill)
+                service_seconds=lambda model, rid: service[rid], backfill=backfill, fairness=fairness)
     arrived: dict[str, float] = {}
     for i, (t, model, _) in enumerate(workload.arrivals):
         rid = f"r{i}"
@@ -111,21 +112,22 @@ def simulate(workload: Workload, policy: Policy, device_gb: float, host_gb: floa
     return Outcome(policy.name, waits, swap_ins, gb_in)
 
 
-POLICY_FACTORIES: dict[str, tuple[Callable[[], Policy], bool]] = {
-    "lru": (LRUPolicy, True),
-    "cost (half-life 60 s)": (lambda: CostAwarePolicy(60.0), True),
-    "cost (half-life 300 s)": (lambda: CostAwarePolicy(300.0), True),
-    "lru, strict arrival order (no backfill)": (LRUPolicy, False),
+POLICY_FACTORIES: dict[str, tuple[Callable[[], Policy], bool, bool]] = {
+    "lru": (LRUPolicy, True, True),
+    "cost (half-life 60 s)": (lambda: CostAwarePolicy(60.0), True, True),
+    "cost (half-life 300 s)": (lambda: CostAwarePolicy(300.0), True, True),
+    "lru, no fairness window": (LRUPolicy, True, False),
+    "lru, strict arrival order (no backfill, no window)": (LRUPolicy, False, False),
 }
-"""name -> (policy, backfill): the default first, the baseline every ratio is taken against."""
+"""name -> (policy, backfill, fairness window): the default first, the baseline every ratio is taken against."""
 
 
 def compare(seeds: Sequence[int], requests: int, device_gb: float, host_gb: float) -> list[list[str]]:
     rows: dict[str, list[Outcome]] = {name: [] for name in POLICY_FACTORIES}
     for seed in seeds:
         workload = Workload(seed, requests)
-        for name, (factory, backfill) in POLICY_FACTORIES.items():
-            outcome = simulate(workload, factory(), device_gb, host_gb, backfill)
+        for name, (factory, backfill, fairness) in POLICY_FACTORIES.items():
+            outcome = simulate(workload, factory(), device_gb, host_gb, backfill, fairness)
             outcome.policy = name
             rows[name].append(outcome)
     lru_mean = statistics.mean(w for o in rows["lru"] for w in o.waits)

@@ -21,7 +21,7 @@ from clearml_umem.events import (
     RequestRejected,
 )
 from clearml_umem.policy import CostAwarePolicy, LRUPolicy
-from clearml_umem.scheduler import Dispatch, Move, Reject, Release, Scheduler, SchedulerError
+from clearml_umem.scheduler import FAIRNESS_MIN_S, Dispatch, Move, Reject, Release, Scheduler, SchedulerError
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 from tests.sched_harness import GB, Harness, default_move_seconds, footprints
 
@@ -123,6 +123,7 @@ def test_draining_model_takes_no_new_requests_so_the_waiting_model_is_not_starve
 
 
 def _backfill_run(small_gb: int, backfill: bool = True, d_from: Tier = RAM) -> Harness:
+    """The backfill rule itself, without the fairness window (a is busy: c would first wait for it)."""
     # a is busy for long, b is idle; c (10 GB) needs b's room; d arrives while b is being evicted
     fps = {"a": footprints(8 * GB), "b": footprints(8 * GB), "c": footprints(10 * GB), "d": footprints(small_gb * GB)}
     slow_eviction = {(GPU, RAM): 3.0}  # b's eviction takes 3 s: long enough to matter
@@ -131,7 +132,7 @@ def _backfill_run(small_gb: int, backfill: bool = True, d_from: Tier = RAM) -> H
         return slow_eviction.get((move.src, move.dst)) or default_move_seconds(move)
 
     h = Harness(20 * GB, 100 * GB, fps, service_seconds=lambda m, r: 100.0 if r == "a1" else 1.0,
-                move_seconds=move_seconds, backfill=backfill)
+                move_seconds=move_seconds, backfill=backfill, fairness=False)
     if d_from is not COLD:
         h.place("d", d_from)
     request_at(h, 1, "a", "a1")
@@ -170,7 +171,7 @@ def test_a_younger_model_does_not_take_the_room_the_oldest_needs() -> None:
 
 
 def test_drain_mark_is_dropped_when_the_room_is_no_longer_needed() -> None:
-    h = Harness(10 * GB, 100 * GB, models("a", "b"), auto_finish=False)
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), auto_finish=False, fairness=False)
     h.request("a", "a1")
     h.run()
     h.request("b", "b1")
@@ -571,7 +572,7 @@ def test_place_into_full_host_ram_pushes_an_older_ram_model_to_disk() -> None:
 
 
 def test_remove_model_rejects_waiting_lets_in_flight_finish_then_releases() -> None:
-    h = Harness(10 * GB, 100 * GB, models("a", "b"), auto_finish=False)
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), auto_finish=False, fairness=False)
     h.request("a", "a1")
     h.run()
     h.request("b", "b1")  # a drains for b
@@ -1007,7 +1008,7 @@ def test_placements_end_done_overtaken_or_failed_with_their_ids() -> None:
 
 
 def test_a_withdrawn_placement_is_forgotten_when_nobody_else_waits() -> None:
-    s = Scheduler(4 * GB, 100 * GB, clock=lambda: 0.0)
+    s = Scheduler(4 * GB, 100 * GB, clock=lambda: 0.0, fairness=False)
     s.add_model("a", footprints(4 * GB), ALL_TIERS)
     s.add_model("b", footprints(4 * GB), ALL_TIERS)
     s.on_request("b", "r1")
@@ -1036,3 +1037,40 @@ def test_a_model_runs_at_most_max_in_flight_requests_and_queues_the_rest() -> No
         s.add_model("b", footprints(GB), ALL_TIERS, max_in_flight=0)
     with pytest.raises(SchedulerError, match="max_waiting"):
         Scheduler(GB, GB, max_waiting=0)
+
+
+# -- the fairness window ------------------------------------------------------------------
+
+
+def test_a_hot_busy_model_keeps_serving_within_the_fairness_window() -> None:
+    """a is hot and busy; b's request waits up to the window while new requests for a are hits,
+    then a drains and b comes in: b waits a bounded time, a's later arrivals do not swap it out."""
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=0.2)
+    request_at(h, 0.0, "a", "a0")
+    request_at(h, 5.01, "a", "a1")
+    request_at(h, 5.05, "b", "b1")
+    for i in range(2, 6):
+        request_at(h, 5.1 + 0.05 * i, "a", f"a{i}")
+    h.run()
+    assert not h.unanswered()
+    assert all(h.dispatched[f"a{i}"].served_from is GPU for i in range(1, 6)), "a's requests are hits"
+    waited = h.dispatch_time["b1"] - 5.05
+    assert waited <= FAIRNESS_MIN_S + 0.2 + 2 * 0.5 + 5.0, "b waits the window, a's drain and its own load at most"
+    assert h.dispatch_time["b1"] >= 5.05 + FAIRNESS_MIN_S, "b waited for the window, a kept serving"
+    assert [m.model for m in h.moves if m.dst is GPU] == ["a", "b"], "one swap for all of them"
+
+
+def test_no_fairness_window_swaps_at_once_and_an_idle_hot_model_gives_way_at_once() -> None:
+    strict = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=0.2, fairness=False)
+    request_at(strict, 0.0, "a", "a0")
+    request_at(strict, 5.0, "a", "a1")
+    request_at(strict, 5.05, "b", "b1")
+    request_at(strict, 5.2, "a", "a2")
+    strict.run()
+    assert strict.dispatched["a2"].served_from is not GPU, "without the window a2 waits for a to come back"
+
+    idle = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=0.2)
+    request_at(idle, 0.0, "a", "a0")
+    request_at(idle, 6.0, "b", "b1")
+    idle.run()
+    assert idle.dispatch_time["b1"] == pytest.approx(6.0 + 0.25 + 5.0), "a is idle: it gives way at once"

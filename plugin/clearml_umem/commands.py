@@ -53,4 +53,11 @@ class PlacementEnded:
     reason: str = ""
 
 
-Command = Move | Dispatch | Reject | Release | PlacementEnded
+@dataclass(frozen=True)
+class WakeAt:
+    """Call `on_tick` at time `at` (the scheduler's clock): a decision waits for time to pass."""
+
+    at: float
+
+
+Command = Move | Dispatch | Reject | Release | PlacementEnded | WakeAt

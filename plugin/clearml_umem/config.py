@@ -43,6 +43,9 @@ class ServeConfig:
     host_copy: str = "auto"
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
+    fairness_window: str = "auto"
+    """`auto`: a hot model with work keeps serving for a window (2x the waiting model's swap-in,
+    at least 0.5 s) before it makes room; `off`: swap as soon as an older request waits elsewhere."""
     max_waiting: int = 256
     """Requests each model may queue; one more gets a 429 with Retry-After."""
     max_request_bytes: str = "8MiB"
@@ -98,6 +101,8 @@ class ServeConfig:
                     parse_size(value)
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+        if self.fairness_window not in ("auto", "off"):
+            raise ConfigError(f"fairness_window must be auto or off, got {self.fairness_window!r}")
         if self.max_waiting < 1:
             raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
 from clearml_umem import ledger
-from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
+from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release, WakeAt
 from clearml_umem.errors import InvalidInput, NotFound
 from clearml_umem.events import (
     Event,
@@ -45,7 +45,13 @@ from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 
 __all__ = ["Command", "Dispatch", "ModelState", "Move", "PlacementEnded", "PlacementRefused", "Reject", "Release",
-           "Scheduler", "SchedulerError", "UnknownModel"]
+           "Scheduler", "SchedulerError", "UnknownModel", "WakeAt"]
+
+FAIRNESS_MULTIPLE = 2.0
+FAIRNESS_MIN_S = 0.5
+"""The fairness window: while a hot model has work, a request for another model waits up to
+max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE x that model's observed swap-in time) before the hot
+one is made to drain, so each swap is paid for by the requests it serves."""
 
 
 class SchedulerError(ValueError):
@@ -73,10 +79,12 @@ class Scheduler:
         emit: Callable[[Event], None] | None = None,
         backfill: bool = True,
         max_waiting: int | None = None,
+        fairness: bool = True,
     ) -> None:
         """`backfill=False` keeps strict arrival order (nothing loads while an older request's
         model waits for room): the old behaviour, kept for comparison in benchmarks.
-        `max_waiting` bounds each model's queue: a request beyond it is refused with a 429."""
+        `max_waiting` bounds each model's queue: a request beyond it is refused with a 429.
+        `fairness=False` swaps as soon as an older request waits for another model (no window)."""
         if device_budget <= 0 or host_budget <= 0:
             raise SchedulerError(f"budgets must be positive (device {device_budget}, host {host_budget})")
         self.device_budget = device_budget
@@ -88,6 +96,7 @@ class Scheduler:
         self._draining: frozenset[str] = frozenset()
         self._seq = itertools.count()
         self.backfill = backfill
+        self.fairness = fairness
         if max_waiting is not None and max_waiting < 1:
             raise SchedulerError(f"max_waiting must be at least 1, got {max_waiting}")
         self.max_waiting = max_waiting
@@ -148,6 +157,10 @@ class Scheduler:
         """A waiting request whose client went away; a dispatched one ends with `on_finished`."""
         model = self._get(name)
         model.waiting = deque(w for w in model.waiting if w.request_id != request_id)
+        return self._pump()
+
+    def on_tick(self) -> list[Command]:
+        """A time asked for with `WakeAt` has come: decisions that waited for it are taken."""
         return self._pump()
 
     def on_finished(self, name: str, request_id: str) -> list[Command]:
@@ -343,6 +356,12 @@ class Scheduler:
                 if self._ledger().fits(need):
                     cmds.append(self._start_move(m, Tier.GPU))
                     continue
+                hold = self._fairness_hold(m)
+                if hold is not None:
+                    # hot models keep serving what arrives for them until the window closes
+                    cmds.append(WakeAt(hold))
+                    reserved = need
+                    continue
                 started, drains = self._make_room(m, need)
                 cmds += started
                 # what the first model still needs beyond what the moves under way will free
@@ -356,6 +375,21 @@ class Scheduler:
             if m.moving_to is None and m.tier is not Tier.COLD and self._ledger().fits(need + reserved):
                 cmds.append(self._start_move(m, Tier.GPU))
         return cmds, drains
+
+    def _fairness_hold(self, m: ModelRecord) -> float | None:
+        """Until when `m`'s oldest wish may wait before hot models make room for it; None: now.
+
+        Only while some hot model has work (requests running or queued): otherwise making
+        room costs nobody anything.
+        """
+        if not self.fairness or m.wants_gpu_since is None:
+            return None
+        if not any(h.tier is Tier.GPU and h.moving_to is None and (h.in_flight or h.waiting)
+                   for h in self._models.values()):
+            return None
+        window = max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE * m.swap_in_seconds.get(m.tier, 0.0))
+        until = m.wants_gpu_since[0] + window
+        return until if self._clock() < until else None
 
     def _placements(self) -> tuple[list[Command], frozenset[str]]:
         """Operator-requested moves to a colder (or non-GPU) tier, once the model is idle."""

@@ -74,7 +74,7 @@ class UnifiedMemoryServer:
                                 host_budget_bytes=self.budgets.host_bytes, log_dir=work / "logs", options=options)
         self.runtime = Runtime(self.budgets.device_bytes, self.budgets.host_bytes, context,
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory,
-                               max_waiting=config.max_waiting)
+                               max_waiting=config.max_waiting, fairness=config.fairness_window != "off")
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
                               admin_key=config.admin_key)
         self.url: str | None = None
