@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from clearml_umem.commands import Command, Dispatch, Move, Reject, Release, WakeAt
+from clearml_umem.commands import Command, Dispatch, Move, Reject, Release
 from clearml_umem.events import Event
 from clearml_umem.policy import Policy
 from clearml_umem.scheduler import Scheduler
@@ -195,9 +195,6 @@ class Harness:
                 assert cmd.request_id not in self.rejected and cmd.request_id not in self.dispatched, \
                     f"{cmd.request_id} answered twice"
                 self.rejected[cmd.request_id] = cmd
-            elif isinstance(cmd, WakeAt):
-                assert cmd.at > self.clock.now, f"{cmd} is not in the future ({self.clock.now})"
-                self.at(cmd.at, lambda: self._handle(self.sched.on_tick()))
             elif isinstance(cmd, Release):
                 engine = self.engines[cmd.model]
                 assert engine.tier is Tier.COLD and engine.moving is None and not engine.in_flight

@@ -101,7 +101,9 @@ def test_busy_models_are_not_moved_the_first_to_finish_goes() -> None:
 
 
 def test_draining_model_takes_no_new_requests_so_the_waiting_model_is_not_starved() -> None:
-    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 10.0 if r == "a1" else 1.0)
+    """Strict order (no turn window): the draining model serves nothing more."""
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 10.0 if r == "a1" else 1.0,
+                fairness=False)
     request_at(h, 0, "a", "a1")  # hot at 5, busy until 15
     request_at(h, 6, "b", "b1")  # a must make way once a1 ends
     for i in range(5):
@@ -1042,35 +1044,36 @@ def test_a_model_runs_at_most_max_in_flight_requests_and_queues_the_rest() -> No
 # -- the fairness window ------------------------------------------------------------------
 
 
-def test_a_hot_busy_model_keeps_serving_within_the_fairness_window() -> None:
-    """a is hot and busy; b's request waits up to the window while new requests for a are hits,
-    then a drains and b comes in: b waits a bounded time, a's later arrivals do not swap it out."""
-    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=0.2)
-    request_at(h, 0.0, "a", "a0")
-    request_at(h, 5.01, "a", "a1")
-    request_at(h, 5.05, "b", "b1")
-    for i in range(2, 6):
-        request_at(h, 5.1 + 0.05 * i, "a", f"a{i}")
+def test_a_draining_model_serves_its_turn_and_the_waiting_model_is_not_delayed() -> None:
+    """As the strict test above, with the turn window: a's requests that arrive within its turn
+    (10 s after a 5 s load) are served while a1 still runs, as hits; b comes in exactly when it
+    would have in strict order, and a needs no second swap."""
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 10.0 if r == "a1" else 1.0)
+    request_at(h, 0, "a", "a1")  # hot at 5, busy until 15
+    request_at(h, 6, "b", "b1")
+    for i in range(5):
+        request_at(h, 7 + i, "a", f"a{i + 2}")
     h.run()
     assert not h.unanswered()
-    assert all(h.dispatched[f"a{i}"].served_from is GPU for i in range(1, 6)), "a's requests are hits"
-    waited = h.dispatch_time["b1"] - 5.05
-    assert waited <= FAIRNESS_MIN_S + 0.2 + 2 * 0.5 + 5.0, "b waits the window, a's drain and its own load at most"
-    assert h.dispatch_time["b1"] >= 5.05 + FAIRNESS_MIN_S, "b waited for the window, a kept serving"
-    assert [m.model for m in h.moves if m.dst is GPU] == ["a", "b"], "one swap for all of them"
+    assert {h.dispatched[f"a{i + 2}"].served_from for i in range(5)} == {GPU}, "hits"
+    assert all(h.dispatch_time[f"a{i + 2}"] == 7 + i for i in range(5))
+    assert h.dispatch_time["b1"] == pytest.approx(15 + 0.25 + 5), "b waits for a1 alone, as in strict order"
+    assert [(m.model, m.dst) for m in h.moves] == [("a", GPU), ("a", RAM), ("b", GPU)]
 
 
-def test_no_fairness_window_swaps_at_once_and_an_idle_hot_model_gives_way_at_once() -> None:
-    strict = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=0.2, fairness=False)
-    request_at(strict, 0.0, "a", "a0")
-    request_at(strict, 5.0, "a", "a1")
-    request_at(strict, 5.05, "b", "b1")
-    request_at(strict, 5.2, "a", "a2")
-    strict.run()
-    assert strict.dispatched["a2"].served_from is not GPU, "without the window a2 waits for a to come back"
+def test_requests_after_the_turn_wait_for_the_next_one() -> None:
+    """The turn is bounded: a request for the draining model that arrives after it waits."""
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 20.0 if r == "a1" else 1.0)
+    request_at(h, 0, "a", "a1")  # hot at 5 (turn until 15), busy until 25
+    request_at(h, 6, "b", "b1")
+    request_at(h, 16, "a", "late")
+    h.run()
+    assert h.dispatch_time["b1"] < h.dispatch_time["late"], "after its turn, a takes no new request"
+    assert h.dispatched["late"].served_from is not GPU
 
-    idle = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=0.2)
-    request_at(idle, 0.0, "a", "a0")
-    request_at(idle, 6.0, "b", "b1")
-    idle.run()
-    assert idle.dispatch_time["b1"] == pytest.approx(6.0 + 0.25 + 5.0), "a is idle: it gives way at once"
+
+def test_turn_window_is_at_least_the_minimum_and_grows_with_the_swap() -> None:
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 5.0 if r == "a1" else 0.1)
+    request_at(h, 0, "a", "a1")
+    h.run(until=5.0)
+    assert h.sched._models["a"].turn_until == pytest.approx(5.0 + max(FAIRNESS_MIN_S, 2 * 5.0))

@@ -53,11 +53,4 @@ class PlacementEnded:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class WakeAt:
-    """Call `on_tick` at time `at` (the scheduler's clock): a decision waits for time to pass."""
-
-    at: float
-
-
-Command = Move | Dispatch | Reject | Release | PlacementEnded | WakeAt
+Command = Move | Dispatch | Reject | Release | PlacementEnded

@@ -44,8 +44,9 @@ class ServeConfig:
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
     fairness_window: str = "auto"
-    """`auto`: a hot model with work keeps serving for a window (2x the waiting model's swap-in,
-    at least 0.5 s) before it makes room; `off`: swap as soon as an older request waits elsewhere."""
+    """`auto`: a model that came to the GPU serves its turn (the requests waiting for it, and those
+    arriving within 2x the swap-in it took) before it leaves, even when it drains for an older
+    request; `off`: strict arrival order, a draining model serves nothing more."""
     max_waiting: int = 256
     """Requests each model may queue; one more gets a 429 with Retry-After."""
     max_request_bytes: str = "8MiB"

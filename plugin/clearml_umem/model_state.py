@@ -48,6 +48,8 @@ class ModelRecord:
     moving_to: Tier | None = None
     in_flight: set[str] = field(default_factory=set)
     waiting: deque[Waiting] = field(default_factory=deque)
+    turn_until: float | None = None
+    """While on the GPU: requests that arrived up to this time are served even if it drains."""
     max_in_flight: int | None = None
     """Requests its engine may run at once (memory for their activations and KV cache); None: no limit."""
     last_used: float = 0.0

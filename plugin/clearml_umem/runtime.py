@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from clearml_umem.catalog import CatalogSnapshot
-from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release, WakeAt
+from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
 from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, GenerationRequest, create_engine
 from clearml_umem.errors import NotFound, ServingError
 from clearml_umem.events import EventBus
@@ -310,9 +310,6 @@ class Runtime:
                 task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
                 self._moves.add(task)
                 task.add_done_callback(self._moves.discard)
-            elif isinstance(cmd, WakeAt):
-                delay = max(0.0, cmd.at - self._clock())
-                asyncio.get_running_loop().call_later(delay, self._tick)
             elif isinstance(cmd, PlacementEnded):
                 for placement_id in cmd.ids:
                     waiter = self._placements.get(placement_id)
@@ -324,10 +321,6 @@ class Runtime:
                     task = asyncio.get_running_loop().create_task(engine.close(), name=f"close-{cmd.model}")
                     self._moves.add(task)
                     task.add_done_callback(self._moves.discard)
-
-    def _tick(self) -> None:
-        if not self._closed:
-            self._apply(self.scheduler.on_tick())
 
     async def _run_move(self, cmd: Move) -> None:
         engine = self._engines[cmd.model]

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
 from clearml_umem import ledger
-from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release, WakeAt
+from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
 from clearml_umem.errors import InvalidInput, NotFound
 from clearml_umem.events import (
     Event,
@@ -45,13 +45,14 @@ from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 
 __all__ = ["Command", "Dispatch", "ModelState", "Move", "PlacementEnded", "PlacementRefused", "Reject", "Release",
-           "Scheduler", "SchedulerError", "UnknownModel", "WakeAt"]
+           "Scheduler", "SchedulerError", "UnknownModel"]
 
 FAIRNESS_MULTIPLE = 2.0
-FAIRNESS_MIN_S = 0.5
-"""The fairness window: while a hot model has work, a request for another model waits up to
-max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE x that model's observed swap-in time) before the hot
-one is made to drain, so each swap is paid for by the requests it serves."""
+FAIRNESS_MIN_S = 0.05
+"""A model's turn on the GPU: the requests waiting for it when it arrives, and those that
+arrive within max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE x the swap-in it just took) after, are
+served before it leaves, even when it is draining for an older request: each swap is paid
+for by the requests it serves, and a request for another model waits a bounded time."""
 
 
 class SchedulerError(ValueError):
@@ -84,7 +85,7 @@ class Scheduler:
         """`backfill=False` keeps strict arrival order (nothing loads while an older request's
         model waits for room): the old behaviour, kept for comparison in benchmarks.
         `max_waiting` bounds each model's queue: a request beyond it is refused with a 429.
-        `fairness=False` swaps as soon as an older request waits for another model (no window)."""
+        `fairness=False` strands a draining model's queued requests until it comes back (strict order)."""
         if device_budget <= 0 or host_budget <= 0:
             raise SchedulerError(f"budgets must be positive (device {device_budget}, host {host_budget})")
         self.device_budget = device_budget
@@ -159,10 +160,6 @@ class Scheduler:
         model.waiting = deque(w for w in model.waiting if w.request_id != request_id)
         return self._pump()
 
-    def on_tick(self) -> list[Command]:
-        """A time asked for with `WakeAt` has come: decisions that waited for it are taken."""
-        return self._pump()
-
     def on_finished(self, name: str, request_id: str) -> list[Command]:
         model = self._get(name)
         model.in_flight.discard(request_id)
@@ -235,6 +232,8 @@ class Scheduler:
             model.oom_retry = None
             prev = model.swap_in_seconds.get(src)
             model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
+            if self.fairness:
+                model.turn_until = self._clock() + max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE * seconds)
         ended: list[Command] = []
         if model.placement is dst:
             ended = self._end_wish(model, "done")
@@ -316,9 +315,15 @@ class Scheduler:
         cmds: list[Command] = []
         now = self._clock()
         for m in self._models.values():
-            if m.tier is not Tier.GPU or m.moving_to is not None or m.name in self._draining:
+            if m.tier is not Tier.GPU or m.moving_to is not None:
+                continue
+            # a draining model takes no new requests, but serves the ones of its turn
+            turn_until = m.turn_until if m.name in self._draining else None
+            if m.name in self._draining and turn_until is None:
                 continue
             while m.waiting and (m.max_in_flight is None or len(m.in_flight) < m.max_in_flight):
+                if turn_until is not None and m.waiting[0].arrived > turn_until:
+                    break
                 w = m.waiting.popleft()
                 m.in_flight.add(w.request_id)
                 m.last_used = now
@@ -356,12 +361,6 @@ class Scheduler:
                 if self._ledger().fits(need):
                     cmds.append(self._start_move(m, Tier.GPU))
                     continue
-                hold = self._fairness_hold(m)
-                if hold is not None:
-                    # hot models keep serving what arrives for them until the window closes
-                    cmds.append(WakeAt(hold))
-                    reserved = need
-                    continue
                 started, drains = self._make_room(m, need)
                 cmds += started
                 # what the first model still needs beyond what the moves under way will free
@@ -375,21 +374,6 @@ class Scheduler:
             if m.moving_to is None and m.tier is not Tier.COLD and self._ledger().fits(need + reserved):
                 cmds.append(self._start_move(m, Tier.GPU))
         return cmds, drains
-
-    def _fairness_hold(self, m: ModelRecord) -> float | None:
-        """Until when `m`'s oldest wish may wait before hot models make room for it; None: now.
-
-        Only while some hot model has work (requests running or queued): otherwise making
-        room costs nobody anything.
-        """
-        if not self.fairness or m.wants_gpu_since is None:
-            return None
-        if not any(h.tier is Tier.GPU and h.moving_to is None and (h.in_flight or h.waiting)
-                   for h in self._models.values()):
-            return None
-        window = max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE * m.swap_in_seconds.get(m.tier, 0.0))
-        until = m.wants_gpu_since[0] + window
-        return until if self._clock() < until else None
 
     def _placements(self) -> tuple[list[Command], frozenset[str]]:
         """Operator-requested moves to a colder (or non-GPU) tier, once the model is idle."""
@@ -473,6 +457,8 @@ class Scheduler:
     def _start_move(self, m: ModelRecord, dst: Tier) -> Move:
         src = m.tier
         m.moving_to = dst
+        if src is Tier.GPU:
+            m.turn_until = None
         if dst is Tier.GPU:
             # Requests that arrived while the model was hotter (a draining model about to make
             # room) waited for this load: their first token counts against `src`, not the GPU.
