@@ -162,3 +162,15 @@ def test_swap_outs_say_whether_the_host_copy_was_kept_or_copied(bus: EventBus) -
     assert sample(text, "umem_swap_out_host_copy_total", model="a", host_copy="copied") == 1
     assert sample(text, "umem_move_gbps", model="a", direction="out") == pytest.approx(4.0), \
         "a kept copy moves nothing: the last copying swap-out's speed stays"
+
+
+def test_an_engine_death_is_counted_and_its_model_shown_cold(bus: EventBus) -> None:
+    from clearml_umem.events import EngineLost
+
+    metrics = Metrics(bus)
+    bus.emit(MoveFinished(model="a", t=1, src=Tier.COLD, dst=Tier.GPU, seconds=1.0, bytes_moved=10))
+    bus.emit(EngineLost(model="a", t=2, tier=Tier.GPU, reason="exited with code -9"))
+    text = metrics.render().decode()
+    assert sample(text, "umem_engine_deaths_total", model="a") == 1
+    assert sample(text, "umem_model_tier", model="a", tier="cold") == 1
+    assert sample(text, "umem_model_tier", model="a", tier="gpu") == 0

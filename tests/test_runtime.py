@@ -551,3 +551,29 @@ def test_a_placement_that_cannot_finish_in_time_answers_and_is_withdrawn(tmp_pat
         await settle()
         assert rt.scheduler.state("a").tier is Tier.GPU, "the move under way still ends cleanly"
     run(scenario)
+
+
+# -- engines that die on their own ----------------------------------------------------------
+
+
+def test_an_engine_that_died_is_noticed_counted_cold_and_shown(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path, "a")
+        rt = w.runtime
+        await w.hot("a")
+        engine = w.engines["a"]
+        assert await rt.check_engines() == [], "alive: nothing to do"
+        engine.died = lambda: "vLLM process exited with code -9"  # type: ignore[attr-defined]
+        assert await rt.check_engines() == ["a"]
+        st = rt.scheduler.state("a")
+        assert st.tier is Tier.COLD and st.device_bytes == 0
+        row = next(r for r in rt.admin_view() if r["name"] == "a")
+        assert row["tier"] == "cold" and "exited with code -9" in row["last_error"]
+        assert engine.closes == 1, "its state is reset before it is counted cold"
+        assert await rt.check_engines() == [], "reported once"
+        del engine.died  # type: ignore[attr-defined]
+        waiting = w.hold("a", "after")
+        (await engine.next_gate(Tier.COLD, Tier.GPU)).open()
+        await within(waiting.task)
+        assert waiting.served_from is Tier.COLD, "the next request starts it again"
+    run(scenario)

@@ -105,6 +105,14 @@ class MoveFailed(Event):
 
 
 @dataclass(frozen=True)
+class EngineLost(Event):
+    """A model's engine died outside any move (its process was killed): the model is cold now."""
+
+    tier: Tier
+    reason: str
+
+
+@dataclass(frozen=True)
 class MemorySnapshot(Event):
     """Budgeted occupancy after a change; `model` is empty because it is about the whole server."""
 

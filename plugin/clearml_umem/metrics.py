@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from clearml_umem.events import (
+    EngineLost,
     Event,
     EventBus,
     FirstToken,
@@ -102,6 +103,8 @@ class Metrics:
                                 ["model", "ok"], registry=r)
         self.move_failures = Counter("umem_move_failures", "Tier moves that failed",
                                            ["model", "src", "dst"], registry=r)
+        self.engine_deaths = Counter("umem_engine_deaths", "Engines that died on their own (a killed process); "
+                                     "their model counts as cold", ["model"], registry=r)
         self.memory = Gauge("umem_memory_bytes", "Budgeted memory: used and budget, on the device and the host",
                             ["kind", "what"], registry=r)
         self.model_tier = Gauge("umem_model_tier", "1 for the tier a model is in, 0 for the others",
@@ -126,6 +129,7 @@ class Metrics:
             RequestFinished: self._on_finished,
             RequestDispatched: self._on_dispatched,
             MemorySnapshot: self._on_memory,
+            EngineLost: self._on_engine_lost,
         }
         self.unsubscribe = bus.subscribe(self.on_event)
 
@@ -152,6 +156,10 @@ class Metrics:
         with self._lock:
             self._swaps[(e.model, e.direction)].add(e)
         self._set_tier(e.model, e.dst)
+
+    def _on_engine_lost(self, e: EngineLost) -> None:
+        self.engine_deaths.labels(e.model).inc()
+        self._set_tier(e.model, Tier.COLD)
 
     def _on_move_failed(self, e: MoveFailed) -> None:
         self.move_failures.labels(e.model, e.src.value, e.dst.value).inc()

@@ -285,6 +285,36 @@ class Runtime:
             raise Rejected(503, ended.reason, code="placement_failed")
         return self.scheduler.state(model)
 
+    async def check_engines(self) -> list[str]:
+        """Ask each engine that can die on its own (a process) whether it did; its state is reset
+        (closed), the scheduler counts the model cold and `/admin/models` shows why. Returns
+        the models found dead."""
+        dead = []
+        for name, engine in list(self._engines.items()):
+            died = getattr(engine, "died", None)
+            reason = died() if died is not None else None
+            if not reason or name not in self.scheduler:
+                continue
+            st = self.scheduler.state(name)
+            if st.tier is Tier.COLD or st.moving_to is not None:
+                continue
+            log.error("model %s: %s", name, reason)
+            self._failures[name] = (self._clock(), reason)
+            try:
+                await engine.close()
+            except Exception:  # noqa: BLE001 - it is dead already; what matters is that it counts as cold
+                log.exception("model %s: closing the dead engine failed", name)
+            if name in self.scheduler and self.scheduler.state(name).moving_to is None:
+                self._apply(self.scheduler.on_engine_lost(name, reason))
+                dead.append(name)
+        return dead
+
+    async def watch_engines(self, period_s: float = 1.0) -> None:
+        """Notice engines that died between requests (the router owns their processes)."""
+        while not self._closed:
+            await asyncio.sleep(period_s)
+            await self.check_engines()
+
     def _withdraw(self, model: str, placement_id: str) -> None:
         if model in self.scheduler:
             self._apply(self.scheduler.withdraw(model, placement_id))

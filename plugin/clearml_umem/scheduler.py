@@ -29,6 +29,7 @@ from clearml_umem import ledger
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
 from clearml_umem.errors import InvalidInput, NotFound
 from clearml_umem.events import (
+    EngineLost,
     Event,
     MemorySnapshot,
     MoveFailed,
@@ -269,6 +270,20 @@ class Scheduler:
             while model.waiting:
                 cmds.append(self._reject(model, model.waiting.popleft().request_id, reason, 503))
         return cmds + self._pump()
+
+    def on_engine_lost(self, name: str, reason: str) -> list[Command]:
+        """The model's engine died on its own (a killed process): it holds nothing any more, so
+        it is cold; requests still running on it fail by themselves. A move under way reports
+        its own failure instead."""
+        model = self._get(name)
+        if model.moving_to is not None or model.tier is Tier.COLD:
+            return []
+        lost = model.tier
+        model.tier = Tier.COLD
+        model.turn_until = None
+        self._emit(EngineLost(model=name, t=self._clock(), tier=lost, reason=reason))
+        self._emit_memory()
+        return self._pump()
 
     # -- views ----------------------------------------------------------------------------
 

@@ -126,6 +126,7 @@ class UnifiedMemoryServer:
             raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {exc}") from None
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
+        watcher: asyncio.Task[None] | None = None
         try:
             first = await self.load_catalog()
             if self.config.catalog_poll_seconds > 0:
@@ -134,12 +135,15 @@ class UnifiedMemoryServer:
                                        timeout_graceful_shutdown=10)
             self._uvicorn = _Server(uv_config)
             serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+            watcher = asyncio.create_task(self.runtime.watch_engines(), name="umem-engine-watch")
             while not self._uvicorn.started and not serving.done():
                 await asyncio.sleep(0.02)
             if self._uvicorn.started and ready is not None:
                 ready(self.url)
             await serving
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if self._poller is not None:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)
