@@ -16,12 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from clearml_umem.engines import EngineContext, EngineError, EngineOutOfMemory, GenerationRequest, InvalidRequest
+from clearml_umem.engines import (
+    EngineContext,
+    EngineError,
+    EngineOutOfMemory,
+    GenerationRequest,
+    InvalidRequest,
+    vllm_process,
+)
 from clearml_umem.engines import vllm_engine as ve
 from clearml_umem.engines.kv_sizing import GiB
 from clearml_umem.engines.vllm_engine import SSEDecoder, VLLMEngine
+from clearml_umem.engines.vllm_process import Endpoint, EngineNoUnixSocket
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
 from tests.waiting import wait_until
@@ -224,7 +233,11 @@ def test_start_command_environment_and_log(make_engine: Any) -> None:
     assert result.bytes_moved == WEIGHTS
     [start] = journal.starts()
     argv = start["argv"]
-    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    socket_path = Path(argv[argv.index("--uds") + 1])
+    assert "--host" not in argv and "--port" not in argv, "a Unix socket only, no TCP port"
+    assert socket_path.name == "api.sock" and socket_path.parent.parent == vllm_process.SOCKETS.path
+    assert start["env"]["VLLM_RPC_BASE_PATH"] == str(socket_path.parent), "vLLM's IPC sockets go there too"
+    assert "VLLM_API_KEY" not in start["env"]
     assert argv[argv.index("--served-model-name") + 1] == "m0"
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(engine.plan.kv_cache_bytes)
     assert argv[argv.index("--max-model-len") + 1] == "2048"
@@ -232,7 +245,8 @@ def test_start_command_environment_and_log(make_engine: Any) -> None:
     assert "--enable-sleep-mode" in argv and "--enforce-eager" not in argv and "--max-num-seqs" in argv
     assert start["env"]["VLLM_SERVER_DEV_MODE"] == "1"
     info = engine.describe()
-    assert info["running"] and info["pid"] == start["pid"] and info["url"].startswith("http://127.0.0.1:")
+    assert info["running"] and info["pid"] == start["pid"] and info["url"] == f"unix:{socket_path}"
+    assert info["transport"] == "uds" and info["socket"] == str(socket_path) and info["allow_tcp"] is False
     assert "fake-vllm: serving m0" in Path(info["log_file"]).read_text()
     pid = engine.pid
     run(engine.move(Tier.GPU, Tier.COLD))
@@ -245,6 +259,56 @@ def test_cpu_mode_runs_eager_without_sleep_mode(make_engine: Any) -> None:
     run(engine.move(Tier.COLD, Tier.GPU))
     argv = journal.starts()[0]["argv"]
     assert "--enforce-eager" in argv and "--enable-sleep-mode" not in argv
+
+
+@pytest.fixture
+def old_vllm(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A vLLM from before `--uds` (the fake, told so), with nothing learnt about it yet."""
+    monkeypatch.setattr(vllm_process, "_NO_UDS", set())
+    monkeypatch.delenv(vllm_process.ALLOW_TCP_ENV, raising=False)
+    return [sys.executable, str(FAKE), "--without-uds"]
+
+
+def test_a_vllm_without_uds_is_refused_unless_tcp_is_allowed(make_engine: Any, old_vllm: list[str]) -> None:
+    engine, journal = make_engine(vllm_command=old_vllm)
+    with pytest.raises(EngineNoUnixSocket, match="no --uds option.*allow_tcp"):
+        run(engine.move(Tier.COLD, Tier.GPU))
+    assert len(journal.starts()) == 1, "tried once with --uds, not retried"
+    assert "unrecognized arguments: --uds" in engine.log_file.read_text()
+    with pytest.raises(EngineNoUnixSocket):
+        run(engine.move(Tier.COLD, Tier.GPU))
+    assert len(journal.starts()) == 1, "what the first launch showed is remembered: no second try"
+    assert engine.describe()["running"] is False and engine.describe()["url"] is None
+
+
+def test_tcp_fallback_listens_on_loopback_with_a_key(make_engine: Any, old_vllm: list[str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Only where allowed: the key guards vLLM's /v1 routes, not the dev routes (as in vLLM 0.32)."""
+    engine, journal = make_engine(vllm_command=old_vllm, allow_tcp=True)
+    with caplog.at_level(logging.WARNING, logger="clearml_umem.engines.vllm_engine"):
+        run(engine.move(Tier.COLD, Tier.GPU))
+    assert "has no --uds" in caplog.text and "/collective_rpc" in caplog.text
+    rejected, start = journal.starts()
+    assert "--uds" in rejected["argv"]
+    argv = start["argv"]
+    assert "--uds" not in argv
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    key = start["env"]["VLLM_API_KEY"]
+    assert len(key) >= 32 and key not in " ".join(argv), "the key is never on the command line"
+    info = engine.describe()
+    assert info["running"] and info["pid"] == start["pid"] and info["url"].startswith("http://127.0.0.1:")
+    assert info["transport"] == "tcp" and info["socket"] is None and info["allow_tcp"] is True
+    deltas = run(collect(engine, GenerationRequest(prompt="hi", max_tokens=2)))
+    assert deltas[-1].finish_reason == "length"
+    run(engine.move(Tier.GPU, Tier.RAM))
+    assert [c["auth"] for c in journal.calls()] == [True, True], "the router sends the key on every call"
+    with httpx.Client(base_url=info["url"], timeout=5, trust_env=False) as stranger:
+        assert stranger.get("/v1/models").status_code == 401
+        assert stranger.post("/wake_up").status_code == 200, "what --api-key leaves open"
+    run(engine.move(Tier.RAM, Tier.COLD))
+    run(engine.move(Tier.COLD, Tier.GPU))
+    assert len(journal.starts()) == 3 and "--uds" not in journal.starts()[2]["argv"], "straight to TCP next time"
+    assert journal.starts()[2]["env"]["VLLM_API_KEY"] != key, "a new key per launch"
 
 
 SEQUENCES: list[tuple[Tier, Tier, list[tuple[str, dict[str, Any], Any]], int]] = [
@@ -666,7 +730,7 @@ def test_interpreter_choice(tmp_path: Path, model_dir: Path, monkeypatch: pytest
     assert VLLMEngine(spec, EngineContext(work_dir=tmp_path, device="cpu")).python == sys.executable
     monkeypatch.setenv("UMEM_VLLM_PYTHON", "/opt/v/bin/python")
     engine = VLLMEngine(spec, EngineContext(work_dir=tmp_path, device="cpu"))
-    assert engine.command(1234)[:3] == ["/opt/v/bin/python", "-m", ve.VLLM_SERVER_MODULE]
+    assert engine.command(Endpoint(port=1234))[:3] == ["/opt/v/bin/python", "-m", ve.VLLM_SERVER_MODULE]
     opt = VLLMEngine(spec, EngineContext(work_dir=tmp_path, device="cpu", options={"vllm_python": "/x/python"}))
     assert opt.python == "/x/python"
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")

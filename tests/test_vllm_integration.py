@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -64,10 +66,29 @@ def group_pids(pid: int | None) -> list[int]:
 
 
 async def vllm_metric(engine: VLLMEngine, name: str) -> float:
-    """Sum of a series from vLLM's own /metrics (the engine's loopback port, not the router)."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(engine.url + "/metrics")).text
+    """Sum of a series from vLLM's own /metrics (the engine's socket, through the router's client)."""
+    text = (await engine.process.client().get("/metrics", timeout=10)).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def inet_listeners(pid: int) -> list[Any]:
+    return [c for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+
+def assert_reachable_by_socket_only(engine: VLLMEngine) -> None:
+    """The API server listens on its Unix socket, in a directory private to this user, and on no TCP port.
+
+    Only the API server is checked: vLLM's worker (CPU build) listens on loopback ports of its
+    own for torch.distributed's gloo groups, which speak no HTTP.
+    """
+    info = engine.describe()
+    assert info["transport"] == "uds" and info["url"] == f"unix:{info['socket']}"
+    sock = Path(info["socket"])
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    for directory in (sock.parent, sock.parent.parent):
+        st = directory.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid(), directory
+    assert engine.pid is not None and inet_listeners(engine.pid) == [], "the API server listens on a TCP port"
 
 
 async def generated_tokens(engine: VLLMEngine) -> float:
@@ -99,6 +120,8 @@ def test_two_engines_directly(vllm_python: str, vllm_models: dict[str, Path], tm
         timings["healthy_s"] = time.monotonic() - started
         seen.extend(group_pids(first.pid))
         assert len(seen) >= 2, "vLLM runs an engine core beside its API server"
+        assert_reachable_by_socket_only(first)
+        first_socket_dir = Path(first.describe()["socket"]).parent
 
         text, last = await chat(first)
         assert last.finish_reason in ("length", "stop")
@@ -137,6 +160,7 @@ def test_two_engines_directly(vllm_python: str, vllm_models: dict[str, Path], tm
         assert after_cancel == text
 
         await first.move(Tier.GPU, Tier.COLD)
+        assert not first_socket_dir.exists(), "a stopped engine's socket directory is removed"
         started = time.monotonic()
         await second.move(Tier.COLD, Tier.GPU)
         timings["second_healthy_s"] = time.monotonic() - started
@@ -147,8 +171,10 @@ def test_two_engines_directly(vllm_python: str, vllm_models: dict[str, Path], tm
         info = second.describe()
         assert info["running"] and Path(info["log_file"]).is_file() and info["kv_cache_bytes"] > 0
         assert "--kv-cache-memory-bytes" in Path(info["log_file"]).read_text()
+        assert_reachable_by_socket_only(second)
         await second.close()
         await first.close()
+        assert not first_socket_dir.parent.exists(), "the socket directory goes once every engine is closed"
 
     try:
         asyncio.run(scenario())
@@ -173,6 +199,7 @@ def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, 
                           "--host-budget", str(4 * 2**30), env={"UMEM_VLLM_PYTHON": vllm_python})
     names = [s.name for s in specs]
     engine_pids: set[int] = set()
+    socket_dirs: set[Path] = set()
     try:
         client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         admin = httpx.Client(base_url=router.url, timeout=60)
@@ -208,6 +235,9 @@ def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, 
         rows = {r["name"]: r for r in admin.get("/admin/models").json()["data"]}
         details = rows[a]["engine_details"]
         assert details["engine"] == "vllm" and details["running"] and details["max_model_len"] > 0
+        assert details["transport"] == "uds" and details["url"] == f"unix:{details['socket']}"
+        assert inet_listeners(details["pid"]) == [], "the engine's API server listens on a TCP port"
+        socket_dirs.add(Path(details["socket"]).parents[1])
         assert Path(details["log_file"]).is_file()
         assert hot[-1] <= device_budget < hot[0] + hot[-1]
     finally:
@@ -215,3 +245,5 @@ def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, 
         router.kill()
     assert len(engine_pids) >= 3, f"expected an engine, its engine core and a watchdog, saw {engine_pids}"
     assert wait_gone(sorted(engine_pids), timeout=30) == [], "engine processes outlived a kill -9 of the router"
+    for directory in socket_dirs:  # a router killed with -9 cannot remove its socket directory
+        shutil.rmtree(directory, ignore_errors=True)

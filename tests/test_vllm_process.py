@@ -5,16 +5,34 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
+import shutil
 import signal
+import socket
+import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
+from clearml_umem.engines import vllm_process
 from clearml_umem.engines.start_gate import StartGate, StartGates
 from clearml_umem.engines.vllm_engine import AWAKE_ONLY_MOVES, SLEEP_MODE_MOVES, Step
-from clearml_umem.engines.vllm_process import ProcessConfig, ProcessTimeouts, VLLMProcess
+from clearml_umem.engines.vllm_process import (
+    SOCKETS,
+    Endpoint,
+    EngineError,
+    ProcessConfig,
+    ProcessTimeouts,
+    SocketDirectory,
+    VLLMProcess,
+    allow_tcp_from,
+    rejects_uds,
+)
 from clearml_umem.tiers import Tier
 from tests.waiting import wait_until
 
@@ -83,7 +101,7 @@ def fake_process(tmp_path: Path) -> Iterator[VLLMProcess]:
     (state / "behaviour.json").write_text(json.dumps({}))
     config = ProcessConfig(
         name="m", log_file=tmp_path / "vllm-m.log",
-        command=lambda port: [sys.executable, str(FAKE), "--model", "m", "--port", str(port)],
+        command=lambda endpoint: [sys.executable, str(FAKE), "--model", "m", *endpoint.args()],
         environment=lambda: {**os.environ, "FAKE_VLLM_STATE": str(state)},
         timeouts=ProcessTimeouts(start_s=20.0, stop_grace_s=3.0))
     proc = VLLMProcess(config, StartGate("cpu"))
@@ -132,3 +150,158 @@ def test_stop_and_close(fake_process: VLLMProcess) -> None:
         await fake_process.close()
 
     asyncio.run(go())
+
+
+def listening_inet(pid: int) -> list[object]:
+    """The TCP/UDP sockets the process `pid` and its descendants listen on."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return [c for p in procs for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)]
+
+
+def connect_as_nobody(path: Path) -> str | None:
+    """Try the socket from another user's process: "refused: ..." or "connected"; None where no
+    Python here can run as that user (this one may live under a directory only we can open)."""
+    nobody = pwd.getpwnam("nobody")
+    as_nobody = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": [], "capture_output": True,
+                 "text": True, "timeout": 30}
+    code = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept OSError as exc:\n    print('refused:', exc)\n"
+            "else:\n    print('connected')\n")
+    for python in dict.fromkeys(p for p in (sys.executable, "/usr/bin/python3", shutil.which("python3")) if p):
+        try:
+            if subprocess.run([python, "-I", "-S", "-c", "pass"], **as_nobody).returncode != 0:
+                continue
+        except OSError:
+            continue
+        out = subprocess.run([python, "-I", "-S", "-c", code, str(path)], **as_nobody)
+        return out.stdout.strip() or out.stderr.strip()
+    return None
+
+
+@linux_only
+def test_only_the_router_reaches_the_server(fake_process: VLLMProcess) -> None:
+    """The server listens on a Unix socket in a directory private to this user, and on no TCP port;
+    another user cannot even connect. (Any process of the same user can, as it could ptrace the
+    router anyway.)"""
+    async def go() -> tuple[Endpoint, Path]:
+        await fake_process.ensure_running()
+        endpoint = fake_process.endpoint
+        assert endpoint.transport == "uds" and endpoint.socket is not None and endpoint.directory is not None
+        assert (await fake_process.client().get("/health")).status_code == 200
+        info = fake_process.describe()
+        assert info["url"] == f"unix:{endpoint.socket}" and info["socket"] == str(endpoint.socket)
+        assert info["transport"] == "uds"
+        assert fake_process.pid is not None
+        assert listening_inet(fake_process.pid) == [], "the server must not listen on any TCP/UDP port"
+        for directory in (SOCKETS.path, endpoint.directory):
+            assert directory is not None
+            st = os.lstat(directory)
+            assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, oct(st.st_mode)
+            assert st.st_uid == os.geteuid()
+        assert endpoint.directory.parent == SOCKETS.path
+        assert stat.S_ISSOCK(os.lstat(endpoint.socket).st_mode)
+        assert len(os.fsencode(str(endpoint.socket))) <= vllm_process.MAX_SOCKET_PATH_BYTES
+        if os.geteuid() == 0:
+            answer = await asyncio.to_thread(connect_as_nobody, endpoint.socket)
+            assert answer is None or answer.startswith("refused:") and "Permission denied" in answer, answer
+        root = SOCKETS.path
+        await fake_process.stop()
+        assert not endpoint.directory.exists(), "a stopped server's socket directory is removed"
+        with pytest.raises(EngineError, match="not running"):
+            fake_process.client()
+        await fake_process.close()
+        return endpoint, root
+
+    endpoint, root = asyncio.run(go())
+    assert root is not None and not root.exists(), "the directory goes once every engine is closed"
+    gone = httpx.HTTPTransport(uds=str(endpoint.socket))
+    with pytest.raises(httpx.TransportError), httpx.Client(transport=gone) as client:
+        client.get("http://localhost/health")
+
+
+@linux_only
+def test_each_launch_gets_a_fresh_socket(fake_process: VLLMProcess) -> None:
+    async def go() -> list[Endpoint]:
+        await fake_process.ensure_running()
+        first = fake_process.endpoint
+        assert fake_process.pid is not None
+        os.kill(fake_process.pid, signal.SIGKILL)
+        assert await asyncio.to_thread(wait_until, lambda: not fake_process.running, 5)
+        await fake_process.ensure_running()
+        second = fake_process.endpoint
+        assert first.directory is not None and not first.directory.exists()
+        assert (await fake_process.client().get("/health")).status_code == 200
+        return [first, second]
+
+    first, second = asyncio.run(go())
+    assert first.socket != second.socket and first.directory is not None and second.directory is not None
+    assert first.directory.parent == second.directory.parent, "one directory per router process"
+
+
+def test_socket_directory_is_private_and_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path / ("long" * 20)))
+    (tmp_path / ("long" * 20)).mkdir()
+    monkeypatch.setattr(vllm_process.tempfile, "tempdir", None)
+    sockets = SocketDirectory()
+    one, two = object(), object()
+    a = sockets.acquire(one, "a" * 200)
+    b = sockets.acquire(two, "model/with spaces")
+    assert sockets.path is not None and str(sockets.path).startswith("/tmp/umem-"), "a long TMPDIR is not used"
+    assert a.parent == b.parent == sockets.path and b.name.startswith("model_with_spaces-")
+    assert len(os.fsencode(str(a / vllm_process.SOCKET_NAME))) <= vllm_process.MAX_SOCKET_PATH_BYTES
+    for d in (sockets.path, a, b):
+        assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
+    sockets.release(a)
+    assert not a.exists() and b.exists()
+    sockets.close(one)
+    assert b.exists(), "the second engine still uses the directory"
+    sockets.release(b)
+    assert b.parent.exists(), "kept while an engine that used it is not closed (a restart reuses it)"
+    sockets.close(two)
+    assert not b.parent.exists() and sockets.path is None
+    again = sockets.acquire(one, "m")
+    assert again.parent.is_dir()
+    sockets.remove_all()
+    assert not again.parent.exists()
+
+
+def test_socket_directory_that_is_not_private_is_refused() -> None:
+    sockets = SocketDirectory()
+    owner = object()
+    sub = sockets.acquire(owner, "m")
+    assert sockets.path is not None
+    os.chmod(sockets.path, 0o755)
+    try:
+        with pytest.raises(EngineError, match="not private"):
+            sockets.acquire(owner, "m")
+    finally:
+        sockets.release(sub)
+        sockets.close(owner)
+    assert sockets.path is None
+
+
+def test_endpoints() -> None:
+    uds = Endpoint(directory=Path("/tmp/umem-x/m-1"))
+    assert uds.args() == ["--uds", "/tmp/umem-x/m-1/api.sock"] and uds.url == "unix:/tmp/umem-x/m-1/api.sock"
+    assert uds.environment() == {"VLLM_RPC_BASE_PATH": "/tmp/umem-x/m-1"}
+    tcp = Endpoint(port=4321, api_key="k")
+    assert tcp.args() == ["--host", "127.0.0.1", "--port", "4321"] and tcp.url == "http://127.0.0.1:4321"
+    assert tcp.environment() == {"VLLM_API_KEY": "k"}, "the key goes in the environment, never in argv"
+    assert "k" not in repr(tcp)
+
+
+def test_a_rejected_uds_is_recognised_in_the_latest_launch_only() -> None:
+    err = "usage: api_server.py [-h] ...\napi_server.py: error: unrecognized arguments: --uds /tmp/umem-x/m-1/api.sock"
+    assert rejects_uds("===== 2026 umem starting: python -m vllm --uds /tmp/a\n" + err)
+    assert not rejects_uds("===== 2026 umem starting: python -m vllm --uds /tmp/a\nCUDA out of memory")
+    assert not rejects_uds(err + "\n===== 2026 umem starting: python -m vllm --uds /tmp/b\nKilled")
+    assert rejects_uds("error: no such option: --uds")
+
+
+def test_allow_tcp_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(vllm_process.ALLOW_TCP_ENV, raising=False)
+    assert allow_tcp_from(None) is False and allow_tcp_from(True) is True and allow_tcp_from("yes") is True
+    monkeypatch.setenv(vllm_process.ALLOW_TCP_ENV, "1")
+    assert allow_tcp_from(None) is True and allow_tcp_from(False) is False, "the option wins over the environment"

@@ -1,8 +1,9 @@
 """A vLLM OpenAI server process per model, tiered with vLLM's sleep mode.
 
 vLLM's sleep allocator is a per-process singleton, so each model gets its own server
-process on 127.0.0.1 and a free port; only the router is reachable from outside (the dev
-endpoints that sleep and wake an engine must never be). Tiers map onto vLLM like this:
+process, listening on a Unix socket in a directory only the serving user can open: only the
+router reaches it (the dev endpoints that sleep and wake an engine are unauthenticated in
+vLLM, so no TCP port may serve them; see `vllm_process`). Tiers map onto vLLM like this:
 
 - gpu: process awake.
 - ram: `POST /sleep?level=1` - weights copied to pinned host RAM, KV cache dropped.
@@ -53,17 +54,20 @@ from clearml_umem.engines.kv_sizing import GiB, KVPlan, KVSizingError, plan_kv_c
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.start_gate import START_GATES
 from clearml_umem.engines.vllm_process import (
+    Endpoint,
+    EngineNoUnixSocket,
     EngineStartTimeout,
     EngineUnreachable,
     ProcessConfig,
     ProcessTimeouts,
     VLLMProcess,
+    allow_tcp_from,
     error_message,
 )
 from clearml_umem.spec import ModelSpec, read_hf_config
 from clearml_umem.tiers import Tier
 
-__all__ = ["EngineStartTimeout", "EngineUnreachable", "SSEDecoder", "VLLMEngine"]
+__all__ = ["EngineNoUnixSocket", "EngineStartTimeout", "EngineUnreachable", "SSEDecoder", "VLLMEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +192,9 @@ class VLLMEngine:
     on a small CPU for no gain), `max_model_len`, `kv_cache_bytes`, `process_overhead_bytes`,
     `sleep_overhead_bytes` (fixed; else estimated, then measured with NVML), `measure_device_memory`
     (default True), `device_usage_probe` (tests), `start_timeout_s`, `control_timeout_s`,
-    `request_timeout_s`, `stop_grace_s`, `vllm_args` (extra CLI arguments), `env` (extra environment).
+    `request_timeout_s`, `stop_grace_s`, `vllm_args` (extra CLI arguments), `env` (extra environment),
+    `allow_tcp` (default: env UMEM_VLLM_ALLOW_TCP, else off: a vLLM without `--uds` is refused
+    rather than served on a TCP port that its dev endpoints leave open to every local user).
     """
 
     def __init__(self, spec: ModelSpec, ctx: EngineContext) -> None:
@@ -213,9 +219,11 @@ class VLLMEngine:
         log_dir = Path(ctx.log_dir) if ctx.log_dir else Path(ctx.work_dir) / "logs"
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name)
         self.log_file = log_dir / f"vllm-{safe}.log"
+        self.allow_tcp = allow_tcp_from(opts.get("allow_tcp"))
         self.process = VLLMProcess(
             ProcessConfig(name=spec.name, log_file=self.log_file, command=self.command,
-                          environment=self.environment, timeouts=ProcessTimeouts.from_options(opts)),
+                          environment=self.environment, timeouts=ProcessTimeouts.from_options(opts),
+                          program=tuple(self._command_prefix), allow_tcp=self.allow_tcp),
             START_GATES.for_device(ctx.device))
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
@@ -264,6 +272,7 @@ class VLLMEngine:
 
     @property
     def url(self) -> str:
+        """Where the server listens: `unix:/path/api.sock` (or `http://127.0.0.1:port`, TCP fallback)."""
         return self.process.url
 
     @property
@@ -300,6 +309,9 @@ class VLLMEngine:
             "pid": proc["pid"],
             "running": proc["running"],
             "url": proc["url"],
+            "transport": proc["transport"],
+            "socket": proc["socket"],
+            "allow_tcp": self.allow_tcp,
             "log_file": proc["log_file"],
             "python": self.python,
             "restarts": proc["restarts"],
@@ -311,8 +323,9 @@ class VLLMEngine:
             **self.plan.as_dict(),
         }
 
-    def command(self, port: int) -> list[str]:
-        cmd = [*self._command_prefix, "--model", str(self.spec.weights), "--host", "127.0.0.1", "--port", str(port),
+    def command(self, endpoint: Endpoint) -> list[str]:
+        """The server's argv; `endpoint` gives where it listens (`--uds PATH`, or host and port)."""
+        cmd = [*self._command_prefix, "--model", str(self.spec.weights), *endpoint.args(),
                "--served-model-name", self.spec.name, "--max-model-len", str(self.plan.max_model_len),
                "--dtype", self.spec.dtype, "--kv-cache-memory-bytes", str(self.plan.kv_cache_bytes)]
         if self.sleep_mode:
@@ -324,6 +337,9 @@ class VLLMEngine:
 
     def environment(self) -> dict[str, str]:
         """The dev endpoints (sleep/wake) need VLLM_SERVER_DEV_MODE; the hub is unreachable here.
+
+        The process adds where the server listens (`Endpoint.environment`) and drops an
+        inherited VLLM_API_KEY, which the router would not send.
 
         VLLM_CPU_KVCACHE_SPACE (whole GiB) would override the exact `--kv-cache-memory-bytes`
         on the CPU build, so an inherited one is dropped; set it through the `env` option to

@@ -4,15 +4,30 @@ The engine (`vllm_engine`) decides which tier a model is in and which sleep or w
 move needs; this class only makes sure there is a healthy server to send them to, and
 carries them over HTTP. `ensure_running()` is how the engine gets one. Below it,
 `engines.process` owns the process group and its watchdog, so no server outlives the router.
+
+Only the router may reach a server: it runs with `VLLM_SERVER_DEV_MODE=1`, whose endpoints
+(`/sleep`, `/wake_up`, `/collective_rpc`, ...) vLLM never authenticates, not even with
+`--api-key` (which guards only `/v1`, `/v2`, `/inference` and `/cohere` in vLLM 0.32). So a
+server listens on a Unix socket (`--uds`) in a directory only this user can open (0700,
+`SocketDirectory`), never on a TCP port. A vLLM without `--uds` is refused, unless the
+`allow_tcp` option (or UMEM_VLLM_ALLOW_TCP=1) accepts the weaker fallback: 127.0.0.1 and a
+random key per launch, which covers vLLM's `/v1` routes and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import itertools
 import json
 import logging
+import os
 import re
+import secrets
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +59,19 @@ PROGRESS_EVERY_S = 10.0
 
 KEEPALIVE_EXPIRY_S = 3.0
 
+ALLOW_TCP_ENV = "UMEM_VLLM_ALLOW_TCP"
+"""Set to 1 to accept the TCP fallback for every vLLM engine (the `allow_tcp` engine option, for all)."""
+
+SOCKET_NAME = "api.sock"
+
+MAX_SOCKET_PATH_BYTES = 100
+"""AF_UNIX paths are limited to 107 bytes (108 with the NUL) on Linux, 103 on macOS."""
+
+_REJECTS_UDS = re.compile(r"unrecognized arguments:.*--uds|no such option:\s*--uds|unknown option.*--uds")
+
+_LAUNCH_MARKER = "umem starting:"
+"""`engines.process.launch` writes a line with this before every launch into the shared log file."""
+
 _OOM_PATTERNS = re.compile(
     r"out of memory|OutOfMemoryError|No available memory for the cache blocks"
     r"|is less than requested memory|less than desired GPU memory utilization"
@@ -58,6 +86,14 @@ class EngineUnreachable(EngineError):
 
 class EngineStartTimeout(EngineError):
     """vLLM did not answer /health in time; not retried, a second wait would double a long one."""
+
+
+class EngineNoUnixSocket(EngineError):
+    """This vLLM has no `--uds` and TCP was not allowed; not retried, it would fail the same way."""
+
+
+class _RejectedUds(EngineError):
+    """The server exited at start because it does not know `--uds` (vLLM builds before it)."""
 
 
 def looks_out_of_memory(text: str) -> bool:
@@ -84,6 +120,139 @@ def error_message(body: bytes) -> str:
     return text.strip()[:2000]
 
 
+def allow_tcp_from(option: object) -> bool:
+    """The `allow_tcp` option, else UMEM_VLLM_ALLOW_TCP; off unless set to a true value."""
+    value = option if option is not None else os.environ.get(ALLOW_TCP_ENV)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one launch of a server listens: a Unix socket in a private directory, or (fallback) a
+    loopback port with the key the server requires on its `/v1` routes."""
+
+    directory: Path | None = None
+    """The launch's own directory (0700), holding the socket and vLLM's ZMQ IPC sockets."""
+    port: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def socket(self) -> Path | None:
+        return self.directory / SOCKET_NAME if self.directory is not None else None
+
+    @property
+    def transport(self) -> str:
+        return "uds" if self.directory is not None else "tcp"
+
+    @property
+    def url(self) -> str:
+        """vLLM's own way of naming it: `unix:/path` or `http://127.0.0.1:port`."""
+        return f"unix:{self.socket}" if self.socket is not None else f"http://127.0.0.1:{self.port}"
+
+    def args(self) -> list[str]:
+        """The server's listening arguments (with `--uds`, vLLM ignores host and port; none are given)."""
+        if self.socket is not None:
+            return ["--uds", str(self.socket)]
+        return ["--host", "127.0.0.1", "--port", str(self.port)]
+
+    def environment(self) -> dict[str, str]:
+        """Over a socket, vLLM's internal ZMQ IPC sockets go in the same private directory (instead
+        of /tmp); over TCP, the key goes in the environment, not the command line that every local
+        user can read in /proc."""
+        if self.directory is not None:
+            return {"VLLM_RPC_BASE_PATH": str(self.directory)}
+        return {"VLLM_API_KEY": self.api_key or ""}
+
+
+class SocketDirectory:
+    """This router process's private directory for engine sockets.
+
+    Made on first use by `tempfile.mkdtemp` (mode 0700, owned by this user: other users can
+    neither list it nor connect to a socket in it). Each launch gets a subdirectory of its own
+    (0700) with the API socket and vLLM's ZMQ IPC sockets, removed once that process stopped;
+    the directory itself goes when every engine that used it is closed (the router's close),
+    and at exit. A short base (TMPDIR, or /tmp when TMPDIR is long) keeps socket paths under
+    the AF_UNIX limit, whatever the work directory.
+    """
+
+    def __init__(self, prefix: str = "umem-") -> None:
+        self.prefix = prefix
+        self.path: Path | None = None
+        self._owners: set[int] = set()
+        self._lock = threading.Lock()
+        self._numbers = itertools.count(1)
+
+    def acquire(self, owner: object, name: str) -> Path:
+        """A new private subdirectory for one launch of `name`; `owner` holds the directory until `close(owner)`."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:24] or "engine"
+        with self._lock:
+            if self.path is None or not self.path.is_dir():
+                self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self._base()))
+            self._check_private(self.path)
+            sub = self.path / f"{safe}-{next(self._numbers)}"
+            sub.mkdir(mode=0o700)
+            self._check_private(sub)
+            socket_path = sub / SOCKET_NAME
+            if len(os.fsencode(str(socket_path))) > MAX_SOCKET_PATH_BYTES:
+                shutil.rmtree(sub, ignore_errors=True)
+                raise EngineError(f"engine socket path {socket_path} is longer than {MAX_SOCKET_PATH_BYTES} "
+                                  f"bytes (the AF_UNIX limit); set TMPDIR to a shorter directory")
+            self._owners.add(id(owner))
+            return sub
+
+    def release(self, sub: Path) -> None:
+        """Remove one launch's subdirectory (its process has stopped)."""
+        shutil.rmtree(sub, ignore_errors=True)
+
+    def close(self, owner: object) -> None:
+        """`owner` is done with the directory; the directory goes once no owner is left."""
+        with self._lock:
+            self._owners.discard(id(owner))
+            if not self._owners and self.path is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+                self.path = None
+
+    def remove_all(self) -> None:
+        with self._lock:
+            if self.path is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+            self._owners.clear()
+
+    @staticmethod
+    def _base() -> str:
+        base = tempfile.gettempdir()
+        if len(os.fsencode(base)) > 40 and os.path.isdir("/tmp"):
+            return "/tmp"
+        return base
+
+    @staticmethod
+    def _check_private(path: Path) -> None:
+        st = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise EngineError(f"engine socket directory {path} is not private to this user "
+                              f"(mode {st.st_mode & 0o777:o}, owner {st.st_uid}); refusing to use it")
+
+
+SOCKETS = SocketDirectory()
+atexit.register(SOCKETS.remove_all)
+
+_NO_UDS: set[tuple[str, ...]] = set()
+"""Programs (interpreter and module) seen to reject `--uds`: learnt at their first launch, which
+costs nothing where `--uds` works (asking `--help` first costs a vLLM import, ~20 s on 2 cores)."""
+
+
+def rejects_uds(log_text: str) -> bool:
+    """Whether the log of the latest launch ends in an argument error about `--uds`."""
+    start = log_text.rfind(_LAUNCH_MARKER)
+    if start >= 0:
+        newline = log_text.find("\n", start)
+        log_text = log_text[newline + 1:] if newline >= 0 else ""
+    return bool(_REJECTS_UDS.search(log_text))
+
+
 @dataclass(frozen=True)
 class ProcessTimeouts:
     """How long to wait on the server, from the engine options of the same names."""
@@ -108,15 +277,20 @@ class ProcessConfig:
     name: str
     """The served model's name, for messages."""
     log_file: Path
-    command: Callable[[int], list[str]]
-    """The server's argv for a port; called at every launch, each of which gets a fresh port."""
+    command: Callable[[Endpoint], list[str]]
+    """The server's argv for an endpoint (`Endpoint.args()`); called at every launch, each of
+    which gets a fresh socket (or port)."""
     environment: Callable[[], dict[str, str]]
     """Called at every launch, so a server sees the environment of that moment."""
     timeouts: ProcessTimeouts = field(default_factory=ProcessTimeouts)
+    program: tuple[str, ...] = ()
+    """What runs vLLM (its argv prefix): whether it takes `--uds` is learnt once per program."""
+    allow_tcp: bool = False
+    """Accept TCP on 127.0.0.1 with a per-launch key where vLLM has no `--uds` (else refuse)."""
 
 
 class VLLMProcess:
-    """The server of one model on 127.0.0.1 and a free port, or none.
+    """The server of one model on a private Unix socket (see the module docstring), or none.
 
     `incarnation` counts launches, so a caller that saw one process die can tell whether
     someone else has started the next already. `restarts` counts starts that replaced a
@@ -130,9 +304,9 @@ class VLLMProcess:
         self.restarts = 0
         self.last_start_s: float | None = None
         self._proc: process.ManagedProcess | None = None
-        self._port: int | None = None
+        self._endpoint: Endpoint | None = None
         self._client: httpx.AsyncClient | None = None
-        self._client_key: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._client_key: tuple[asyncio.AbstractEventLoop, Endpoint] | None = None
         self._close_epoch = 0
 
     @property
@@ -149,16 +323,24 @@ class VLLMProcess:
         return self._proc.returncode if self._proc is not None else None
 
     @property
-    def url(self) -> str:
-        if self._port is None:
+    def endpoint(self) -> Endpoint:
+        if self._endpoint is None:
             raise EngineError(f"model {self.config.name!r}: vLLM is not running")
-        return f"http://127.0.0.1:{self._port}"
+        return self._endpoint
+
+    @property
+    def url(self) -> str:
+        """Where the server listens, `unix:/path` (or `http://127.0.0.1:port` in the TCP fallback)."""
+        return self.endpoint.url
 
     def describe(self) -> dict[str, Any]:
+        endpoint = self._endpoint
         return {
             "pid": self.pid,
             "running": self.running,
-            "url": f"http://127.0.0.1:{self._port}" if self._port is not None else None,
+            "url": endpoint.url if endpoint is not None else None,
+            "transport": endpoint.transport if endpoint is not None else None,
+            "socket": str(endpoint.socket) if endpoint is not None and endpoint.socket is not None else None,
             "log_file": str(self.config.log_file),
             "restarts": self.restarts,
             "last_start_s": self.last_start_s,
@@ -197,16 +379,26 @@ class VLLMProcess:
         return True
 
     async def stop(self) -> None:
-        proc, self._proc, self._port = self._proc, None, None
+        """Stop the process, then remove its socket directory."""
+        proc, self._proc = self._proc, None
+        endpoint, self._endpoint = self._endpoint, None
         await self._drop_client()
-        if proc is not None:
-            code = await asyncio.to_thread(proc.stop, self.config.timeouts.stop_grace_s)
-            log.info("model %s: vLLM process %d stopped (code %s)", self.config.name, proc.pid, code)
+        try:
+            if proc is not None:
+                code = await asyncio.to_thread(proc.stop, self.config.timeouts.stop_grace_s)
+                log.info("model %s: vLLM process %d stopped (code %s)", self.config.name, proc.pid, code)
+        finally:
+            if endpoint is not None and endpoint.directory is not None:
+                SOCKETS.release(endpoint.directory)
 
     async def close(self) -> None:
-        """Stop, and make a start in progress or waiting at the gate fail instead of launching."""
+        """Stop, and make a start in progress or waiting at the gate fail instead of launching; the
+        socket directory goes once every engine of this router is closed."""
         self._close_epoch += 1
-        await self.stop()
+        try:
+            await self.stop()
+        finally:
+            SOCKETS.close(self)
 
     async def exits_within(self, seconds: float) -> bool:
         """Whether the process is gone, waiting a moment: a dropped connection arrives a little before
@@ -219,22 +411,30 @@ class VLLMProcess:
         return True
 
     def client(self) -> httpx.AsyncClient:
-        """One pooled client per process and event loop.
+        """One pooled client per process and event loop, connected to the server's socket.
 
         A new `httpx.AsyncClient` per request costs about 20 ms (it builds an SSL context even
-        for plain HTTP), more than a hot first token, so requests and control calls share
-        kept-alive connections. `trust_env=False`: a proxy from the environment must never see
-        loopback traffic to an engine. Idle connections are dropped after 3 s, before vLLM's
-        server closes them (5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE): reusing one the server is
-        closing would fail a request for nothing.
+        for plain HTTP), more than a hot first token, so requests, health checks and control
+        calls share kept-alive connections. `trust_env=False`: a proxy from the environment
+        must never see traffic to an engine. Idle connections are dropped after 3 s, before
+        vLLM's server closes them (5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE): reusing one the server
+        is closing would fail a request for nothing. Over TCP (the fallback) every request
+        carries the launch's key.
         """
-        url = self.url
-        key = (asyncio.get_running_loop(), self._port or 0)
+        endpoint = self.endpoint
+        key = (asyncio.get_running_loop(), endpoint)
         if self._client is None or self._client_key != key:
-            self._client = httpx.AsyncClient(base_url=url, trust_env=False,
-                                             timeout=httpx.Timeout(self.config.timeouts.request_s, connect=10.0),
-                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32,
-                                                                 keepalive_expiry=KEEPALIVE_EXPIRY_S))
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=32,
+                                  keepalive_expiry=KEEPALIVE_EXPIRY_S)
+            if endpoint.socket is not None:
+                transport = httpx.AsyncHTTPTransport(uds=str(endpoint.socket), limits=limits)
+                base_url = "http://localhost"
+            else:
+                transport = httpx.AsyncHTTPTransport(limits=limits)
+                base_url = endpoint.url
+            headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else None
+            self._client = httpx.AsyncClient(base_url=base_url, transport=transport, trust_env=False, headers=headers,
+                                             timeout=httpx.Timeout(self.config.timeouts.request_s, connect=10.0))
             self._client_key = key
         return self._client
 
@@ -266,7 +466,7 @@ class VLLMProcess:
         epoch = self._close_epoch
         try:
             await self._start_once()
-        except (EngineOutOfMemory, EngineStartTimeout):
+        except (EngineOutOfMemory, EngineStartTimeout, EngineNoUnixSocket):
             raise
         except EngineError as exc:
             if self._close_epoch != epoch:
@@ -288,24 +488,51 @@ class VLLMProcess:
             await self._launch_and_wait()
 
     async def _launch_and_wait(self) -> None:
-        port = process.free_port()
-        cmd = self.config.command(port)
-        started = time.monotonic()
-        proc = await asyncio.to_thread(process.launch, cmd, log_path=self.config.log_file,
-                                       env=self.config.environment())
-        self._proc, self._port = proc, port
+        """Launch on a Unix socket; where this vLLM turns out to have no `--uds`, over TCP if allowed."""
+        program = self.config.program
+        if program not in _NO_UDS:
+            try:
+                await self._launch_once(Endpoint(directory=SOCKETS.acquire(self, self.config.name)))
+                return
+            except _RejectedUds:
+                _NO_UDS.add(program)
+        if not self.config.allow_tcp:
+            raise EngineNoUnixSocket(
+                f"model {self.config.name!r}: this vLLM ({' '.join(program) or 'its command'}) has no --uds option, "
+                f"so its engine could only listen on a TCP port, where any local user could call its "
+                f"unauthenticated dev endpoints (/sleep, /wake_up, /collective_rpc); refusing to start it. "
+                f"Upgrade vLLM, or accept that with the engine option allow_tcp=true or {ALLOW_TCP_ENV}=1 "
+                f"(log {self.config.log_file})")
+        log.warning("model %s: vLLM has no --uds; listening on 127.0.0.1 with a per-launch API key, as allow_tcp "
+                    "permits. The key guards only vLLM's /v1 routes: any local user can still call /sleep, "
+                    "/wake_up, /collective_rpc, /metrics and the other non-/v1 routes", self.config.name)
+        await self._launch_once(Endpoint(port=process.free_port(), api_key=secrets.token_urlsafe(32)))
+
+    async def _launch_once(self, endpoint: Endpoint) -> None:
+        try:
+            cmd = self.config.command(endpoint)
+            env = dict(self.config.environment())
+            env.pop("VLLM_API_KEY", None)  # the router sends none over a socket; the fallback sets its own
+            env.update(endpoint.environment())
+            started = time.monotonic()
+            proc = await asyncio.to_thread(process.launch, cmd, log_path=self.config.log_file, env=env)
+        except BaseException:
+            if endpoint.directory is not None:
+                SOCKETS.release(endpoint.directory)
+            raise
+        self._proc, self._endpoint = proc, endpoint
         self.incarnation += 1
-        log.info("model %s: starting vLLM (pid %d, port %d, log %s)", self.config.name, proc.pid, port,
+        log.info("model %s: starting vLLM (pid %d, on %s, log %s)", self.config.name, proc.pid, endpoint.url,
                  self.config.log_file)
         try:
-            await self._wait_healthy(proc, started)
+            await self._wait_healthy(proc, started, endpoint)
         except BaseException:
             await self.stop()
             raise
         self.last_start_s = time.monotonic() - started
         log.info("model %s: vLLM healthy after %.1f s", self.config.name, self.last_start_s)
 
-    async def _wait_healthy(self, proc: process.ManagedProcess, started: float) -> None:
+    async def _wait_healthy(self, proc: process.ManagedProcess, started: float, endpoint: Endpoint) -> None:
         name, log_file = self.config.name, self.config.log_file
         deadline = started + self.config.timeouts.start_s
         next_progress = started + PROGRESS_EVERY_S
@@ -315,6 +542,8 @@ class VLLMProcess:
                 tail = proc.log_tail()
                 text = (f"model {name!r}: vLLM exited with code {proc.returncode} while starting; "
                         f"log {log_file}:\n{tail[-3000:]}")
+                if endpoint.socket is not None and rejects_uds(tail):
+                    raise _RejectedUds(text)
                 if looks_out_of_memory(tail):
                     raise EngineOutOfMemory(text)
                 raise EngineError(text)
