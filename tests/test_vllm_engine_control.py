@@ -503,6 +503,26 @@ def test_dead_process_is_restarted_before_a_request(make_engine: Any) -> None:
     assert engine.restarts == 1 and len(journal.starts()) == 2
 
 
+def test_a_killed_engine_says_it_died_and_a_close_resets_it(make_engine: Any) -> None:
+    """What the runtime's watcher asks every second: a process killed between requests is reported
+    (the model is then counted cold and /admin/models shows why), and closing the engine resets it."""
+    engine, journal = make_engine()
+
+    async def go() -> None:
+        await engine.move(Tier.COLD, Tier.GPU)
+        assert engine.died() is None
+        os.kill(engine.pid, signal.SIGKILL)
+        assert wait_until(lambda: engine.died() is not None, 10)
+        assert "exited with code -9" in engine.died() and "tier gpu" in engine.died()
+        await engine.close()
+        assert engine.died() is None and engine.describe()["tier"] == "cold"
+        await engine.move(Tier.COLD, Tier.GPU)
+        assert engine.died() is None
+
+    run(go())
+    assert len(journal.starts()) == 2
+
+
 def test_crash_under_a_request_restarts_and_retries_once(make_engine: Any) -> None:
     engine, journal = make_engine(behaviour={"crash_on": {"/v1/completions": 1}})
 

@@ -71,6 +71,9 @@ def kill_group(*_):
     os._exit(0)
 signal.signal(signal.SIGTERM, kill_group)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+# SIGTERM was blocked from before exec (see `pdeathsig_preexec`): one sent while this
+# interpreter started is pending, and is delivered now, to the handler
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 while True:
     if os.getppid() != parent:
         kill_group()
@@ -81,11 +84,14 @@ while True:
 """Run with `python -I -S -c`: no site, no imports beyond the stdlib, starts in ~20 ms and holds ~8 MB."""
 
 
-def pdeathsig_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+def pdeathsig_preexec(sig: int = signal.SIGKILL, block: bool = False) -> Callable[[], None] | None:
     """A preexec_fn asking the kernel to send `sig` to the child when its parent thread dies.
 
     Returns None off Linux. The parent pid is read before the fork so the child can tell
     that the parent died before prctl took effect (the race PDEATHSIG alone misses).
+    `block` keeps `sig` blocked across exec, for a child that handles it: one that arrives
+    before its handler is installed would otherwise kill it with nothing done (the
+    watchdog, whose handler must kill the engine's group); the child unblocks it itself.
     """
     if _libc is None:
         return None
@@ -93,6 +99,8 @@ def pdeathsig_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
+        if block:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
         libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:
             os.kill(os.getpid(), sig)
@@ -234,7 +242,7 @@ def launch(cmd: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None 
             guard = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", WATCHDOG_CODE, str(popen.pid), str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=pdeathsig_preexec(signal.SIGTERM), close_fds=True,
+                start_new_session=True, preexec_fn=pdeathsig_preexec(signal.SIGTERM, block=True), close_fds=True,
             )
         return popen, guard
 

@@ -299,6 +299,18 @@ class VLLMEngine:
             return Footprint(device_bytes=self.sleep_overhead_bytes)
         return Footprint()
 
+    def died(self) -> str | None:
+        """Why the engine's process is gone though the engine is not cold and no move runs (it was
+        killed, or crashed between requests); None while all is well. The runtime asks every second."""
+        if self._tier is Tier.COLD or (self._lock is not None and self._lock.locked()):
+            return None
+        if self.process.running:
+            return None
+        code = self.process.returncode
+        if code is None:
+            return None
+        return f"the vLLM process exited with code {code} while the model was in tier {self._tier.value}"
+
     def describe(self) -> dict[str, Any]:
         proc = self.process.describe()
         return {
