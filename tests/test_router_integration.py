@@ -304,3 +304,46 @@ def test_a_full_queue_answers_429_with_retry_after_and_bounds_the_work(tiny_mode
         assert busy.json()["error"]["type"] == "rate_limit_error"
     finally:
         router.kill()
+
+
+def test_a_killed_engine_is_shown_cold_with_the_reason_and_serves_again(tmp_path) -> None:
+    """kill -9 of an engine process between requests: the router notices within seconds, shows the
+    model cold with the exit as last_error, counts the death, and the next request starts it again.
+    The engine is the vLLM stand-in (tests/fixtures/fake_vllm_server.py) run as vLLM is."""
+    import json
+    import os
+    import signal
+    import stat
+
+    from tests.test_vllm_engine_control import CONFIG, FAKE, WEIGHTS
+    from tests.waiting import wait_until
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    (model / "model.safetensors").write_bytes(b"\0" * WEIGHTS)
+    state = tmp_path / "state"
+    state.mkdir()
+    python = tmp_path / "vllm-python"  # stands in for the vLLM venv's python: `-m <module>` runs the fake
+    python.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {FAKE} \"$@\"\n")
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(f"models:\n  - name: fake-vllm\n    weights: {model}\n    engine: vllm\n    dtype: bfloat16\n")
+    router = start_router(manifest, tmp_path / "work", "--device", "cpu", "--device-budget", "4GB",
+                          "--vllm-python", str(python), env={"FAKE_VLLM_STATE": str(state)})
+    try:
+        body = {"model": "fake-vllm", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(router.url + "/v1/completions", json=body, timeout=60).status_code == 200
+
+        def row() -> dict:
+            return httpx.get(router.url + "/admin/models", timeout=30).json()["data"][0]
+
+        assert row()["tier"] == "gpu" and row()["last_error"] is None
+        os.kill(row()["engine_details"]["pid"], signal.SIGKILL)
+        assert wait_until(lambda: row()["tier"] == "cold", 15), row()
+        assert "exited with code -9" in row()["last_error"]
+        assert _metric(httpx.get(router.url + "/metrics", timeout=30).text, "umem_engine_deaths_total") == 1
+        again = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.headers["x-umem-served-from"] == "cold"
+    finally:
+        router.kill()
