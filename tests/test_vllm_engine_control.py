@@ -757,3 +757,26 @@ def test_interpreter_choice(tmp_path: Path, model_dir: Path, monkeypatch: pytest
     env = engine.environment()
     assert "VLLM_CPU_KVCACHE_SPACE" not in env, "a whole-GiB legacy setting would override the computed size"
     assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_prompt_over_the_served_context_is_refused_without_starting_anything(
+        tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = Journal(state)
+    spec = spec_from_mapping({"name": "tiny", "weights": str(tiny_models["tiny-llama"]), "engine": "vllm",
+                              "dtype": "bfloat16"})
+    ctx = EngineContext(work_dir=tmp_path, device="cpu", device_budget_bytes=8 * GiB,
+                        options={"vllm_command": [sys.executable, str(FAKE)], "env": {"FAKE_VLLM_STATE": str(state)},
+                                 "max_model_len": 256})
+    engine = VLLMEngine(spec, ctx)
+    with pytest.raises(InvalidRequest) as info:
+        engine.check_request(GenerationRequest(messages=[{"role": "user", "content": "x" * 1000}], max_tokens=8))
+    assert info.value.param == "messages" and info.value.code == "context_length_exceeded"
+    assert engine.check_request(GenerationRequest(prompt="hello", max_tokens=8)) == 5
+    assert journal.starts() == [], "nothing was started for it"
+
+
+def test_without_a_tokenizer_the_check_is_skipped(make_engine: Any) -> None:
+    engine, _ = make_engine()
+    assert engine.check_request(GenerationRequest(prompt="x" * 10000, max_tokens=8)) is None

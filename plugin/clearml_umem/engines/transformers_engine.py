@@ -63,6 +63,7 @@ from clearml_umem.engines.base import (
     MoveResult,
 )
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.prompt_check import PromptCounter, check_fits, prompt_ids
 from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
     FlatLayout,
@@ -321,8 +322,7 @@ class TransformersEngine:
         self._device_flat: torch.Tensor | None = None
         self._host: HostBuffer | None = None
         self._estimated_bytes: int | None = None
-        self._counting_tokenizer: Any = None
-        self._counting_lock = threading.Lock()
+        self._prompt_counter = PromptCounter(spec.name, self.weights)
         self.keep_host_copy = keep_host_copy(ctx)
         self._move_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -744,42 +744,24 @@ class TransformersEngine:
             job.finish(kind, payload)
 
     def _prompt_ids(self, request: GenerationRequest, tokenizer: Any) -> list[int]:
-        if request.is_chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise InvalidRequest(f"model {self.spec.name!r} has no chat template; use /v1/completions",
-                                     param="messages")
-            text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(request.prompt or "")["input_ids"]
-        return list(ids)
+        return prompt_ids(self.spec.name, request, tokenizer)
 
-    def check_request(self, request: GenerationRequest) -> int:
+    def check_request(self, request: GenerationRequest) -> int | None:
         """Count the prompt's tokens and refuse what cannot fit, in any tier, before any move.
 
-        Runs in a worker thread (a long prompt takes a while to tokenize) with a tokenizer of
-        its own, loaded once and kept while the engine lives (it is small), so a prompt over
-        the context window costs no swap. Returns the prompt's token count.
+        Runs in a worker thread (a long prompt takes a while to tokenize) with a tokenizer
+        kept while the engine lives (`prompt_check.PromptCounter`), so a prompt over the
+        context window costs no swap. Returns the prompt's token count (None: unknown).
         """
-        with self._counting_lock:
-            if self._counting_tokenizer is None:
-                self._counting_tokenizer = AutoTokenizer.from_pretrained(self.weights)
-            ids = self._prompt_ids(request, self._counting_tokenizer)
-        self._validate(request, len(ids))
-        return len(ids)
+        tokens = self._prompt_counter.count(request)
+        if tokens is not None:
+            self._validate(request, tokens)
+        return tokens
 
     def _validate(self, request: GenerationRequest, prompt_tokens: int) -> None:
-        prompt_param = "messages" if request.is_chat else "prompt"
         if request.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}", param="max_tokens")
-        if prompt_tokens == 0:
-            raise InvalidRequest("the prompt is empty", param=prompt_param)
-        if self.context_length and prompt_tokens + request.max_tokens > self.context_length:
-            raise InvalidRequest(
-                f"model {self.spec.name!r} has a context length of {self.context_length} tokens; the request has "
-                f"{prompt_tokens} prompt tokens and asks for max_tokens={request.max_tokens} "
-                f"({prompt_tokens + request.max_tokens} in all). Shorten the prompt or lower max_tokens.",
-                param=prompt_param, code="context_length_exceeded")
+        check_fits(self.spec.name, self.context_length, prompt_tokens, request)
         if request.temperature < 0:
             raise InvalidRequest(f"temperature must be >= 0, got {request.temperature}")
         if not 0 < request.top_p <= 1:

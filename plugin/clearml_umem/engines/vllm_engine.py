@@ -52,6 +52,7 @@ from clearml_umem.engines.base import (
 from clearml_umem.engines.device_usage import DeviceUsageProbe, default_probe, process_tree
 from clearml_umem.engines.kv_sizing import GiB, KVPlan, KVSizingError, plan_kv_cache, shape_from_config
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.prompt_check import PromptCounter, check_fits
 from clearml_umem.engines.start_gate import START_GATES
 from clearml_umem.engines.vllm_process import (
     Endpoint,
@@ -227,6 +228,7 @@ class VLLMEngine:
             START_GATES.for_device(ctx.device))
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
+        self._prompt_counter: PromptCounter | None = None
         log.info("model %s (vllm): KV cache %.1f MiB, max_model_len %d (%s)", spec.name,
                  self.plan.kv_cache_bytes / 2**20, self.plan.max_model_len, self.plan.reason)
         self._log_degraded_once()
@@ -298,6 +300,16 @@ class VLLMEngine:
         if tier is Tier.DISK:
             return Footprint(device_bytes=self.sleep_overhead_bytes)
         return Footprint()
+
+    def check_request(self, request: GenerationRequest) -> int | None:
+        """Refuse a prompt over the served context (`max_model_len`) before the engine is started or
+        woken; skipped where the router cannot load the model's tokenizer (vLLM checks it then)."""
+        if self._prompt_counter is None:
+            self._prompt_counter = PromptCounter(self.spec.name, Path(self.spec.weights))
+        tokens = self._prompt_counter.count(request)
+        if tokens is not None:
+            check_fits(self.spec.name, self.plan.max_model_len, tokens, request)
+        return tokens
 
     def died(self) -> str | None:
         """Why the engine's process is gone though the engine is not cold and no move runs (it was
