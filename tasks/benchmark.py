@@ -7,7 +7,7 @@ Host-to-device bandwidth is probed in the same run, with as many bytes as each m
 weights, so a swap's GB/s is reported as a share of what the link did that day for that
 size rather than of a datasheet number.
 
-Recorded on the task as scalars, a table and a bar chart, and printed as Markdown.
+Recorded on the task as scalars, a table and a bar chart, and as Markdown text (shown on the console).
 
     python tasks/benchmark.py --manifest models.yaml --runs 5
     python tasks/benchmark.py --clearml-project llms --device-budget 70GB --models llama-8b,qwen-7b
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
         result = run_benchmark(config, models=[m.strip() for m in str(bench["models"]).split(",") if m.strip()],
                                runs=int(bench["runs"]), max_tokens=int(bench["max_tokens"]),
                                probe_bytes=int(bench["probe_mb"]) * 2**20 or None, logger=task.get_logger())
-        print(result.markdown(), flush=True)
+        # the table reaches the console once: report() logs it as the task's text, which the SDK echoes
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(asdict(result), fh, indent=2)

@@ -7,6 +7,7 @@ models, requests through the `openai` client), then the offline session is read 
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -114,7 +115,8 @@ def test_benchmark_task_reports_every_tier_table_and_bandwidth_ratio(tmp_path: P
     manifest = write_manifest(tmp_path / "models.yaml", tiny_models, ["tiny-llama"])
     proc = run_python(["tasks/benchmark.py", "--manifest", str(manifest), "--port", "0", "--device", "cpu",
                        "--work-dir", str(tmp_path / "work"), "--runs", "2", "--probe-mb", "16"], env, timeout=600)
-    assert "| model | scenario | TTFT median ms" in proc.stdout
+    console = proc.stdout + proc.stderr
+    assert console.count("| model | scenario | TTFT median ms") == 1, "the table is printed once"
 
     session = OfflineSession.find(task_name="benchmark", cache_dir=env["CLEARML_CACHE_DIR"])
     assert session.hyperparams["Benchmark"]["runs"] == "2"
@@ -139,3 +141,34 @@ def test_pipeline_example_runs_locally_offline(tmp_path: Path, tiny_models: dict
     assert [m["init"]["name"] for m in session.output_models] == ["tiny-llama"]
     assert "tiny-llama" in manifest.read_text()
     assert session.scalars()["benchmark TTFT tiny-llama (s)"]["hot"]
+
+
+def test_serving_from_the_registry_without_a_server_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in offline_env(tmp_path).items() if k != "CLEARML_OFFLINE_MODE"}
+    env["HOME"] = str(tmp_path / "home")
+    env["CLEARML_CONFIG_FILE"] = str(tmp_path / "none.conf")
+    proc = subprocess.run([sys.executable, "tasks/serve.py", "--clearml-project", "llms", "--port", "0"], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "none is configured" in out and "--manifest" in out and "clearml-init" in out
+    assert "Traceback" not in out
+
+
+def test_task_scripts_end_promptly_with_the_sdks_default_configuration(tmp_path: Path,
+                                                                       tiny_models: dict[str, Path]) -> None:
+    """No clearml.conf at all, as a new user runs them: before the scripts made the SDK's reporter a
+    thread, one run in three waited 300 s at close for a repository analysis stuck after the
+    reporter's fork ('Repository and package analysis timed out')."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    env.update({"HOME": str(tmp_path / "home"), "CLEARML_CONFIG_FILE": str(tmp_path / "none.conf"),
+                "CLEARML_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"})
+    manifest = tmp_path / "models.yaml"
+    for attempt in range(3):
+        proc = subprocess.run([sys.executable, "tasks/register_model.py", "--source", str(tiny_models["tiny-llama"]),
+                               "--manifest", str(manifest), "--name", f"tiny-{attempt}"], env=env,
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert "analysis timed out" not in out
+    assert "tiny-2" in manifest.read_text()

@@ -52,6 +52,12 @@ def build_catalog(config: ServeConfig) -> Catalog:
     if config.manifest:
         return ManifestCatalog(config.manifest)
     from clearml_umem.clearml_io.registry import RegistryCatalog
+    from clearml_umem.clearml_io.session import clearml_configured, offline_requested
+
+    if offline_requested() or not clearml_configured():
+        raise ConfigError("serving from the ClearML model repository needs a ClearML server, and none is configured "
+                          "(run clearml-init, or set CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and "
+                          "CLEARML_API_SECRET_KEY); to serve without one, give a local manifest with --manifest")
 
     return RegistryCatalog.from_config(config)
 

@@ -55,12 +55,19 @@ def _has_credentials(path: Path) -> bool:
 
 
 def use_offline_unless_configured() -> bool:
-    """Switch the SDK to offline mode when it must be; returns whether it is offline.
+    """Prepare the SDK for a task script: offline mode when no server is configured, and the
+    metrics reporter as a thread. Returns whether it is offline.
 
-    Must run before the first `Task.init`: the SDK cannot move a live task between modes.
+    Must run before the first `Task.init`: the SDK cannot move a live task between modes, and
+    reads its reporter setting once. Why the thread: by default (Linux) the SDK forks its
+    reporter process while the repository-detection thread may be inside `subprocess` (git);
+    the fork copies that half-done state, the detection never ends, and `Task.close()` then
+    waits 300 s for it ("Repository and package analysis timed out"). A reporter thread
+    forks nothing; our scripts report little, so it costs nothing.
     """
     from clearml import Task
 
+    use_reporter_thread()
     if Task.is_offline():
         return True
     if offline_requested() or not clearml_configured():
@@ -69,3 +76,16 @@ def use_offline_unless_configured() -> bool:
         Task.set_offline(True)
         return True
     return False
+
+
+def use_reporter_thread() -> None:
+    """`sdk.development.report_use_subprocess: false`, applied by the script itself (see above),
+    unless the user's configuration or environment says otherwise."""
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    if os.environ.get("CLEARML_REPORT_USE_SUBPROCESS"):
+        return
+    if ConfigWrapper.get("sdk.development.report_use_subprocess", None) is not None:
+        return
+    ConfigWrapper.set_overrides({"sdk": {"development": {"report_use_subprocess": False}}})
+    ConfigSDKWrapper.clear_config_impl()
