@@ -85,9 +85,13 @@ def test_metadata_copy_in_the_model_configuration_is_used_when_metadata_is_missi
     assert spec_from_clearml_model(entry).size_bytes == 99
 
 
+def test_an_entry_without_a_size_is_measured_once_fetched() -> None:
+    """Registered the usual ClearML way (OutputModel, clearml-serving model upload): no metadata."""
+    for entry in (with_meta(size_bytes=None), with_meta(size_bytes="")):
+        assert spec_from_clearml_model(entry).size_bytes == 0
+
+
 MALFORMED: list[tuple[str, Entry, str]] = [
-    ("size missing", with_meta(size_bytes=None), "metadata.size_bytes"),
-    ("size empty", with_meta(size_bytes=""), "metadata.size_bytes"),
     ("size not a number", with_meta(size_bytes="16GB"), "metadata.size_bytes"),
     ("size zero", with_meta(size_bytes="0"), "metadata.size_bytes"),
     ("size negative", with_meta(size_bytes="-5"), "metadata.size_bytes"),

@@ -211,3 +211,55 @@ def test_a_crafted_archive_makes_its_entry_unservable_and_writes_nothing_outside
     assert error.entry.startswith(evil) and error.field == "uri"
     assert "cannot be extracted safely" in str(error) and "symlink" in str(error)
     assert not victim.exists()
+
+
+def test_a_standard_entry_without_metadata_is_served_with_what_the_files_tell(api: ClearMLApiFixture, tmp_path: Path,
+                                                                             tiny_models: dict[str, Path]) -> None:
+    """As `OutputModel` or `clearml-serving model upload` leave it: a URI, a name, no metadata."""
+    plain = api.add_model("plain-llama", tiny_models["tiny-llama"].resolve().as_uri(), project="std/a",
+                          tags=[SERVABLE_TAG], metadata={})
+    snap = RegistryCatalog(RegistrySelector(project="std/a"), cache_dir=tmp_path / "cache").snapshot()
+    assert not snap.errors, snap.errors
+    (spec,) = snap.specs
+    assert spec.model_id == plain and spec.size_bytes == weights_size(tiny_models["tiny-llama"])
+    assert spec.architecture == "LlamaForCausalLM" and spec.context_length == 2048
+    unfetched = RegistryCatalog(RegistrySelector(project="std/a"), fetch_weights=False).snapshot()
+    assert [e.field for e in unfetched.errors] == ["metadata.size_bytes"], "unknowable without the files"
+
+
+def test_tags_match_any_by_default_and_all_with_the_sdks_prefix(api: ClearMLApiFixture,
+                                                                 tiny_models: dict[str, Path]) -> None:
+    uri = tiny_models["tiny-llama"].resolve().as_uri()
+    both = api.add_model("both", uri, project="tags/a", tags=["red", "blue"], metadata=meta())
+    red = api.add_model("red", uri, project="tags/a", tags=["red"], metadata=meta())
+    blue = api.add_model("blue", uri, project="tags/a", tags=["blue"], metadata=meta())
+
+    def selected(*tags: str) -> set[str]:
+        snap = RegistryCatalog(RegistrySelector(project="tags/a", tags=tags), fetch_weights=False).snapshot()
+        return {s.model_id for s in snap.specs}
+
+    assert selected("red", "blue") == {both, red, blue}, "any of them"
+    assert selected("__$all", "red", "blue") == {both}, "all of them"
+    assert selected("red", "__$not", "blue") == {red}, "red and not blue"
+
+
+def test_only_published_entries_when_asked(api: ClearMLApiFixture, tiny_models: dict[str, Path]) -> None:
+    uri = tiny_models["tiny-llama"].resolve().as_uri()
+    draft = api.add_model("draft", uri, project="pub/a", tags=[SERVABLE_TAG], metadata=meta())
+    published = api.add_model("published", uri, project="pub/a", tags=[SERVABLE_TAG], metadata=meta())
+    api.models[published]["ready"] = True
+    every = RegistryCatalog(RegistrySelector(project="pub/a"), fetch_weights=False).snapshot()
+    assert {s.model_id for s in every.specs} == {draft, published}
+    only = RegistryCatalog(RegistrySelector(project="pub/a", only_published=True), fetch_weights=False).snapshot()
+    assert [s.model_id for s in only.specs] == [published]
+
+
+def test_the_serve_settings_reach_the_selector() -> None:
+    from clearml_umem.config import parse_serve_args
+
+    cfg = parse_serve_args(["--clearml-project", "llms", "--clearml-tags", "__$all,umem-servable,chat",
+                            "--clearml-published"], env={})
+    selector = RegistryCatalog.from_config(cfg).selector
+    assert selector.only_published and selector.tags == ("__$all", "umem-servable", "chat")
+    default = parse_serve_args(["--clearml-project", "llms"], env={})
+    assert not RegistryCatalog.from_config(default).selector.only_published

@@ -34,6 +34,8 @@ class ServeConfig:
     clearml_name: str | None = None
     clearml_tags: list[str] = field(default_factory=list)
     clearml_ids: list[str] = field(default_factory=list)
+    clearml_published: bool = False
+    """Serve only published (ready) registry entries."""
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
@@ -146,6 +148,13 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return [str(v) for v in value]
+    if name == "clearml_published":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"clearml_published must be true or false, got {value!r}")
+        return text in ("1", "true", "yes", "on")
     if name in ("port", "max_waiting"):
         try:
             return int(value)
@@ -177,6 +186,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
                                 help=f"comma-separated {help_text}")
         elif f.name == "port":
             parser.add_argument(flag, default=default, type=int, help=f"0 picks a free port {help_text}")
+        elif f.name == "clearml_published":
+            parser.add_argument(flag, default=default, action="store_true",
+                                help=f"serve only published registry entries {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
         elif f.name == "catalog_poll_seconds":

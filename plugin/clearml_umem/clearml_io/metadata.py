@@ -214,8 +214,9 @@ def spec_from_clearml_model(model: ModelEntry, *, require_tag: bool = False) -> 
         raise SpecError(label, "framework", f"{framework!r} is not a language-model framework; "
                                             f"expected one of: {', '.join(FRAMEWORKS_ACCEPTED)}")
 
-    size = _int_field(label, meta, KEY_SIZE_BYTES, required=True)
-    assert size is not None
+    # entries registered the usual ClearML way (OutputModel, clearml-serving model upload) carry no
+    # metadata: 0 means "measure the weights once fetched" (RegistryCatalog.complete_from_files)
+    size = _int_field(label, meta, KEY_SIZE_BYTES, required=False) or 0
     context_length = _int_field(label, meta, KEY_CONTEXT_LENGTH, required=False)
     parameters = _int_field(label, meta, KEY_PARAMETERS, required=False)
     engine = _choice_field(label, meta, KEY_ENGINE, KNOWN_ENGINES, "transformers")

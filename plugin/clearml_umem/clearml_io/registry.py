@@ -480,7 +480,8 @@ class RegistryCatalog:
         """
         selector = RegistrySelector(project=config.clearml_project or None, name=config.clearml_name or None,
                                     tags=tuple(config.clearml_tags or (SERVABLE_TAG,)),
-                                    ids=tuple(config.clearml_ids or ()))
+                                    ids=tuple(config.clearml_ids or ()),
+                                    only_published=bool(getattr(config, "clearml_published", False)))
         return cls(selector=selector, cache_dir=Path(config.work_path) / "weights")
 
     def entries(self) -> tuple[list[Any], list[SpecError]]:
@@ -536,7 +537,10 @@ class RegistryCatalog:
                                     f"{spec.name!r} is already served by model {seen[spec.name]} "
                                     "(set metadata serve_name to tell them apart)")
                 if self.fetch_weights:
-                    spec = spec.with_updates(weights=self.fetch(spec))
+                    spec = complete_from_files(spec.with_updates(weights=self.fetch(spec)))
+                elif spec.size_bytes <= 0:
+                    raise SpecError(f"{spec.model_id} ({spec.name})", "metadata.size_bytes",
+                                    "is not in the entry's metadata, and the weights are not fetched to measure them")
             except SpecError as exc:
                 log.warning("registry entry skipped: %s", exc)
                 snap.errors.append(exc)
@@ -597,6 +601,30 @@ class RegistryCatalog:
                 done.touch()
             return str(_model_root(target))
         return StorageManager.get_local_copy(uri, extract_archive=False)
+
+
+def complete_from_files(spec: ModelSpec) -> ModelSpec:
+    """Fill what the entry's metadata left out from the fetched files: size from the weight files,
+    architecture and context length from config.json. Only what cannot be known is an error."""
+    label = f"{spec.model_id} ({spec.name})"
+    local = Path(spec.weights)
+    changes: dict[str, Any] = {}
+    if spec.size_bytes <= 0:
+        try:
+            size = weights_size(local)
+        except ValueError as exc:
+            raise SpecError(label, "metadata.size_bytes", f"not in the metadata, and the weights: {exc}") from None
+        if size <= 0:
+            raise SpecError(label, "metadata.size_bytes", f"not in the metadata, and no weight files "
+                                                          f"({', '.join(WEIGHT_SUFFIXES)}) under {local}")
+        changes["size_bytes"] = size
+    cfg = read_hf_config(local)
+    if not spec.architecture and cfg:
+        archs = cfg.get("architectures") or []
+        changes["architecture"] = archs[0] if archs else str(cfg.get("model_type", ""))
+    if spec.context_length is None and cfg:
+        changes["context_length"] = context_length_from_config(cfg)
+    return spec.with_updates(**changes) if changes else spec
 
 
 EXTRACTED_MARKER = ".umem-extracted"
