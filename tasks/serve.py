@@ -58,6 +58,26 @@ def task_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def record_endpoint(task: Any, server: Any, url: str) -> None:
+    """Where the models are served, on the task: the router's URL and the served models as user
+    properties (shown in the web UI's task info), and registry models as the task's input models."""
+    names = server.runtime.model_names()
+    try:
+        task.set_user_properties(
+            router_url={"value": f"{url}/v1", "description": "OpenAI-compatible base URL of the router"},
+            served_models={"value": ",".join(names), "description": "models this router serves"})
+    except Exception:  # noqa: BLE001 - telling the UI must never stop serving
+        log.warning("could not record the router URL on the task", exc_info=True)
+    for name in names:
+        model_id = server.runtime.spec(name).model_id
+        if not model_id:
+            continue
+        try:
+            task.set_input_model(model_id=model_id, name=name, update_task_design=False)
+        except Exception:  # noqa: BLE001 - offline, the SDK cannot link registry models
+            log.info("could not link model %s (%s) to the task as an input model", name, model_id)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -92,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         import asyncio
 
-        asyncio.run(server.serve(ready=lambda url: print(f"{READY_PREFIX}{url}", flush=True)))
+        def ready(url: str) -> None:
+            print(f"{READY_PREFIX}{url}", flush=True)
+            # off the event loop: with a server, the SDK calls are HTTP requests
+            threading.Thread(target=record_endpoint, args=(task, server, url), daemon=True).start()
+
+        asyncio.run(server.serve(ready=ready))
         return 0
     except ConfigError as exc:
         log.error("%s", exc)
