@@ -177,3 +177,45 @@ def test_task_scripts_end_promptly_with_the_sdks_default_configuration(tmp_path:
         assert proc.returncode == 0, out[-3000:]
         assert "analysis timed out" not in out
     assert "tiny-2" in manifest.read_text()
+
+
+@pytest.mark.slow
+def test_a_cloned_task_runs_from_exactly_what_it_recorded(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """What a clearml-agent does with a task cloned in the web UI, as far as this machine allows: clone the
+    recorded repository at the recorded commit, build a fresh venv from exactly the recorded requirements
+    (the package itself included, torch without this machine's build tag), run the recorded entry point
+    with the recorded hyperparameters."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(REPO), str(origin)], check=True)
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(origin), str(checkout)], check=True)
+    env = offline_env(tmp_path)
+    manifest = tmp_path / "models.yaml"
+    run_python([str(checkout / "tasks" / "register_model.py"), "--source", str(tiny_models["tiny-llama"]),
+                "--manifest", str(manifest)], env)
+    script = OfflineSession.find(task_name="register model", cache_dir=env["CLEARML_CACHE_DIR"]).task["script"]
+    assert script["repository"] and script["entry_point"] == "tasks/register_model.py"
+    requirements = script["requirements"]["pip"]
+    assert ".[transformers]" in requirements and "torch >=2.2" in requirements and "+cpu" not in requirements
+    args = OfflineSession.find(task_name="register model", cache_dir=env["CLEARML_CACHE_DIR"]).hyperparams["Args"]
+
+    agent = tmp_path / "agent"
+    subprocess.run(["git", "clone", "-q", script["repository"], str(agent)], check=True)
+    subprocess.run(["git", "-C", str(agent), "checkout", "-q", script["version_num"]], check=True)
+    (agent / "requirements.recorded.txt").write_text(requirements)
+    venv = tmp_path / "agent-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-r",
+                              "requirements.recorded.txt"], cwd=agent / script["working_dir"], capture_output=True,
+                             text=True, timeout=1200)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    argv = []
+    for key, value in args.items():
+        if value in ("", "0", "False", "None"):
+            continue
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value == "True" else [str(value)])
+    manifest.unlink()
+    proc = subprocess.run([str(venv / "bin" / "python"), script["entry_point"], *argv], cwd=agent,
+                          env=offline_env(tmp_path / "second"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tiny-llama" in manifest.read_text()

@@ -68,6 +68,7 @@ def use_offline_unless_configured() -> bool:
     from clearml import Task
 
     use_reporter_thread()
+    record_agent_requirements()
     if Task.is_offline():
         return True
     if offline_requested() or not clearml_configured():
@@ -89,3 +90,17 @@ def use_reporter_thread() -> None:
         return
     ConfigWrapper.set_overrides({"sdk": {"development": {"report_use_subprocess": False}}})
     ConfigSDKWrapper.clear_config_impl()
+
+
+AGENT_REQUIREMENTS = (("-e .[transformers]", None), ("torch", ">=2.2"))
+"""What a clearml-agent installs for a task cloned from these scripts, on top of what the SDK
+detects: the package itself from the repository the agent checked out (its pyproject.toml;
+the package lives under plugin/ and is not on PyPI, so the SDK's analysis skips it as a local
+module), and torch without this machine's build tag, so the agent picks the build for its CUDA."""
+
+
+def record_agent_requirements() -> None:
+    from clearml import Task
+
+    for name, version in AGENT_REQUIREMENTS:
+        Task.add_requirements(name, version)
