@@ -263,3 +263,67 @@ def test_the_serve_settings_reach_the_selector() -> None:
     assert selector.only_published and selector.tags == ("__$all", "umem-servable", "chat")
     default = parse_serve_args(["--clearml-project", "llms"], env={})
     assert not RegistryCatalog.from_config(default).selector.only_published
+
+
+# -- Hugging Face Hub sources (the real huggingface_hub, offline, on a cache laid out as it lays it out) ---------
+
+
+def hub_cache(root: Path, repo_id: str, model: Path, revision: str = "main") -> str:
+    """`HF_HOME/hub/models--org--name/{blobs,refs,snapshots}`: files as content-addressed blobs,
+    snapshots as links to them, the revision's ref naming the commit."""
+    import hashlib
+    import shutil
+
+    repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for f in model.iterdir():
+        if f.is_file() and not f.name.startswith("umem_"):
+            blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copyfile(f, blob)
+            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return commit
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "hf"
+    hub_cache(home, "acme/tiny-llama", tiny_models["tiny-llama"])
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home
+
+
+def test_a_hub_model_is_registered_with_facts_from_its_files_and_served_from_the_cache(
+        api: ClearMLApiFixture, offline_hub: Path, tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    reg = register_model("hf://acme/tiny-llama", project="hub/a")
+    assert reg.name == "tiny-llama" and reg.uri == "hf://acme/tiny-llama"
+    assert reg.metadata["size_bytes"] == str(weights_size(tiny_models["tiny-llama"]))
+    assert reg.metadata["architecture"] == "LlamaForCausalLM"
+    snap = RegistryCatalog(RegistrySelector(project="hub/a"), cache_dir=tmp_path / "cache").snapshot()
+    assert not snap.errors, snap.errors
+    (spec,) = snap.specs
+    local = Path(spec.weights)
+    assert local.is_relative_to(offline_hub / "hub") and (local / "config.json").is_file()
+    assert spec.size_bytes == weights_size(tiny_models["tiny-llama"])
+
+
+def test_a_hub_model_missing_from_an_offline_cache_is_an_error_naming_it(api: ClearMLApiFixture, offline_hub: Path,
+                                                                         tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="hf://acme/absent could not be fetched"):
+        register_model("hf://acme/absent", project="hub/b")
+    api.add_model("absent", "hf://acme/absent", project="hub/b", tags=[SERVABLE_TAG], metadata={})
+    snap = RegistryCatalog(RegistrySelector(project="hub/b"), cache_dir=tmp_path / "cache").snapshot()
+    assert not snap.specs and [e.field for e in snap.errors] == ["uri"]
+    assert "hf://acme/absent" in str(snap.errors[0])
+    with pytest.raises(SpecError, match="org/name"):
+        register_model("hf://not-a-repo", project="hub/b")

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from clearml_umem.catalog import CatalogSnapshot, read_manifest
+from clearml_umem.clearml_io import hub
 from clearml_umem.clearml_io.archives import UnsafeArchive, extract_archive
 from clearml_umem.clearml_io.metadata import (
     ARCHIVE_SUFFIXES,
@@ -268,10 +269,18 @@ def register_model(
     engine = (engine or "transformers").strip().lower()
     if engine not in KNOWN_ENGINES:
         raise SpecError(name or source, "engine", f"unknown engine {engine!r}; known: {', '.join(KNOWN_ENGINES)}")
-    local = local_path_of(source)
+    hub_snapshot: Path | None = None
+    if hub.is_hub_uri(source):
+        try:
+            hub_snapshot = hub.fetch(source)
+        except hub.HubError as exc:
+            raise SpecError(name or source, "source", str(exc)) from None
+        name = name or hub.parse(source).name
+    local = local_path_of(source) if hub_snapshot is None else None
     if local is not None and not local.exists():
         raise SpecError(name or source, "source", f"path does not exist: {local}")
-    facts = inspect_weights(local) if local is not None else None
+    inspected = local if local is not None else hub_snapshot
+    facts = inspect_weights(inspected) if inspected is not None else None
     name = name or _default_name(source, local)
     if not name:
         raise SpecError(source, "name", "cannot derive a model name from the source; pass one")
@@ -293,7 +302,7 @@ def register_model(
             LAYOUT_ARCHIVE if resolved.name.lower().endswith(ARCHIVE_SUFFIXES) else LAYOUT_FILE)
     else:
         uri = source
-        layout = layout_for_uri(source)
+        layout = LAYOUT_FOLDER if hub_snapshot is not None else layout_for_uri(source)
 
     metadata: dict[str, Any] = {
         KEY_SIZE_BYTES: size,
@@ -565,6 +574,8 @@ class RegistryCatalog:
             raise
         except UnsafeArchive as exc:
             raise SpecError(label, "uri", f"the weights archive at {uri} cannot be extracted safely: {exc}") from exc
+        except hub.HubError as exc:
+            raise SpecError(label, "uri", str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - storage drivers raise many types; report them per entry
             raise SpecError(label, "uri", f"weights could not be fetched from {uri}: {exc}") from exc
         if local is None or not Path(local).exists():
@@ -578,6 +589,8 @@ class RegistryCatalog:
     def _download(self, uri: str, layout: str, spec: ModelSpec) -> str | None:
         from clearml import StorageManager
 
+        if hub.is_hub_uri(uri):
+            return str(hub.fetch(uri))
         StorageManager.set_report_download_chunk_size(self.progress_chunk_mb)
         local_path = local_path_of(uri)
         if layout == LAYOUT_FOLDER:
