@@ -155,8 +155,8 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
         print()
         print(f"bandwidth probe ({probe.path}): {probe.gbps:.2f} GB/s; swap-in GB/s counts RAM -> {device} moves only;"
               " swap-out is GPU -> RAM, median; host copy 'kept' = it stayed while hot, only device memory freed")
-        swap_lines = [line for line in metrics_text.splitlines() if line.startswith("umem_move_seconds_count")]
-        print(f"/metrics reports {len(swap_lines)} swap series; e.g. {swap_lines[0] if swap_lines else '-'}")
+        move_lines = [line for line in metrics_text.splitlines() if line.startswith("umem_move_seconds_count")]
+        print(f"/metrics reports {len(move_lines)} move series; e.g. {move_lines[0] if move_lines else '-'}")
         if keep_serving:
             _say(f"serving on {url} until Ctrl-C")
             try:
