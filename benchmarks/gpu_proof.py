@@ -131,13 +131,13 @@ def build_random_model(out_dir: Path, shape: Shape, device: str) -> dict[str, An
     """Random bf16 weights made on `device`, saved as sharded safetensors with a local tokenizer.
 
     Output rows of tokens that are not printable ASCII (and of ids beyond the small local
-    tokenizer) are zeroed, so greedy decoding stays on readable text; the network and its
-    size are untouched.
+    tokenizer) are zeroed (`tinymodels.prefer_printable_output`), so greedy decoding stays on
+    readable text; the network and its size are untouched.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from clearml_umem.tinymodels import build_tokenizer
+    from clearml_umem.tinymodels import build_tokenizer, prefer_printable_output
 
     started = time.perf_counter()
     if out_dir.exists():
@@ -155,12 +155,7 @@ def build_random_model(out_dir: Path, shape: Shape, device: str) -> dict[str, An
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    keep = torch.zeros(shape.vocab_size, dtype=torch.bool)
-    for token_id in range(min(len(tokenizer), shape.vocab_size)):
-        text = tokenizer.decode([token_id])
-        keep[token_id] = len(text) == 1 and (text.isalnum() and text.isascii() or text in " .,!?'-")
-    with torch.no_grad():
-        model.get_output_embeddings().weight[~keep.to(device)] = 0
+    prefer_printable_output(model, tokenizer)
     made = time.perf_counter()
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, do_sample=False)

@@ -498,3 +498,11 @@ def test_a_cancelled_consumer_returns_only_once_the_generation_has_stopped(llama
     assert not generation_threads()
     run(eng.move(Tier.GPU, Tier.RAM))
     run(eng.close())
+
+
+def test_the_check_before_any_move_tokenizes_once_for_generation(engine: TransformersEngine, baseline: str) -> None:
+    request = GenerationRequest(prompt=PROMPT, max_tokens=24, temperature=0.0)
+    assert engine.check_request(request) == len(request.prompt_ids or []) > 0
+    assert request.prompt_ids == engine._prompt_ids(request, engine._tokenizer)
+    text, last, _ = run(collect(engine, request))
+    assert text == baseline and last.prompt_tokens == len(request.prompt_ids)

@@ -98,6 +98,12 @@ def read_hf_config(path: Path) -> dict[str, Any]:
         return {}
 
 
+def architecture_from_config(cfg: Mapping[str, Any]) -> str:
+    """The model class in config.json (its first `architectures` entry), else its `model_type`; "" if neither."""
+    archs = cfg.get("architectures") or []
+    return str(archs[0]) if archs else str(cfg.get("model_type") or "")
+
+
 def context_length_from_config(cfg: Mapping[str, Any]) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = cfg.get(key)
@@ -179,8 +185,7 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
                 raise SpecError(label, "weights", f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {local}")
         cfg = read_hf_config(local)
         if not architecture:
-            archs = cfg.get("architectures") or []
-            architecture = archs[0] if archs else str(cfg.get("model_type", ""))
+            architecture = architecture_from_config(cfg)
         if context_length is None:
             context_length = context_length_from_config(cfg)
     if size is None:

@@ -95,7 +95,7 @@ def build_tiny_model(out_dir: str | Path, shape: TinyModel) -> Path:
         )
         torch.manual_seed(shape.seed)
         model = AutoModelForCausalLM.from_config(config)
-        _prefer_printable_output(model, tokenizer)
+        prefer_printable_output(model, tokenizer)
         model = model.to(getattr(torch, shape.dtype))
         model.generation_config = GenerationConfig(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
@@ -111,21 +111,22 @@ def build_tiny_model(out_dir: str | Path, shape: TinyModel) -> Path:
     return out_dir
 
 
-def _prefer_printable_output(model: object, tokenizer: object) -> None:
-    """Zero the output rows of tokens that are not printable ASCII.
+def prefer_printable_output(model: object, tokenizer: object) -> None:
+    """Zero the output rows of tokens that are not printable ASCII (ids beyond the tokenizer included).
 
     Random weights otherwise pick stray UTF-8 bytes and the demo prints replacement
     characters; with those rows at zero, greedy decoding stays on readable text while the
-    network itself is untouched.
+    network itself is untouched. One masked write, so a 128k-row head on a GPU costs one kernel.
     """
     import torch
 
     head = model.get_output_embeddings().weight  # type: ignore[attr-defined]
+    keep = torch.zeros(head.shape[0], dtype=torch.bool)
+    for token_id in range(min(len(tokenizer), head.shape[0])):  # type: ignore[arg-type]
+        text = tokenizer.decode([token_id])  # type: ignore[attr-defined]
+        keep[token_id] = len(text) == 1 and (text.isalnum() and text.isascii() or text in " .,!?'-")
     with torch.no_grad():
-        for token_id in range(head.shape[0]):
-            text = tokenizer.decode([token_id])  # type: ignore[attr-defined]
-            if not (len(text) == 1 and (text.isalnum() and text.isascii() or text in " .,!?'-")):
-                head[token_id].zero_()
+        head[~keep.to(head.device)] = 0
 
 
 def _is_built(path: Path, shape: TinyModel) -> bool:

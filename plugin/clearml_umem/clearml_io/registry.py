@@ -53,6 +53,7 @@ from clearml_umem.spec import (
     WEIGHT_SUFFIXES,
     ModelSpec,
     SpecError,
+    architecture_from_config,
     context_length_from_config,
     read_hf_config,
     weights_size,
@@ -129,8 +130,7 @@ def inspect_weights(path: Path) -> WeightsFacts:
     if size <= 0:
         raise SpecError(str(path), "source", f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {path}")
     cfg = read_hf_config(path)
-    archs = cfg.get("architectures") or []
-    architecture = archs[0] if archs else (str(cfg["model_type"]) if cfg.get("model_type") else None)
+    architecture = architecture_from_config(cfg) or None
     parameters, st_dtype = _count_parameters(path)
     cfg_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").lower() or None
     dtype = cfg_dtype if cfg_dtype in KNOWN_DTYPES else st_dtype
@@ -633,8 +633,7 @@ def complete_from_files(spec: ModelSpec) -> ModelSpec:
         changes["size_bytes"] = size
     cfg = read_hf_config(local)
     if not spec.architecture and cfg:
-        archs = cfg.get("architectures") or []
-        changes["architecture"] = archs[0] if archs else str(cfg.get("model_type", ""))
+        changes["architecture"] = architecture_from_config(cfg)
     if spec.context_length is None and cfg:
         changes["context_length"] = context_length_from_config(cfg)
     return spec.with_updates(**changes) if changes else spec

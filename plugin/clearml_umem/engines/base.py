@@ -34,6 +34,9 @@ class GenerationRequest:
     options: dict[str, Any] = field(default_factory=dict)
     """OpenAI sampling options this model's engine honours beyond the common ones
     (`engines.SAMPLING_OPTIONS`), passed through as the client sent them."""
+    prompt_ids: list[int] | None = None
+    """The prompt as the model's token ids, when the engine's own check before any move
+    (`check_request`) already tokenized it: generation then does not tokenize it again."""
 
     @property
     def is_chat(self) -> bool:

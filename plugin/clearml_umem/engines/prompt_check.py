@@ -25,13 +25,17 @@ class PromptCounter:
         self._tokenizer: Any = None
         self._unavailable = False
 
-    def count(self, request: GenerationRequest) -> int | None:
-        """The prompt's tokens as the model sees them (chat template applied); None when unknown."""
+    def ids(self, request: GenerationRequest) -> list[int] | None:
+        """The prompt's token ids as the model sees them (chat template applied); None when unknown."""
         with self._lock:
             tokenizer = self._load()
             if tokenizer is None:
                 return None
-            return len(prompt_ids(self.name, request, tokenizer))
+            return prompt_ids(self.name, request, tokenizer)
+
+    def count(self, request: GenerationRequest) -> int | None:
+        ids = self.ids(request)
+        return None if ids is None else len(ids)
 
     def _load(self) -> Any:
         if self._tokenizer is None and not self._unavailable:

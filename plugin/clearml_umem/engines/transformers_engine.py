@@ -537,8 +537,7 @@ class TransformersEngine:
         files = checkpoint_files(self.weights)
         model = self._empty_model()
         if model is not None:
-            params = dict(model.named_parameters())
-            layout = FlatLayout.of({n: (p.shape, p.dtype) for n, p in params.items()})
+            layout = FlatLayout.of_module(model)
             try:
                 plan_reads(files, layout)
             except CheckpointMismatch:
@@ -576,8 +575,7 @@ class TransformersEngine:
 
     def _adopt_loaded(self, model: Any) -> None:
         """A module loaded by `from_pretrained` on the CPU: its weights become the host buffer."""
-        params = dict(model.named_parameters())
-        layout = FlatLayout.of({n: (p.shape, p.dtype) for n, p in params.items()})
+        layout = FlatLayout.of_module(model)
         host = self._host_from_module(model, layout)
         if self.device.type != "cpu":
             _move_buffers(model, self.device)
@@ -753,10 +751,12 @@ class TransformersEngine:
         kept while the engine lives (`prompt_check.PromptCounter`), so a prompt over the
         context window costs no swap. Returns the prompt's token count (None: unknown).
         """
-        tokens = self._prompt_counter.count(request)
-        if tokens is not None:
-            self._validate(request, tokens)
-        return tokens
+        ids = self._prompt_counter.ids(request)
+        if ids is None:
+            return None
+        self._validate(request, len(ids))
+        request.prompt_ids = ids  # the same tokenizer files as generation's: not tokenized twice
+        return len(ids)
 
     def _validate(self, request: GenerationRequest, prompt_tokens: int) -> None:
         if request.max_tokens < 1:
@@ -777,7 +777,7 @@ class TransformersEngine:
 
     def _generate_sync(self, job: _Job, model: Any, tokenizer: Any) -> Delta:
         request = job.request
-        prompt = self._prompt_ids(request, tokenizer)
+        prompt = request.prompt_ids if request.prompt_ids is not None else self._prompt_ids(request, tokenizer)
         self._validate(request, len(prompt))
         assembler = _TextAssembler(tokenizer, request.stop)
         eos = self._eos_ids(model, tokenizer)

@@ -75,6 +75,11 @@ class FlatLayout:
             offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
         return cls(slots, max(offset, ALIGNMENT))
 
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> FlatLayout:
+        """The layout of a module's parameters (tied ones once, as `named_parameters` gives them)."""
+        return cls.of({n: (p.shape, p.dtype) for n, p in module.named_parameters()})
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each parameter as a typed view into `flat` (a uint8 buffer of `total_bytes`)."""
         return {name: flat[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape) for name, s in self.slots.items()}
