@@ -670,3 +670,19 @@ def test_admin_key_is_read_from_the_environment_only() -> None:
     assert (cfg.admin_key, cfg.api_key) == ("adm-zz9", "api-zz8")
     assert "admin_key" not in cfg.public_dict() and "zz9" not in repr(cfg) and "zz8" not in repr(cfg)
     assert ServeConfig.from_mapping({"admin_key": "leak"}, env={}).admin_key is None
+
+
+def test_a_client_that_leaves_during_its_body_costs_nothing_and_logs_no_error(
+        served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    """Half a body, then the connection closes: no 500, no 'internal error' in the log, still serving."""
+    port = int(served.url.rsplit(":", 1)[1])
+    with caplog.at_level("DEBUG"):
+        for path in ("/v1/completions", "/admin/models/alpha/place"):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 500\r\n\r\n{\"model\":".encode())
+            conn.close()
+        assert wait_until(lambda: sum("client left during its request body" in r.getMessage()
+                                      for r in caplog.records) == 2, 10)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+    assert served.client().completions.create(model="alpha", prompt="p", max_tokens=1).choices

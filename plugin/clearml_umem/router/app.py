@@ -20,15 +20,20 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clearml_umem.metrics import Metrics
-from clearml_umem.router.errors import APIError, bad_request, install_error_handlers, model_not_found, unauthorized
+from clearml_umem.router.errors import (
+    CLIENT_CLOSED,
+    APIError,
+    bad_request,
+    install_error_handlers,
+    model_not_found,
+    unauthorized,
+)
 from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
-CLIENT_CLOSED = 499
-"""nginx's status for a client that left before the answer; never seen by that client, only in logs."""
 
 
 class BearerAuth:

@@ -12,12 +12,16 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from clearml_umem.errors import ServingError
 
 log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499
+"""What nginx logs for a client that closed the connection before the answer: never sent."""
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
@@ -103,6 +107,11 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "No such route; this server serves /v1/models, /v1/completions and /v1/chat/completions."
         return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
 
+    async def on_client_gone(request: Request, _exc: Exception) -> Response:
+        # the client hung up while sending its body: nobody to answer, and nothing went wrong here
+        log.debug("client left during its request body: %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # internal exception text can hold paths and secrets: it goes to the log, the client gets a reference
         reference = uuid.uuid4().hex[:12]
@@ -113,5 +122,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(ServingError, on_serving_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
