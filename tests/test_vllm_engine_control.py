@@ -390,7 +390,7 @@ def test_engines_start_one_at_a_time(make_engine: Any, caplog: pytest.LogCapture
     assert first.describe()["running"] and second.describe()["running"]
     healthy_first = min(c["t"] for c in j1._lines("calls.jsonl") if c.get("path") == "/health")
     assert j2.starts()[0]["t"] >= healthy_first
-    assert "waiting for another vLLM engine to finish starting" in caplog.text
+    assert "waiting for another engine to finish starting" in caplog.text
 
 
 def test_close_while_waiting_to_start_launches_nothing(make_engine: Any) -> None:

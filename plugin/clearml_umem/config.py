@@ -56,6 +56,8 @@ class ServeConfig:
     work_dir: str = DEFAULT_WORK_DIR
     catalog_poll_seconds: float = 0.0
     vllm_python: str | None = None
+    llama_server: str | None = None
+    """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
     log_level: str = "info"
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)

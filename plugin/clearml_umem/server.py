@@ -76,6 +76,8 @@ class UnifiedMemoryServer:
         options: dict[str, object] = {"host_copy": config.host_copy}
         if config.vllm_python:
             options["vllm_python"] = config.vllm_python
+        if config.llama_server:
+            options["llama_server"] = config.llama_server
         context = EngineContext(work_dir=work, device=config.device, device_budget_bytes=self.budgets.device_bytes,
                                 host_budget_bytes=self.budgets.host_bytes, log_dir=work / "logs", options=options)
         self.runtime = Runtime(self.budgets.device_bytes, self.budgets.host_bytes, context,

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-KNOWN_ENGINES = ("transformers", "vllm")
+from clearml_umem.gguf_file import GGUFError, GGUFInfo, is_gguf, read_gguf
+
+KNOWN_ENGINES = ("transformers", "vllm", "llamacpp")
 KNOWN_DTYPES = ("auto", "float32", "float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -112,6 +114,22 @@ def context_length_from_config(cfg: Mapping[str, Any]) -> int | None:
     return None
 
 
+def _gguf_facts(label: str, path: Path, engine: str, quantization: str | None) -> GGUFInfo:
+    """A GGUF file's header, checked: served by llamacpp only, the declared quantization is the file's."""
+    if engine != "llamacpp":
+        raise SpecError(label, "engine", f"{path} is a GGUF file, which engine 'llamacpp' serves, not {engine!r}")
+    if not path.is_file():
+        raise SpecError(label, "weights", f"engine 'llamacpp' takes one .gguf file, and {path} is not a file")
+    try:
+        info = read_gguf(path)
+    except GGUFError as exc:
+        raise SpecError(label, "weights", str(exc)) from None
+    if quantization and quantization.lower() != info.quantization:
+        raise SpecError(label, "quantization", f"says {quantization!r} but {path.name} is {info.quantization!r} "
+                                               "(from its header)")
+    return info
+
+
 def _require_str(entry: str, data: Mapping[str, Any], key: str) -> str:
     value = data.get(key)
     if value is None:
@@ -149,8 +167,8 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
     name = _require_str(label, data, "name")
     label = entry or name
     weights = _require_str(label, data, "weights")
-    engine = str(data.get("engine") or "transformers").strip().lower()
-    if engine not in KNOWN_ENGINES:
+    engine = str(data.get("engine") or "").strip().lower()
+    if engine and engine not in KNOWN_ENGINES:
         raise SpecError(label, "engine", f"unknown engine {engine!r}; known: {', '.join(KNOWN_ENGINES)}")
     dtype = str(data.get("dtype") or "auto").strip().lower()
     if dtype not in KNOWN_DTYPES:
@@ -168,6 +186,10 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
     if not isinstance(architecture, str):
         raise SpecError(label, "architecture", f"must be a string, got {architecture!r}")
 
+    quantization = data.get("quantization")
+    if quantization is not None and (not isinstance(quantization, str) or not quantization.strip()):
+        raise SpecError(label, "quantization", f"must be a non-empty string, got {quantization!r}")
+    quantization = quantization.strip() if quantization else None
     is_local = "://" not in weights or weights.startswith("file://")
     if is_local and resolve_local:
         local = Path(weights.removeprefix("file://")).expanduser()
@@ -176,6 +198,15 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
         if not local.exists():
             raise SpecError(label, "weights", f"path does not exist: {local}")
         weights = str(local.resolve())
+        if not engine and is_gguf(local):
+            engine = "llamacpp"
+        if engine == "llamacpp" or is_gguf(local):
+            gguf_facts = _gguf_facts(label, local, engine or "transformers", quantization)
+            size = size or gguf_facts.file_size
+            architecture = architecture or gguf_facts.architecture
+            context_length = context_length or gguf_facts.context_length
+            quantization = quantization or gguf_facts.quantization
+            parameters = parameters or gguf_facts.parameters
         if size is None:
             try:
                 size = weights_size(local)
@@ -191,18 +222,17 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
     if size is None:
         raise SpecError(label, "size_bytes", "is required when the weights are not local")
 
-    quantization = data.get("quantization")
     return ModelSpec(
         name=name,
         weights=weights,
         size_bytes=size,
         dtype=dtype,
         architecture=architecture,
-        engine=engine,
+        engine=engine or "transformers",
         context_length=context_length,
         tags=tuple(tags_raw),
         parameters=parameters,
-        quantization=str(quantization) if quantization else None,
+        quantization=quantization,
         source_uri=data.get("source_uri") or None,
         model_id=data.get("model_id") or None,
     )

@@ -32,14 +32,21 @@ def _vllm(spec: ModelSpec, ctx: EngineContext) -> Engine:
     return VLLMEngine(spec, ctx)
 
 
-FACTORIES: dict[str, EngineFactory] = {"transformers": _transformers, "vllm": _vllm}
+def _llamacpp(spec: ModelSpec, ctx: EngineContext) -> Engine:
+    from clearml_umem.engines.llamacpp_engine import LlamaCppEngine
+
+    return LlamaCppEngine(spec, ctx)
+
+
+FACTORIES: dict[str, EngineFactory] = {"transformers": _transformers, "vllm": _vllm, "llamacpp": _llamacpp}
 
 SAMPLING_OPTIONS: dict[str, frozenset[str]] = {
     "transformers": frozenset(),
     "vllm": frozenset({"frequency_penalty", "presence_penalty", "logit_bias"}),
+    "llamacpp": frozenset({"frequency_penalty", "presence_penalty", "logit_bias"}),
 }
 """OpenAI options each engine honours beyond max_tokens, temperature, top_p, stop and seed.
-Only options that leave the answer's shape as it is: vLLM takes them as OpenAI does."""
+Only options that leave the answer's shape as it is: vLLM and llama-server take them as OpenAI does."""
 
 
 def create_engine(spec: ModelSpec, ctx: EngineContext) -> Engine:

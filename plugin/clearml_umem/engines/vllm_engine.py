@@ -134,8 +134,9 @@ class SSEDecoder:
     finish Delta is only built once the stream says `[DONE]`.
     """
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, label: str = "vLLM") -> None:
         self.chat = chat
+        self.label = label
         self.done = False
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
@@ -152,13 +153,13 @@ class SSEDecoder:
         try:
             chunk = json.loads(payload)
         except json.JSONDecodeError as exc:
-            raise EngineError(f"vLLM sent an unreadable stream chunk: {payload[:200]!r}") from exc
+            raise EngineError(f"{self.label} sent an unreadable stream chunk: {payload[:200]!r}") from exc
         if not isinstance(chunk, dict):
             return []
         if chunk.get("error"):
             err = chunk["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
-            raise EngineError(f"vLLM failed mid-stream: {message}")
+            raise EngineError(f"{self.label} failed mid-stream: {message}")
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
@@ -177,7 +178,7 @@ class SSEDecoder:
 
     def finish(self) -> Delta:
         if self.finish_reason is None:
-            raise EngineError("vLLM ended the stream without a finish reason")
+            raise EngineError(f"{self.label} ended the stream without a finish reason")
         return Delta(text="", finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
                      completion_tokens=self.completion_tokens)
 

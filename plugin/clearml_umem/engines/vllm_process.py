@@ -287,6 +287,14 @@ class ProcessConfig:
     """What runs vLLM (its argv prefix): whether it takes `--uds` is learnt once per program."""
     allow_tcp: bool = False
     """Accept TCP on 127.0.0.1 with a per-launch key where vLLM has no `--uds` (else refuse)."""
+    label: str = "vLLM"
+    """The server's name in messages; the class also runs llama.cpp's `llama-server`."""
+    unix_socket: bool = True
+    """False for a server without a Unix socket option: always 127.0.0.1 with a per-launch key
+    (whose routes the key guards: the isolation such a server has), never the refusal above."""
+    key_env: str | None = None
+    """Environment variable that hands the server its per-launch key (off the command line,
+    which every local user can read in /proc); None: vLLM's VLLM_API_KEY."""
 
 
 class VLLMProcess:
@@ -325,7 +333,7 @@ class VLLMProcess:
     @property
     def endpoint(self) -> Endpoint:
         if self._endpoint is None:
-            raise EngineError(f"model {self.config.name!r}: vLLM is not running")
+            raise EngineError(f"model {self.config.name!r}: {self.config.label} is not running")
         return self._endpoint
 
     @property
@@ -351,8 +359,8 @@ class VLLMProcess:
         if self.running:
             return False
         if self._proc is not None:
-            log.warning("model %s: vLLM process %s exited (code %s); starting a new one", self.config.name,
-                        self._proc.pid, self._proc.returncode)
+            log.warning("model %s: %s process %s exited (code %s); starting a new one", self.config.name,
+                        self.config.label, self._proc.pid, self._proc.returncode)
             self.restarts += 1
         await self._start()
         return True
@@ -372,7 +380,7 @@ class VLLMProcess:
         if self.incarnation != incarnation and self.running:
             return False
         if self._proc is not None:
-            log.warning("model %s: vLLM process %d exited (code %s); restarting", self.config.name,
+            log.warning("model %s: %s process %d exited (code %s); restarting", self.config.name, self.config.label,
                         self._proc.pid, self._proc.returncode)
         self.restarts += 1
         await self._start()
@@ -386,7 +394,8 @@ class VLLMProcess:
         try:
             if proc is not None:
                 code = await asyncio.to_thread(proc.stop, self.config.timeouts.stop_grace_s)
-                log.info("model %s: vLLM process %d stopped (code %s)", self.config.name, proc.pid, code)
+                log.info("model %s: %s process %d stopped (code %s)", self.config.name, self.config.label, proc.pid,
+                         code)
         finally:
             if endpoint is not None and endpoint.directory is not None:
                 SOCKETS.release(endpoint.directory)
@@ -470,8 +479,9 @@ class VLLMProcess:
             raise
         except EngineError as exc:
             if self._close_epoch != epoch:
-                raise EngineError(f"model {self.config.name!r}: engine closed while vLLM was starting") from exc
-            log.warning("model %s: vLLM failed to start (%s); trying once more", self.config.name, exc)
+                raise EngineError(f"model {self.config.name!r}: engine closed while {self.config.label} "
+                                  "was starting") from exc
+            log.warning("model %s: %s failed to start (%s); trying once more", self.config.name, self.config.label, exc)
             self.restarts += 1
             await self._start_once()
 
@@ -480,7 +490,7 @@ class VLLMProcess:
             await self.stop()
         epoch = self._close_epoch
         if self.gate.busy:
-            log.info("model %s: waiting for another vLLM engine to finish starting on %s", self.config.name,
+            log.info("model %s: waiting for another engine to finish starting on %s", self.config.name,
                      self.gate.device)
         async with self.gate.turn():
             if self._close_epoch != epoch:
@@ -490,6 +500,9 @@ class VLLMProcess:
     async def _launch_and_wait(self) -> None:
         """Launch on a Unix socket; where this vLLM turns out to have no `--uds`, over TCP if allowed."""
         program = self.config.program
+        if not self.config.unix_socket:
+            await self._launch_once(Endpoint(port=process.free_port(), api_key=secrets.token_urlsafe(32)))
+            return
         if program not in _NO_UDS:
             try:
                 await self._launch_once(Endpoint(directory=SOCKETS.acquire(self, self.config.name)))
@@ -514,6 +527,9 @@ class VLLMProcess:
             env = dict(self.config.environment())
             env.pop("VLLM_API_KEY", None)  # the router sends none over a socket; the fallback sets its own
             env.update(endpoint.environment())
+            if self.config.key_env and endpoint.api_key:
+                env.pop("VLLM_API_KEY", None)
+                env[self.config.key_env] = endpoint.api_key
             started = time.monotonic()
             proc = await asyncio.to_thread(process.launch, cmd, log_path=self.config.log_file, env=env)
         except BaseException:
@@ -522,7 +538,8 @@ class VLLMProcess:
             raise
         self._proc, self._endpoint = proc, endpoint
         self.incarnation += 1
-        log.info("model %s: starting vLLM (pid %d, on %s, log %s)", self.config.name, proc.pid, endpoint.url,
+        log.info("model %s: starting %s (pid %d, on %s, log %s)", self.config.name, self.config.label, proc.pid,
+                 endpoint.url,
                  self.config.log_file)
         try:
             await self._wait_healthy(proc, started, endpoint)
@@ -530,7 +547,7 @@ class VLLMProcess:
             await self.stop()
             raise
         self.last_start_s = time.monotonic() - started
-        log.info("model %s: vLLM healthy after %.1f s", self.config.name, self.last_start_s)
+        log.info("model %s: %s healthy after %.1f s", self.config.name, self.config.label, self.last_start_s)
 
     async def _wait_healthy(self, proc: process.ManagedProcess, started: float, endpoint: Endpoint) -> None:
         name, log_file = self.config.name, self.config.log_file
@@ -540,7 +557,7 @@ class VLLMProcess:
         while True:
             if not proc.alive():
                 tail = proc.log_tail()
-                text = (f"model {name!r}: vLLM exited with code {proc.returncode} while starting; "
+                text = (f"model {name!r}: {self.config.label} exited with code {proc.returncode} while starting; "
                         f"log {log_file}:\n{tail[-3000:]}")
                 if endpoint.socket is not None and rejects_uds(tail):
                     raise _RejectedUds(text)
@@ -554,13 +571,13 @@ class VLLMProcess:
             now = time.monotonic()
             if now >= deadline:
                 tail = proc.log_tail(15)[-2000:]
-                raise EngineStartTimeout(f"model {name!r}: vLLM not healthy after "
+                raise EngineStartTimeout(f"model {name!r}: {self.config.label} not healthy after "
                                          f"{self.config.timeouts.start_s:.0f} s; log {log_file}:\n{tail}")
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_S
                 last = proc.log_tail(1).strip()
-                log.info("model %s: waiting for vLLM to become healthy (%.0f s; last log line: %s)",
-                         name, now - started, last[-200:])
+                log.info("model %s: waiting for %s to become healthy (%.0f s; last log line: %s)",
+                         name, self.config.label, now - started, last[-200:])
             await asyncio.sleep(0.25)
 
     async def _drop_client(self) -> None:
