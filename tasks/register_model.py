@@ -7,6 +7,7 @@ to the task as a hyperparameter and read back from it.
     python tasks/register_model.py --source /models/llama-3-8b --name llama-3-8b --tags chat
     python tasks/register_model.py --source s3://bucket/llama/ --size-bytes 16060522496 --dtype bfloat16
     python tasks/register_model.py --source ./tiny --manifest models.yaml     # no server: offline
+    python tasks/register_model.py --source ./model-q8_0.gguf                 # engine llamacpp, facts from the header
 
 With no ClearML server configured the task runs in offline mode: the model is recorded
 as the task's output model in the offline session, and `--manifest` writes the entry the
@@ -34,12 +35,13 @@ log = logging.getLogger("umem.register")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="", help="local Hugging Face directory or weights URI (s3://, gs://, "
-                                                "https://, file://, fileserver URL)")
+    p.add_argument("--source", default="", help="local Hugging Face directory, GGUF file, or weights URI (s3://, "
+                                                "gs://, https://, file://, fileserver URL)")
     p.add_argument("--name", default="", help="model name in the registry (default: directory or file name)")
     p.add_argument("--project", default=DEFAULT_PROJECT, help="registry project of the model")
     p.add_argument("--tags", default="", help="comma-separated extra tags (umem-servable is always added)")
-    p.add_argument("--engine", default="transformers", help="preferred engine: transformers or vllm")
+    p.add_argument("--engine", default="", help="preferred engine: transformers, vllm or llamacpp (default: "
+                                                "llamacpp for a GGUF file, else transformers)")
     p.add_argument("--dtype", default="", help="weights dtype (default: from config.json / safetensors)")
     p.add_argument("--context-length", type=int, default=0, help="max context (default: from config.json)")
     p.add_argument("--parameters", type=int, default=0, help="parameter count (default: from the weights)")
@@ -85,7 +87,7 @@ def register_from_params(params: dict[str, Any], task: Any = None) -> Registrati
         name=text("name"),
         project=text("project") or DEFAULT_PROJECT,
         tags=[t for t in (text("tags") or "").split(",") if t.strip()],
-        engine=text("engine") or "transformers",
+        engine=text("engine"),
         dtype=text("dtype"),
         context_length=number("context_length"),
         parameters=number("parameters"),

@@ -47,6 +47,7 @@ from clearml_umem.clearml_io.metadata import (
     metadata_items,
     spec_from_clearml_model,
 )
+from clearml_umem.gguf_file import GGUFError, is_gguf, read_gguf
 from clearml_umem.spec import (
     KNOWN_DTYPES,
     KNOWN_ENGINES,
@@ -86,6 +87,19 @@ class WeightsFacts:
     parameters: int | None = None
     context_length: int | None = None
     quantization: str | None = None
+    gguf: bool = False
+    """The weights are one GGUF file: served by the llamacpp engine."""
+
+
+def _gguf_facts(path: Path) -> WeightsFacts:
+    """Registration facts from a GGUF header (checked with bounds: the file is untrusted input)."""
+    try:
+        info = read_gguf(path)
+    except GGUFError as exc:
+        raise SpecError(str(path), "source", str(exc)) from None
+    return WeightsFacts(size_bytes=info.file_size, dtype="auto", architecture=info.architecture or None,
+                        parameters=info.parameters or None, context_length=info.context_length,
+                        quantization=info.quantization, gguf=True)
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -125,7 +139,9 @@ def _count_parameters(root: Path) -> tuple[int | None, str | None]:
 
 
 def inspect_weights(path: Path) -> WeightsFacts:
-    """Everything registration can learn from a local model directory (or one weights file)."""
+    """Everything registration can learn from a local model directory (or one weights file, or a GGUF)."""
+    if path.is_file() and is_gguf(path):
+        return _gguf_facts(path)
     size = weights_size(path)
     if size <= 0:
         raise SpecError(str(path), "source", f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {path}")
@@ -173,9 +189,10 @@ class Registration:
 
 def _default_name(source: str, local: Path | None) -> str:
     if local is not None:
-        return local.resolve().name
+        resolved = local.resolve()
+        return resolved.stem if resolved.suffix.lower() == ".gguf" else resolved.name
     tail = source.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in ARCHIVE_SUFFIXES:
+    for suffix in (*ARCHIVE_SUFFIXES, ".gguf"):
         if tail.lower().endswith(suffix):
             return tail[: -len(suffix)]
     return tail
@@ -239,7 +256,7 @@ def register_model(
     name: str | None = None,
     project: str = DEFAULT_PROJECT,
     tags: Sequence[str] = (),
-    engine: str = "transformers",
+    engine: str | None = None,
     dtype: str | None = None,
     architecture: str | None = None,
     parameters: int | None = None,
@@ -266,8 +283,8 @@ def register_model(
     from clearml import OutputModel, Task
     from clearml.utilities.config import config_dict_to_text
 
-    engine = (engine or "transformers").strip().lower()
-    if engine not in KNOWN_ENGINES:
+    engine = (engine or "").strip().lower()
+    if engine and engine not in KNOWN_ENGINES:
         raise SpecError(name or source, "engine", f"unknown engine {engine!r}; known: {', '.join(KNOWN_ENGINES)}")
     hub_snapshot: Path | None = None
     if hub.is_hub_uri(source):
@@ -284,6 +301,13 @@ def register_model(
     name = name or _default_name(source, local)
     if not name:
         raise SpecError(source, "name", "cannot derive a model name from the source; pass one")
+    if facts is not None and facts.gguf:
+        if engine not in ("", "llamacpp"):
+            raise SpecError(name, "engine", f"{source} is a GGUF file, which engine 'llamacpp' serves, not {engine!r}")
+        if quantization and quantization.lower() != facts.quantization:
+            raise SpecError(name, "quantization", f"says {quantization!r} but the file is {facts.quantization!r}")
+        engine = "llamacpp"
+    engine = engine or "transformers"
 
     dtype = (dtype or (facts.dtype if facts else None) or "auto").strip().lower()
     if dtype not in KNOWN_DTYPES:
@@ -631,6 +655,18 @@ def complete_from_files(spec: ModelSpec) -> ModelSpec:
             raise SpecError(label, "metadata.size_bytes", f"not in the metadata, and no weight files "
                                                           f"({', '.join(WEIGHT_SUFFIXES)}) under {local}")
         changes["size_bytes"] = size
+    if spec.engine == "llamacpp" or (local.is_file() and is_gguf(local)):
+        try:
+            info = read_gguf(local)
+        except GGUFError as exc:
+            raise SpecError(label, "uri", f"the fetched weights are not a usable GGUF: {exc}") from None
+        if spec.engine != "llamacpp":
+            raise SpecError(label, "metadata.engine", f"the weights are a GGUF file, which engine 'llamacpp' "
+                                                      f"serves, not {spec.engine!r}")
+        changes.update({k: v for k, v in (("size_bytes", info.file_size), ("architecture", info.architecture),
+                                          ("context_length", info.context_length),
+                                          ("quantization", info.quantization)) if not getattr(spec, k)})
+        return spec.with_updates(**changes) if changes else spec
     cfg = read_hf_config(local)
     if not spec.architecture and cfg:
         changes["architecture"] = architecture_from_config(cfg)
