@@ -37,7 +37,8 @@ def _demo(args: argparse.Namespace) -> int:
     from clearml_umem.demo import run_demo
 
     _setup_logging(args.log_level)
-    return run_demo(work_dir=args.work_dir, device=args.device, rounds=args.rounds, keep_serving=args.keep_serving)
+    return run_demo(work_dir=args.work_dir, device=args.device, rounds=args.rounds, keep_serving=args.keep_serving,
+                    engine=args.engine, llama_server=args.llama_server)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--rounds", type=int, default=3, help="measurements per model and tier (median is shown)")
     demo.add_argument("--keep-serving", action="store_true", help="leave the router up after the table")
+    demo.add_argument("--engine", default="transformers", choices=("transformers", "llamacpp"),
+                      help="three tiny transformers models, or two tiny GGUF models on llama-server")
+    demo.add_argument("--llama-server", default=None, help="llama-server binary for --engine llamacpp "
+                                                           "(default: UMEM_LLAMA_SERVER, PATH, the install cache)")
     demo.add_argument("--log-level", default="warning")
     demo.set_defaults(func=_demo)
     return parser

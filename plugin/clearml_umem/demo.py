@@ -58,13 +58,27 @@ def room_for_one(specs: list[ModelSpec], ctx: EngineContext) -> tuple[int, int, 
 
 
 def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto", rounds: int = 3,
-             keep_serving: bool = False) -> int:
+             keep_serving: bool = False, engine: str = "transformers", llama_server: str | None = None) -> int:
+    """`engine` picks the models: the three tiny transformers models, or (`llamacpp`) two tiny GGUF
+    models served by llama-server (f16 and q8_0)."""
     work = Path(work_dir).expanduser()
     device = resolve_device(device)
     _say(f"work dir {work}, compute device {device}")
-    paths = ensure_tiny_models(work / "models", progress=_say)
-    manifest = work / "demo-manifest.yaml"
-    specs_list = [spec_from_mapping({"name": name, "weights": str(path), "engine": "transformers"})
+    if engine == "llamacpp":
+        from clearml_umem.engines.llama_server import find_llama_server
+        from clearml_umem.tinygguf import ensure_tiny_gguf
+
+        llama_server = find_llama_server(llama_server)
+        if llama_server is None:
+            print("demo: no llama-server: build it with scripts/install-llama-server.sh, or pass --llama-server",
+                  file=sys.stderr)
+            return 2
+        _say(f"llama-server {llama_server}")
+        paths = ensure_tiny_gguf(work / "gguf", progress=_say)
+    else:
+        paths = ensure_tiny_models(work / "models", progress=_say)
+    manifest = work / f"demo-manifest-{engine}.yaml"
+    specs_list = [spec_from_mapping({"name": name, "weights": str(path), "engine": engine})
                   for name, path in paths.items()]
     write_manifest(manifest, specs_list)
 
@@ -75,7 +89,8 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
          f"host budget {budgets.host_bytes / 1e6:.1f} MB")
 
     config = ServeConfig(manifest=str(manifest), port=0, device=device, work_dir=str(work),
-                         device_budget=str(device_budget), host_budget=str(budgets.host_bytes))
+                         device_budget=str(device_budget), host_budget=str(budgets.host_bytes),
+                         llama_server=llama_server if engine == "llamacpp" else None)
     server = UnifiedMemoryServer(config, budgets=budgets)
     swaps: dict[tuple[str, str], list[MoveFinished]] = defaultdict(list)
     lock = threading.Lock()
@@ -113,7 +128,7 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
                 _place(client, name, Tier.DISK)
                 measure(name)
 
-        _say("concurrent requests for all three models with room for one: they queue, none is dropped")
+        _say(f"concurrent requests for all {len(names)} models with room for one: they queue, none is dropped")
         results: dict[str, str] = {}
         errors: list[str] = []
 

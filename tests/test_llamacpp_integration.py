@@ -1,0 +1,173 @@
+"""GGUF models through the real router, served by a real llama-server, asked with the real openai client.
+
+Two tiny GGUF models (f16 and q8_0, written locally) with room for one on the device: every
+switch is a swap, and placements visit the disk and cold tiers. Greedy answers must be
+bit-identical after every round trip. Engines and the router are killed with SIGKILL: no
+llama-server may outlive them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from clearml_umem.catalog import write_manifest
+from clearml_umem.demo import room_for_one
+from clearml_umem.engines import EngineContext
+from clearml_umem.engines.resident_file import cached_bytes
+from clearml_umem.spec import ModelSpec, spec_from_mapping
+from clearml_umem.tinygguf import DEMO_GGUF, ensure_tiny_gguf
+from tests.llamacpp_env import needs_llama_server, server_env
+from tests.routerproc import RouterProcess, start_router, wait_gone
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.slow, needs_llama_server]
+
+CHAT = [{"role": "user", "content": "Tell me about the tier of a model."}]
+
+
+def _start(specs: list[ModelSpec], work: Path) -> RouterProcess:
+    manifest = work / "models.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    write_manifest(manifest, specs)
+    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work, device="cpu"))
+    return start_router(manifest, work, "--device", "cpu", "--device-budget", str(device_budget),
+                        "--host-budget", str(host_budget), env=server_env())
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return ensure_tiny_gguf(tmp_path_factory.mktemp("gguf"), DEMO_GGUF)
+
+
+@pytest.fixture(scope="module")
+def served(ggufs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in ggufs.items()]
+    assert {s.engine for s in specs} == {"llamacpp"}
+    router = _start(specs, tmp_path_factory.mktemp("router"))
+    yield router, [s.name for s in specs], ggufs
+    router.kill()
+
+
+def _client(router: RouterProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _rows(router: RouterProcess) -> dict[str, dict]:
+    return {r["name"]: r for r in httpx.get(router.url + "/admin/models", timeout=30).json()["data"]}
+
+
+def _ask(router: RouterProcess, model: str) -> tuple[str, str]:
+    """A greedy chat answer and the tier it was served from."""
+    raw = _client(router).chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=12,
+                                                                     temperature=0)
+    return raw.parse().choices[0].message.content or "", raw.headers["x-umem-served-from"]
+
+
+def _place(router: RouterProcess, model: str, tier: str) -> None:
+    resp = httpx.post(f"{router.url}/admin/models/{model}/place", json={"tier": tier}, timeout=120)
+    assert resp.status_code == 200, resp.text
+
+
+def test_every_tier_is_visited_and_greedy_answers_survive_each_round_trip(served) -> None:
+    router, names, files = served
+    first, other = names
+    answer, tier = _ask(router, first)
+    assert tier == "cold" and answer.strip(), "a random model still answers printable words"
+    client = _client(router)
+
+    # streaming and plain completions agree, through the router, from llama-server
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=first, messages=CHAT, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == answer
+    comp = client.completions.create(model=first, prompt="once upon a time", max_tokens=8, temperature=0)
+    assert comp.choices[0].text and comp.usage is not None and comp.usage.completion_tokens > 0
+    assert comp.choices[0].finish_reason in ("length", "stop")
+
+    # room for one: asking the other model moves the first to RAM, where the router holds its file
+    _ask(router, other)
+    rows = _rows(router)
+    assert rows[first]["tier"] == "ram" and rows[other]["tier"] == "gpu"
+    ram = rows[first]["engine_details"]["ram_tier"]
+    assert ram["held"] is True and ram["locked"] in (True, False)
+    assert ram["locked"] or "mapped and touched" in ram["lock_problem"]
+    assert rows[first]["engine_details"]["running"] is False, "no server runs in the ram tier"
+    assert cached_bytes(files[first]) == files[first].stat().st_size
+    assert _ask(router, first) == (answer, "ram")
+
+    # disk: the server stops and the file is dropped from memory; cold: the same, from nothing
+    for tier in ("disk", "cold"):
+        _place(router, first, tier)
+        row = _rows(router)[first]
+        assert row["tier"] == tier and row["engine_details"]["ram_tier"]["held"] is False
+        assert _ask(router, first) == (answer, tier)
+    assert _ask(router, first) == (answer, "gpu")
+
+    details = _rows(router)[first]["engine_details"]
+    assert details["engine"] == "llamacpp" and details["transport"] in ("uds", "tcp")
+    assert details["gguf"]["quantization"] in ("f16", "q8_0") and details["kv_cache_bytes"] > 0
+    assert Path(details["log_file"]).is_file()
+
+
+def test_options_llama_server_honours_pass_and_others_are_refused(served) -> None:
+    router, names, _ = served
+    body = {"model": names[0], "messages": CHAT, "max_tokens": 4, "temperature": 0}
+    ok = httpx.post(router.url + "/v1/chat/completions", json={**body, "presence_penalty": 0.5,
+                                                               "frequency_penalty": 0.5, "seed": 7}, timeout=120)
+    assert ok.status_code == 200, ok.text
+    refused = httpx.post(router.url + "/v1/chat/completions", json={**body, "logprobs": True}, timeout=120)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] in ("logprobs", None)
+    assert "logprobs" in refused.json()["error"]["message"]
+
+
+def test_a_killed_llama_server_is_noticed_and_started_again(served) -> None:
+    router, names, _ = served
+    model = names[1]
+    before, _ = _ask(router, model)
+    pid = _rows(router)[model]["engine_details"]["pid"]
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: _rows(router)[model]["tier"] == "cold", 15), _rows(router)[model]
+    assert "exited with code -9" in _rows(router)[model]["last_error"]
+    assert _ask(router, model) == (before, "cold")
+    assert _rows(router)[model]["engine_details"]["pid"] != pid
+
+
+def test_killing_the_router_leaves_no_llama_server_behind(ggufs: dict[str, Path], tmp_path: Path) -> None:
+    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in ggufs.items()]
+    for how in ("terminate", "kill"):
+        router = _start(specs, tmp_path / how)
+        for spec in specs:  # both started once: one runs, the other's file is held in RAM
+            assert _ask(router, spec.name)[0]
+        servers = [p for p in router.descendants() if "llama-server" in p.name()]
+        assert servers, "a llama-server runs under the router"
+        pids = [router.proc.pid] + [p.pid for p in router.descendants()]
+        if how == "terminate":
+            assert router.stop() == 0
+        else:
+            router.kill()
+        assert wait_gone(pids) == []
+
+
+def test_a_catalog_mixing_gguf_and_transformers_models_with_room_for_one(ggufs: dict[str, Path],
+                                                                        tiny_models: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    specs = [spec_from_mapping({"name": "gguf", "weights": str(next(iter(ggufs.values())))}),
+             spec_from_mapping({"name": "hf", "weights": str(tiny_models["tiny-llama"])})]
+    assert [s.engine for s in specs] == ["llamacpp", "transformers"]
+    router = _start(specs, tmp_path / "mixed")
+    try:
+        first = {s.name: _ask(router, s.name) for s in specs}
+        assert [tier for _, tier in first.values()] == ["cold", "cold"]
+        for _ in range(2):
+            for s in specs:
+                assert _ask(router, s.name) == (first[s.name][0], "ram")
+                rows = _rows(router)
+                assert rows[s.name]["tier"] == "gpu" and [r["tier"] for r in rows.values()].count("gpu") == 1
+    finally:
+        router.kill()
