@@ -27,19 +27,22 @@ python="${PYTHON:-$(command -v python3)}"
 jobs="${JOBS:-$(nproc)}"
 binary="$cache/bin/llama-server"
 
+mkdir -p "$cache"
+# one build at a time per cache: a second run waits for the first, then finds its binary
+exec 9>"$cache/.lock"
+flock 9
 if [ -x "$binary" ] && "$binary" --version >/dev/null 2>&1; then
-  echo "install-llama-server: cached $binary"
+  echo "install-llama-server: cached $binary" >&2
   echo "$binary"
   exit 0
 fi
 
 start=$(date +%s)
-mkdir -p "$cache"
 work="$cache/build-work"
 rm -rf "$work"
 mkdir -p "$work"
 
-echo "install-llama-server: downloading the llama-cpp-python==$version sdist"
+echo "install-llama-server: downloading the llama-cpp-python==$version sdist" >&2
 "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$work" \
   "llama-cpp-python==$version"
 sdist="$(ls "$work"/llama_cpp_python-*.tar.gz | head -n 1)"
@@ -59,10 +62,10 @@ fi
 generator=()
 command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
 
-echo "install-llama-server: configuring ($flavour) in $work/build"
+echo "install-llama-server: configuring ($flavour) in $work/build" >&2
 cmake -S "$src" -B "$work/build" "${generator[@]}" "${cmake_args[@]}" >"$work/cmake.log" 2>&1 \
   || { tail -n 40 "$work/cmake.log" >&2; exit 1; }
-echo "install-llama-server: building llama-server llama-quantize with $jobs jobs (about 5 min on 2 cores)"
+echo "install-llama-server: building llama-server llama-quantize with $jobs jobs (about 5 min on 2 cores)" >&2
 cmake --build "$work/build" --target llama-server llama-quantize -j "$jobs" >"$work/build.log" 2>&1 \
   || { tail -n 40 "$work/build.log" >&2; exit 1; }
 
@@ -72,5 +75,5 @@ cp "$work/build/bin/llama-server" "$work/build/bin/llama-quantize" "$cache/bin/"
 rm -rf "$work"
 
 end=$(date +%s)
-echo "install-llama-server: built in $((end - start)) s; use it with UMEM_LLAMA_SERVER=$binary"
+echo "install-llama-server: built in $((end - start)) s; use it with UMEM_LLAMA_SERVER=$binary" >&2
 echo "$binary"

