@@ -1,0 +1,148 @@
+"""The llamacpp engine without llama-server: footprints from the file, its command line and
+environment, its move table, and the RAM and disk tiers on a real file (mlock, page cache)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from clearml_umem.engines import EngineContext, EngineError, create_engine
+from clearml_umem.engines.llamacpp_engine import LLAMACPP_MOVES, LlamaCppEngine
+from clearml_umem.engines.resident_file import ResidentFile, cached_bytes, drop_from_page_cache
+from clearml_umem.engines.vllm_process import Endpoint
+from clearml_umem.gguf_file import read_gguf
+from clearml_umem.spec import spec_from_mapping
+from clearml_umem.tiers import Footprint, Tier
+
+pytest.importorskip("gguf", reason="the gguf package (test extra) writes the tiny GGUF models")
+
+from clearml_umem.tinygguf import TinyGGUF, write_tiny_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", TinyGGUF("m", "q8_0", context_length=1024))
+
+
+def _engine(model: Path, tmp_path: Path, **options) -> LlamaCppEngine:
+    spec = spec_from_mapping({"name": "m", "weights": str(model)})
+    engine = create_engine(spec, EngineContext(work_dir=tmp_path, device="cpu", options=options))
+    assert isinstance(engine, LlamaCppEngine)
+    return engine
+
+
+def test_footprints_come_from_the_file(model: Path, tmp_path: Path) -> None:
+    engine = _engine(model, tmp_path, process_overhead_bytes=1000)
+    info = read_gguf(model)
+    assert engine.n_ctx == 1024, "the file's context, under the 4096 default cap"
+    assert engine.footprint(Tier.GPU).device_bytes == info.tensor_bytes + info.kv_bytes_per_token() * 1024 + 1000
+    assert engine.footprint(Tier.GPU).host_bytes == 0
+    assert engine.footprint(Tier.RAM).host_bytes == model.stat().st_size
+    assert engine.footprint(Tier.RAM).device_bytes == 0
+    assert engine.footprint(Tier.DISK) == Footprint() and engine.footprint(Tier.COLD) == Footprint()
+    smaller = _engine(model, tmp_path, max_context=256)
+    assert smaller.n_ctx == 256 and smaller.kv_cache_bytes == info.kv_bytes_per_token() * 256
+
+
+def test_every_move_is_one_direct_step(model: Path, tmp_path: Path) -> None:
+    engine = _engine(model, tmp_path)
+    assert engine.tiers == frozenset(Tier) and engine.transits == {}
+    for src in Tier:
+        for dst in Tier:
+            if src is not dst:
+                assert len(LLAMACPP_MOVES.route(src, dst)) == 1
+
+
+def test_the_command_line_carries_no_key_and_the_environment_no_llama_settings(model: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(model, tmp_path, llama_server="/opt/llama-server")
+    over_tcp = engine.command(Endpoint(port=4321, api_key="secret-key"))
+    assert "secret-key" not in over_tcp and over_tcp[over_tcp.index("--host") + 1] == "127.0.0.1"
+    assert over_tcp[over_tcp.index("--port") + 1] == "4321" and over_tcp[over_tcp.index("-ngl") + 1] == "0"
+    assert over_tcp[over_tcp.index("-c") + 1] == "1024" and over_tcp[over_tcp.index("--alias") + 1] == "m"
+    over_socket = engine.command(Endpoint(directory=tmp_path))
+    assert over_socket[over_socket.index("--host") + 1] == str(tmp_path / "api.sock")
+    monkeypatch.setenv("LLAMA_ARG_HOST", "0.0.0.0")
+    monkeypatch.setenv("LLAMA_API_KEY", "inherited")
+    env = engine.environment()
+    assert "LLAMA_ARG_HOST" not in env and "LLAMA_API_KEY" not in env and env["PATH"] == os.environ["PATH"]
+
+
+def test_without_a_binary_a_start_fails_with_how_to_get_one(model: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("clearml_umem.engines.llamacpp_engine.find_llama_server", lambda option=None: None)
+    engine = _engine(model, tmp_path)
+    with pytest.raises(EngineError, match="install-llama-server.sh"):
+        asyncio.run(engine.move(Tier.COLD, Tier.GPU))
+    assert engine.describe()["binary"] is None
+
+
+def test_ram_holds_the_file_in_memory_and_disk_lets_it_go(model: Path, tmp_path: Path) -> None:
+    engine = _engine(model, tmp_path)
+    size = model.stat().st_size
+
+    async def visit() -> None:
+        result = await engine.move(Tier.COLD, Tier.RAM)
+        assert result.bytes_moved == size and result.host_copy in ("kept", "copied")
+        ram = engine.describe()["ram_tier"]
+        assert ram["held"] and (ram["locked"] or "mapped and touched" in ram["lock_problem"])
+        drop_from_page_cache(model)  # a locked (or mapped) file stays all the same
+        assert cached_bytes(model) == size
+        await engine.move(Tier.RAM, Tier.DISK)
+        assert engine.describe()["ram_tier"]["held"] is False
+        assert cached_bytes(model) == 0, "disk: the kernel was told to drop the file"
+        await engine.move(Tier.DISK, Tier.RAM)
+        assert cached_bytes(model) == size
+        await engine.close()
+        assert engine.describe()["tier"] == "cold" and engine.describe()["ram_tier"]["held"] is False
+
+    asyncio.run(visit())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mlock and RLIMIT_MEMLOCK as Linux has them")
+def test_without_room_to_lock_the_file_is_mapped_and_touched_and_says_why(model: Path) -> None:
+    """As a non-root user with the default 8 MiB RLIMIT_MEMLOCK: here the limit is set lower than
+    the file and, when the tests run as root, the child drops to nobody (root may lock anything)."""
+    shared = Path(tempfile.mkdtemp(prefix="umem-mlock-"))
+    try:
+        shared.chmod(0o755)
+        copy = shared / "m.gguf"
+        copy.write_bytes(model.read_bytes())
+        copy.chmod(0o644)
+        code = (
+            "import os, resource, sys\n"
+            "from clearml_umem.engines.resident_file import ResidentFile, cached_bytes\n"
+            "resource.setrlimit(resource.RLIMIT_MEMLOCK, (4096, 4096))\n"
+            "if os.geteuid() == 0:\n"
+            "    os.setgid(65534); os.setuid(65534)\n"
+            "held = ResidentFile.hold(sys.argv[1])\n"
+            "print(held.locked, cached_bytes(sys.argv[1]) == os.path.getsize(sys.argv[1]))\n"
+            "print(held.lock_problem)\n"
+            "held.release()\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert out.returncode == 0, out.stderr
+        first, problem = out.stdout.strip().splitlines()
+        assert first == "False True", "not locked, but every page is in memory"
+        assert "mlock refused" in problem and "RLIMIT_MEMLOCK allows 4096 bytes" in problem
+        assert "mapped and touched" in problem
+    finally:
+        for p in shared.iterdir():
+            p.unlink()
+        shared.rmdir()
+
+
+def test_hold_locks_where_allowed(model: Path) -> None:
+    held = ResidentFile.hold(model, lock=False)
+    try:
+        assert held.locked is False and "not asked" in (held.lock_problem or "")
+        assert cached_bytes(model) == model.stat().st_size
+    finally:
+        held.release()
