@@ -171,3 +171,20 @@ def test_a_catalog_mixing_gguf_and_transformers_models_with_room_for_one(ggufs: 
                 assert rows[s.name]["tier"] == "gpu" and [r["tier"] for r in rows.values()].count("gpu") == 1
     finally:
         router.kill()
+
+
+def test_the_benchmark_task_covers_a_gguf_model(ggufs: dict[str, Path], tmp_path: Path) -> None:
+    """tasks/benchmark.py offline on a GGUF model, as on a transformers one: every scenario measured."""
+    from clearml_umem.clearml_io.offline import OfflineSession
+    from tests.clearml_env import offline_env, run_python
+
+    name, path = next(iter(ggufs.items()))
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(f"models:\n  - name: {name}\n    weights: {path}\n")
+    env = {**offline_env(tmp_path), **server_env()}
+    run_python(["tasks/benchmark.py", "--manifest", str(manifest), "--port", "0", "--device", "cpu",
+                "--work-dir", str(tmp_path / "work"), "--runs", "2", "--probe-mb", "16"], env, timeout=600)
+    session = OfflineSession.find(task_name="benchmark", cache_dir=env["CLEARML_CACHE_DIR"])
+    table = session.table("benchmark")
+    measured = {row[1] for row in table[1:] if row[0] == name and row[2] != "n/a"}
+    assert {"hot", "from RAM", "cold start"} <= measured, table
