@@ -123,6 +123,12 @@ def test_options_llama_server_honours_pass_and_others_are_refused(served) -> Non
     refused = httpx.post(router.url + "/v1/chat/completions", json={**body, "logprobs": True}, timeout=120)
     assert refused.status_code == 400 and refused.json()["error"]["param"] in ("logprobs", None)
     assert "logprobs" in refused.json()["error"]["message"]
+    too_long = httpx.post(router.url + "/v1/completions", json={"model": names[0], "prompt": "x " * 5000,
+                                                                "max_tokens": 4}, timeout=120)
+    assert too_long.status_code == 400, too_long.text
+    error = too_long.json()["error"]
+    assert error["param"] == "prompt" and error["code"] == "context_length_exceeded"
+    assert "context size" in error["message"]
 
 
 def test_a_killed_llama_server_is_noticed_and_started_again(served) -> None:

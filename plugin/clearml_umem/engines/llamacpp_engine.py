@@ -420,7 +420,12 @@ class LlamaCppEngine:
             if resp.status_code != 200:
                 message = error_message(await resp.aread())
                 if resp.status_code == 400:
-                    raise InvalidRequest(f"model {self.spec.name!r}: {message}")
+                    # llama-server's own refusal: a prompt over the served context ("exceeds the available
+                    # context size") names the prompt, as the other engines' check before any move does
+                    over = "context size" in message
+                    raise InvalidRequest(f"model {self.spec.name!r}: {message}",
+                                         param=("messages" if request.is_chat else "prompt") if over else None,
+                                         code="context_length_exceeded" if over else None)
                 raise EngineError(f"model {self.spec.name!r}: llama-server answered {resp.status_code}: {message}")
             async for line in resp.aiter_lines():
                 for delta in decoder.feed(line):
