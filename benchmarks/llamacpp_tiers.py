@@ -1,6 +1,6 @@
 """llama.cpp tiers: swap-in from RAM against a cold start and a disk reload of the same model, in one run.
 
-One GGUF model (random weights, written locally; `--hidden`/`--layers` size it, about 240 MB
+One GGUF model (random weights, written locally; `--hidden`/`--layers` size it, about 1 GB
 in f16 by default) is driven through the real `LlamaCppEngine` and a real `llama-server`:
 each run moves it to the GPU tier from one source tier and streams one greedy token, and
 the time to that first token is taken from the start of the move. Sources, each run in
@@ -60,6 +60,7 @@ async def run(args: argparse.Namespace, model: Path, work: Path) -> dict[str, li
     engine = LlamaCppEngine(spec, ctx)
     times: dict[str, list[float]] = {s: [] for s in SOURCES}
     resident: dict[str, list[float]] = {s: [] for s in SOURCES}
+    locked: list[bool] = []
     try:
         await engine.move(Tier.COLD, Tier.GPU)  # warm-up: the first start of a binary is slower
         await engine.move(Tier.GPU, Tier.COLD)
@@ -67,6 +68,7 @@ async def run(args: argparse.Namespace, model: Path, work: Path) -> dict[str, li
             for source in SOURCES:
                 if source == "ram":
                     await engine.move(Tier.COLD, Tier.RAM)
+                    locked.append(bool(engine.describe()["ram_tier"]["locked"]))
                     src = Tier.RAM
                 elif source == "page cache":
                     await engine.move(Tier.COLD, Tier.DISK)
@@ -89,14 +91,14 @@ async def run(args: argparse.Namespace, model: Path, work: Path) -> dict[str, li
     finally:
         await engine.close()
     times["_resident"] = [statistics.median(resident[s]) for s in SOURCES]
-    times["_hold"] = [float((engine.last_hold or {}).get("locked", False))]
+    times["_hold"] = [float(all(locked))]
     return times
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--quantization", default="f16", choices=("f16", "q8_0"))
     p.add_argument("--device", default="cpu", help="cpu or cuda")
