@@ -177,8 +177,10 @@ class ManagedProcess:
         """
         self._signal_group(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
+        delay = 0.002  # llama-server exits within milliseconds of SIGTERM: a fixed 50 ms poll would double a swap-out
         while time.monotonic() < deadline and (self.alive() or self.group_alive()):
-            time.sleep(0.05)
+            time.sleep(delay)
+            delay = min(0.05, delay * 2)
         if self.alive() or self.group_alive():
             self._signal_group(signal.SIGKILL)
             end = time.monotonic() + 5.0

@@ -554,6 +554,9 @@ class VLLMProcess:
         deadline = started + self.config.timeouts.start_s
         next_progress = started + PROGRESS_EVERY_S
         client = self.client()
+        # poll fast at first, then every 0.25 s: llama-server is healthy within tens of milliseconds,
+        # so a fixed 0.25 s step would add up to that much to every swap-in; vLLM takes a minute anyway
+        delay = 0.005
         while True:
             if not proc.alive():
                 tail = proc.log_tail()
@@ -578,7 +581,8 @@ class VLLMProcess:
                 last = proc.log_tail(1).strip()
                 log.info("model %s: waiting for %s to become healthy (%.0f s; last log line: %s)",
                          name, self.config.label, now - started, last[-200:])
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(delay)
+            delay = min(0.25, delay * 2)
 
     async def _drop_client(self) -> None:
         client, self._client, self._client_key = self._client, None, None
