@@ -12,6 +12,7 @@ turn so that machine noise hits all of them alike:
 - cold: as disk, plus a new engine (its GGUF header read and checked) as after a restart.
 - page cache: the disk tier where the kernel happened to keep the file cached (no drop):
   what the RAM tier guarantees, shown for reference.
+- gpu (hot): the same request to the running server, for reference: the forward pass alone.
 
 Ratios are to the RAM tier's median from the same run. On a CPU the "GPU" is the CPU, so the
 start maps pages rather than copying them to a device; the ratio is then what the RAM tier
@@ -58,7 +59,7 @@ async def run(args: argparse.Namespace, model: Path, work: Path) -> dict[str, li
     ctx = EngineContext(work_dir=work, device=args.device,
                         options={"llama_server": args.llama_server, "max_context": 512})
     engine = LlamaCppEngine(spec, ctx)
-    times: dict[str, list[float]] = {s: [] for s in SOURCES}
+    times: dict[str, list[float]] = {s: [] for s in (*SOURCES, "hot")}
     resident: dict[str, list[float]] = {s: [] for s in SOURCES}
     locked: list[bool] = []
     try:
@@ -87,6 +88,8 @@ async def run(args: argparse.Namespace, model: Path, work: Path) -> dict[str, li
                     await engine.close()
                     engine = LlamaCppEngine(spec_from_mapping({"name": "bench", "weights": str(model)}), ctx)
                 times[source].append(await first_token_s(engine, src, started))
+                started = time.monotonic()
+                times["hot"].append(await first_token_s(engine, Tier.GPU, started))
                 await engine.move(Tier.GPU, Tier.COLD)
     finally:
         await engine.close()
@@ -127,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         med = statistics.median(times[source])
         print(f"{source:12s} {med * 1000:10.1f} {min(times[source]) * 1000:9.1f} {med / ram:7.2f} "
               f"{size / med / 1e9:7.2f} {cached * 100:13.0f}%")
+    hot = statistics.median(times["hot"])
+    print(f"{'gpu (hot)':12s} {hot * 1000:10.1f} {min(times['hot']) * 1000:9.1f} {hot / ram:7.2f} {'-':>7s} "
+          f"{'(a running server: the forward pass alone)':>14s}")
     print(f"RAM tier held the file {'locked (mlock)' if times['_hold'][0] else 'mapped and touched (no mlock)'}; "
           f"ratios are to the RAM tier of the same run")
     if args.json:
