@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="model name in the registry (default: directory or file name)")
     p.add_argument("--project", default=DEFAULT_PROJECT, help="registry project of the model")
     p.add_argument("--tags", default="", help="comma-separated extra tags (umem-servable is always added)")
-    p.add_argument("--engine", default="", help="preferred engine: transformers, vllm or llamacpp (default: "
-                                                "llamacpp for a GGUF file, else transformers)")
+    p.add_argument("--engine", default="auto", help="preferred engine: transformers, vllm, llamacpp, or auto: "
+                                                    "llamacpp for a GGUF file, else transformers")
     p.add_argument("--dtype", default="", help="weights dtype (default: from config.json / safetensors)")
     p.add_argument("--context-length", type=int, default=0, help="max context (default: from config.json)")
     p.add_argument("--parameters", type=int, default=0, help="parameter count (default: from the weights)")
@@ -87,7 +87,7 @@ def register_from_params(params: dict[str, Any], task: Any = None) -> Registrati
         name=text("name"),
         project=text("project") or DEFAULT_PROJECT,
         tags=[t for t in (text("tags") or "").split(",") if t.strip()],
-        engine=text("engine"),
+        engine=None if (text("engine") or "auto").lower() == "auto" else text("engine"),
         dtype=text("dtype"),
         context_length=number("context_length"),
         parameters=number("parameters"),

@@ -34,7 +34,7 @@ def test_register_task_offline_records_hyperparameters_model_and_manifest(tmp_pa
     assert args["source"] == str(source)
     assert args["tags"] == "chat,demo"
     assert args["context_length"] == "1024"
-    assert args["engine"] == "transformers"
+    assert args["engine"] == "auto"
     assert args["manifest"] == str(manifest)
 
     (model,) = session.output_models

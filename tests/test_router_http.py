@@ -618,7 +618,8 @@ def test_engine_specific_options_reach_the_engines_that_take_them() -> None:
         assert vllm_engine.last_request.options == {"presence_penalty": 0.5, "logit_bias": {"7": -100}}
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model="alpha", prompt="hi", max_tokens=2, presence_penalty=0.5)
-        assert info.value.param == "presence_penalty" and "models served by vllm take it" in info.value.message
+        assert info.value.param == "presence_penalty"
+        assert "models served by llamacpp, vllm take it" in info.value.message
     finally:
         serving.close()
 
