@@ -89,3 +89,48 @@ def test_a_move_under_way_shows_its_progress_in_the_admin_view_and_logs_it(tmp_p
         assert row["move"] is None and row["moves"] == 1 and row["tier"] == "gpu"
 
     run(scenario)
+
+
+class RecordingProgress(MoveProgress):
+    """Keeps the bytes each stage reached, as a move ends it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached: list[tuple[str, int, int]] = []
+
+    def stage(self, name: str, total_bytes: int = 0) -> None:
+        self._keep()
+        super().stage(name, total_bytes)
+
+    def end(self) -> None:
+        self._keep()
+        super().end()
+
+    def _keep(self) -> None:
+        snap = self.snapshot()
+        if snap is not None and snap["stage"]:
+            self.reached.append((snap["stage"], snap["bytes_done"], snap["bytes_total"] or 0))
+
+
+def test_the_transformers_engine_counts_its_stages_on_a_real_model(tiny_models: dict[str, Path]) -> None:
+    from clearml_umem.engines import EngineContext, create_engine
+    from clearml_umem.spec import spec_from_mapping
+
+    engine = create_engine(spec_from_mapping({"name": "tiny", "weights": str(tiny_models["tiny-llama"])}),
+                           EngineContext(work_dir=tiny_models["tiny-llama"].parent, device="cpu",
+                                         options={"host_copy": "evict"}))
+    recording = RecordingProgress()
+    engine._progress = recording  # type: ignore[attr-defined]
+
+    async def moves() -> None:
+        await engine.move(Tier.COLD, Tier.RAM)
+        await engine.move(Tier.RAM, Tier.GPU)
+        await engine.close()
+
+    asyncio.run(moves())
+    weights = engine.weight_bytes
+    stages = {name: (done, total) for name, done, total in recording.reached}
+    assert stages["reading weights"] == (weights, weights), recording.reached
+    assert stages["copying to the device"] == (weights, weights), recording.reached
+    assert "building the model" in stages
+    assert engine.progress() is None, "no move, no progress"  # type: ignore[attr-defined]
