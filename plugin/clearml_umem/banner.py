@@ -46,12 +46,11 @@ def start_banner(config: ServeConfig, budgets: Budgets, runtime: Runtime, url: s
         spec = runtime.spec(name)
         st = runtime.state(name)
         tiers = "/".join(t.value for t in sorted(st.tiers, key=lambda t: t.rank))
-        lines.append(f"    {name}: {spec.engine}, {spec.size_bytes / 1e9:.2f} GB on disk, tiers {tiers}")
+        lines.append(f"    {name}: {spec.engine}, {_size(spec.size_bytes)} on disk, tiers {tiers}")
     for name, why in sorted(runtime.unservable.items()):
         lines.append(f"    {name}: NOT SERVED: {why}")
-    device = f"{budgets.device_bytes / 1e9:.2f} GB on {budgets.device_kind}"
-    lines.append(f"  device budget: {device} ({budgets.device_how})")
-    lines.append(f"  host budget: {budgets.host_bytes / 1e9:.2f} GB ({budgets.host_how})")
+    lines.append(f"  device budget: {_size(budgets.device_bytes)} on {budgets.device_kind} ({budgets.device_how})")
+    lines.append(f"  host budget: {_size(budgets.host_bytes)} ({budgets.host_how})")
     lines.append(f"  policy: {config.policy}; host copy: {config.host_copy}; fairness window: "
                  f"{config.fairness_window}; queue: {config.max_waiting} requests per model")
     keys = "API key " + ("set" if config.api_key else "not set") + ", admin key " + (
@@ -59,3 +58,7 @@ def start_banner(config: ServeConfig, budgets: Budgets, runtime: Runtime, url: s
     lines.append(f"  keys: {keys}")
     lines.append(f"  status page: {url}/ui; admin: clearml-umem ps --url {url}")
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -204,8 +204,8 @@ def _print_log(data: dict[str, Any], as_json: bool, first: bool) -> None:
         print(json.dumps(data), flush=True)
         return
     if first:
-        where = data.get("path") or "the router's lines about this model"
-        print(f"# {data['model']}: {where}" + (f" ({data['note']})" if data.get("note") else ""),
+        where = f"log file {data['path']}" if data.get("path") else "no log file"
+        print(f"# {data['model']}: {where}" + (f"; {data['note']}" if data.get("note") else ""),
               file=sys.stderr, flush=True)
     if data["text"]:
         sys.stdout.write(data["text"])
