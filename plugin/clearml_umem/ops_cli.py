@@ -165,8 +165,9 @@ def format_move(move: dict[str, Any]) -> str:
     if not move["ok"]:
         return f"  {move['model']}: {move['src']} -> {move['dst']} FAILED: {move['error']}"
     speed = f", {move['gbps']:.2f} GB/s" if move["bytes"] and move["seconds"] else ""
+    copy = f", host copy {move['host_copy']}" if move.get("host_copy") else ""
     return (f"  {move['model']}: {move['src']} -> {move['dst']} in {move['seconds']:.3f} s "
-            f"({move['bytes'] / 1e9:.3f} GB{speed})")
+            f"({move['bytes'] / 1e9:.3f} GB{speed}{copy})")
 
 
 def run_place(args: argparse.Namespace) -> int:
