@@ -202,6 +202,15 @@ def test_the_status_page_in_a_browser_shows_the_models_and_follows_a_placement(s
         wait.until(lambda _: tier("tiny-llama") == "gpu")
         moves = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#moves tbody tr")]
         assert any("tiny-llama" in text and "cold -> gpu" in text for text in moves), moves
+
+        # a refused key brings up the key form; the right key typed in brings the data back
+        browser.get(served.url + "/ui#key=wrong")
+        form = browser.find_element(By.ID, "keyform")
+        wait.until(lambda _: form.is_displayed())
+        assert "refused" in browser.find_element(By.ID, "status").text
+        browser.find_element(By.ID, "key").send_keys(ADMIN_KEY)
+        form.find_element(By.TAG_NAME, "button").click()
+        wait.until(lambda _: not form.is_displayed() and tier("tiny-llama") == "gpu")
     finally:
         browser.quit()
 
@@ -228,3 +237,23 @@ def test_the_banner_of_a_keyed_loopback_router_says_so_without_a_warning(served:
     assert "without UMEM_API_KEY" not in log
     assert "device budget: " in log and "(given)" in log
     assert "keys: API key set, admin key set" in log
+
+
+@pytest.mark.parametrize(("host", "api_key", "admin_key", "exposed"), [
+    ("127.0.0.1", None, None, None),
+    ("::1", None, None, None),
+    ("localhost", None, None, None),
+    ("0.0.0.0", "k", None, None),
+    ("0.0.0.0", None, "a", "inference"),
+    ("10.1.2.3", None, None, "inference and admin"),
+])
+def test_the_warning_names_what_is_exposed(host: str, api_key: str | None, admin_key: str | None,
+                                           exposed: str | None) -> None:
+    from clearml_umem.banner import exposure_warning
+
+    warning = exposure_warning(host, 8000, api_key, admin_key)
+    if exposed is None:
+        assert warning is None
+        return
+    assert warning is not None and f"{host}:8000" in warning and "/v1/chat/completions" in warning
+    assert ("/admin/models/NAME/place" in warning) == (exposed == "inference and admin")
