@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -193,7 +194,7 @@ def test_the_status_page_in_a_browser_shows_the_models_and_follows_a_placement(s
         wait.until(lambda _: all(tier(m) for m in ("tiny-llama", "tiny-mistral", "tiny-qwen2")))
         assert "#key" not in browser.current_url, "the key does not stay in the address bar"
         memory = browser.find_element(By.CSS_SELECTOR, 'tr[data-budget="device"] .used').text
-        assert " GB of " in memory
+        assert re.fullmatch(r"\d+\.\d+ [MG]B of \d+\.\d+ [MG]B", memory), memory
 
         with admin(served) as client:
             client.post("/admin/models/tiny-llama/place", json={"tier": "cold"}).raise_for_status()
