@@ -8,6 +8,16 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
+# the status page is tested in a real headless Chromium (from the system packages; no network needed to run it)
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing chromium and chromium-driver for the status page's browser test"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "[test] no chromium and not root: the status page's browser test will be skipped" >&2
+  fi
+fi
 VENV="${UMEM_VENV:-$ROOT/.venv}"
 "$VENV/bin/ruff" check plugin tests tasks examples serving benchmarks
 if [ "${UMEM_TEST_LLAMACPP:-1}" = "1" ] && [ -z "${UMEM_LLAMA_SERVER:-}" ]; then

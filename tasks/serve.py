@@ -24,6 +24,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from clearml_umem.clearml_io.endpoints import ModelEndpoints, register_endpoints
 from clearml_umem.clearml_io.session import use_offline_unless_configured
 from clearml_umem.config import ConfigError, ServeConfig, add_serve_arguments
 
@@ -58,9 +59,10 @@ def task_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def record_endpoint(task: Any, server: Any, url: str) -> None:
+def record_endpoint(task: Any, server: Any, url: str) -> ModelEndpoints | None:
     """Where the models are served, on the task: the router's URL and the served models as user
-    properties (shown in the web UI's task info), and registry models as the task's input models."""
+    properties (shown in the web UI's task info), registry models as the task's input models,
+    and, with a server, each model on the Model Endpoints page (fed from the event bus)."""
     names = server.runtime.model_names()
     try:
         task.set_user_properties(
@@ -76,6 +78,10 @@ def record_endpoint(task: Any, server: Any, url: str) -> None:
             task.set_input_model(model_id=model_id, name=name, update_task_design=False)
         except Exception:  # noqa: BLE001 - offline, the SDK cannot link registry models
             log.info("could not link model %s (%s) to the task as an input model", name, model_id)
+    endpoints = register_endpoints(task, [server.runtime.spec(name) for name in names], url)
+    if endpoints is not None:
+        server.bus.subscribe(endpoints.on_event)
+    return endpoints
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      auto_connect_arg_parser=False, auto_connect_frameworks=False, reuse_last_task_id=False)
     params = task.connect(task_parameters(args), name="Serve")
     reporter: ClearMLReporter | None = None
+    endpoints: list[ModelEndpoints] = []
     try:
         config = ServeConfig.from_mapping(params).validate()
         server = UnifiedMemoryServer(config)
@@ -115,7 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         def ready(url: str) -> None:
             print(f"{READY_PREFIX}{url}", flush=True)
             # off the event loop: with a server, the SDK calls are HTTP requests
-            threading.Thread(target=record_endpoint, args=(task, server, url), daemon=True).start()
+            def record() -> None:
+                if (registered := record_endpoint(task, server, url)) is not None:
+                    endpoints.append(registered)
+
+            threading.Thread(target=record, daemon=True).start()
 
         asyncio.run(server.serve(ready=ready))
         return 0
@@ -125,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if reporter is not None:
             reporter.close()
+        for registered in endpoints:
+            registered.close()
         task.close()
 
 

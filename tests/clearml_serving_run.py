@@ -4,6 +4,13 @@ offline, with endpoints whose code is serving/preprocess.py, forwarding to a liv
 Run as `python tests/clearml_serving_run.py PREPROCESS_FILE` with UMEM_ROUTER_URL set and the
 ClearML SDK in offline mode; prints one JSON object with each request's answer or error.
 
+Two routes: `/serve/<endpoint>` through the installed release's `process_request`, and the
+`/serve/openai/v1/...` route of clearml-serving's main branch (not released on PyPI), whose
+per-request steps (`ModelRequestProcessor._process_request` at commit c0ee96e: the engine
+object's `preprocess`, then the method named by the route with "/" turned into "_", then
+`postprocess`) are taken here on the release's own engine object with the route's input, a
+dict holding the parsed request and the FastAPI request.
+
 One substitution, and only because of offline mode: clearml-serving makes its control-plane
 task with `Task.create`, which the SDK refuses offline, so it is made with `Task.init` (the
 same kind of task, offline). Everything after that is clearml-serving's code: the preprocess
@@ -21,6 +28,8 @@ from clearml import Task
 from clearml.utilities.pyhocon import ConfigFactory
 from clearml_serving.serving.endpoints import ModelEndpoint
 from clearml_serving.serving.model_request_processor import ModelRequestProcessor
+from clearml_serving.serving.preprocess_service import BasePreprocessRequest
+from starlette.requests import Request
 
 
 def _offline_control_plane(cls: type, name: str | None = None, project: str | None = None,
@@ -61,6 +70,61 @@ async def main(preprocess: str) -> dict[str, Any]:
         try:
             out[label] = {"answer": await processor.process_request(base_url=endpoint, version=version,
                                                                     request_body=body)}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out[label] = {"error": type(exc).__name__, "message": str(exc)}
+    out["openai"] = await openai_route(processor, chat)
+    return out
+
+
+def fastapi_request(path: str, body: dict[str, Any]) -> Request:
+    """The FastAPI request the route hands over, its body still to be read (as the endpoint reads it)."""
+    payload = json.dumps(body).encode()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": payload, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/serve/openai" + path, "headers": [
+        (b"content-type", b"application/json")], "query_string": b""}
+    return Request(scope, receive)
+
+
+async def openai_call(processor: ModelRequestProcessor, serve_type: str, body: dict[str, Any]) -> Any:
+    """One `/serve/openai/<serve_type>` request as clearml-serving main carries it out."""
+    url = processor._normalize_endpoint_url(body["model"], None)
+    endpoint = processor._endpoints.get(url)
+    if endpoint is None:
+        raise LookupError(f"no endpoint {url!r}")
+    engine = BasePreprocessRequest.get_engine_cls(endpoint.engine_type)(model_endpoint=endpoint, task=processor._task)
+    data = {"request": body, "raw_request": fastapi_request("/" + serve_type, body)}
+    state: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    preprocessed = await engine.preprocess(data, state, stats.update)
+    processed = await getattr(engine, serve_type.replace("/", "_"))(preprocessed, state, stats.update)
+    answer = await engine.postprocess(processed, state, stats.update)
+    if hasattr(answer, "body_iterator"):
+        raw = b"".join([chunk async for chunk in answer.body_iterator])
+        return {"stream": raw.decode(), "media_type": answer.media_type, "keys": list(answer.keys()),
+                "headers": dict(answer.headers), "stats": stats}
+    return {"answer": answer, "stats": stats}
+
+
+async def openai_route(processor: ModelRequestProcessor, chat: dict[str, Any]) -> dict[str, Any]:
+    calls: dict[str, tuple[str, dict[str, Any]]] = {
+        "chat": ("v1/chat/completions", {**chat, "model": "tiny-llama"}),
+        "chat_stream": ("v1/chat/completions", {**chat, "model": "tiny-llama", "stream": True}),
+        "completion": ("v1/completions", {"model": "qwen", "prompt": "Once upon", "max_tokens": 4,
+                                          "temperature": 0}),
+        "completion_stream": ("v1/completions", {"model": "qwen", "prompt": "Once upon", "max_tokens": 4,
+                                                 "temperature": 0, "stream": True}),
+        "models": ("v1/models", {"model": "tiny-llama"}),
+        "bad_field": ("v1/chat/completions", {**chat, "model": "tiny-llama", "max_tokens": -3}),
+        "bad_field_stream": ("v1/chat/completions", {**chat, "model": "tiny-llama", "max_tokens": -3,
+                                                     "stream": True}),
+    }
+    out: dict[str, Any] = {}
+    for label, (serve_type, body) in calls.items():
+        try:
+            out[label] = await openai_call(processor, serve_type, body)
         except Exception as exc:  # noqa: BLE001 - reported to the test
             out[label] = {"error": type(exc).__name__, "message": str(exc)}
     return out

@@ -79,3 +79,19 @@ def test_close_is_idempotent_and_unsubscribes() -> None:
     bus.emit(FirstToken("m", 0.0, "late", Tier.GPU, 0.1))
     assert reporter.flush() is None
     assert not [c for c in logger.calls if c[0] == "scalar"]
+
+
+def test_each_models_tier_is_reported_when_it_moves() -> None:
+    from clearml_umem.events import EngineLost, MoveFinished
+
+    logger = SlowLogger()
+    reporter = ClearMLReporter(logger, flush_period_s=3600)
+    reporter.on_event(MoveFinished("a", 0.0, Tier.COLD, Tier.GPU, 1.0, 100))
+    reporter.on_event(MoveFinished("b", 0.0, Tier.COLD, Tier.RAM, 1.0, 100))
+    reporter.flush()
+    reporter.on_event(EngineLost("a", 0.0, Tier.GPU, "killed"))
+    reporter.close()
+    tiers = [c[1][:3] for c in logger.calls if c[0] == "scalar" and c[1][0] == "model tier"]
+    assert tiers == [("model tier", "a", 3), ("model tier", "b", 2), ("model tier", "a", 0), ("model tier", "b", 2)]
+    tables = [c[1] for c in logger.calls if c[0] == "table" and c[1][0] == "models by tier"]
+    assert tables[-1][1] == [["model", "tier", "moves"], ["a", "cold", 1], ["b", "ram", 1]]

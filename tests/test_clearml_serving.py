@@ -64,6 +64,48 @@ def test_clearml_serving_processor_forwards_to_the_router(router: RouterProcess,
     assert out["neither_prompt_nor_messages"]["error"] == "ValueError"
     assert out["unknown_endpoint"]["error"] == "EndpointNotFoundException"
 
+    openai = out["openai"]
+    chat = openai["chat"]["answer"]
+    assert chat["object"] == "chat.completion" and chat["model"] == "tiny-llama"
+    assert chat["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert openai["chat"]["stats"]["umem_served_from"] in ("cold", "ram", "disk", "gpu")
+    streamed = openai["chat_stream"]
+    assert streamed["media_type"] == "text/event-stream" and streamed["keys"] == []
+    assert streamed["headers"]["x-umem-served-from"] in ("cold", "ram", "disk", "gpu")
+    assert sse_text(streamed["stream"], "chat") == chat["choices"][0]["message"]["content"]
+    completion = openai["completion"]["answer"]
+    assert completion["object"] == "text_completion" and completion["model"] == "tiny-qwen2", \
+        "the endpoint's aux-config names the model"
+    assert sse_text(openai["completion_stream"]["stream"], "completion") == completion["choices"][0]["text"]
+    assert [m["id"] for m in openai["models"]["answer"]["data"]] == ["tiny-llama"]
+    for label in ("bad_field", "bad_field_stream"):
+        assert openai[label]["error"] == "ValueError", label
+        assert "400" in openai[label]["message"] and "max_tokens" in openai[label]["message"], label
+
+
+def sse_text(stream: str, kind: str) -> str:
+    """The text of an OpenAI event stream, which must end with [DONE]."""
+    events = [line[len("data: "):] for line in stream.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", stream[-200:]
+    key = "content" if kind == "chat" else "text"
+    parts = []
+    for data in events[:-1]:
+        choice = json.loads(data)["choices"][0]
+        piece = (choice.get("delta") or {}).get(key) if kind == "chat" else choice.get(key)
+        parts.append(piece or "")
+    return "".join(parts)
+
+
+def test_a_router_refusal_cannot_restart_clearml_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """clearml-serving kills its inference process when an exception's text holds one of these."""
+    module = load_preprocess(monkeypatch)
+    for status, error in ((503, RuntimeError), (500, RuntimeError), (400, ValueError)):
+        for trigger in module.RESTART_TRIGGERS:
+            answer = {"error": {"message": f"engine failed: {trigger}Tried to allocate 2.00 GiB"}}
+            exc = module._refusal("m", status, answer, json.dumps(answer))
+            assert type(exc) is error
+            assert trigger not in str(exc) and "Tried to allocate 2.00 GiB" in str(exc)
+
 
 def test_preprocess_reports_the_tier_and_tokens(router: RouterProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     module = load_preprocess(monkeypatch, UMEM_ROUTER_URL=router.url + "/")

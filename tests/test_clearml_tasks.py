@@ -112,6 +112,11 @@ def test_serve_task_records_ttft_per_visited_tier_and_swaps(tmp_path: Path, tiny
     rows = {row[0]: row for row in session.table("TTFT summary")[1:]}
     assert set(rows) == {"tiny-llama", "tiny-qwen2"}
     assert session.single_values()["requests"] == 4
+    # which model sits where, for the web UI: the tier as a number (gpu 3) and a table
+    assert session.values("model tier", "tiny-llama")[-1] == 3
+    assert session.values("model tier", "tiny-qwen2")[-1] == 3
+    assert {row[0]: row[1] for row in session.table("models by tier")[1:]} == {"tiny-llama": "gpu",
+                                                                                "tiny-qwen2": "gpu"}
 
 
 def test_benchmark_task_reports_every_tier_table_and_bandwidth_ratio(tmp_path: Path,

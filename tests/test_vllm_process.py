@@ -267,6 +267,28 @@ def test_socket_directory_is_private_and_short(tmp_path: Path, monkeypatch: pyte
     assert not again.parent.exists()
 
 
+def test_directories_of_routers_that_died_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router killed with -9 runs no exit handler: the next one removes what it left."""
+    monkeypatch.setattr(SocketDirectory, "_base", staticmethod(lambda: str(tmp_path)))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"umem-{gone.pid}-abc"
+    living = tmp_path / f"umem-{os.getppid()}-def"
+    unrelated = tmp_path / "umem-notapid-x"
+    for d in (dead, living, unrelated):
+        (d / "m-1").mkdir(parents=True, mode=0o700)
+    sockets = SocketDirectory()
+    owner = object()
+    sub = sockets.acquire(owner, "m")
+    try:
+        assert sockets.path is not None and sockets.path.name.startswith(f"umem-{os.getpid()}-")
+        assert not dead.exists(), "its router is gone"
+        assert living.exists() and unrelated.exists()
+    finally:
+        sockets.release(sub)
+        sockets.close(owner)
+
+
 def test_socket_directory_that_is_not_private_is_refused() -> None:
     sockets = SocketDirectory()
     owner = object()

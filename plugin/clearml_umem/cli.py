@@ -1,4 +1,5 @@
-"""`clearml-umem`: serve models, or run the demo on tiny local models."""
+"""`clearml-umem`: serve models, run the demo on tiny local models, or look after a running router
+(`ps`, `place`, `logs`: exit 0 done, 1 refused or failed, 2 usage, 3 router unreachable)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 from clearml_umem.catalog import ManifestError
 from clearml_umem.config import ConfigError, add_serve_arguments, config_from_args
+from clearml_umem.ops_cli import CommandFailed, add_ops_commands
 from clearml_umem.scheduler import SchedulerError
 from clearml_umem.spec import SpecError
 
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "(default: UMEM_LLAMA_SERVER, PATH, the install cache)")
     demo.add_argument("--log-level", default="warning")
     demo.set_defaults(func=_demo)
+    add_ops_commands(sub)
     return parser
 
 
@@ -68,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ManifestError, SpecError, SchedulerError) as exc:
         print(f"clearml-umem: error: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(f"clearml-umem: error: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130
 

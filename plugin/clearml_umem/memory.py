@@ -47,6 +47,9 @@ class Budgets:
     host_bytes: int
     device_kind: str
     """'cuda' or 'cpu': what the device budget is made of."""
+    device_how: str = "given"
+    host_how: str = "given"
+    """How each budget was chosen, in words for the start banner ("given", or the rule and what it was applied to)."""
 
 
 def cuda_free_bytes() -> tuple[int, int] | None:
@@ -70,15 +73,20 @@ def resolve_device(device: str) -> str:
 def detect_budgets(device: str = "auto", device_bytes: int | None = None, host_bytes: int | None = None) -> Budgets:
     kind = "cuda" if resolve_device(device).startswith("cuda") else "cpu"
     available = psutil.virtual_memory().available
+    device_how = host_how = "given"
     if device_bytes is None:
         if kind == "cuda":
             free = cuda_free_bytes()
             device_bytes = int(free[0] * DEVICE_FRACTION) if free else 0
+            free_gb = free[0] / 1e9 if free else 0.0
+            device_how = f"detected: {DEVICE_FRACTION:.0%} of the {free_gb:.2f} GB of free GPU memory"
         else:
             device_bytes = int(available * CPU_DEVICE_FRACTION)
+            device_how = f"detected: {CPU_DEVICE_FRACTION:.0%} of the {available / 1e9:.2f} GB of available RAM"
     if host_bytes is None:
         host_bytes = int(available * HOST_FRACTION)
+        host_how = f"detected: {HOST_FRACTION:.0%} of the {available / 1e9:.2f} GB of available RAM"
     if device_bytes <= 0:
         raise ValueError(f"no device memory to plan with on {kind}; give a device budget")
     log.info("budgets: device (%s) %.2f GB, host RAM %.2f GB", kind, device_bytes / 1e9, host_bytes / 1e9)
-    return Budgets(device_bytes, host_bytes, kind)
+    return Budgets(device_bytes, host_bytes, kind, device_how, host_how)

@@ -222,6 +222,20 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def ttft_by_tier(self) -> dict[str, dict[str, float | int]]:
+        """Over all models, per tier served from: {count, median_s, p90_s} of the kept samples."""
+        with self._lock:
+            by_tier: dict[Tier, list[float]] = defaultdict(list)
+            for (_, tier), values in self._ttft_samples.items():
+                by_tier[tier].extend(values)
+        out: dict[str, dict[str, float | int]] = {}
+        for tier in ALL_TIERS:
+            values = sorted(by_tier.get(tier, []))
+            if values:
+                out[tier.value] = {"count": len(values), "median_s": statistics.median(values),
+                                   "p90_s": _quantile(values, 0.9)}
+        return out
+
     def summary(self) -> dict[str, Any]:
         """Plain numbers for the demo table and the ClearML reporter.
 

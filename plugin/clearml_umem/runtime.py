@@ -21,6 +21,7 @@ from typing import Any
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
 from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, GenerationRequest, create_engine
+from clearml_umem.engines.progress import describe_progress
 from clearml_umem.errors import NotFound, ServingError
 from clearml_umem.events import EventBus
 from clearml_umem.policy import Policy
@@ -35,6 +36,10 @@ EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
 
 PLACEMENT_TIMEOUT_S = 1800.0
 """Longest a placement waits: a cold start of a large model through vLLM can take minutes."""
+
+PROGRESS_LOG_PERIOD_S = 2.0
+"""A move still running logs a progress line this often: a 16 GB load says how far it got
+instead of staying silent for minutes; moves shorter than this log nothing extra."""
 
 
 class ModelNotFound(NotFound):
@@ -73,6 +78,7 @@ class Runtime:
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
         max_waiting: int | None = None,
         fairness: bool = True,
+        progress_period_s: float = PROGRESS_LOG_PERIOD_S,
     ) -> None:
         self.bus = bus or EventBus()
         self.engine_context = engine_context
@@ -89,6 +95,9 @@ class Runtime:
         self._closed = False
         self._placements: dict[str, asyncio.Future[PlacementEnded]] = {}
         self.placement_timeout_s = placement_timeout_s
+        self.progress_period_s = progress_period_s
+        self._under_way: dict[str, tuple[Move, float]] = {}
+        self._moves_done: dict[str, int] = {}
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
 
@@ -200,8 +209,24 @@ class Runtime:
                 "context_length": spec.context_length,
                 "engine_details": engine.describe(),
                 "last_error": failure[1] if failure else None,
+                "moves": self._moves_done.get(name, 0),
+                "move": self.move_progress(name),
             })
         return rows
+
+    def move_progress(self, name: str) -> dict[str, Any] | None:
+        """The move of `name` under way: from, to, seconds so far, and its engine's stage and bytes
+        when the engine tells them (`progress()`); None when the model is not moving."""
+        under_way = self._under_way.get(name)
+        if under_way is None:
+            return None
+        cmd, started = under_way
+        row: dict[str, Any] = {"src": cmd.src.value, "dst": cmd.dst.value,
+                               "elapsed_s": round(self._clock() - started, 3)}
+        progress = getattr(self._engines.get(name), "progress", None)
+        details = progress() if progress is not None else None
+        row.update(details or {"stage": None, "bytes_done": None, "bytes_total": None, "percent": None})
+        return row
 
     def memory(self) -> dict[str, int]:
         return {
@@ -352,10 +377,22 @@ class Runtime:
                     self._moves.add(task)
                     task.add_done_callback(self._moves.discard)
 
+    async def _log_progress(self, cmd: Move, started: float) -> None:
+        """Every `progress_period_s` while the move runs: one line with its stage and bytes."""
+        while True:
+            await asyncio.sleep(self.progress_period_s)
+            row = self.move_progress(cmd.model)
+            if row is None:
+                return
+            log.info("%s", describe_progress(cmd.model, cmd.src.value, cmd.dst.value, self._clock() - started, row))
+
     async def _run_move(self, cmd: Move) -> None:
         engine = self._engines[cmd.model]
         started = self._clock()
         log.info("model %s: %s -> %s", cmd.model, cmd.src.value, cmd.dst.value)
+        self._under_way[cmd.model] = (cmd, started)
+        ticker = asyncio.get_running_loop().create_task(self._log_progress(cmd, started),
+                                                        name=f"progress-{cmd.model}")
         try:
             result = await engine.move(cmd.src, cmd.dst)
         except EngineOutOfMemory as exc:
@@ -374,10 +411,14 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
         else:
             seconds = self._clock() - started
+            self._moves_done[cmd.model] = self._moves_done.get(cmd.model, 0) + 1
             log.info("model %s: %s -> %s in %.3f s (%.1f MB)", cmd.model, cmd.src.value, cmd.dst.value, seconds,
                      result.bytes_moved / 1e6)
             self._apply(self.scheduler.on_move_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
                                                        footprints=result.footprints, host_copy=result.host_copy))
+        finally:
+            ticker.cancel()
+            self._under_way.pop(cmd.model, None)
         async with self._changed:
             self._changed.notify_all()
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from clearml_umem.banner import exposure_warning, start_banner
 from clearml_umem.catalog import Catalog, CatalogSnapshot, ManifestCatalog
 from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.config import ConfigError, ServeConfig
@@ -22,6 +23,7 @@ from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
 from clearml_umem.memory import Budgets, detect_budgets
 from clearml_umem.metrics import Metrics
+from clearml_umem.model_logs import RouterModelLog
 from clearml_umem.policy import make_policy
 from clearml_umem.router.app import create_app
 from clearml_umem.runtime import EngineFactory, Runtime
@@ -83,8 +85,9 @@ class UnifiedMemoryServer:
         self.runtime = Runtime(self.budgets.device_bytes, self.budgets.host_bytes, context,
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory,
                                max_waiting=config.max_waiting, fairness=config.fairness_window != "off")
+        self.model_log = RouterModelLog()
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
-                              admin_key=config.admin_key)
+                              admin_key=config.admin_key, model_log=self.model_log)
         self.url: str | None = None
         self._uvicorn: _Server | None = None
         self._poller: CatalogPoller | None = None
@@ -134,9 +137,15 @@ class UnifiedMemoryServer:
             raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {exc}") from None
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
+        warning = exposure_warning(self.config.host, port, self.config.api_key, self.config.admin_key)
+        if warning:
+            log.warning("%s", warning)
         watcher: asyncio.Task[None] | None = None
+        package_log = logging.getLogger("clearml_umem")
+        package_log.addHandler(self.model_log)
         try:
             first = await self.load_catalog()
+            log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
@@ -150,6 +159,7 @@ class UnifiedMemoryServer:
                 ready(self.url)
             await serving
         finally:
+            package_log.removeHandler(self.model_log)
             if watcher is not None:
                 watcher.cancel()
             if self._poller is not None:

@@ -142,7 +142,8 @@ class OfflineSession:
         return out
 
     def table(self, title: str, series: str | None = None) -> list[list[Any]]:
-        """A reported table as rows, header first."""
+        """A reported table as rows, header first; the last one reported when it was reported several times."""
+        found: list[list[Any]] | None = None
         for plot in self.plots():
             if plot["title"] != title or (series is not None and plot["series"] != series):
                 continue
@@ -150,5 +151,7 @@ class OfflineSession:
                 if trace.get("type") == "table":
                     header = list(trace["header"]["values"])
                     columns = trace["cells"]["values"]
-                    return [header, *[list(row) for row in zip(*columns, strict=False)]]
+                    found = [header, *[list(row) for row in zip(*columns, strict=False)]]
+        if found is not None:
+            return found
         raise KeyError(f"no table {title!r}{f' / {series!r}' if series else ''} in {self.source}")

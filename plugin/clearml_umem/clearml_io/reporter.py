@@ -12,6 +12,9 @@ Scalars (title / series):
 - `requests by tier on arrival` / tier, and `cache` / hits, misses, hit rate: cumulative
 - `memory (GB)` / device used, device budget, host used, host budget
 - `throughput` / requests/s over each flush period
+- `model tier` / model: where each model sits after its last move, as a number (gpu 3, ram 2,
+  disk 1, cold 0: higher is hotter), and a `models by tier` table (model, tier, moves), both
+  reported when a model moved, so the task's web UI shows which model sits where
 On close: a `TTFT summary` table (model x tier, median ms and count) and single values.
 """
 
@@ -25,7 +28,15 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
-from clearml_umem.events import Event, EventBus, FirstToken, MemorySnapshot, MoveFinished, RequestArrived
+from clearml_umem.events import (
+    EngineLost,
+    Event,
+    EventBus,
+    FirstToken,
+    MemorySnapshot,
+    MoveFinished,
+    RequestArrived,
+)
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 log = logging.getLogger(__name__)
@@ -36,6 +47,13 @@ TITLE_CACHE = "cache"
 TITLE_MEMORY = "memory (GB)"
 TITLE_THROUGHPUT = "throughput"
 TABLE_TTFT = "TTFT summary"
+TITLE_TIER = "model tier"
+TABLE_TIERS = "models by tier"
+
+
+def tier_value(tier: Tier) -> int:
+    """A tier as a number for a plot: gpu 3, ram 2, disk 1, cold 0 (higher is hotter)."""
+    return len(ALL_TIERS) - 1 - tier.rank
 
 
 def ttft_title(model: str) -> str:
@@ -76,6 +94,9 @@ class ClearMLReporter:
         self._swaps: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self._memory: MemorySnapshot | None = None
         self._requests_total = 0
+        self._tiers: dict[str, Tier] = {}
+        self._moves: dict[str, int] = defaultdict(int)
+        self._tiers_changed = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="umem-clearml-reporter", daemon=True)
         self._thread.start()
@@ -87,7 +108,7 @@ class ClearMLReporter:
         return self
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, (FirstToken, MoveFinished, RequestArrived, MemorySnapshot)):
+        if isinstance(event, (FirstToken, MoveFinished, RequestArrived, MemorySnapshot, EngineLost)):
             if len(self._buffer) == self._buffer.maxlen:
                 self.dropped += 1
             self._buffer.append(event)
@@ -135,6 +156,9 @@ class ClearMLReporter:
             if event.host_copy is not None:
                 series += " (copy kept)" if event.host_copy == "kept" else " (copied)"
             self._swaps[event.direction].append((event.seconds, event.gbps))
+            self._tiers[event.model] = event.dst
+            self._moves[event.model] += 1
+            self._tiers_changed = True
             self._scalar(seconds_title, series, event.seconds)
             if event.bytes_moved > 0 and event.seconds > 0:
                 self._scalar(gbps_title, series, event.gbps)
@@ -144,6 +168,9 @@ class ClearMLReporter:
             return 1
         elif isinstance(event, MemorySnapshot):
             self._memory = event
+        elif isinstance(event, EngineLost):
+            self._tiers[event.model] = Tier.COLD
+            self._tiers_changed = True
         return 0
 
     def _elapsed_iter(self) -> int:
@@ -172,6 +199,13 @@ class ClearMLReporter:
                                   ("host used", m.host_used), ("host budget", m.host_budget)):
                 self._scalar(TITLE_MEMORY, series, value / 1e9, it)
             self._memory = None
+        if self._tiers_changed:
+            self._tiers_changed = False
+            rows: list[list[Any]] = [["model", "tier", "moves"]]
+            for model, tier in sorted(self._tiers.items()):
+                self._scalar(TITLE_TIER, model, tier_value(tier), it)
+                rows.append([model, tier.value, self._moves[model]])
+            self.logger.report_table(TABLE_TIERS, "now", iteration=it, table_plot=rows)
 
     # --- summary --------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ from clearml_umem.engines.base import (
     MoveResult,
 )
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.progress import MoveProgress
 from clearml_umem.engines.prompt_check import PromptCounter, check_fits, prompt_ids
 from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
@@ -328,6 +329,7 @@ class TransformersEngine:
         self._state_lock = threading.Lock()
         self._moving = False
         self._jobs: set[_Job] = set()
+        self._progress = MoveProgress()
 
     # ------------------------------------------------------------------ facts
 
@@ -444,6 +446,10 @@ class TransformersEngine:
             "max_concurrency": self.max_concurrency,
         }
 
+    def progress(self) -> dict[str, Any] | None:
+        """The stage of the move under way and its bytes done of the total, or None when none runs."""
+        return self._progress.snapshot()
+
     # ------------------------------------------------------------------ moves
 
     async def move(self, src: Tier, dst: Tier) -> MoveResult:
@@ -461,6 +467,7 @@ class TransformersEngine:
                     raise EngineError(f"model {self.spec.name!r} has {len(self._jobs)} generation(s) in flight;"
                                       " it cannot leave the device")
                 self._moving = True
+            self._progress.begin()
             try:
                 host_copy = None
                 if (src, dst) == (Tier.GPU, Tier.RAM):
@@ -471,6 +478,7 @@ class TransformersEngine:
                     self._tier = stop
                 return MoveResult(bytes_moved=moved, host_copy=host_copy)
             finally:
+                self._progress.end()
                 with self._state_lock:
                     self._moving = False
 
@@ -533,6 +541,7 @@ class TransformersEngine:
         Checkpoints whose tensor names do not match the module's go through `from_pretrained`
         instead, which knows every conversion; its weights then seed the host buffer.
         """
+        self._progress.stage("building the model")
         tokenizer = AutoTokenizer.from_pretrained(self.weights)
         files = checkpoint_files(self.weights)
         model = self._empty_model()
@@ -592,9 +601,11 @@ class TransformersEngine:
     def _read_host(self) -> int:
         """Checkpoint -> host buffer (the RAM tier's copy, or the staging of a load)."""
         assert self._layout is not None
+        self._progress.stage("allocating host memory", self._layout.param_bytes)
         host = HostBuffer(self._layout.total_bytes, self._pin)
+        self._progress.stage("reading weights", self._layout.param_bytes)
         try:
-            read_checkpoint(checkpoint_files(self.weights), self._layout, host.tensor)
+            read_checkpoint(checkpoint_files(self.weights), self._layout, host.tensor, on_bytes=self._progress.add)
         except CheckpointMismatch:
             host.close()
             host = self._host_from_module(self._load_on_cpu(), self._layout)
@@ -617,6 +628,7 @@ class TransformersEngine:
             return moved
         from safetensors import safe_open
 
+        self._progress.stage("reading weights to the device", self._layout.param_bytes)
         flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
         views = self._layout.views(flat)
         for path in files:
@@ -624,6 +636,7 @@ class TransformersEngine:
                 for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     if name in views:
                         views[name].copy_(fh.get_tensor(name).to(self._layout.slots[name].dtype))
+                        self._progress.add(self._layout.slots[name].nbytes)
         self._synchronize()
         self._attach(flat)
         return self._layout.param_bytes
@@ -631,18 +644,22 @@ class TransformersEngine:
     def _upload(self) -> int:
         """Host buffer -> device buffer in one copy: the swap-in."""
         assert self._layout is not None and self._host is not None
+        self._progress.stage("copying to the device", self._layout.param_bytes)
         flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
         flat.copy_(self._host.tensor, non_blocking=self._host.pinned)
         self._synchronize()
+        self._progress.add(self._layout.param_bytes)
         self._attach(flat)
         return self._layout.param_bytes
 
     def _download(self) -> int:
         """Device buffer -> a new host buffer: the swap-out when no copy was kept."""
         assert self._layout is not None and self._device_flat is not None
+        self._progress.stage("copying off the device", self._layout.param_bytes)
         host = HostBuffer(self._layout.total_bytes, self._pin)
         host.tensor.copy_(self._device_flat, non_blocking=host.pinned)
         self._synchronize()
+        self._progress.add(self._layout.param_bytes)
         self._host = host
         return self._layout.param_bytes
 

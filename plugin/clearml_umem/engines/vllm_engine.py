@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from clearml_umem.engines.base import (
 from clearml_umem.engines.device_usage import DeviceUsageProbe, default_probe, process_tree
 from clearml_umem.engines.kv_sizing import GiB, KVPlan, KVSizingError, plan_kv_cache, shape_from_config
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.progress import last_log_line
 from clearml_umem.engines.prompt_check import PromptCounter, check_fits
 from clearml_umem.engines.start_gate import START_GATES
 from clearml_umem.engines.vllm_process import (
@@ -229,6 +231,7 @@ class VLLMEngine:
             START_GATES.for_device(ctx.device))
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
+        self._step_now: tuple[Step, float] | None = None
         self._prompt_counter: PromptCounter | None = None
         log.info("model %s (vllm): KV cache %.1f MiB, max_model_len %d (%s)", spec.name,
                  self.plan.kv_cache_bytes / 2**20, self.plan.max_model_len, self.plan.reason)
@@ -348,6 +351,22 @@ class VLLMEngine:
             **self.plan.as_dict(),
         }
 
+    def progress(self) -> dict[str, Any] | None:
+        """The step under way and the server's own last log line (its loading stages), or None.
+
+        vLLM does not say how many bytes it has read, so a long start shows its stages instead.
+        """
+        now = self._step_now
+        if now is None:
+            return None
+        step, since = now
+        stage = step.value
+        line = last_log_line(self.log_file) if step in (Step.START, Step.WAKE) else None
+        if line:
+            stage += f" (log: {line})"
+        return {"stage": stage, "bytes_done": 0, "bytes_total": None, "percent": None,
+                "stage_seconds": round(time.monotonic() - since, 3)}
+
     def command(self, endpoint: Endpoint) -> list[str]:
         """The server's argv; `endpoint` gives where it listens (`--uds PATH`, or host and port)."""
         cmd = [*self._command_prefix, "--model", str(self.spec.weights), *endpoint.args(),
@@ -403,7 +422,11 @@ class VLLMEngine:
                 return MoveResult(bytes_moved=0)
             moved, here = 0, src
             for stop, step in self.moves.route(src, dst):
-                moved = await self._run_step(step, here, ends_move=stop is dst)
+                self._step_now = (step, time.monotonic())
+                try:
+                    moved = await self._run_step(step, here, ends_move=stop is dst)
+                finally:
+                    self._step_now = None
                 here = stop
             self._tier = dst
             changed = await self._measure(dst) if self.ctx.device != "cpu" and dst is not Tier.COLD else False

@@ -174,7 +174,8 @@ class SocketDirectory:
     (0700) with the API socket and vLLM's ZMQ IPC sockets, removed once that process stopped;
     the directory itself goes when every engine that used it is closed (the router's close),
     and at exit. A short base (TMPDIR, or /tmp when TMPDIR is long) keeps socket paths under
-    the AF_UNIX limit, whatever the work directory.
+    the AF_UNIX limit, whatever the work directory. Its name carries the router's pid, so a
+    router killed with -9 (no exit handler runs) leaves a directory the next router removes.
     """
 
     def __init__(self, prefix: str = "umem-") -> None:
@@ -189,7 +190,8 @@ class SocketDirectory:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:24] or "engine"
         with self._lock:
             if self.path is None or not self.path.is_dir():
-                self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self._base()))
+                self._remove_stale()
+                self.path = Path(tempfile.mkdtemp(prefix=f"{self.prefix}{os.getpid()}-", dir=self._base()))
             self._check_private(self.path)
             sub = self.path / f"{safe}-{next(self._numbers)}"
             sub.mkdir(mode=0o700)
@@ -221,6 +223,17 @@ class SocketDirectory:
             self.path = None
             self._owners.clear()
 
+    def _remove_stale(self) -> None:
+        """Remove this user's directories left by routers that no longer run."""
+        for path in Path(self._base()).glob(f"{self.prefix}*-*"):
+            pid = path.name[len(self.prefix):].split("-", 1)[0]
+            try:
+                if not pid.isdigit() or os.lstat(path).st_uid != os.geteuid() or _alive(int(pid)):
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
     @staticmethod
     def _base() -> str:
         base = tempfile.gettempdir()
@@ -234,6 +247,16 @@ class SocketDirectory:
         if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise EngineError(f"engine socket directory {path} is not private to this user "
                               f"(mode {st.st_mode & 0o777:o}, owner {st.st_uid}); refusing to use it")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 SOCKETS = SocketDirectory()

@@ -22,7 +22,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,8 +245,13 @@ def plan_reads(files: Iterable[Path], layout: FlatLayout) -> tuple[list[_Piece],
     return pieces, convert
 
 
-def read_checkpoint(files: Iterable[Path], layout: FlatLayout, flat: torch.Tensor) -> int:
-    """Fill `flat` (host, uint8, `layout.total_bytes`) from safetensors files; returns the bytes read."""
+def read_checkpoint(files: Iterable[Path], layout: FlatLayout, flat: torch.Tensor,
+                    on_bytes: Callable[[int], None] | None = None) -> int:
+    """Fill `flat` (host, uint8, `layout.total_bytes`) from safetensors files; returns the bytes read.
+
+    `on_bytes(n)` is called from the reading threads as each piece (at most `READ_CHUNK`)
+    lands, so a load of many GB can report its progress while it runs.
+    """
     pieces, convert = plan_reads(list(files), layout)
     dest = flat.numpy()
     handles: dict[Path, int] = {}
@@ -267,6 +272,8 @@ def read_checkpoint(files: Iterable[Path], layout: FlatLayout, flat: torch.Tenso
             if n <= 0:
                 raise CheckpointMismatch(f"{piece.path.name}: file ended early")
             done += n
+        if on_bytes is not None:
+            on_bytes(piece.nbytes)
 
     try:
         if pieces:
@@ -287,4 +294,6 @@ def read_checkpoint(files: Iterable[Path], layout: FlatLayout, flat: torch.Tenso
             with safe_open(str(path), framework="pt", device="cpu") as fh:
                 for name in names:
                     views[name].copy_(fh.get_tensor(name).to(layout.slots[name].dtype))
+                    if on_bytes is not None:
+                        on_bytes(layout.slots[name].nbytes)
     return layout.param_bytes

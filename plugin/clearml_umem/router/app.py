@@ -8,18 +8,22 @@ ever touched from the event loop's thread.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clearml_umem.metrics import Metrics
+from clearml_umem.model_logs import RouterModelLog, read_log_file
+from clearml_umem.move_history import MoveHistory
 from clearml_umem.router.errors import (
     CLIENT_CLOSED,
     APIError,
@@ -31,6 +35,7 @@ from clearml_umem.router.errors import (
 from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
+from clearml_umem.router.status_page import status_page
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
@@ -42,6 +47,10 @@ class BearerAuth:
     Without an admin key, the API key guards every route (when set). With one, the admin
     routes (`/admin/...`: placing and evicting models) take the admin key only, and every
     other route takes either key; so inference clients cannot evict models.
+
+    The status page's shell (`GET /` and `/ui`) is the one exception: a browser cannot send a
+    Bearer header when it opens a URL, so the page is static HTML that carries no data, asks
+    for the key and sends it with every request for data (`/admin/status`), which is guarded.
     """
 
     def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None = None) -> None:
@@ -53,7 +62,11 @@ class BearerAuth:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        admin_route = scope.get("path", "").startswith("/admin")
+        path = scope.get("path", "")
+        if path in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        admin_route = path.startswith("/admin")
         accepted = ([self._admin] if admin_route else [self._api, self._admin]) if self._admin else [self._api]
         keys = [k for k in accepted if k is not None]
         if keys:
@@ -67,18 +80,23 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+PUBLIC_PATHS = frozenset({"/", "/ui"})
+"""The status page's shell: static HTML without data (see BearerAuth)."""
+
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 """A request body limit: far above any context window's worth of text (128k tokens is about
 0.5 MB), far below what would hold a model for seconds of tokenizing."""
 
 
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None,
+               model_log: RouterModelLog | None = None) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     if api_key or admin_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
     started = int(time.time())
+    moves = MoveHistory(runtime.bus)
 
     def tiers_now() -> dict[str, str]:
         return {row["name"]: row["tier"] for row in runtime.admin_view()}
@@ -139,7 +157,44 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
             raise model_not_found(name)
         return row
 
+    @app.get("/admin/models/{name:path}/logs")
+    async def model_logs(name: str, offset: str | None = None) -> dict[str, Any]:
+        start = _offset(offset)
+        row = next((r for r in runtime.admin_view() if r["name"] == name), None)
+        if row is None:
+            raise model_not_found(name)
+        log_file = (row.get("engine_details") or {}).get("log_file")
+        if log_file:
+            result = await asyncio.to_thread(read_log_file, Path(log_file), start)
+        elif model_log is not None:
+            result = model_log.read(name, start)
+            result["note"] = (f"the {row['engine']} engine runs inside the router and has no log of its own: "
+                              "these are the router's lines about this model")
+        else:
+            result = {"source": "none", "path": None, "offset": 0, "next_offset": 0, "text": "",
+                      "note": f"the {row['engine']} engine has no log of its own and this router keeps none"}
+        return {"object": "model.log", "model": name, **result}
+
+    @app.get("/admin/status")
+    async def status(after: str | None = None) -> dict[str, Any]:
+        """Everything the status page shows, in one poll: models, memory, the last moves, TTFT per tier."""
+        return {"object": "status", "models": runtime.admin_view(), "memory": dict(runtime.memory()),
+                "moves": moves.since(_offset(after, "after") or 0), "ttft_by_tier": metrics.ttft_by_tier()}
+
+    @app.get("/")
+    @app.get("/ui")
+    async def status_page_route() -> Response:
+        return HTMLResponse(status_page(), headers={"cache-control": "no-store"})
+
     return app
+
+
+def _offset(raw: str | None, param: str = "offset") -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise bad_request(f"Invalid value for '{param}': {raw!r}; expected a whole number >= 0", param=param)
+    return int(raw)
 
 
 SERVED_FROM_HEADER = "x-umem-served-from"

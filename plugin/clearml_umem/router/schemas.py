@@ -30,7 +30,7 @@ does not hold a model for minutes, and at half the context so that the prompt st
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
@@ -83,7 +83,7 @@ class _Sampling(_Body):
     n: int | None = 1
     user: str | None = None
     # kept, not dropped: the OpenAI options below are read from the extra fields
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     def _option(self, name: str) -> Any:
         return (self.model_extra or {}).get(name)
