@@ -146,3 +146,25 @@ def test_hold_locks_where_allowed(model: Path) -> None:
         assert cached_bytes(model) == model.stat().st_size
     finally:
         held.release()
+
+
+def test_progress_names_the_step_under_way(model: Path, tmp_path: Path) -> None:
+    engine = _engine(model, tmp_path)
+    assert engine.progress() is None
+
+    async def hold_and_look() -> dict | None:
+        seen: list[dict | None] = []
+        original = engine._hold
+
+        async def spying_hold():  # noqa: ANN202 - the engine's own coroutine, wrapped
+            seen.append(engine.progress())
+            return await original()
+
+        engine._hold = spying_hold  # type: ignore[method-assign]
+        await engine.move(Tier.COLD, Tier.RAM)
+        await engine.close()
+        return seen[0]
+
+    during = asyncio.run(hold_and_look())
+    assert during is not None and during["stage"] == "hold the file in RAM" and during["stage_seconds"] >= 0
+    assert engine.progress() is None

@@ -34,6 +34,7 @@ import enum
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from clearml_umem.engines.base import (
 )
 from clearml_umem.engines.llama_server import ServerAbilities, abilities, find_llama_server
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.progress import last_log_line
 from clearml_umem.engines.resident_file import ResidentFile, cached_bytes, drop_from_page_cache
 from clearml_umem.engines.start_gate import START_GATES
 from clearml_umem.engines.vllm_engine import SSEDecoder
@@ -155,6 +157,7 @@ class LlamaCppEngine:
         self.last_hold: dict[str, Any] | None = None
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
+        self._step_now: tuple[Step, float] | None = None
         log.info("model %s (llamacpp): %s %s, %.1f MiB of tensors, KV cache %.1f MiB for %d tokens", spec.name,
                  self.gguf.architecture, self.gguf.quantization, self.gguf.tensor_bytes / MiB,
                  self.kv_cache_bytes / MiB, self.n_ctx)
@@ -285,6 +288,20 @@ class LlamaCppEngine:
             "ram_tier": self._ram_state(),
         }
 
+    def progress(self) -> dict[str, Any] | None:
+        """The step under way and, while the server starts, its own last log line (llama-server
+        does not say how many bytes it has loaded), or None when no move runs."""
+        now = self._step_now
+        if now is None:
+            return None
+        step, since = now
+        stage = step.value
+        line = last_log_line(self.log_file) if step is Step.START else None
+        if line:
+            stage += f" (log: {line})"
+        return {"stage": stage, "bytes_done": 0, "bytes_total": None, "percent": None,
+                "stage_seconds": round(time.monotonic() - since, 3)}
+
     def _ram_state(self) -> dict[str, Any]:
         """How the RAM tier holds (or last held) the file: locked, or only mapped and touched, and why."""
         if self.resident is not None:
@@ -309,7 +326,11 @@ class LlamaCppEngine:
                 return MoveResult(bytes_moved=0)
             moved, host_copy = 0, None
             for _, step in LLAMACPP_MOVES.route(src, dst):
-                moved, host_copy = await self._run_step(step)
+                self._step_now = (step, time.monotonic())
+                try:
+                    moved, host_copy = await self._run_step(step)
+                finally:
+                    self._step_now = None
             self._tier = dst
             return MoveResult(bytes_moved=moved, host_copy=host_copy)
 
