@@ -168,3 +168,17 @@ def test_progress_names_the_step_under_way(model: Path, tmp_path: Path) -> None:
     during = asyncio.run(hold_and_look())
     assert during is not None and during["stage"] == "hold the file in RAM" and during["stage_seconds"] >= 0
     assert engine.progress() is None
+
+
+def test_on_cuda_every_layer_goes_to_the_one_gpu_of_the_budget(model: Path, tmp_path: Path) -> None:
+    from clearml_umem.engines.llama_server import ServerAbilities
+
+    spec = spec_from_mapping({"name": "m", "weights": str(model)})
+    engine = LlamaCppEngine(spec, EngineContext(work_dir=tmp_path, device="cuda:1",
+                                                options={"llama_server": "/opt/llama-server"}))
+    engine._abilities = ServerAbilities(unix_socket=True, cuda=True, load_mode=True, no_webui=True)
+    cmd = engine.command(Endpoint(directory=tmp_path))
+    assert cmd[cmd.index("-ngl") + 1] == "all" and cmd[cmd.index("--device") + 1] == "CUDA1"
+    assert engine.footprint(Tier.GPU).device_bytes > engine.gguf.tensor_bytes + 384 * 2**20
+    engine._abilities = ServerAbilities(unix_socket=True, cuda=False, load_mode=True, no_webui=True)
+    assert "--device" not in engine.command(Endpoint(directory=tmp_path)), "a CPU build has no CUDA device"

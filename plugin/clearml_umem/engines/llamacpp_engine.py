@@ -211,6 +211,10 @@ class LlamaCppEngine:
                "--alias", self.spec.name, "-c", str(self.n_ctx), "-np", str(self.parallel),
                "-ngl", self.n_gpu_layers]
         ab = self._abilities
+        if self.cuda and ab is not None and ab.cuda:
+            # one GPU, as the device budget counts: llama.cpp would split the layers over every GPU it sees
+            index = self.ctx.device.split(":", 1)[1] if ":" in self.ctx.device else "0"
+            cmd += ["--device", f"CUDA{index}"]
         if ab is not None and ab.no_webui:
             cmd.append("--no-webui")
         if ab is not None and ab.load_mode:
