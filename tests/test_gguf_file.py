@@ -154,3 +154,17 @@ def test_a_truncated_real_file_is_refused(tiny: dict[str, Path], tmp_path: Path)
         path.write_bytes(data[:cut])
         with pytest.raises(GGUFError):
             read_gguf(path)
+
+
+def test_per_layer_kv_heads_of_a_deep_model_size_the_cache(tmp_path: Path) -> None:
+    """100 layers with a per-layer head_count_kv array (0 for layers without attention, as hybrid
+    models write it): the array is kept and each layer counted as it says."""
+    layers = 100
+    kv_heads = [2 if i % 2 == 0 else 0 for i in range(layers)]
+    arr = _str("llama.attention.head_count_kv") + struct.pack("<IIQ", 9, 4, layers) + struct.pack(f"<{layers}I",
+                                                                                                   *kv_heads)
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(_file([ARCH, _kv_u32("llama.block_count", layers), _kv_u32("llama.embedding_length", 64),
+                            _kv_u32("llama.attention.head_count", 4), arr], [GOOD]))
+    info = read_gguf(path)
+    assert info.kv_bytes_per_token() == 50 * 2 * (16 + 16) * 2

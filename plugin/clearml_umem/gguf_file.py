@@ -34,7 +34,10 @@ MAX_NAME_BYTES = 1024
 MAX_STRING_BYTES = 64 * 2**20
 """No metadata string is this long (a chat template is kilobytes); a longer one is an attack."""
 KEEP_ARRAY_ITEMS = 64
-"""Arrays longer than this (vocabularies, merges) are walked for their bounds, not kept."""
+"""String arrays longer than this (vocabularies, merges) are walked for their bounds, not kept."""
+KEEP_NUMBER_ITEMS = 1024
+"""Numeric arrays up to this long are kept: per-layer values (`attention.head_count_kv` of a
+model with 80 layers) size the KV cache; longer ones (token scores and types) are skipped."""
 
 # GGML tensor types: id -> (name, elements per block, bytes per block); as ggml.h and gguf-py say.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -253,7 +256,7 @@ def _value(r: _Reader, vtype: int, key: str, lengths: dict[str, int], *, in_arra
         else:
             raise r.fail(f"{key!r} has unknown element type {etype}")
         lengths[key] = count
-        if count > KEEP_ARRAY_ITEMS:
+        if count > (KEEP_ARRAY_ITEMS if etype == _STRING else KEEP_NUMBER_ITEMS):
             if etype == _STRING:
                 for i in range(count):
                     r.skip_string(f"{key}[{i}]")
