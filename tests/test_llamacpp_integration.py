@@ -144,6 +144,25 @@ def test_a_killed_llama_server_is_noticed_and_started_again(served) -> None:
     assert _rows(router)[model]["engine_details"]["pid"] != pid
 
 
+def test_a_request_right_after_the_server_died_is_answered_by_a_restarted_one(served) -> None:
+    """Killed, then asked at once: the request finds the process dead and the engine restarts it
+    (restart once on death); had the runtime's watcher (every second) seen the death first, the
+    model is cold and starts anew. Either way the answer is the same greedy text."""
+    router, names, _ = served
+    model = names[0]
+    before, _ = _ask(router, model)
+    details = _rows(router)[model]["engine_details"]
+    os.kill(details["pid"], signal.SIGKILL)
+    answer, tier = _ask(router, model)
+    assert answer == before
+    after = _rows(router)[model]
+    if tier == "gpu":
+        assert after["engine_details"]["restarts"] == details["restarts"] + 1 and after["last_error"] is None
+    else:
+        assert tier == "cold" and "exited with code -9" in after["last_error"]
+    assert after["engine_details"]["pid"] not in (None, details["pid"])
+
+
 def test_killing_the_router_leaves_no_llama_server_behind(ggufs: dict[str, Path], tmp_path: Path) -> None:
     specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in ggufs.items()]
     for how in ("terminate", "kill"):
