@@ -112,6 +112,8 @@ def test_every_tier_is_visited_and_greedy_answers_survive_each_round_trip(served
     assert details["engine"] == "llamacpp" and details["transport"] in ("uds", "tcp")
     assert details["gguf"]["quantization"] in ("f16", "q8_0") and details["kv_cache_bytes"] > 0
     assert Path(details["log_file"]).is_file()
+    logs = httpx.get(f"{router.url}/admin/models/{first}/logs", timeout=30).json()
+    assert logs["path"] == details["log_file"] and "umem starting:" in logs["text"] and "llama-server" in logs["text"]
 
 
 def test_options_llama_server_honours_pass_and_others_are_refused(served) -> None:
