@@ -182,3 +182,21 @@ def test_on_cuda_every_layer_goes_to_the_one_gpu_of_the_budget(model: Path, tmp_
     assert engine.footprint(Tier.GPU).device_bytes > engine.gguf.tensor_bytes + 384 * 2**20
     engine._abilities = ServerAbilities(unix_socket=True, cuda=False, load_mode=True, no_webui=True)
     assert "--device" not in engine.command(Endpoint(directory=tmp_path)), "a CPU build has no CUDA device"
+
+
+def test_requests_that_can_never_fit_are_refused_without_a_tokenizer(model: Path, tmp_path: Path) -> None:
+    from clearml_umem.engines import GenerationRequest, InvalidRequest
+
+    engine = _engine(model, tmp_path)
+    longest = engine.gguf.max_token_bytes
+    assert longest == len("<|assistant|>"), "the longest token of the tiny vocabulary"
+    engine.check_request(GenerationRequest(prompt="x" * (longest * (1024 - 8)), max_tokens=8))
+    with pytest.raises(InvalidRequest) as err:
+        engine.check_request(GenerationRequest(prompt="x" * (longest * (1024 - 8) + 1), max_tokens=8))
+    assert err.value.param == "prompt" and err.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequest) as err:
+        engine.check_request(GenerationRequest(messages=[{"role": "user", "content": "y" * longest * 2000}]))
+    assert err.value.param == "messages"
+    with pytest.raises(InvalidRequest) as err:
+        engine.check_request(GenerationRequest(prompt="hi", max_tokens=1025))
+    assert err.value.param == "max_tokens"

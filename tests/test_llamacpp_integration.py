@@ -133,6 +133,24 @@ def test_options_llama_server_honours_pass_and_others_are_refused(served) -> Non
     assert "context size" in error["message"]
 
 
+def test_a_prompt_that_can_never_fit_is_refused_before_any_move(served) -> None:
+    """With one model hot, a prompt for the other far over its served context (a lower bound of its
+    tokens from the longest token of the vocabulary) is a 400 naming the field; nothing moves."""
+    router, names, _ = served
+    hot, other = names
+    _ask(router, hot)
+    before = {n: r["tier"] for n, r in _rows(router).items()}
+    assert before[hot] == "gpu" and before[other] != "gpu"
+    for path, body in (("/v1/completions", {"prompt": "tier " * 20000}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "tier " * 20000}]})):
+        resp = httpx.post(router.url + path, json={"model": other, "max_tokens": 4, **body}, timeout=120)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] in ("prompt", "messages") and error["code"] == "context_length_exceeded"
+        assert "served with a context of" in error["message"]
+    assert {n: r["tier"] for n, r in _rows(router).items()} == before
+
+
 def test_a_killed_llama_server_is_noticed_and_started_again(served) -> None:
     router, names, _ = served
     model = names[1]

@@ -99,6 +99,15 @@ class GGUFInfo:
     tensors: tuple[TensorInfo, ...]
     array_lengths: Mapping[str, int] = field(default_factory=dict)
     """Length of every array value, kept or not (`tokenizer.ggml.tokens` -> vocabulary size)."""
+    longest_strings: Mapping[str, int] = field(default_factory=dict)
+    """Bytes of the longest string of every string array (the longest token of the vocabulary)."""
+
+    @property
+    def max_token_bytes(self) -> int | None:
+        """The longest token's text in bytes: no token covers more bytes of a prompt than its own
+        text has, so a prompt of N bytes has at least N / this many tokens."""
+        most = self.longest_strings.get("tokenizer.ggml.tokens")
+        return most if most else None
 
     @property
     def architecture(self) -> str:
@@ -229,14 +238,16 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
-    def skip_string(self, what: str) -> None:
+    def skip_string(self, what: str) -> int:
         length = self.u64(f"length of {what}")
         if length > MAX_STRING_BYTES:
             raise self.fail(f"{what} is {length} bytes long, over the limit of {MAX_STRING_BYTES}")
         self.skip(length, what)
+        return length
 
 
-def _value(r: _Reader, vtype: int, key: str, lengths: dict[str, int], *, in_array: bool = False) -> Any:
+def _value(r: _Reader, vtype: int, key: str, lengths: dict[str, int], longest: dict[str, int], *,
+           in_array: bool = False) -> Any:
     if vtype in _SCALARS:
         return r.scalar(_SCALARS[vtype], f"value of {key!r}")
     if vtype == _STRING:
@@ -258,12 +269,17 @@ def _value(r: _Reader, vtype: int, key: str, lengths: dict[str, int], *, in_arra
         lengths[key] = count
         if count > (KEEP_ARRAY_ITEMS if etype == _STRING else KEEP_NUMBER_ITEMS):
             if etype == _STRING:
+                most = 0
                 for i in range(count):
-                    r.skip_string(f"{key}[{i}]")
+                    most = max(most, r.skip_string(f"{key}[{i}]"))
+                longest[key] = most
             else:
                 r.skip(count * struct.calcsize(_SCALARS[etype]), f"elements of {key!r}")
             return None
-        return [_value(r, etype, key, lengths, in_array=True) for _ in range(count)]
+        items = [_value(r, etype, key, lengths, longest, in_array=True) for _ in range(count)]
+        if etype == _STRING:
+            longest[key] = max((len(v.encode()) for v in items), default=0)
+        return items
     raise r.fail(f"{key!r} has unknown value type {vtype}")
 
 
@@ -305,12 +321,13 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
             raise r.fail(f"metadata count {n_kv} is impossible for a file of {size} bytes")
         metadata: dict[str, Any] = {}
         lengths: dict[str, int] = {}
+        longest: dict[str, int] = {}
         for i in range(n_kv):
             key = r.string(f"metadata key #{i}", MAX_KEY_BYTES)
             if key in metadata:
                 raise r.fail(f"metadata key {key!r} appears twice")
             vtype = r.u32(f"type of {key!r}")
-            metadata[key] = _value(r, vtype, key, lengths)
+            metadata[key] = _value(r, vtype, key, lengths, longest)
         raw: list[tuple[str, tuple[int, ...], int, int]] = []
         names: set[str] = set()
         for i in range(n_tensors):
@@ -342,7 +359,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
             tensors.append(TensorInfo(name, shape, type_id, offset, nbytes))
         _check_overlaps(path, tensors)
     info = GGUFInfo(path=path, version=version, file_size=size, data_offset=data_offset, metadata=metadata,
-                    tensors=tuple(tensors), array_lengths=lengths)
+                    tensors=tuple(tensors), array_lengths=lengths, longest_strings=longest)
     if not info.architecture:
         raise GGUFError(f"{path}: no general.architecture in the metadata")
     return info

@@ -255,6 +255,33 @@ class LlamaCppEngine:
             return Footprint(host_bytes=self.gguf.file_size)
         return Footprint()
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse before any move what can never fit the served context, without a tokenizer.
+
+        A token's text in the vocabulary is never shorter than the prompt bytes it covers (byte
+        tokens and SentencePiece's `▁` are longer), so bytes / the longest token's bytes is a
+        lower bound of the prompt's tokens: what this refuses llama-server would refuse too,
+        after a swap-in. Prompts it lets through that are still too long get llama-server's own
+        400 (naming the prompt as well). max_tokens over the served context is refused outright,
+        as the other engines do."""
+        param = "messages" if request.is_chat else "prompt"
+        if request.max_tokens > self.n_ctx:
+            raise InvalidRequest(f"model {self.spec.name!r} is served with a context of {self.n_ctx} tokens; "
+                                 f"max_tokens={request.max_tokens} can never fit", param="max_tokens")
+        longest = self.gguf.max_token_bytes
+        if not longest:
+            return
+        if request.is_chat:
+            text = "".join(str(m.get("content") or "") for m in request.messages or ())
+        else:
+            text = request.prompt or ""
+        at_least = -(-len(text.encode("utf-8")) // longest)
+        if at_least + request.max_tokens > self.n_ctx:
+            raise InvalidRequest(
+                f"model {self.spec.name!r} is served with a context of {self.n_ctx} tokens; the prompt has at "
+                f"least {at_least} tokens and the request asks for max_tokens={request.max_tokens}. Shorten the "
+                f"prompt or lower max_tokens.", param=param, code="context_length_exceeded")
+
     def died(self) -> str | None:
         """Why the server is gone though the model is on the GPU and no move runs; None while well."""
         if self._tier is not Tier.GPU or self._process is None or (self._lock is not None and self._lock.locked()):
