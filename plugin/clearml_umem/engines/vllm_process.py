@@ -12,6 +12,9 @@ server listens on a Unix socket (`--uds`) in a directory only this user can open
 `SocketDirectory`), never on a TCP port. A vLLM without `--uds` is refused, unless the
 `allow_tcp` option (or UMEM_VLLM_ALLOW_TCP=1) accepts the weaker fallback: 127.0.0.1 and a
 random key per launch, which covers vLLM's `/v1` routes and nothing else.
+
+The llama.cpp engine runs `llama-server` with this same class (`ProcessConfig.label`,
+`unix_socket`, `key_env`): one process-group, watchdog, socket and restart machinery for both.
 """
 
 from __future__ import annotations
