@@ -57,3 +57,7 @@ def test_a_fetched_registry_entry_is_completed_and_checked_from_the_gguf(gguf_fi
     with pytest.raises(SpecError) as err:
         complete_from_files(entry.with_updates(engine="transformers"))
     assert err.value.field == "metadata.engine"
+    with pytest.raises(SpecError) as err:
+        complete_from_files(entry.with_updates(quantization="q4_k_m"))
+    assert err.value.field == "metadata.quantization" and "'q8_0'" in str(err.value)
+    assert complete_from_files(entry.with_updates(quantization="Q8_0")).quantization == "Q8_0"

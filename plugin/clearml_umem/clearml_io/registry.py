@@ -663,6 +663,9 @@ def complete_from_files(spec: ModelSpec) -> ModelSpec:
         if spec.engine != "llamacpp":
             raise SpecError(label, "metadata.engine", f"the weights are a GGUF file, which engine 'llamacpp' "
                                                       f"serves, not {spec.engine!r}")
+        if spec.quantization and spec.quantization.lower() != info.quantization:
+            raise SpecError(label, "metadata.quantization", f"says {spec.quantization!r} but the fetched file is "
+                                                            f"{info.quantization!r} (from its header)")
         changes.update({k: v for k, v in (("size_bytes", info.file_size), ("architecture", info.architecture),
                                           ("context_length", info.context_length),
                                           ("quantization", info.quantization)) if not getattr(spec, k)})
