@@ -29,7 +29,8 @@ from clearml_umem.engines import (
 )
 from clearml_umem.engines import vllm_engine as ve
 from clearml_umem.engines.kv_sizing import GiB
-from clearml_umem.engines.vllm_engine import SSEDecoder, VLLMEngine
+from clearml_umem.engines.openai_stream import SSEDecoder
+from clearml_umem.engines.vllm_engine import VLLMEngine
 from clearml_umem.engines.vllm_process import Endpoint, EngineNoUnixSocket
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier

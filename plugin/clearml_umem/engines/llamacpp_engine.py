@@ -39,8 +39,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from clearml_umem.engines.base import (
     Delta,
     EngineContext,
@@ -52,11 +50,11 @@ from clearml_umem.engines.base import (
 )
 from clearml_umem.engines.llama_server import ServerAbilities, abilities, find_llama_server
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.openai_stream import generate_restarting_once, openai_body, stream_answer
 from clearml_umem.engines.progress import last_log_line
 from clearml_umem.engines.resident_file import ResidentFile, cached_bytes, drop_from_page_cache
 from clearml_umem.engines.start_gate import START_GATES
-from clearml_umem.engines.vllm_engine import SSEDecoder
-from clearml_umem.engines.vllm_process import Endpoint, ProcessConfig, ProcessTimeouts, VLLMProcess, error_message
+from clearml_umem.engines.vllm_process import Endpoint, ProcessConfig, ProcessTimeouts, VLLMProcess
 from clearml_umem.gguf_file import GGUFError, GGUFInfo, read_gguf
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import Tier
@@ -422,69 +420,26 @@ class LlamaCppEngine:
         async with self._get_lock():
             await self.process.restart_if_dead(incarnation)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream from llama-server; a server found dead before any text was sent is restarted and
-        the request retried once. Closing this iterator closes the HTTP stream, which makes
-        llama-server stop generating."""
-        proc = self.process
-        for attempt in range(2):
-            incarnation = proc.incarnation
-            if not proc.running:
-                await self._restart_if_dead(incarnation)
-                incarnation = proc.incarnation
-            sent = False
-            try:
-                async with contextlib.aclosing(self._stream(request)) as stream:
-                    async for delta in stream:
-                        sent = True
-                        yield delta
-                return
-            except httpx.TransportError as exc:
-                dead = await proc.exits_within(2.0)
-                if sent or attempt == 1 or not dead:
-                    raise EngineError(f"model {self.spec.name!r}: stream from llama-server failed: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-                log.warning("model %s: llama-server died under a request; restarting and retrying it once",
-                            self.spec.name)
-                await self._restart_if_dead(incarnation)
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream from llama-server (closing the iterator makes it stop generating); a server found
+        dead before any text was sent is restarted and the request retried once."""
+        return generate_restarting_once(self.spec.name, "llama-server", self.process,
+                                        lambda: self._stream(request), self._restart_if_dead)
 
-    def request_body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        """The OpenAI body llama-server takes. Greedy (temperature 0) is greedy there too."""
-        body: dict[str, Any] = {
-            "model": self.spec.name, "max_tokens": request.max_tokens, "temperature": request.temperature,
-            "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True},
-        }
-        if request.stop:
-            body["stop"] = list(request.stop)
-        if request.seed is not None:
-            body["seed"] = request.seed
-        body.update(request.options)
-        if request.is_chat:
-            body["messages"] = request.messages
-            return "/v1/chat/completions", body
-        body["prompt"] = request.prompt or ""
-        return "/v1/completions", body
+    def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        path, body = openai_body(self.spec.name, request)
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        path, body = self.request_body(request)
-        decoder = SSEDecoder(chat=request.is_chat, label="llama-server")
-        async with self.process.client().stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                message = error_message(await resp.aread())
-                if resp.status_code == 400:
-                    # llama-server's own refusal: a prompt over the served context ("exceeds the available
-                    # context size") names the prompt, as the other engines' check before any move does
-                    over = "context size" in message
-                    raise InvalidRequest(f"model {self.spec.name!r}: {message}",
-                                         param=("messages" if request.is_chat else "prompt") if over else None,
-                                         code="context_length_exceeded" if over else None)
-                raise EngineError(f"model {self.spec.name!r}: llama-server answered {resp.status_code}: {message}")
-            async for line in resp.aiter_lines():
-                for delta in decoder.feed(line):
-                    yield delta
-                if decoder.done:
-                    break
-        yield decoder.finish()
+        def refuse(status: int, message: str) -> Exception:
+            if status != 400:
+                return EngineError(f"model {self.spec.name!r}: llama-server answered {status}: {message}")
+            # llama-server's own refusal: a prompt over the served context ("exceeds the available
+            # context size") names the prompt, as the other engines' check before any move does
+            over = "context size" in message
+            return InvalidRequest(f"model {self.spec.name!r}: {message}",
+                                  param=("messages" if request.is_chat else "prompt") if over else None,
+                                  code="context_length_exceeded" if over else None)
+
+        return stream_answer(self.process, path, body, request.is_chat, "llama-server", refuse)
 
     async def close(self) -> None:
         """Stop the server and let the file go; a later move from cold starts it again."""

@@ -24,9 +24,7 @@ tests work where vLLM is not installed, and vLLM can live in its own virtual env
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import json
 import logging
 import math
 import os
@@ -37,8 +35,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from clearml_umem.engines.base import (
     Delta,
@@ -53,6 +49,7 @@ from clearml_umem.engines.base import (
 from clearml_umem.engines.device_usage import DeviceUsageProbe, default_probe, process_tree
 from clearml_umem.engines.kv_sizing import GiB, KVPlan, KVSizingError, plan_kv_cache, shape_from_config
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.openai_stream import generate_restarting_once, openai_body, stream_answer
 from clearml_umem.engines.progress import last_log_line
 from clearml_umem.engines.prompt_check import PromptCounter, check_fits
 from clearml_umem.engines.start_gate import START_GATES
@@ -65,12 +62,11 @@ from clearml_umem.engines.vllm_process import (
     ProcessTimeouts,
     VLLMProcess,
     allow_tcp_from,
-    error_message,
 )
 from clearml_umem.spec import ModelSpec, read_hf_config
 from clearml_umem.tiers import Tier
 
-__all__ = ["EngineNoUnixSocket", "EngineStartTimeout", "EngineUnreachable", "SSEDecoder", "VLLMEngine"]
+__all__ = ["EngineNoUnixSocket", "EngineStartTimeout", "EngineUnreachable", "VLLMEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -126,63 +122,6 @@ AWAKE_ONLY_MOVES: MoveTable[Step] = MoveTable({(Tier.COLD, Tier.GPU): Step.START
 def _cuda_present() -> bool:
     """Cheap check for an NVIDIA driver, without importing torch into the router."""
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
-
-
-class SSEDecoder:
-    """Turns the lines of an OpenAI streaming response into Deltas.
-
-    Text arrives in chunks with `finish_reason: null`; the finish reason comes in the last
-    choice chunk and the token counts in a chunk with no choices (`include_usage`), so the
-    finish Delta is only built once the stream says `[DONE]`.
-    """
-
-    def __init__(self, chat: bool, label: str = "vLLM") -> None:
-        self.chat = chat
-        self.label = label
-        self.done = False
-        self.finish_reason: str | None = None
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-
-    def feed(self, line: str) -> list[Delta]:
-        line = line.strip()
-        if not line.startswith("data:"):
-            return []
-        payload = line[len("data:"):].strip()
-        if payload == "[DONE]":
-            self.done = True
-            return []
-        try:
-            chunk = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            raise EngineError(f"{self.label} sent an unreadable stream chunk: {payload[:200]!r}") from exc
-        if not isinstance(chunk, dict):
-            return []
-        if chunk.get("error"):
-            err = chunk["error"]
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            raise EngineError(f"{self.label} failed mid-stream: {message}")
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
-        out: list[Delta] = []
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            source = (choice.get("delta") or {}) if self.chat else choice
-            text = source.get("content" if self.chat else "text") or ""
-            if text:
-                out.append(Delta(text=text))
-            if choice.get("finish_reason"):
-                self.finish_reason = str(choice["finish_reason"])
-        return out
-
-    def finish(self) -> Delta:
-        if self.finish_reason is None:
-            raise EngineError(f"{self.label} ended the stream without a finish reason")
-        return Delta(text="", finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
-                     completion_tokens=self.completion_tokens)
 
 
 class VLLMEngine:
@@ -572,61 +511,20 @@ class VLLMEngine:
             if await self.process.restart_if_dead(incarnation):
                 self._tier = Tier.GPU
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream from vLLM; a process found dead (before any text was sent) is restarted and the
-        request retried once. Closing this iterator closes the HTTP stream, which makes vLLM
-        abort the request."""
-        for attempt in range(2):
-            incarnation = self.process.incarnation
-            if not self.process.running:
-                await self._restart_if_dead(incarnation)
-                incarnation = self.process.incarnation
-            sent = False
-            try:
-                async with contextlib.aclosing(self._stream(request)) as stream:
-                    async for delta in stream:
-                        sent = True
-                        yield delta
-                return
-            except httpx.TransportError as exc:
-                dead = await self.process.exits_within(2.0)
-                if sent or attempt == 1 or not dead:
-                    raise EngineError(f"model {self.spec.name!r}: stream from vLLM failed: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-                log.warning("model %s: vLLM died under a request; restarting and retrying it once", self.spec.name)
-                await self._restart_if_dead(incarnation)
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream from vLLM (closing the iterator makes vLLM abort the request); a process found
+        dead before any text was sent is restarted and the request retried once."""
+        return generate_restarting_once(self.spec.name, "vLLM", self.process, lambda: self._stream(request),
+                                        self._restart_if_dead)
 
-    def request_body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {
-            "model": self.spec.name, "max_tokens": request.max_tokens, "temperature": request.temperature,
-            "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True},
-        }
-        if request.stop:
-            body["stop"] = list(request.stop)
-        if request.seed is not None:
-            body["seed"] = request.seed
-        body.update(request.options)
-        if request.is_chat:
-            body["messages"] = request.messages
-            return "/v1/chat/completions", body
-        body["prompt"] = request.prompt or ""
-        return "/v1/completions", body
+    def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        path, body = openai_body(self.spec.name, request)
+        return stream_answer(self.process, path, body, request.is_chat, "vLLM", self._refusal)
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        path, body = self.request_body(request)
-        decoder = SSEDecoder(chat=request.is_chat)
-        async with self.process.client().stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                message = error_message(await resp.aread())
-                if resp.status_code == 400:
-                    raise InvalidRequest(message)
-                raise EngineError(f"model {self.spec.name!r}: vLLM answered {resp.status_code}: {message}")
-            async for line in resp.aiter_lines():
-                for delta in decoder.feed(line):
-                    yield delta
-                if decoder.done:
-                    break
-        yield decoder.finish()
+    def _refusal(self, status: int, message: str) -> Exception:
+        if status == 400:
+            return InvalidRequest(message)
+        return EngineError(f"model {self.spec.name!r}: vLLM answered {status}: {message}")
 
     async def close(self) -> None:
         """Stops the process without waiting for a move in progress: that one sees it gone and fails
