@@ -200,3 +200,14 @@ def test_requests_that_can_never_fit_are_refused_without_a_tokenizer(model: Path
     with pytest.raises(InvalidRequest) as err:
         engine.check_request(GenerationRequest(prompt="hi", max_tokens=1025))
     assert err.value.param == "max_tokens"
+
+
+def test_the_router_lists_and_checks_the_served_context_not_the_files(model: Path, tmp_path: Path) -> None:
+    """The file allows 1024 tokens, the server runs with 256: clients are told 256 and held to it."""
+    from clearml_umem.runtime import Runtime
+
+    spec = spec_from_mapping({"name": "m", "weights": str(model)})
+    assert spec.context_length == 1024
+    runtime = Runtime(2**30, 2**30, EngineContext(work_dir=tmp_path, device="cpu", options={"max_context": 256}))
+    runtime.add_model(spec)
+    assert runtime.spec("m").context_length == 256

@@ -9,6 +9,7 @@ scheduler calls happen on the loop's thread, so the scheduler needs no locks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -106,6 +107,10 @@ class Runtime:
     def add_model(self, spec: ModelSpec) -> None:
         """Create the engine object (no loading yet: models start cold) and register its footprints."""
         engine = self._factory(spec, self.engine_context)
+        served = getattr(engine, "served_context", None)
+        if served and served != spec.context_length:
+            # the engine serves less than the model allows (llama.cpp's cap): clients see and are held to that
+            spec = dataclasses.replace(spec, context_length=served)
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
         self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits,
                                  max_in_flight=getattr(engine, "max_concurrency", None))

@@ -160,6 +160,11 @@ class LlamaCppEngine:
                  self.gguf.architecture, self.gguf.quantization, self.gguf.tensor_bytes / MiB,
                  self.kv_cache_bytes / MiB, self.n_ctx)
 
+    @property
+    def served_context(self) -> int:
+        """The context llama-server runs with (`-c`), which the router lists and checks requests against."""
+        return self.n_ctx
+
     def _served_context(self, opts: dict[str, Any]) -> int:
         cap = int(opts.get("max_context", DEFAULT_MAX_CONTEXT))
         declared = [c for c in (self.spec.context_length, self.gguf.context_length) if c]
