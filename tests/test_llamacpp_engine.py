@@ -41,12 +41,13 @@ def test_footprints_come_from_the_file(model: Path, tmp_path: Path) -> None:
     engine = _engine(model, tmp_path, process_overhead_bytes=1000)
     info = read_gguf(model)
     assert engine.n_ctx == 1024, "the file's context, under the 4096 default cap"
-    assert engine.footprint(Tier.GPU).device_bytes == info.tensor_bytes + info.kv_bytes_per_token() * 1024 + 1000
+    assert engine.parallel == 4 and engine.kv_tokens == 4 * 1024, "four slots, each with the whole context"
+    assert engine.footprint(Tier.GPU).device_bytes == info.tensor_bytes + info.kv_bytes_per_token() * 4096 + 1000
     assert engine.footprint(Tier.GPU).host_bytes == 0
     assert engine.footprint(Tier.RAM).host_bytes == model.stat().st_size
     assert engine.footprint(Tier.RAM).device_bytes == 0
     assert engine.footprint(Tier.DISK) == Footprint() and engine.footprint(Tier.COLD) == Footprint()
-    smaller = _engine(model, tmp_path, max_context=256)
+    smaller = _engine(model, tmp_path, max_context=256, parallel=1)
     assert smaller.n_ctx == 256 and smaller.kv_cache_bytes == info.kv_bytes_per_token() * 256
 
 
@@ -65,7 +66,8 @@ def test_the_command_line_carries_no_key_and_the_environment_no_llama_settings(m
     over_tcp = engine.command(Endpoint(port=4321, api_key="secret-key"))
     assert "secret-key" not in over_tcp and over_tcp[over_tcp.index("--host") + 1] == "127.0.0.1"
     assert over_tcp[over_tcp.index("--port") + 1] == "4321" and over_tcp[over_tcp.index("-ngl") + 1] == "0"
-    assert over_tcp[over_tcp.index("-c") + 1] == "1024" and over_tcp[over_tcp.index("--alias") + 1] == "m"
+    assert over_tcp[over_tcp.index("-np") + 1] == "4" and over_tcp[over_tcp.index("--alias") + 1] == "m"
+    assert over_tcp[over_tcp.index("-c") + 1] == "4096", "llama-server splits -c between its slots"
     over_socket = engine.command(Endpoint(directory=tmp_path))
     assert over_socket[over_socket.index("--host") + 1] == str(tmp_path / "api.sock")
     monkeypatch.setenv("LLAMA_ARG_HOST", "0.0.0.0")

@@ -151,6 +151,27 @@ def test_a_prompt_that_can_never_fit_is_refused_before_any_move(served) -> None:
     assert {n: r["tier"] for n, r in _rows(router).items()} == before
 
 
+def test_every_slot_has_the_whole_served_context(served) -> None:
+    """llama-server splits its -c between its slots: a prompt of most of the served context must
+    still be answered (it is refused when the context is split four ways), and the router lets
+    one request per slot in at once."""
+    router, names, _ = served
+    model = names[0]
+    context = _rows(router)[model]["context_length"]
+
+    def prompt_tokens(repeats: int) -> int:
+        usage = _client(router).completions.create(model=model, prompt="tier " * repeats, max_tokens=2,
+                                                   temperature=0).usage
+        assert usage is not None
+        return usage.prompt_tokens
+
+    per_repeat = prompt_tokens(100) / 100
+    assert context // 2 < prompt_tokens(int(context * 0.6 / per_repeat)) < context
+    details = _rows(router)[model]["engine_details"]
+    assert details["parallel"] == 4 and details["kv_tokens"] == 4 * context
+    assert details["max_concurrency"] == 4
+
+
 def test_a_killed_llama_server_is_noticed_and_started_again(served) -> None:
     router, names, _ = served
     model = names[1]
@@ -233,3 +254,21 @@ def test_the_benchmark_task_covers_a_gguf_model(ggufs: dict[str, Path], tmp_path
     table = session.table("benchmark")
     measured = {row[1] for row in table[1:] if row[0] == name and row[2] != "n/a"}
     assert {"hot", "from RAM", "cold start"} <= measured, table
+
+
+@pytest.mark.parametrize("script", ["llamacpp_slots.py", "llamacpp_tiers.py"])
+def test_the_llamacpp_benchmarks_run(script: str) -> None:
+    """Small shapes, one run each: the benchmarks the README quotes still work end to end."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    small = ["--hidden", "64", "--layers", "2", "--runs", "1"]
+    args = small + (["--tokens", "8"] if script == "llamacpp_slots.py" else [])
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **server_env()}, cwd=repo)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if script == "llamacpp_slots.py":
+        split = (line.split() for line in proc.stdout.splitlines())
+        rows = [row for row in split if len(row) == 3 and row[0].isdigit()]
+        assert [row[0] for row in rows] == ["1", "4"] and rows[0][2] == "1.00"
