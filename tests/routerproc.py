@@ -42,6 +42,16 @@ class RouterProcess:
             self.proc.kill()
         self.proc.wait(timeout=30)
 
+    def end_leaving(self, how: str) -> list[int]:
+        """End the router by SIGTERM ("terminate", which must exit 0) or SIGKILL ("kill"); the PIDs
+        of its process tree still alive afterwards (engines included: none may outlive it)."""
+        pids = [self.proc.pid] + [p.pid for p in self.descendants()]
+        if how == "terminate":
+            assert self.stop() == 0
+        else:
+            self.kill()
+        return wait_gone(pids)
+
 
 def start_router(manifest: Path, work_dir: Path, *extra: str, env: dict[str, str] | None = None,
                  timeout: float = 300) -> RouterProcess:

@@ -23,7 +23,7 @@ from clearml_umem.engines.resident_file import cached_bytes
 from clearml_umem.spec import ModelSpec, spec_from_mapping
 from clearml_umem.tinygguf import DEMO_GGUF, ensure_tiny_gguf
 from tests.llamacpp_env import needs_llama_server, server_env
-from tests.routerproc import RouterProcess, start_router, wait_gone
+from tests.routerproc import RouterProcess, start_router
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, needs_llama_server]
@@ -212,12 +212,7 @@ def test_killing_the_router_leaves_no_llama_server_behind(ggufs: dict[str, Path]
             assert _ask(router, spec.name)[0]
         servers = [p for p in router.descendants() if "llama-server" in p.name()]
         assert servers, "a llama-server runs under the router"
-        pids = [router.proc.pid] + [p.pid for p in router.descendants()]
-        if how == "terminate":
-            assert router.stop() == 0
-        else:
-            router.kill()
-        assert wait_gone(pids) == []
+        assert router.end_leaving(how) == []
 
 
 def test_a_catalog_mixing_gguf_and_transformers_models_with_room_for_one(ggufs: dict[str, Path],

@@ -14,7 +14,7 @@ import pytest
 
 from clearml_umem.catalog import write_manifest
 from clearml_umem.spec import spec_from_mapping
-from tests.routerproc import RouterProcess, start_room_for_one, start_router, wait_gone
+from tests.routerproc import RouterProcess, start_room_for_one, start_router
 
 pytestmark = pytest.mark.slow
 
@@ -177,12 +177,7 @@ def test_stop_and_kill_leave_no_process_behind(served, tiny_models: dict[str, Pa
                               "--host-budget", "1GB")
         client = _client(router)
         assert client.chat.completions.create(model=specs[0].name, messages=CHAT, max_tokens=2).choices
-        pids = [router.proc.pid] + [p.pid for p in router.descendants()]
-        if how == "terminate":
-            assert router.stop() == 0
-        else:
-            router.kill()
-        assert wait_gone(pids) == []
+        assert router.end_leaving(how) == []
     assert served_router.proc.poll() is None
 
 
