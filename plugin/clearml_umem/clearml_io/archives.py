@@ -62,18 +62,25 @@ def _inside(root: Path, relative: PurePosixPath) -> Path:
     return target
 
 
-def _extract_tar(archive: Path, root: Path, allowance: int) -> None:
+def _check_members(root: Path, members: list[tuple[str, int]], allowance: int) -> None:
+    """Before anything is written: every member lands inside `root`, and all of them together
+    unpack to no more than `allowance` bytes (a bomb is refused before it costs disk)."""
     total = 0
+    for name, size in members:
+        _inside(root, _safe_relative(name))
+        total += size
+        if total > allowance:
+            raise UnsafeArchive(f"unpacks to more than {allowance} bytes, {MAX_EXPANSION}x the archive")
+
+
+def _extract_tar(archive: Path, root: Path, allowance: int) -> None:
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for m in members:
             if not (m.isfile() or m.isdir()):
                 kind = "a symlink" if m.issym() else "a hard link" if m.islnk() else "a special file"
                 raise UnsafeArchive(f"member {m.name!r} is {kind}; weight archives may hold only files and folders")
-            _inside(root, _safe_relative(m.name))
-            total += m.size
-            if total > allowance:
-                raise UnsafeArchive(f"unpacks to more than {allowance} bytes, {MAX_EXPANSION}x the archive")
+        _check_members(root, [(m.name, m.size) for m in members], allowance)
         for m in members:
             target = _inside(root, _safe_relative(m.name))
             if m.isdir():
@@ -88,17 +95,12 @@ def _extract_tar(archive: Path, root: Path, allowance: int) -> None:
 
 
 def _extract_zip(archive: Path, root: Path, allowance: int) -> None:
-    total = 0
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         for info in infos:
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
+            if stat.S_ISLNK(info.external_attr >> 16):
                 raise UnsafeArchive(f"member {info.filename!r} is a symlink; weight archives may hold only files")
-            _inside(root, _safe_relative(info.filename))
-            total += info.file_size
-            if total > allowance:
-                raise UnsafeArchive(f"unpacks to more than {allowance} bytes, {MAX_EXPANSION}x the archive")
+        _check_members(root, [(info.filename, info.file_size) for info in infos], allowance)
         for info in infos:
             target = _inside(root, _safe_relative(info.filename))
             if info.is_dir():
