@@ -59,9 +59,17 @@ def _defused(text: str) -> str:
     return text
 
 
-def _refusal(model: str, status: int, answer: Any, raw: str) -> Exception:
+def _parsed(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _refusal(model: str, status: int, raw: str) -> Exception:
     """The router's refusal as clearml-serving reports it: ValueError (a 422, the request is
     wrong) for a 4xx, RuntimeError for the rest; never with text that restarts the service."""
+    answer = _parsed(raw)
     error = answer.get("error") if isinstance(answer, dict) else None
     message = error.get("message") if isinstance(error, dict) else raw[:500]
     text = _defused(f"model {model!r}: the router answered {status}: {message}")
@@ -138,12 +146,9 @@ class Preprocess:
 
     async def _answer(self, path: str, body: dict[str, Any], state: dict, stats: StatsFn) -> Any:
         resp = await asyncio.to_thread(self._call, "POST", path, body)
-        try:
-            answer = resp.json()
-        except ValueError:
-            answer = None
         if resp.status_code != 200:
-            raise _refusal(body["model"], resp.status_code, answer, resp.text)
+            raise _refusal(body["model"], resp.status_code, resp.text)
+        answer = _parsed(resp.text)
         served_from = resp.headers.get(SERVED_FROM_HEADER)
         state["umem_served_from"] = served_from
         usage = (answer.get("usage") if isinstance(answer, dict) else None) or {}
@@ -198,12 +203,9 @@ class Preprocess:
         endpoint per request, so it lists that endpoint's model, not the router's whole catalog."""
         model = (await self._openai_body(data))["model"]
         resp = await asyncio.to_thread(self._call, "GET", OPENAI_ROUTES["v1_models"])
-        try:
-            answer = resp.json()
-        except ValueError:
-            answer = None
         if resp.status_code != 200:
-            raise _refusal(model, resp.status_code, answer, resp.text)
+            raise _refusal(model, resp.status_code, resp.text)
+        answer = _parsed(resp.text)
         listed = [entry for entry in answer.get("data", []) if entry.get("id") == model]
         if not listed:
             raise ValueError(f"model {model!r} is not served by the router at {self.router_url}")
@@ -228,11 +230,7 @@ class Preprocess:
                 raw = await asyncio.to_thread(lambda: resp.text)
             finally:
                 resp.close()
-            try:
-                answer = json.loads(raw)
-            except ValueError:
-                answer = None
-            raise _refusal(body["model"], resp.status_code, answer, raw)
+            raise _refusal(body["model"], resp.status_code, raw)
         served_from = resp.headers.get(SERVED_FROM_HEADER)
         state["umem_served_from"] = served_from
         self._report(stats, {"umem_served_from": served_from})

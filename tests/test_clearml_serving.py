@@ -102,7 +102,7 @@ def test_a_router_refusal_cannot_restart_clearml_serving(monkeypatch: pytest.Mon
     for status, error in ((503, RuntimeError), (500, RuntimeError), (400, ValueError)):
         for trigger in module.RESTART_TRIGGERS:
             answer = {"error": {"message": f"engine failed: {trigger}Tried to allocate 2.00 GiB"}}
-            exc = module._refusal("m", status, answer, json.dumps(answer))
+            exc = module._refusal("m", status, json.dumps(answer))
             assert type(exc) is error
             assert trigger not in str(exc) and "Tried to allocate 2.00 GiB" in str(exc)
 
