@@ -82,11 +82,27 @@ class _Sampling(_Body):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int | None = 1
     user: str | None = None
+    # typed as OpenAI documents them, so a wrong one is a 400 here, not passed on to an engine
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
     # kept, not dropped: the OpenAI options below are read from the extra fields
     model_config = ConfigDict(extra="allow", strict=True)
 
     def _option(self, name: str) -> Any:
+        if name in type(self).model_fields:
+            return getattr(self, name)
         return (self.model_extra or {}).get(name)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are between -100 and 100, got {bias} for token {token}")
+        return value
 
     @model_validator(mode="after")
     def _unsupported_options(self) -> _Sampling:
