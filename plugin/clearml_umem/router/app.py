@@ -36,6 +36,7 @@ from clearml_umem.router.generation import ClientGone, Generation, ServingRuntim
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
+from clearml_umem.router.triton_http import triton_routes
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
@@ -133,6 +134,8 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _serve(runtime, request, chat=True, max_body_bytes=max_body_bytes)
+
+    app.include_router(triton_routes(runtime, read_body, max_body_bytes))
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
@@ -249,17 +252,7 @@ def _served_from_header(gen: Generation) -> dict[str, str]:
 
 
 async def _complete(gen: Generation, model: str, created: int, chat: bool) -> dict[str, Any]:
-    await gen.open()
-    ok = False
-    pieces: list[str] = []
-    try:
-        while (delta := await gen.next_delta()) is not None:
-            gen.first_token()
-            pieces.append(delta.text)
-        ok = True
-    finally:
-        await gen.close(ok)
-    text = "".join(pieces)
+    text = await gen.collect()
     finish = gen.finish_reason or "stop"
     if chat:
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
