@@ -22,13 +22,15 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from clearml_umem.server import READY_PREFIX, UnifiedMemoryServer
+    from clearml_umem.server import GRPC_PREFIX, READY_PREFIX, UnifiedMemoryServer
 
     config = config_from_args(args)
     _setup_logging(config.log_level)
     server = UnifiedMemoryServer(config)
 
     def ready(url: str) -> None:
+        if server.grpc_address:
+            print(f"{GRPC_PREFIX}{server.grpc_address}", flush=True)
         print(f"{READY_PREFIX}{url}", flush=True)
 
     asyncio.run(server.serve(ready=ready))

@@ -38,6 +38,9 @@ class ServeConfig:
     """Serve only published (ready) registry entries."""
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = None
+    """Triton's gRPC protocol (GRPCInferenceService) on this port of `host`; off when unset, 0 picks
+    a free port. Needs the `[triton]` extra (grpcio, tritonclient)."""
     device: str = "auto"
     device_budget: str | None = None
     host_budget: str | None = None
@@ -93,6 +96,10 @@ class ServeConfig:
             raise ConfigError(f"manifest not found: {self.manifest}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"grpc_port must be 0..65535, got {self.grpc_port}")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ConfigError(f"grpc_port and port are both {self.port}: the HTTP and gRPC listeners need a port each")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.host_copy not in HOST_COPY_MODES:
@@ -157,7 +164,7 @@ def _coerce(name: str, value: Any) -> Any:
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ConfigError(f"clearml_published must be true or false, got {value!r}")
         return text in ("1", "true", "yes", "on")
-    if name in ("port", "max_waiting"):
+    if name in ("port", "max_waiting", "grpc_port"):
         try:
             return int(value)
         except (TypeError, ValueError):
@@ -191,6 +198,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name == "clearml_published":
             parser.add_argument(flag, default=default, action="store_true",
                                 help=f"serve only published registry entries {help_text}")
+        elif f.name == "grpc_port":
+            parser.add_argument(flag, default=default, type=int,
+                                help="serve Triton's gRPC protocol (tritonclient.grpc) on this port of --host; "
+                                     f"0 picks a free port; off when unset; needs the [triton] extra {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
         elif f.name == "catalog_poll_seconds":

@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
@@ -31,6 +32,10 @@ from clearml_umem.runtime import EngineFactory, Runtime
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "umem: serving on "
+GRPC_PREFIX = "umem: triton grpc on "
+
+GRPC_GRACE_S = 5.0
+"""On stop, gRPC calls in flight get this long to end before they are cancelled."""
 
 
 class _Server(uvicorn.Server):
@@ -89,6 +94,9 @@ class UnifiedMemoryServer:
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
                               admin_key=config.admin_key, model_log=self.model_log)
         self.url: str | None = None
+        self.grpc_address: str | None = None
+        """host:port of the Triton gRPC listener, once started (`--grpc-port`)."""
+        self._grpc: Any = None
         self._uvicorn: _Server | None = None
         self._poller: CatalogPoller | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,6 +153,8 @@ class UnifiedMemoryServer:
         package_log.addHandler(self.model_log)
         try:
             first = await self.load_catalog()
+            if self.config.grpc_port is not None:
+                await self._start_grpc(host)
             log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
@@ -162,11 +172,30 @@ class UnifiedMemoryServer:
             package_log.removeHandler(self.model_log)
             if watcher is not None:
                 watcher.cancel()
+            if self._grpc is not None:
+                await self._grpc.stop(GRPC_GRACE_S)
             if self._poller is not None:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)
             await self.runtime.close()
             sock.close()
+
+    async def _start_grpc(self, host: str) -> None:
+        """Imported here: grpc and tritonclient are the optional `[triton]` extra, never loaded without it."""
+        try:
+            from clearml_umem.router.triton_grpc import start_grpc_server
+        except ImportError as exc:
+            raise ConfigError(f"--grpc-port needs the triton extra ({exc}): "
+                              "pip install 'clearml-unified-memory[triton]'") from None
+        assert self.config.grpc_port is not None
+        try:
+            self._grpc, port = await start_grpc_server(
+                self.runtime, self.metrics, self.config.host, self.config.grpc_port, self.config.api_key,
+                self.config.admin_key, max_message_bytes=self.config.max_request_body)
+        except OSError as exc:
+            raise ConfigError(str(exc)) from None
+        self.grpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("Triton gRPC (GRPCInferenceService) on %s", self.grpc_address)
 
     def request_stop(self) -> None:
         if self._uvicorn is not None:

@@ -10,7 +10,6 @@ No tritonclient is needed: the binary tensor extension is a length-prefixed layo
 from __future__ import annotations
 
 import functools
-import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -38,7 +37,8 @@ from clearml_umem.router.triton_request import (
     decode_raw,
     model_metadata,
     output_values,
-    serialize_bytes,
+    raw_output,
+    select_outputs,
 )
 from clearml_umem.spec import ModelSpec
 
@@ -275,24 +275,17 @@ def _requested_outputs(data: dict[str, Any], produced: dict[str, tuple[str, Any]
     default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     listed = data.get("outputs")
     if listed is None:
-        return dict.fromkeys(produced, default_binary)
-    if not isinstance(listed, list):
-        raise TritonInputError("'outputs' must be a list of {name, parameters}", param="outputs")
-    wanted: dict[str, bool] = {}
-    for i, out in enumerate(listed):
-        name = out.get("name") if isinstance(out, dict) else None
-        if not isinstance(name, str):
-            raise TritonInputError(f"'outputs[{i}].name' is required", param="outputs")
-        if name not in OUTPUTS:
-            raise TritonInputError(f"unexpected inference output '{name}'; this model produces "
-                                   f"{', '.join(OUTPUTS)}", param="outputs")
-        if name not in produced:
-            raise TritonInputError(f"output '{name}' is produced only when input 'return_{name}' is true",
-                                   param="outputs")
-        out_params = out.get("parameters") or {}
-        wanted[name] = bool(out_params.get("binary_data", default_binary)) if isinstance(out_params, dict) \
-            else default_binary
-    return wanted
+        listed = []
+    if not isinstance(listed, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                               for o in listed):
+        raise TritonInputError("'outputs' must be a list of objects with a 'name'", param="outputs")
+    binary: dict[str, bool] = {}
+    for out in listed:
+        out_params = out.get("parameters")
+        binary[out["name"]] = bool(out_params.get("binary_data", default_binary)) \
+            if isinstance(out_params, dict) else default_binary
+    return {name: binary.get(name, default_binary)
+            for name in select_outputs([o["name"] for o in listed], produced)}
 
 
 def _validate_outputs(data: dict[str, Any], triton: TritonRequest) -> None:
@@ -332,7 +325,7 @@ async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw
         datatype, value = produced[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [1]}
         if binary_out:
-            blob = serialize_bytes([value.encode()]) if datatype == "BYTES" else struct.pack("<I", value)
+            blob = raw_output(datatype, value)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -234,6 +234,25 @@ def output_values(request: TritonRequest, text: str, finish_reason: str | None,
     return values
 
 
+def select_outputs(requested: Sequence[str], produced: Mapping[str, Any]) -> list[str]:
+    """The outputs a reply carries: those named in the request (all produced ones when none are)."""
+    if not requested:
+        return list(produced)
+    for name in requested:
+        if name not in OUTPUTS:
+            raise TritonInputError(f"unexpected inference output '{name}'; this model produces "
+                                   f"{', '.join(OUTPUTS)}", param="outputs")
+        if name not in produced:
+            raise TritonInputError(f"output '{name}' is produced only when input 'return_{name}' is true",
+                                   param="outputs")
+    return list(dict.fromkeys(requested))
+
+
+def raw_output(datatype: str, value: Any) -> bytes:
+    """One output element in Triton's raw layout (BYTES length-prefixed, UINT32 little-endian)."""
+    return serialize_bytes([str(value).encode()]) if datatype == "BYTES" else struct.pack("<I", int(value))
+
+
 def model_metadata(name: str) -> dict[str, Any]:
     """KServe v2 model metadata, as Triton describes a vLLM backend model."""
     return {"name": name, "versions": [MODEL_VERSION], "platform": "vllm",
