@@ -371,8 +371,10 @@ class TritonServicer(GRPCInferenceServiceServicer):
                 ok = False
                 try:
                     while (delta := await gen.next_delta()) is not None:
+                        # without the empty final response, the last response carries the final flag
+                        # with whatever text is left ("" often): Triton's clients learn the end from it
                         last = delta.finish_reason is not None
-                        if not delta.text and not (last and triton.extra_outputs and not empty_final):
+                        if not delta.text and not (last and not empty_final):
                             continue
                         gen.first_token()
                         await send(self._response(request, triton, gen, delta.text, delta.finish_reason,
