@@ -9,7 +9,6 @@ ever touched from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -33,6 +32,7 @@ from clearml_umem.router.errors import (
     unauthorized,
 )
 from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
+from clearml_umem.router.keys import Keys
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
@@ -56,8 +56,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None = None) -> None:
         self.app = app
-        self._api = api_key.encode() if api_key else None
-        self._admin = admin_key.encode() if admin_key else None
+        self.keys = Keys(api_key, admin_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -67,17 +66,9 @@ class BearerAuth:
         if path in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        admin_route = path.startswith("/admin")
-        accepted = ([self._admin] if admin_route else [self._api, self._admin]) if self._admin else [self._api]
-        keys = [k for k in accepted if k is not None]
-        if keys:
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            given = token.strip().encode()
-            # every key compared, in constant time each, so timing does not say which one was close
-            matches = [hmac.compare_digest(given, k) for k in keys]
-            if scheme.lower() != "bearer" or not any(matches):
-                await unauthorized().response()(scope, receive, send)
-                return
+        if not self.keys.allows(Headers(scope=scope).get("authorization", ""), admin=path.startswith("/admin")):
+            await unauthorized().response()(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 

@@ -4,15 +4,14 @@ Imported only when `--grpc-port` is set: grpc and tritonclient (the `[triton]` e
 part of the base install. The servicer and messages are the ones `tritonclient.grpc` ships, so
 the real client's requests are parsed by the same generated code. Requests reach the runtime
 directly, through `Generation` as the OpenAI routes do (lease, bounded queue, tiers, TTFT),
-never over HTTP. Keys mirror the HTTP router's `BearerAuth`: the `authorization` metadata
-carries `Bearer <key>`; with an admin key, loading and unloading models takes it alone.
+never over HTTP. Keys follow the HTTP router's rule (router/keys.py): the `authorization`
+metadata carries `Bearer <key>`; with an admin key, loading and unloading models takes it alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import time
 import uuid
@@ -28,6 +27,7 @@ from clearml_umem.errors import ServingError
 from clearml_umem.metrics import Metrics
 from clearml_umem.router.errors import APIError, api_error
 from clearml_umem.router.generation import Generation, ServingRuntime
+from clearml_umem.router.keys import Keys
 from clearml_umem.router.triton_http import EXTENSIONS, SERVER_NAME
 from clearml_umem.router.triton_request import (
     INPUTS,
@@ -111,28 +111,15 @@ class TritonServicer(GRPCInferenceServiceServicer):
                  admin_key: str | None) -> None:
         self.runtime = runtime
         self.metrics = metrics
-        self._api = api_key.encode() if api_key else None
-        self._admin = admin_key.encode() if admin_key else None
+        self.keys = Keys(api_key, admin_key)
 
-    # -- keys --------------------------------------------------------------------------------
-
-    def _authorized(self, context: grpc.aio.ServicerContext, admin: bool) -> bool:
-        """BearerAuth's rule: without an admin key the API key guards everything; with one, admin
-        calls take it alone and the others take either. Every key compared in constant time."""
-        accepted = ([self._admin] if admin else [self._api, self._admin]) if self._admin else [self._api]
-        keys = [k for k in accepted if k is not None]
-        if not keys:
-            return True
+    async def _authorize(self, context: grpc.aio.ServicerContext, admin: bool = False) -> None:
+        """The HTTP router's rule (router/keys.py), the key in the `authorization` metadata."""
         header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
         if isinstance(header, bytes):
             header = header.decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        matches = [hmac.compare_digest(token.strip().encode(), k) for k in keys]
-        return scheme.lower() == "bearer" and any(matches)
-
-    async def _authorize(self, context: grpc.aio.ServicerContext, admin: bool = False) -> None:
-        if not self._authorized(context, admin):
-            which = "the admin key" if admin and self._admin else "an API key"
+        if not self.keys.allows(header, admin):
+            which = "the admin key" if admin and self.keys.has_admin_key else "an API key"
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 f"Incorrect or missing API key: send metadata 'authorization: Bearer <key>' with "
                                 f"{which}.")
