@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from clearml_umem.config import ConfigError, parse_serve_args
 from clearml_umem.router.triton_request import (
     TritonInputError,
     build_request,
@@ -96,6 +97,19 @@ def test_bytes_tensors_use_tritons_layout_and_truncation_is_refused() -> None:
     for cut in (raw[:2], raw[:-1]):
         with pytest.raises(TritonInputError, match="'x'"):
             deserialize_bytes("x", cut)
+
+
+def test_the_grpc_port_is_off_by_default_read_from_the_environment_and_checked(tmp_path: Path) -> None:
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text("models: []\n")
+    base = ["--manifest", str(manifest)]
+    assert parse_serve_args(base, env={}).grpc_port is None
+    assert parse_serve_args(base, env={"UMEM_GRPC_PORT": "9001"}).grpc_port == 9001
+    assert parse_serve_args([*base, "--grpc-port", "0"], env={"UMEM_GRPC_PORT": "9001"}).grpc_port == 0
+    with pytest.raises(ConfigError, match="grpc_port must be 0..65535"):
+        parse_serve_args([*base, "--grpc-port", "70000"], env={})
+    with pytest.raises(ConfigError, match="a port each"):
+        parse_serve_args([*base, "--port", "9000", "--grpc-port", "9000"], env={})
 
 
 def test_the_base_install_does_not_load_grpc() -> None:
@@ -308,6 +322,8 @@ def test_hostile_inputs_are_refused_naming_the_field_over_both_protocols(served)
     for body, words in generate:
         answer = httpx.post(f"{router.url}/v2/models/{model}/generate", json=body, headers=AUTH)
         assert answer.status_code == 400 and words in answer.json()["error"], answer.text
+    too_big = httpx.post(f"{router.url}/v2/models/{model}/infer", content=b"x" * (MAX_MESSAGE + 1), headers=AUTH)
+    assert too_big.status_code == 413 and str(MAX_MESSAGE) in too_big.json()["error"]
     answer = httpx.post(f"{router.url}/v2/models/nope/generate_stream", json={"text_input": "a"}, headers=AUTH)
     assert answer.status_code == 404 and "'nope'" in answer.json()["error"]
     assert httpx.get(f"{router.url}/v2/models/{model}/versions/2", headers=AUTH).status_code == 404

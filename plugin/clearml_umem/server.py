@@ -155,7 +155,7 @@ class UnifiedMemoryServer:
             first = await self.load_catalog()
             if self.config.grpc_port is not None:
                 await self._start_grpc(host)
-            log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url))
+            log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url, self.grpc_address))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
@@ -195,7 +195,6 @@ class UnifiedMemoryServer:
         except OSError as exc:
             raise ConfigError(str(exc)) from None
         self.grpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        log.info("Triton gRPC (GRPCInferenceService) on %s", self.grpc_address)
 
     def request_stop(self) -> None:
         if self._uvicorn is not None:
