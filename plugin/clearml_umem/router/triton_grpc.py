@@ -375,6 +375,11 @@ class TritonServicer(GRPCInferenceServiceServicer):
             await out.put(service_pb2.ModelStreamInferResponse(error_message=exc.message))
         except ServingError as exc:
             await out.put(service_pb2.ModelStreamInferResponse(error_message=api_error(exc).message))
+        except Exception:  # noqa: BLE001 - the client gets a reference, the log the details
+            reference = uuid.uuid4().hex[:12]
+            log.exception("internal error %s in a ModelStreamInfer request", reference)
+            await out.put(service_pb2.ModelStreamInferResponse(
+                error_message=f"Internal server error (reference {reference}); the server log has the details."))
 
 
 async def start_grpc_server(runtime: ServingRuntime, metrics: Metrics, host: str, port: int, api_key: str | None,
