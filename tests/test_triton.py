@@ -261,6 +261,26 @@ def test_keys_guard_both_protocols_and_only_the_admin_key_loads_and_unloads(serv
         grpc.load_model("nope", headers=ADMIN)
 
 
+@pytest.mark.slow
+def test_the_return_flags_add_finish_reason_and_token_counts(served) -> None:
+    router, names, grpc_address = served
+    grpc = grpcclient.InferenceServerClient(grpc_address)
+    flags = [_grpc_tensor(f"return_{name}", "BOOL", [1], np.array([True]))
+             for name in ("finish_reason", "num_input_tokens", "num_output_tokens")]
+    result = grpc.infer(names[0], [*_inputs(grpcclient, "hi", max_tokens=3), *flags], headers=AUTH)
+    assert result.as_numpy("finish_reason")[0].decode() in ("length", "stop")
+    assert result.as_numpy("num_input_tokens")[0] > 0 and 0 < result.as_numpy("num_output_tokens")[0] <= 3
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hi"]},
+                       {"name": "return_finish_reason", "datatype": "BOOL", "shape": [1], "data": [True]}],
+            "outputs": [{"name": "finish_reason"}], "parameters": {"max_tokens": 3, "temperature": 0}}
+    answer = httpx.post(f"{router.url}/v2/models/{names[0]}/infer", json=body, headers=AUTH, timeout=120).json()
+    assert [o["name"] for o in answer["outputs"]] == ["finish_reason"]
+    assert answer["outputs"][0]["data"][0] in ("length", "stop") and answer["parameters"]["served_from"]
+    body["outputs"] = [{"name": "num_output_tokens"}]
+    refused = httpx.post(f"{router.url}/v2/models/{names[0]}/infer", json=body, headers=AUTH, timeout=120)
+    assert refused.status_code == 400 and "'return_num_output_tokens'" in refused.json()["error"]
+
+
 def _grpc_tensor(name: str, datatype: str, shape: list[int], values) -> object:
     tensor = grpcclient.InferInput(name, shape, datatype)
     tensor.set_data_from_numpy(values)
