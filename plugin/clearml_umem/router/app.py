@@ -243,7 +243,17 @@ def _served_from_header(gen: Generation) -> dict[str, str]:
 
 
 async def _complete(gen: Generation, model: str, created: int, chat: bool) -> dict[str, Any]:
-    text = await gen.collect()
+    await gen.open()
+    ok = False
+    pieces: list[str] = []
+    try:
+        while (delta := await gen.next_delta()) is not None:
+            gen.first_token()
+            pieces.append(delta.text)
+        ok = True
+    finally:
+        await gen.close(ok)
+    text = "".join(pieces)
     finish = gen.finish_reason or "stop"
     if chat:
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
