@@ -4,6 +4,7 @@ two tiny models (every switch is a swap), keys set, a small queue and a small me
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import re
@@ -110,6 +111,21 @@ def test_the_grpc_port_is_off_by_default_read_from_the_environment_and_checked(t
         parse_serve_args([*base, "--grpc-port", "70000"], env={})
     with pytest.raises(ConfigError, match="a port each"):
         parse_serve_args([*base, "--port", "9000", "--grpc-port", "9000"], env={})
+
+
+def test_a_grpc_port_in_use_is_refused_not_shared() -> None:
+    """SO_REUSEPORT is off: a second router on the same port fails to start instead of splitting calls."""
+    from clearml_umem.router.triton_grpc import start_grpc_server
+
+    async def main() -> None:
+        first, port = await start_grpc_server(None, None, "127.0.0.1", 0, None, None, 1024)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(OSError, match=f"cannot listen for gRPC on 127.0.0.1:{port}"):
+                await start_grpc_server(None, None, "127.0.0.1", port, None, None, 1024)  # type: ignore[arg-type]
+        finally:
+            await first.stop(None)
+
+    asyncio.run(main())
 
 
 def test_the_base_install_does_not_load_grpc() -> None:
