@@ -264,6 +264,11 @@ def test_keys_guard_both_protocols_and_only_the_admin_key_loads_and_unloads(serv
             grpc.infer(names[0], _inputs(grpcclient, "hi"), headers=headers)
         assert httpx.post(f"{router.url}/v2/models/{names[0]}/generate", headers=headers,
                           json={"text_input": "hi"}).status_code == 401
+    http = httpclient.InferenceServerClient(router.url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException, match=r"\[401\] Incorrect or missing API key"):
+        http.infer(names[0], _inputs(httpclient, "hi"), headers={"authorization": "Bearer wrong"})
+    nowhere = httpx.get(f"{router.url}/v2/nowhere", headers=AUTH)
+    assert nowhere.status_code == 404 and isinstance(nowhere.json()["error"], str)  # Triton's shape here too
     with pytest.raises(InferenceServerException, match="UNAUTHENTICATED.*admin key"):
         grpc.unload_model(names[0], headers=AUTH)
     assert grpc.infer(names[0], _inputs(grpcclient, "hi"), headers=ADMIN).as_numpy("text_output")[0]

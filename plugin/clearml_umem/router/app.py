@@ -36,7 +36,7 @@ from clearml_umem.router.keys import Keys
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
-from clearml_umem.router.triton_http import triton_routes
+from clearml_umem.router.triton_http import TritonErrorShape, triton_routes
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
@@ -87,6 +87,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     install_error_handlers(app)
     if api_key or admin_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
+    app.add_middleware(TritonErrorShape)  # outermost of ours: it reshapes every /v2 error, the keys' too
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
 

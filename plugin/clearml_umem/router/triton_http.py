@@ -2,14 +2,15 @@
 
 `tritonclient.http` and code written for Triton's vLLM backend reach every model here as if
 it were a vLLM-backend model in a Triton repository, through the same runtime as the OpenAI
-routes (`Generation`: lease, queue, tiers, TTFT). Errors answer as Triton does,
-`{"error": "<message>"}`, with the OpenAI routes' status codes, the field named in the message.
+routes (`Generation`: lease, queue, tiers, TTFT). Routes raise the OpenAI routes' errors (same
+statuses, the field named in the message); `TritonErrorShape` answers them as Triton does,
+`{"error": "<message>"}`.
 No tritonclient is needed: the binary tensor extension is a length-prefixed layout decoded here.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -17,10 +18,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clearml_umem import __version__
-from clearml_umem.errors import ServingError
-from clearml_umem.router.errors import CLIENT_CLOSED, APIError, api_error, bad_request
+from clearml_umem.router.errors import CLIENT_CLOSED, APIError, bad_request
 from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
 from clearml_umem.router.schemas import parse_json
 from clearml_umem.router.sse import EventStreamResponse, event
@@ -51,23 +53,51 @@ SERVED_FROM_HEADER = "x-umem-served-from"
 ReadBody = Callable[[Request, int], Awaitable[bytes]]
 
 
-def triton_error(exc: APIError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+class TritonErrorShape:
+    """Every error under `/v2` in Triton's shape, `{"error": "<message>"}`, whichever layer answered
+    (a route, the keys, a body limit, an unknown route): tritonclient cannot show OpenAI's nested
+    error object (`str()` of its exception fails on it). Pure ASGI: only JSON error responses are
+    held back and rewritten (they are small); everything else, streams included, passes as sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v2"):
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+        chunks: list[bytes] = []
+
+        async def reshape(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                media = Headers(raw=message.get("headers", [])).get("content-type", "")
+                if message["status"] >= 400 and media.startswith("application/json"):
+                    held.append(message)
+                    return
+            elif message["type"] == "http.response.body" and held:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = _triton_body(b"".join(chunks))
+                headers = MutableHeaders(raw=list(held[0]["headers"]))
+                headers["content-length"] = str(len(body))
+                await send({**held[0], "headers": headers.raw})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, reshape)
 
 
-def _triton_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """Every failure in Triton's error shape, the status the OpenAI routes would give it."""
-
-    @functools.wraps(handler)
-    async def wrapped(*args: Any, **kwargs: Any) -> Response:
-        try:
-            return await handler(*args, **kwargs)
-        except APIError as exc:
-            return triton_error(exc)
-        except ServingError as exc:
-            return triton_error(api_error(exc))
-
-    return wrapped
+def _triton_body(body: bytes) -> bytes:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return body
+    if isinstance(error, dict):
+        return json.dumps({"error": str(error.get("message") or "error")}).encode()
+    return body
 
 
 def split_version(path: str) -> tuple[str, str]:
@@ -107,13 +137,11 @@ def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: 
                 for row in runtime.admin_view()]
 
     @routes.get("/v2/models/{path:path}/ready")
-    @_triton_errors
     async def model_ready(path: str) -> Response:
         model(path)
         return Response(status_code=200)  # every tier serves: a request for a cold model waits for its load
 
     @routes.get("/v2/models/{path:path}/config")
-    @_triton_errors
     async def model_config(path: str) -> Response:
         spec = model(path)
         return JSONResponse({"name": spec.name, "backend": "vllm", "max_batch_size": 0,
@@ -124,22 +152,18 @@ def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: 
                                          "dims": [-1]} for n, d in OUTPUTS.items()]})
 
     @routes.post("/v2/models/{path:path}/generate")
-    @_triton_errors
     async def generate(path: str, request: Request) -> Response:
         return await _generate(runtime, model(path), request, await read_body(request, max_body_bytes), stream=False)
 
     @routes.post("/v2/models/{path:path}/generate_stream")
-    @_triton_errors
     async def generate_stream(path: str, request: Request) -> Response:
         return await _generate(runtime, model(path), request, await read_body(request, max_body_bytes), stream=True)
 
     @routes.post("/v2/models/{path:path}/infer")
-    @_triton_errors
     async def infer(path: str, request: Request) -> Response:
         return await _infer(runtime, model(path), request, await read_body(request, max_body_bytes))
 
     @routes.get("/v2/models/{path:path}")
-    @_triton_errors
     async def metadata(path: str) -> Response:
         return JSONResponse(model_metadata(model(path).name))
 
