@@ -109,6 +109,7 @@ class Runtime:
         self._moves_done: dict[str, int] = {}
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
+        self._max_concurrency: dict[str, int | None] = {}
         self.start_problems: dict[str, str] = {}
         """Served models that can be known at start never to load (no llama-server, over a budget):
         listed, shown in the banner, and their requests refused at once with the reason."""
@@ -124,8 +125,9 @@ class Runtime:
             spec = dataclasses.replace(spec, context_length=served)
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
         limits = [n for n in (getattr(engine, "max_concurrency", None), spec.max_concurrency) if n is not None]
+        self._max_concurrency[spec.name] = min(limits) if limits else None
         self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits,
-                                 max_in_flight=min(limits) if limits else None)
+                                 max_in_flight=self._max_concurrency[spec.name])
         self._engines[spec.name] = engine
         self._specs[spec.name] = spec
         gpu = footprints[Tier.GPU]
@@ -160,6 +162,7 @@ class Runtime:
             raise ModelNotFound(name)
         del self._specs[name]
         self.start_problems.pop(name, None)
+        self._max_concurrency.pop(name, None)
         self._apply(self.scheduler.remove_model(name))
 
     def sync_catalog(self, snapshot: CatalogSnapshot) -> bool:
@@ -247,6 +250,8 @@ class Runtime:
                 "engine": spec.engine,
                 "architecture": spec.architecture,
                 "context_length": spec.context_length,
+                "aliases": list(spec.aliases),
+                "max_concurrency": self._max_concurrency.get(name),
                 "engine_details": engine.describe(),
                 "last_error": failure[1] if failure else None,
                 "moves": self._moves_done.get(name, 0),
