@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from clearml_umem.catalog import write_manifest
+from clearml_umem.catalog import ManifestCatalog, write_manifest
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
@@ -139,3 +139,18 @@ def test_a_model_whose_engine_cannot_be_built_is_named_in_its_503(tmp_path, tiny
         # the manifest's max_concurrency caps the engine's own limit (on a CPU: one request per core)
         row = next(m for m in http.get("/admin/models").json()["data"] if m["name"] == "ok")
         assert row["max_concurrency"] == 1
+
+
+def test_a_binary_that_is_not_llama_server_is_known_at_start(setup, tmp_path):
+    from clearml_umem.engines.llamacpp_engine import LlamaCppEngine
+
+    _, manifest, _, gguf_name = setup
+    spec = next(s for s in ManifestCatalog(manifest).snapshot().specs if s.name == gguf_name)
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\necho 'usage: not the server'\n")
+    fake.chmod(0o755)
+    engine = LlamaCppEngine(spec, EngineContext(work_dir=tmp_path, device="cpu", options={"llama_server": str(fake)}))
+    assert "does not look like llama-server" in (engine.start_problem() or "")
+    fake.chmod(0o644)
+    engine = LlamaCppEngine(spec, EngineContext(work_dir=tmp_path, device="cpu", options={"llama_server": str(fake)}))
+    assert engine.start_problem() == f"llama-server {fake} is not an executable file"

@@ -451,7 +451,10 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
-            log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
+            if isinstance(exc, EngineError):  # an engine's own refusal says what went wrong: no traceback
+                log.error("model %s: move %s -> %s failed: %s", cmd.model, cmd.src.value, cmd.dst.value, exc)
+            else:
+                log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
             self._failures[cmd.model] = (self._clock(), f"{type(exc).__name__}: {exc}")
             try:
                 await engine.close()

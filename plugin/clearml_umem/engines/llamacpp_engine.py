@@ -176,6 +176,10 @@ class LlamaCppEngine:
                     "--llama-server / UMEM_LLAMA_SERVER at one, then restart")
         if not os.access(self.binary, os.X_OK):
             return f"llama-server {self.binary} is not an executable file"
+        try:
+            abilities(self.binary)
+        except (OSError, ValueError) as exc:
+            return f"cannot run llama-server {self.binary}: {exc}"
         return None
 
     @property
