@@ -16,7 +16,10 @@ stamp="$VENV/.umem-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   echo "[setup] installing $TORCH_SPEC and clearml-unified-memory[test] into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+  # a torch already there (from pip install -e '.[transformers]', say) is kept unless UMEM_TORCH asks for another
+  if [ -n "${UMEM_TORCH:-}" ] || ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+  fi
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
   touch "$stamp"
 fi
