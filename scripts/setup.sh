@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.umem-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  echo "[setup] installing $TORCH_SPEC and clearml-unified-memory[test] into $VENV"
+  echo "[setup] installing clearml-unified-memory[test] (and torch, if missing: $TORCH_SPEC) into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # a torch already there (from pip install -e '.[transformers]', say) is kept unless UMEM_TORCH asks for another
   if [ -n "${UMEM_TORCH:-}" ] || ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
