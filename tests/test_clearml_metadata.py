@@ -109,8 +109,6 @@ MALFORMED: list[tuple[str, Entry, str]] = [
     ("empty name", Entry(name="  "), "name"),
     ("name not a string", Entry(name=None), "name"),
     ("tags not a list", Entry(tags="umem-servable"), "tags"),
-    ("non-LLM framework", Entry(framework="Keras"), "framework"),
-    ("framework not a string", Entry(framework=3), "framework"),
 ]
 
 
@@ -121,6 +119,13 @@ def test_malformed_entry_names_the_model_id_and_the_field(case: str, entry: Entr
     assert info.value.field == field_name, case
     assert "m-123" in info.value.entry
     assert "m-123" in str(info.value) and field_name in str(info.value)
+
+
+def test_the_framework_field_does_not_decide_servability() -> None:
+    """The SDK records TensorFlow for any .zip package: the fetched files decide, not this field."""
+    spec = spec_from_clearml_model(Entry(framework="TensorFlow"))
+    assert spec.extra["framework"] == "TensorFlow" and not spec.extra["engine_declared"]
+    assert spec_from_clearml_model(with_meta(engine="vllm")).extra["engine_declared"]
 
 
 def test_servable_tag_is_enforced_only_when_asked() -> None:
