@@ -123,7 +123,7 @@ def test_malformed_entry_names_the_model_id_and_the_field(case: str, entry: Entr
 
 def test_the_framework_field_does_not_decide_servability() -> None:
     """The SDK records TensorFlow for any .zip package: the fetched files decide, not this field."""
-    spec = spec_from_clearml_model(Entry(framework="TensorFlow"))
+    spec = spec_from_clearml_model(Entry(framework="TensorFlow", metadata=with_meta(engine=None).metadata))
     assert spec.extra["framework"] == "TensorFlow" and not spec.extra["engine_declared"]
     assert spec_from_clearml_model(with_meta(engine="vllm")).extra["engine_declared"]
 
