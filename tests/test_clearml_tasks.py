@@ -102,7 +102,8 @@ def test_serve_task_records_ttft_per_visited_tier_and_swaps(tmp_path: Path, tiny
     recorded = {**session.task, "script": {k: v for k, v in session.task.get("script", {}).items() if k != "diff"}}
     assert "api_key" not in serve and "test-key" not in str(recorded)
     scalars = session.scalars()
-    assert set(scalars["TTFT tiny-llama (s)"]) == set(visited)
+    assert {series.split()[0] for series in scalars["TTFT tiny-llama (requests)"]} == set(visited)
+    assert {series.split()[1] for series in scalars["TTFT tiny-llama (s)"]} == {"p50", "p95"}
     assert all(v > 0 for series in scalars["TTFT tiny-llama (s)"].values() for _, v in series)
     assert scalars["TTFT tiny-qwen2 (s)"]
     assert session.values("swap-in (s)", "tiny-llama ram->gpu")
@@ -138,7 +139,7 @@ def test_benchmark_task_reports_every_tier_table_and_bandwidth_ratio(tmp_path: P
         assert len(ttft[scenario]) == 2
     assert session.values("bandwidth probe (GB/s)", "host -> host (cpu)")[0] > 0
     assert session.values("benchmark swap / probe", "tiny-llama ram->gpu")
-    assert session.scalars()["TTFT tiny-llama (s)"].keys() >= {"gpu", "ram", "cold"}
+    assert session.scalars()["TTFT tiny-llama (requests)"].keys() >= {"gpu", "ram", "cold"}
     assert any(p["title"] == "TTFT median by scenario (ms)" for p in session.plots())
 
 
