@@ -194,3 +194,20 @@ def test_manifest_upsert_replaces_by_name_and_keeps_other_entries(tmp_path: Path
     assert [s.name for s in snap.specs] == ["other", "llama-8b"]
     llama = snap.specs[1]
     assert (llama.context_length, llama.model_id, llama.quantization) == (1024, "m-123", "awq")
+
+
+def test_the_engine_setting_serves_entries_that_name_none(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    from clearml_umem.config import ServeConfig
+    from clearml_umem.tinygguf import TinyGGUF, write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "g.gguf", TinyGGUF("g", "q8_0"))
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(f"models:\n  - name: plain\n    weights: {tiny_models['tiny-llama']}\n"
+                        f"  - name: named\n    weights: {tiny_models['tiny-qwen2']}\n    engine: transformers\n"
+                        f"  - name: gguf\n    weights: {gguf}\n")
+    engines = {s.name: s.engine for s in ManifestCatalog(manifest, default_engine="vllm").snapshot().specs}
+    assert engines == {"plain": "vllm", "named": "transformers", "gguf": "llamacpp"}
+    assert ServeConfig(manifest=str(manifest), device="cpu").resolved_engine() == "transformers", "auto on a CPU"
+    assert ServeConfig(manifest=str(manifest), engine="vllm").resolved_engine() == "vllm"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ServeConfig(manifest=str(manifest), engine="tensorrt").validate()

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from clearml_umem.spec import KNOWN_DTYPES, KNOWN_ENGINES, ModelSpec, SpecError
+from clearml_umem.spec import ENGINE_DECLARED, KNOWN_DTYPES, KNOWN_ENGINES, ModelSpec, SpecError
 
 SERVABLE_TAG = "umem-servable"
 """The one tag that marks a model entry as meant for this plugin; the default selector."""
@@ -53,8 +53,7 @@ ClearML offline mode drops model metadata (it has no offline path for
 imported into a server later still yields a servable entry.
 """
 
-EXTRA_ENGINE_DECLARED = "engine_declared"
-"""In a spec's `extra`: whether the entry named its engine (else the files and the serve setting choose)."""
+EXTRA_ENGINE_DECLARED = ENGINE_DECLARED
 
 FRAMEWORKS_ACCEPTED = ("pytorch", "huggingface", "transformers", "safetensors", "vllm", "custom")
 """Frameworks an LLM is usually registered under; another one (TensorFlow, Keras, ONNX...) on an

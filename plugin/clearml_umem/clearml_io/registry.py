@@ -60,6 +60,7 @@ from clearml_umem.spec import (
     context_length_from_config,
     read_hf_config,
     weights_size,
+    with_default_engine,
 )
 
 log = logging.getLogger(__name__)
@@ -516,6 +517,8 @@ class RegistryCatalog:
     cache_dir: Path | None = None
     fetch_weights: bool = True
     progress_chunk_mb: int = 64
+    default_engine: str = "transformers"
+    """The engine of entries that name none and are no GGUF (the serve setting `engine`, resolved)."""
     _fetched: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
     _client: Any = field(default=None, init=False, repr=False)
 
@@ -530,7 +533,8 @@ class RegistryCatalog:
                                     tags=tuple(config.clearml_tags or ()),
                                     ids=tuple(config.clearml_ids or ()),
                                     only_published=bool(getattr(config, "clearml_published", False)))
-        return cls(selector=selector, cache_dir=Path(config.work_path) / "weights")
+        return cls(selector=selector, cache_dir=Path(config.work_path) / "weights",
+                   default_engine=config.resolved_engine())
 
     def entries(self) -> tuple[list[Any], list[SpecError]]:
         """The selected entries as SDK `Model` objects, plus selector-level problems.
@@ -587,6 +591,7 @@ class RegistryCatalog:
                                     "(set metadata serve_name to tell them apart)")
                 if self.fetch_weights:
                     spec = complete_from_files(spec.with_updates(weights=self.fetch(spec)))
+                    spec = with_default_engine(spec, self.default_engine)
                 elif spec.size_bytes <= 0:
                     raise SpecError(f"{spec.model_id} ({spec.name})", "metadata.size_bytes",
                                     "is not in the entry's metadata, and the weights are not fetched to measure them")
