@@ -57,7 +57,8 @@ def meta(**values: str) -> dict[str, str]:
 def test_registering_the_same_weights_twice_updates_one_entry(api: ClearMLApiFixture,
                                                               tiny_models: dict[str, Path]) -> None:
     first = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["chat"])
-    second = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["chat", "v2"])
+    api.models[str(first.model_id)]["tags"].append("team-x")  # tagged by someone else in the web UI
+    second = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["v2"])
     assert first.created and not second.created
     assert first.model_id == second.model_id
     entries = [m for m in api.models.values() if m["uri"] == tiny_models["tiny-llama"].resolve().as_uri()]
@@ -65,7 +66,7 @@ def test_registering_the_same_weights_twice_updates_one_entry(api: ClearMLApiFix
     entry = entries[0]
     assert entry["name"] == "tiny-llama"
     assert api.projects[entry["project"]]["name"] == "reg/dup"
-    assert entry["tags"] == [SERVABLE_TAG, "chat", "v2"]
+    assert entry["tags"] == [SERVABLE_TAG, "chat", "team-x", "v2"], "merged, not overwritten"
     assert entry["framework"] == "PyTorch"
     values = {k: v["value"] for k, v in entry["metadata"].items()}
     assert values["size_bytes"] == str(weights_size(tiny_models["tiny-llama"]))

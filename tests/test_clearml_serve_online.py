@@ -95,3 +95,22 @@ def test_serve_task_online_records_docker_requirements_lineage_and_survives_an_a
         assert "TTFT summary" in summary and "TTFT median cold (s)" in summary, "the summary survived the abort"
     finally:
         api.stop()
+
+
+def test_registering_online_links_the_model_and_the_task(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    from tests.clearml_env import run_python
+
+    api = ClearMLApiFixture().start()
+    try:
+        env = offline_env(tmp_path, **api.env())
+        env.pop("CLEARML_OFFLINE_MODE")
+        (tmp_path / "files").mkdir()
+        env["CLEARML_FILES_HOST"] = (tmp_path / "files").as_uri()  # the task's artifact: a local file store
+        run_python(["tasks/register_model.py", "--source", str(tiny_models["tiny-llama"]), "--project", "reg/online",
+                    "--tags", "chat"], env, timeout=240)
+        (task,) = [t for t in api.tasks.values() if t["name"] == "register model"]
+        (model,) = [m for m in api.models.values() if m["name"] == "tiny-llama"]
+        assert model["task"] == task["id"], "the entry names the task that registered it"
+        assert task["models"]["output"] == [{"name": "tiny-llama", "model": model["id"]}], "the task lists it"
+    finally:
+        api.stop()

@@ -7,6 +7,7 @@ models, requests through the `openai` client), then the offline session is read 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -141,6 +142,11 @@ def test_benchmark_task_reports_every_tier_table_and_bandwidth_ratio(tmp_path: P
     assert session.values("benchmark swap / probe", "tiny-llama ram->gpu")
     assert session.scalars()["TTFT tiny-llama (requests)"].keys() >= {"gpu", "ram", "cold"}
     assert any(p["title"] == "TTFT median by scenario (ms)" for p in session.plots())
+    artifacts = {a["key"]: a for a in session.task["execution"]["artifacts"]}
+    assert "benchmark" in artifacts, "the results travel with the task"
+    data = session.source
+    stored = [json.loads(p.read_text()) for p in data.rglob("*.json") if "benchmark" in p.name]
+    assert stored and stored[0]["runs"] == 2 and stored[0]["table"][0][:2] == ["model", "scenario"]
 
 
 def test_pipeline_example_runs_locally_offline(tmp_path: Path, tiny_models: dict[str, Path]) -> None:

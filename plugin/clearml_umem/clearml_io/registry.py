@@ -376,13 +376,19 @@ def register_model(
             log.info("model %s already registered (%s, matched by %s): updating it", name, existing.id, matched_by)
             # The SDK exposes no public setter for an entry's URI or framework; its backend model's
             # update() is what the SDK's own setters call.
+            # merged, never replaced: tags others put on the entry (a team's, a stage's) stay
+            all_tags = list(dict.fromkeys([*(existing.tags or []), *all_tags]))
             existing._get_base_model().update(uri=uri, tags=all_tags, framework=framework, comment=comment,
-                                              design=config_dict_to_text(config))
+                                              design=config_dict_to_text(config),
+                                              task_id=task.id if task is not None else None)
             model = existing
         else:
-            model = _create_entry(uri, name, project, all_tags, comment, framework, config)
+            model = _create_entry(uri, name, project, all_tags, comment, framework, config,
+                                  task_id=task.id if task is not None else None)
         model.set_all_metadata(metadata_items(metadata), replace=False)
         model_id = model.id
+        if task is not None:
+            _list_as_output_model(task, model_id, name)
 
     spec = ModelSpec(
         name=serve_name or name,
@@ -405,8 +411,19 @@ def register_model(
                         created=created, offline=offline, manifest=manifest_path, spec=spec)
 
 
+def _list_as_output_model(task: Any, model_id: str, name: str) -> None:
+    """The register task lists the entry among its output models (offline, OutputModel does it).
+    The SDK's only way to add an existing model to a task is the server call it makes itself."""
+    from clearml.backend_api.services import tasks
+
+    try:
+        task.send(tasks.AddOrUpdateModelRequest(task=task.id, name=name, model=model_id, type="output"))
+    except Exception:  # noqa: BLE001 - lineage is a view; the entry is registered either way
+        log.warning("could not list model %s as an output model of task %s", model_id, task.id, exc_info=True)
+
+
 def _create_entry(uri: str, name: str, project: str, tags: list[str], comment: str | None, framework: str,
-                  config: dict[str, Any]) -> Any:
+                  config: dict[str, Any], task_id: str | None = None) -> Any:
     """A new registry entry in `project`.
 
     Not `InputModel.import_model`: it returns any entry with the same URI, even one in
@@ -421,7 +438,7 @@ def _create_entry(uri: str, name: str, project: str, tags: list[str], comment: s
     backend = BackendModel(upload_storage_uri=None, cache_dir=get_cache_dir())
     project_id = get_or_create_project(session=backend.session, project_name=project)
     backend.update(design=config_dict_to_text(config), name=name, comment=comment, tags=tags, uri=uri,
-                   framework=framework, project_id=project_id)
+                   framework=framework, project_id=project_id, task_id=task_id)
     return InputModel(model_id=backend.id)
 
 
