@@ -16,6 +16,8 @@ from clearml_umem.gguf_file import GGUFError, GGUFInfo, is_gguf, read_gguf
 KNOWN_ENGINES = ("transformers", "vllm", "llamacpp")
 KNOWN_DTYPES = ("auto", "float32", "float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ENGINE_DECLARED = "engine_declared"
+"""In a spec's `extra`: whether its entry named the engine (else the serve setting `engine` may choose)."""
 
 
 class SpecError(ValueError):
@@ -97,7 +99,7 @@ MANIFEST_FIELDS: tuple[ManifestField, ...] = (
     ManifestField("weights", {"type": "string", "pattern": "\\S"},
                   "A Hugging Face model folder or a .gguf file (relative to the manifest), or a URI.", True),
     ManifestField("engine", {"enum": list(KNOWN_ENGINES)},
-                  "transformers (default), vllm, or llamacpp (implied for a .gguf file)."),
+                  "transformers, vllm, or llamacpp (implied for a .gguf file); default: the serve setting engine."),
     ManifestField("dtype", {"enum": list(KNOWN_DTYPES)}, "Weights' dtype when loaded; auto reads the config."),
     ManifestField("aliases", {"type": "array", "items": {"type": "string", "pattern": "\\S"}, "uniqueItems": True},
                   "Other names a request's model field may use for this model."),
@@ -313,6 +315,7 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
     label = entry or name
     weights = _require_str(label, data, "weights")
     engine = data.get("engine") or ""
+    declared = bool(engine)
     if engine and engine not in KNOWN_ENGINES:
         raise SpecError(label, "engine", f"unknown engine {engine!r}; known: {', '.join(KNOWN_ENGINES)}")
     dtype = data.get("dtype") or "auto"
@@ -389,4 +392,13 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
         max_concurrency=max_concurrency,
         aliases=aliases,
         defaults=defaults,
+        extra={ENGINE_DECLARED: declared},
     )
+
+
+def with_default_engine(spec: ModelSpec, engine: str) -> ModelSpec:
+    """The spec served by `engine` when its entry named none and its files did not decide (a GGUF
+    is llamacpp's whatever the setting): the serve setting `engine` for Hugging Face models."""
+    if engine == spec.engine or spec.extra.get(ENGINE_DECLARED, True) or spec.engine != "transformers":
+        return spec
+    return spec.with_updates(engine=engine)
