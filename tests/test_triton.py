@@ -17,7 +17,10 @@ import httpx
 import numpy as np
 import pytest
 
+from clearml_umem.catalog import write_manifest
 from clearml_umem.config import ConfigError, parse_serve_args
+from clearml_umem.demo import room_for_one
+from clearml_umem.engines import EngineContext
 from clearml_umem.router.triton_request import (
     TritonInputError,
     build_request,
@@ -25,8 +28,8 @@ from clearml_umem.router.triton_request import (
     deserialize_bytes,
     serialize_bytes,
 )
-from clearml_umem.spec import ModelSpec
-from tests.routerproc import RouterProcess, start_room_for_one
+from clearml_umem.spec import ModelSpec, spec_from_mapping
+from tests.routerproc import RouterProcess, start_router
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -39,6 +42,8 @@ ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 MAX_MESSAGE = 1 << 20
 GREEDY = {"max_tokens": 6, "temperature": 0}
 GRPC_PREFIX = "umem: triton grpc on "
+ALIAS = "llama-alias"
+ALIAS_MAX_TOKENS = 3
 
 
 # -- pure: the request mapping -----------------------------------------------------------------
@@ -57,6 +62,14 @@ def test_the_vllm_backends_request_becomes_the_engine_request() -> None:
     assert req.exclude_input and not req.stream
     defaults = build_request(SPEC, {"text_input": "hi"}, {}).generation
     assert (defaults.max_tokens, defaults.temperature, defaults.top_p) == (16, 1.0, 1.0)  # vLLM's SamplingParams
+
+
+def test_the_models_defaults_fill_what_the_client_left_unset() -> None:
+    spec = ModelSpec(name="m", weights="/nowhere", size_bytes=1, context_length=64,
+                     defaults={"max_tokens": 5, "temperature": 0.0})
+    assert build_request(spec, {"text_input": "hi"}, {}).generation.max_tokens == 5
+    asked = build_request(spec, {"text_input": "hi"}, {"max_tokens": 9, "temperature": 0.5}).generation
+    assert (asked.max_tokens, asked.temperature) == (9, 0.5)
 
 
 @pytest.mark.parametrize(("inputs", "parameters", "field"), [
@@ -140,10 +153,17 @@ def test_the_base_install_does_not_load_grpc() -> None:
 
 @pytest.fixture(scope="module")
 def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    models = {name: tiny_models[name] for name in ("tiny-llama", "tiny-qwen2")}
-    router, names = start_room_for_one(models, tmp_path_factory.mktemp("triton"), "--grpc-port", "0",
-                                       "--max-waiting", "2", "--max-request-bytes", str(MAX_MESSAGE),
-                                       env={"UMEM_API_KEY": API_KEY, "UMEM_ADMIN_KEY": ADMIN_KEY})
+    work = tmp_path_factory.mktemp("triton")
+    specs = [spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"]),
+                                "aliases": [ALIAS], "defaults": {"max_tokens": ALIAS_MAX_TOKENS}}),
+             spec_from_mapping({"name": "tiny-qwen2", "weights": str(tiny_models["tiny-qwen2"])})]
+    write_manifest(work / "models.yaml", specs)
+    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work, device="cpu"))
+    router = start_router(work / "models.yaml", work, "--device", "cpu", "--device-budget", str(device_budget),
+                          "--host-budget", str(host_budget), "--grpc-port", "0", "--max-waiting", "2",
+                          "--max-request-bytes", str(MAX_MESSAGE),
+                          env={"UMEM_API_KEY": API_KEY, "UMEM_ADMIN_KEY": ADMIN_KEY})
+    names = [s.name for s in specs]
     grpc_address = next(line[len(GRPC_PREFIX):] for line in router.log if line.startswith(GRPC_PREFIX))
     yield router, names, grpc_address
     router.kill()
@@ -280,6 +300,21 @@ def test_keys_guard_both_protocols_and_only_the_admin_key_loads_and_unloads(serv
     assert tiers[names[1]] == "tier gpu"
     with pytest.raises(InferenceServerException, match="NOT_FOUND.*'nope'"):
         grpc.load_model("nope", headers=ADMIN)
+
+
+@pytest.mark.slow
+def test_an_alias_reaches_its_model_with_the_models_defaults(served) -> None:
+    router, names, grpc_address = served
+    grpc = grpcclient.InferenceServerClient(grpc_address)
+    assert grpc.is_model_ready(ALIAS, headers=AUTH)
+    tensors = _inputs(grpcclient, "hi")[:1]  # no sampling_parameters: the model's max_tokens applies
+    flag = _grpc_tensor("return_num_output_tokens", "BOOL", [1], np.array([True]))
+    result = grpc.infer(ALIAS, [*tensors, flag], headers=AUTH)
+    assert 0 < result.as_numpy("num_output_tokens")[0] <= ALIAS_MAX_TOKENS
+    answer = httpx.post(f"{router.url}/v2/models/{ALIAS}/generate", headers=AUTH, timeout=120,
+                        json={"text_input": "hi", "return_num_output_tokens": True})
+    assert answer.status_code == 200 and 0 < answer.json()["num_output_tokens"] <= ALIAS_MAX_TOKENS
+    assert answer.json()["model_name"] == names[0]
 
 
 @pytest.mark.slow

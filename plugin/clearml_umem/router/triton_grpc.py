@@ -26,7 +26,7 @@ from clearml_umem import __version__
 from clearml_umem.errors import ServingError
 from clearml_umem.metrics import Metrics
 from clearml_umem.router.errors import APIError, api_error
-from clearml_umem.router.generation import Generation, ServingRuntime
+from clearml_umem.router.generation import Generation, ServingRuntime, resolve_model
 from clearml_umem.router.keys import Keys
 from clearml_umem.router.triton_http import EXTENSIONS, SERVER_NAME
 from clearml_umem.router.triton_request import (
@@ -127,13 +127,15 @@ class TritonServicer(GRPCInferenceServiceServicer):
     # -- lookups -----------------------------------------------------------------------------
 
     def _model(self, name: str, version: str = "") -> ModelSpec:
-        if not self.runtime.has_model(name):
+        """The model a request names, by its name or an alias (as on the OpenAI routes)."""
+        served = resolve_model(self.runtime, name)
+        if served is None:
             raise APIError(404, f"Request for unknown model: '{name}' is not found; RepositoryIndex lists the "
                                 "models served here", param="model_name")
         if version not in ("", MODEL_VERSION):
             raise APIError(404, f"Request for unknown model: '{name}' has no version {version}; its only "
                                 f"version is {MODEL_VERSION}", param="model_version")
-        return self.runtime.spec(name)
+        return self.runtime.spec(served)
 
     def _tiers(self) -> dict[str, str]:
         return {row["name"]: row["tier"] for row in self.runtime.admin_view()}
@@ -153,7 +155,7 @@ class TritonServicer(GRPCInferenceServiceServicer):
     @_rpc
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._authorize(context)
-        ready = self.runtime.has_model(request.name) and request.version in ("", MODEL_VERSION)
+        ready = resolve_model(self.runtime, request.name) is not None and request.version in ("", MODEL_VERSION)
         return service_pb2.ModelReadyResponse(ready=ready)  # every tier serves: a cold model loads on request
 
     @_rpc
@@ -198,16 +200,14 @@ class TritonServicer(GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Loading a model places it on the device (it stays evictable, as any placed model)."""
         await self._authorize(context, admin=True)
-        self._model(request.model_name)
-        await self.runtime.place(request.model_name, Tier.GPU)
+        await self.runtime.place(self._model(request.model_name).name, Tier.GPU)
         return service_pb2.RepositoryModelLoadResponse()
 
     @_rpc
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Unloading a model makes it cold (no engine); it stays listed and loads again on request."""
         await self._authorize(context, admin=True)
-        self._model(request.model_name)
-        await self.runtime.place(request.model_name, Tier.COLD)
+        await self.runtime.place(self._model(request.model_name).name, Tier.COLD)
         return service_pb2.RepositoryModelUnloadResponse()
 
     @_rpc
@@ -215,8 +215,7 @@ class TritonServicer(GRPCInferenceServiceServicer):
         """From the router's counters (the same as /metrics): requests that ended well or not,
         and the time requests waited for their model (queue), per model."""
         await self._authorize(context)
-        if request.name:
-            self._model(request.name, request.version)
+        names = [self._model(request.name, request.version).name] if request.name else self.runtime.model_names()
         requests = self.metrics.summary()["requests"]
         queue_ns: dict[str, float] = {}
         queue_count: dict[str, float] = {}
@@ -229,7 +228,7 @@ class TritonServicer(GRPCInferenceServiceServicer):
                     queue_count[model] = queue_count.get(model, 0.0) + sample.value
         duration = service_pb2.StatisticDuration
         stats = []
-        for name in [request.name] if request.name else self.runtime.model_names():
+        for name in names:
             counts = requests.get(name, {})
             ok, failed = int(counts.get("ok", 0)), int(counts.get("failed", 0))
             stats.append(service_pb2.ModelStatistics(

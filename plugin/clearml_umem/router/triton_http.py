@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clearml_umem import __version__
 from clearml_umem.router.errors import CLIENT_CLOSED, APIError, bad_request
-from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
+from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, resolve_model, until_disconnect
 from clearml_umem.router.schemas import parse_json
 from clearml_umem.router.sse import EventStreamResponse, event
 from clearml_umem.router.triton_request import (
@@ -110,14 +110,16 @@ def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: 
     routes = APIRouter()
 
     def model(path: str) -> ModelSpec:
+        """The model a path names, by its name or an alias (as on the OpenAI routes)."""
         name, version = split_version(path)
-        if not runtime.has_model(name):
+        served = resolve_model(runtime, name)
+        if served is None:
             raise APIError(404, f"Request for unknown model: '{name}' is not found; GET /v2/repository/index "
                                 "lists the models served here", param="model")
         if version not in ("", MODEL_VERSION):
             raise APIError(404, f"Request for unknown model: '{name}' has no version {version}; its only "
                                 f"version is {MODEL_VERSION}", param="model_version")
-        return runtime.spec(name)
+        return runtime.spec(served)
 
     @routes.get("/v2/health/live")
     async def live() -> Response:

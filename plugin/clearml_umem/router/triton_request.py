@@ -4,8 +4,9 @@ Code written for that backend sends `text_input` (BYTES), optionally `stream`,
 `exclude_input_in_output` and the `return_*` flags (BOOL) and `sampling_parameters` (a JSON
 string of vLLM's SamplingParams), as tensors of one element; sampling options may also come as
 request parameters. They become the engine request the OpenAI routes build, through the same
-validation (`schemas.validate` / `to_generation_request`), so a bad value is refused with the
-same message whichever protocol carried it. Pure: no HTTP, no gRPC, no tritonclient here.
+validation (`schemas.validate` / `to_generation_request`) and the model's own defaults
+(`with_model_defaults`), so a bad value is refused with the same message whichever protocol
+carried it. Pure: no HTTP, no gRPC, no tritonclient here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from clearml_umem.engines.base import GenerationRequest
 from clearml_umem.errors import InvalidInput
 from clearml_umem.router.errors import APIError
+from clearml_umem.router.generation import with_model_defaults
 from clearml_umem.router.schemas import CompletionRequest, to_generation_request, validate
 from clearml_umem.spec import ModelSpec
 
@@ -183,7 +185,8 @@ def build_request(spec: ModelSpec, inputs: Mapping[str, Any], parameters: Mappin
     if stream is not None and want_stream and not stream:
         raise TritonInputError("'stream' is true: this route answers once; use generate_stream (or gRPC "
                                "ModelStreamInfer) for a streamed answer", param="stream")
-    body = {"model": spec.name, "prompt": prompt, **{k: _coerced(k, v) for k, v in options.items()}}
+    body = with_model_defaults({"model": spec.name, "prompt": prompt,
+                                **{k: _coerced(k, v) for k, v in options.items()}}, spec)
     for name, defaults in VLLM_ONLY_DEFAULTS.items():
         if name in body and body[name] not in defaults:
             raise TritonInputError(f"'{name}' is not supported by this server (got {body[name]!r}); leave it unset",
