@@ -9,15 +9,17 @@ scheduler calls happen on the loop's thread, so the scheduler needs no locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
@@ -31,6 +33,8 @@ from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
 
@@ -64,6 +68,33 @@ class Lease:
     engine: Engine
     served_from: Tier
     arrived: float
+
+
+async def in_abandonable_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a daemon thread of its own, awaited; a caller cancelled (its client left)
+    stops waiting at once, and the thread's result is dropped when it ends.
+
+    Not the loop's default executor: a tokenization cannot be interrupted, and there it would
+    hold one of a few shared workers and make shutdown wait for it (SIGTERM with two abandoned
+    8 MB prompts took 45 s); a daemon thread holds nothing anyone waits for.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome = (True, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await fut
 
 
 class Runtime:
@@ -246,12 +277,12 @@ class Runtime:
     async def check_request(self, model: str, request: GenerationRequest) -> None:
         """Refuse what the model can never serve (a prompt over its context window) before the
         request waits for it or moves anything. Engines that can tell without being loaded do
-        (`check_request`, run in a worker thread: tokenizing a long prompt takes a while)."""
+        (`check_request`, in a thread of its own that is abandoned when the client leaves)."""
         if model not in self._specs:
             raise ModelNotFound(model)
         check = getattr(self._engines[model], "check_request", None)
         if check is not None:
-            await asyncio.to_thread(check, request)
+            await in_abandonable_thread(f"umem-check-{model}", check, request)
 
     @asynccontextmanager
     async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:

@@ -128,13 +128,11 @@ class Scheduler:
                                          transits=dict(transits or {}), max_in_flight=max_in_flight)
 
     def remove_model(self, name: str) -> list[Command]:
-        """Take a model out of service: waiting requests are refused, in-flight ones finish first."""
+        """Take a model out of service: new requests are refused, the ones already waiting and in
+        flight are served first (their clients asked while it was in the catalog)."""
         model = self._get(name)
         model.removing = True
         cmds: list[Command] = self._end_wish(model, "failed", f"model {name!r} was removed from the catalog")
-        while model.waiting:
-            w = model.waiting.popleft()
-            cmds.append(self._reject(model, w.request_id, f"model {name!r} was removed from the catalog", 404))
         return cmds + self._pump()
 
     def on_request(self, name: str, request_id: str) -> list[Command]:
@@ -359,7 +357,7 @@ class Scheduler:
         Returns the moves started and the models that drain to make room.
         """
         wanting = [m for m in self._models.values()
-                   if m.tier is not Tier.GPU and m.moving_to is None and not m.removing
+                   if m.tier is not Tier.GPU and m.moving_to is None and (not m.removing or m.waiting)
                    and m.wants_gpu_since is not None]
         wanting.sort(key=lambda m: m.wants_gpu_since or (0.0, 0))
         cmds: list[Command] = []
@@ -415,7 +413,7 @@ class Scheduler:
     def _retire_removed(self) -> list[Command]:
         cmds: list[Command] = []
         for m in list(self._models.values()):
-            if not m.removing or m.moving_to is not None or m.in_flight:
+            if not m.removing or m.moving_to is not None or m.in_flight or m.waiting:
                 continue
             if m.tier is Tier.COLD:
                 del self._models[m.name]

@@ -117,7 +117,8 @@ class UnifiedMemoryServer:
         def on_change(snapshot: CatalogSnapshot) -> bool:
             return asyncio.run_coroutine_threadsafe(apply(snapshot), loop).result()
 
-        poller = CatalogPoller(self.catalog, on_change, period_s=self.config.catalog_poll_seconds)
+        poller = CatalogPoller(self.catalog, on_change, period_s=self.config.catalog_poll_seconds,
+                               removal_grace_s=self.config.catalog_removal_grace_seconds)
         poller.seed(first)
         return poller.start(poll_now=False)
 

@@ -69,6 +69,7 @@ from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
     FlatLayout,
     HostBuffer,
+    ShapeMismatch,
     plan_reads,
     read_checkpoint,
     safetensors_header,
@@ -85,6 +86,10 @@ budget, and for real models 15% covers the dynamic KV cache of a handful of conc
 requests of moderate length (Llama-3-8B: 2.4 GB, about 19k tokens of KV cache).
 Override with `EngineContext.options["activation_margin_fraction"]`.
 """
+
+COUNT_TOLERANCE = 1.01
+"""How much more than the checkpoint's headers count the module config.json describes may hold
+before a load through `from_pretrained` is refused (buffers registered as parameters...)."""
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
@@ -549,14 +554,40 @@ class TransformersEngine:
             layout = FlatLayout.of_module(model)
             try:
                 plan_reads(files, layout)
-            except CheckpointMismatch:
+            except ShapeMismatch as exc:
+                raise EngineError(f"model {self.spec.name!r}: config.json does not match the checkpoint: "
+                                  f"{exc}") from None
+            except CheckpointMismatch as exc:
+                self._refuse_over_count(layout.param_bytes, str(exc))
                 model = None
+        else:
+            self._refuse_over_count(self._config_param_bytes(), "the checkpoint is not read directly")
         self._tokenizer = tokenizer
         if model is None:
             self._adopt_loaded(self._load_on_cpu())
             return
         _materialize_parameters(model, self.device)
         self._adopt(model, layout)
+
+    def _refuse_over_count(self, module_bytes: int, why: str) -> None:
+        """Before `from_pretrained` (which allocates what config.json says): refuse a module larger
+        than the footprint the budgets counted from the checkpoint's headers, so no load path
+        allocates more than was counted (hidden_size 10^7 in config.json grew the router to 4.2 GB
+        against a 100 MB host budget)."""
+        counted = self._estimate_weight_bytes()
+        if module_bytes > counted * COUNT_TOLERANCE + 2**20:
+            raise EngineError(
+                f"model {self.spec.name!r}: config.json describes {module_bytes / 1e6:.1f} MB of parameters "
+                f"but the checkpoint holds {counted / 1e6:.1f} MB ({why}); config.json does not match the weights")
+
+    def _config_param_bytes(self) -> int:
+        """Parameter bytes of the module config.json describes, built on the meta device (nothing allocated)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.weights)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        return FlatLayout.of_module(model).param_bytes
 
     def _empty_model(self) -> Any:
         if importlib.util.find_spec("accelerate") is None or not checkpoint_files(self.weights):
@@ -768,7 +799,7 @@ class TransformersEngine:
         kept while the engine lives (`prompt_check.PromptCounter`), so a prompt over the
         context window costs no swap. Returns the prompt's token count (None: unknown).
         """
-        ids = self._prompt_counter.ids(request)
+        ids = self._prompt_counter.ids(request, self.context_length)
         if ids is None:
             return None
         self._validate(request, len(ids))

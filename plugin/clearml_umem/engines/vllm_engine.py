@@ -249,7 +249,7 @@ class VLLMEngine:
         woken; skipped where the router cannot load the model's tokenizer (vLLM checks it then)."""
         if self._prompt_counter is None:
             self._prompt_counter = PromptCounter(self.spec.name, Path(self.spec.weights))
-        tokens = self._prompt_counter.count(request)
+        tokens = self._prompt_counter.count(request, self.plan.max_model_len)
         if tokens is not None:
             check_fits(self.spec.name, self.plan.max_model_len, tokens, request)
         return tokens
