@@ -236,3 +236,83 @@ def test_a_catalog_read_short_or_empty_keeps_its_models_and_serves_their_request
     _manifest(manifest, models)
     assert wait_until(lambda: httpx.post(router.url + "/v1/completions", json=body,
                                          timeout=120).status_code == 200, timeout=30)
+
+
+# -- 5: a hung engine ----------------------------------------------------------------------
+
+
+def _fake_vllm_router(tmp_path: Path, behaviour: dict) -> RouterProcess:
+    """The router with one model served by the vLLM stand-in (tests/fixtures/fake_vllm_server.py),
+    run as vLLM is, and a one-second stall timeout."""
+    import stat
+    import sys
+
+    from tests.test_vllm_engine_control import CONFIG, FAKE, WEIGHTS
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    (model / "model.safetensors").write_bytes(b"\0" * WEIGHTS)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "behaviour.json").write_text(json.dumps(behaviour))
+    python = tmp_path / "vllm-python"  # stands in for the vLLM venv's python: `-m <module>` runs the fake
+    python.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {FAKE} \"$@\"\n")
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(f"models:\n  - name: fake-vllm\n    weights: {model}\n    engine: vllm\n    dtype: bfloat16\n")
+    return start_router(manifest, tmp_path / "work", "--device", "cpu", "--device-budget", "4GB",
+                        "--vllm-python", str(python),
+                        env={"FAKE_VLLM_STATE": str(state), "UMEM_ENGINE_STALL_SECONDS": "1"})
+
+
+def _stream_until_hung(router: RouterProcess, model: str) -> tuple[list[str], int]:
+    """Stream a long answer, SIGSTOP the engine after its first chunk; the lines the client got
+    to the end, and the engine's pid."""
+    import os
+    import signal
+
+    lines: list[str] = []
+    pid = 0
+    body = {"model": model, "prompt": "Hello", "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=20) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            if len(lines) == 1:
+                pid = _row(router, model)["engine_details"]["pid"]
+                os.kill(pid, signal.SIGSTOP)
+    return lines, pid
+
+
+def test_a_hung_vllm_process_is_detected_its_stream_ends_with_an_error_and_it_serves_again(tmp_path: Path) -> None:
+    """SIGSTOP of the engine mid-stream: within seconds the stream ends with an error event and
+    [DONE], the process is stopped, the model shows cold with the reason, the next request starts
+    it again."""
+    router = _fake_vllm_router(tmp_path, {"token_delay_s": 0.05})
+    try:
+        started = time.monotonic()
+        lines, pid = _stream_until_hung(router, "fake-vllm")
+        assert time.monotonic() - started < 30
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2].removeprefix("data: "))["error"]
+        assert error["message"]
+        row = _row(router, "fake-vllm")
+        assert row["tier"] == "cold" and "hung" in row["last_error"] and "/health" in row["last_error"]
+        assert wait_until(lambda: not psutil_alive(pid), 15)
+        again = httpx.post(router.url + "/v1/completions", timeout=60,
+                           json={"model": "fake-vllm", "prompt": "hi", "max_tokens": 2})
+        assert again.status_code == 200 and again.headers["x-umem-served-from"] == "cold"
+    finally:
+        router.kill()
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -59,6 +59,10 @@ class ServeConfig:
     """A model missing from the catalog is removed only once it has been missing on two polls in
     a row and for this long: a manifest caught half-written, or a registry query that returned
     part of its list, must not drop a model and answer its queued requests 404."""
+    engine_stall_seconds: float = 30.0
+    """An engine that makes no progress this long with a request in flight (a server that sends
+    no byte and does not answer /health either; a generation thread that makes no step) is
+    hung: its requests get an error, it is stopped, shown failed and its memory given back."""
     vllm_python: str | None = None
     llama_server: str | None = None
     """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
@@ -116,6 +120,8 @@ class ServeConfig:
             raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:
             raise ConfigError("catalog_poll_seconds must be >= 0")
+        if self.engine_stall_seconds <= 0:
+            raise ConfigError(f"engine_stall_seconds must be positive, got {self.engine_stall_seconds}")
         if self.catalog_removal_grace_seconds < 0:
             raise ConfigError("catalog_removal_grace_seconds must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -145,6 +151,8 @@ FLOAT_FIELDS = {
     "catalog_poll_seconds": "re-read the catalog every N seconds, 0 = never",
     "catalog_removal_grace_seconds": "remove a model missing from the catalog only after it was missing on two "
                                      "polls in a row and for N seconds (default 30)",
+    "engine_stall_seconds": "declare an engine hung after N seconds without progress on a request in flight "
+                            "(and, for a server, no answer to /health) (default 30)",
 }
 """Fields that are numbers of seconds, with their help."""
 

@@ -347,13 +347,22 @@ class Runtime:
         return self.scheduler.state(model)
 
     async def check_engines(self) -> list[str]:
-        """Ask each engine that can die on its own (a process) whether it did; its state is reset
-        (closed), the scheduler counts the model cold and `/admin/models` shows why. Returns
-        the models found dead."""
-        dead = []
+        """Ask each engine whether it died on its own (a process: `died()`) or hangs (no progress on
+        a request in flight: `hung()`); its state is reset (closed, its requests get an error), the
+        scheduler counts the model cold, its memory free, and `/admin/models` shows why. Returns
+        the models found dead or hung."""
+        lost = []
         for name, engine in list(self._engines.items()):
+            if name not in self.scheduler:
+                continue
+            st = self.scheduler.state(name)
+            if st.tier is Tier.COLD or st.moving_to is not None:
+                continue
             died = getattr(engine, "died", None)
             reason = died() if died is not None else None
+            if not reason:
+                hung = getattr(engine, "hung", None)
+                reason = await hung() if hung is not None else None
             if not reason or name not in self.scheduler:
                 continue
             st = self.scheduler.state(name)
@@ -364,14 +373,14 @@ class Runtime:
             try:
                 await engine.close()
             except Exception:  # noqa: BLE001 - it is dead already; what matters is that it counts as cold
-                log.exception("model %s: closing the dead engine failed", name)
+                log.exception("model %s: closing the lost engine failed", name)
             if name in self.scheduler and self.scheduler.state(name).moving_to is None:
                 self._apply(self.scheduler.on_engine_lost(name, reason))
-                dead.append(name)
-        return dead
+                lost.append(name)
+        return lost
 
     async def watch_engines(self, period_s: float = 1.0) -> None:
-        """Notice engines that died between requests (the router owns their processes)."""
+        """Notice engines that died or hang (the router owns their processes)."""
         while not self._closed:
             await asyncio.sleep(period_s)
             await self.check_engines()

@@ -75,7 +75,7 @@ class UnifiedMemoryServer:
         self.bus = EventBus()
         self.metrics = Metrics(self.bus)
         work = config.work_path
-        options: dict[str, object] = {"host_copy": config.host_copy}
+        options: dict[str, object] = {"host_copy": config.host_copy, "stall_timeout_s": config.engine_stall_seconds}
         if config.vllm_python:
             options["vllm_python"] = config.vllm_python
         if config.llama_server:
