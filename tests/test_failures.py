@@ -316,3 +316,60 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_stuck_transformers_generation_errors_its_client_and_the_model_reloads_once_it_returns(
+        tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A generation thread that makes no step (blocked here in its first decoding step): its client
+    gets an error after the stall timeout, the runtime counts the model hung and cold, a new load is
+    refused while the thread still holds the old copy, and allowed once the thread returns."""
+    import asyncio
+
+    from clearml_umem.engines import EngineContext, EngineError, create_engine
+    from clearml_umem.runtime import Runtime
+    from clearml_umem.spec import spec_from_mapping
+    from clearml_umem.tiers import Tier
+
+    release = threading.Event()
+    engines = []
+
+    def factory(spec, ctx):
+        engine = create_engine(spec, ctx)
+        real = engine._generate_sync
+
+        def stuck_once(job, model, tokenizer):
+            if not release.is_set():
+                release.wait(60)
+            return real(job, model, tokenizer)
+
+        engine._generate_sync = stuck_once
+        engines.append(engine)
+        return engine
+
+    async def scenario() -> None:
+        ctx = EngineContext(work_dir=tmp_path, device="cpu", options={"stall_timeout_s": 0.5})
+        runtime = Runtime(10**9, 10**9, ctx, engine_factory=factory)
+        runtime.add_model(spec_from_mapping({"name": "m", "weights": str(tiny_models["tiny-llama"])}))
+        request = GenerationRequest(prompt="Hello", max_tokens=2, temperature=0)
+        with pytest.raises(EngineError, match="no progress for 0.5 s"):
+            async with runtime.lease("m", "r1") as lease:
+                async for _ in lease.engine.generate(request):
+                    pass
+        assert await runtime.check_engines() == ["m"]
+        row = runtime.admin_view()[0]
+        assert row["tier"] == "cold" and "hung" in row["last_error"]
+        with pytest.raises(Exception, match="still holds its previous copy"):
+            async with runtime.lease("m", "r2"):
+                pass
+        release.set()
+        assert await asyncio.to_thread(lambda: wait_until(lambda: engines[0].active_generations == 0, 30))
+        async with runtime.lease("m", "r3") as lease:
+            deltas = [d async for d in lease.engine.generate(request)]
+        assert deltas[-1].finish_reason in ("stop", "length")
+        assert runtime.state("m").tier is Tier.GPU
+        await runtime.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()

@@ -28,6 +28,7 @@ import contextlib
 import gc
 import importlib.util
 import json
+import logging
 import math
 import os
 import secrets
@@ -77,6 +78,8 @@ from clearml_umem.engines.weight_store import (
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
 from clearml_umem.tiers import ALL_TIERS, Tier
 
+log = logging.getLogger(__name__)
+
 ACTIVATION_MARGIN_FRACTION = 0.15
 """Device bytes budgeted on top of the weights for activations and the KV cache.
 
@@ -90,6 +93,10 @@ Override with `EngineContext.options["activation_margin_fraction"]`.
 COUNT_TOLERANCE = 1.01
 """How much more than the checkpoint's headers count the module config.json describes may hold
 before a load through `from_pretrained` is refused (buffers registered as parameters...)."""
+
+STALL_TIMEOUT_S = 30.0
+"""A generation thread that produces nothing this long (the prompt's prefill included) is stuck:
+its client gets an error and the model counts as hung (`EngineContext.options["stall_timeout_s"]`)."""
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
@@ -211,6 +218,8 @@ class _Job:
     done: asyncio.Future[None]
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    stalled: bool = False
+    """Its thread made no step for the stall timeout: its client got an error and nobody waits for it."""
 
     def post(self, kind: str, payload: Any) -> None:
         """Hand an item to the loop; a closed loop means nobody listens any more, so stop generating."""
@@ -335,6 +344,7 @@ class TransformersEngine:
         self._moving = False
         self._jobs: set[_Job] = set()
         self._progress = MoveProgress()
+        self.stall_s = float(ctx.options.get("stall_timeout_s", STALL_TIMEOUT_S))
 
     # ------------------------------------------------------------------ facts
 
@@ -471,6 +481,11 @@ class TransformersEngine:
                 if src is Tier.GPU and self._jobs:
                     raise EngineError(f"model {self.spec.name!r} has {len(self._jobs)} generation(s) in flight;"
                                       " it cannot leave the device")
+                stuck = sum(1 for job in self._jobs if job.stalled and job.thread is not None
+                            and job.thread.is_alive())
+                if stuck and src is Tier.COLD:
+                    raise EngineError(f"model {self.spec.name!r}: a hung generation thread still holds its previous "
+                                      "copy; it is loaded again once that thread returns")
                 self._moving = True
             self._progress.begin()
             try:
@@ -760,7 +775,12 @@ class TransformersEngine:
             raise
         try:
             while True:
-                kind, payload = await job.queue.get()
+                try:
+                    kind, payload = await asyncio.wait_for(job.queue.get(), self.stall_s)
+                except (TimeoutError, asyncio.TimeoutError):
+                    job.stalled = True
+                    raise EngineError(f"model {self.spec.name!r}: generation made no progress for {self.stall_s:g} s"
+                                      ) from None
                 if kind == "text":
                     yield Delta(text=payload)
                 elif kind == "end":
@@ -770,7 +790,8 @@ class TransformersEngine:
                     raise payload
         finally:
             job.cancel.set()
-            await _wait_through_cancellation(job)
+            if not job.stalled:
+                await _wait_through_cancellation(job)
 
     def _run_job(self, job: _Job, model: Any, tokenizer: Any) -> None:
         kind: str = "error"
@@ -872,16 +893,31 @@ class TransformersEngine:
             reason = "stop"
         return Delta(text=last_piece, finish_reason=reason, prompt_tokens=len(prompt), completion_tokens=completion)
 
+    async def hung(self) -> str | None:
+        """Why the engine counts as hung: a generation thread stalled (see `generate`); None otherwise."""
+        with self._state_lock:
+            stuck = sum(1 for job in self._jobs if job.stalled)
+        if not stuck:
+            return None
+        return (f"{stuck} generation thread(s) made no progress for {self.stall_s:g} s: the engine is hung "
+                "(a Python thread cannot be stopped: the model is loaded again once it returns)")
+
     # ------------------------------------------------------------------ close
 
     async def close(self) -> None:
+        """Stop every generation and unload. A stuck thread is waited for `stall_s` at most, then left
+        (it holds its own references to the model's tensors, freed when it returns; until then the
+        engine refuses to load the model again, so its memory is never held twice)."""
         with self._state_lock:
             jobs = list(self._jobs)
         for job in jobs:
             job.cancel.set()
         for job in jobs:
             if job.thread is not None:
-                await asyncio.to_thread(job.thread.join)
+                await asyncio.to_thread(job.thread.join, None if not job.stalled else self.stall_s)
+                if job.thread.is_alive():
+                    log.warning("model %s: a stuck generation thread is left running; its tensors are freed "
+                                 "when it returns", self.spec.name)
         await asyncio.to_thread(self._close_sync)
 
     def _close_sync(self) -> None:
