@@ -15,6 +15,7 @@ import pytest
 
 from clearml_umem.engines.base import GenerationRequest, InvalidRequest
 from clearml_umem.engines.prompt_check import PromptCounter
+from tests.llamacpp_env import SKIP_REASON as LLAMA_SKIP
 from tests.routerproc import RouterProcess, start_router
 from tests.waiting import wait_until
 
@@ -266,15 +267,16 @@ def _fake_vllm_router(tmp_path: Path, behaviour: dict) -> RouterProcess:
                         env={"FAKE_VLLM_STATE": str(state), "UMEM_ENGINE_STALL_SECONDS": "1"})
 
 
-def _stream_until_hung(router: RouterProcess, model: str) -> tuple[list[str], int]:
-    """Stream a long answer, SIGSTOP the engine after its first chunk; the lines the client got
-    to the end, and the engine's pid."""
+def _stream_until_hung(router: RouterProcess, model: str, on_stop=None, max_tokens: int = 400
+                       ) -> tuple[list[str], int]:
+    """Stream a long answer, SIGSTOP the engine after its first chunk (then call `on_stop`); the
+    lines the client got to the end, and the engine's pid."""
     import os
     import signal
 
     lines: list[str] = []
     pid = 0
-    body = {"model": model, "prompt": "Hello", "max_tokens": 400, "stream": True}
+    body = {"model": model, "prompt": "Hello", "max_tokens": max_tokens, "stream": True}
     with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=20) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
@@ -284,6 +286,8 @@ def _stream_until_hung(router: RouterProcess, model: str) -> tuple[list[str], in
             if len(lines) == 1:
                 pid = _row(router, model)["engine_details"]["pid"]
                 os.kill(pid, signal.SIGSTOP)
+                if on_stop is not None:
+                    on_stop()
     return lines, pid
 
 
@@ -373,3 +377,42 @@ def test_a_stuck_transformers_generation_errors_its_client_and_the_model_reloads
         asyncio.run(scenario())
     finally:
         release.set()
+
+
+@pytest.mark.skipif(LLAMA_SKIP is not None, reason=LLAMA_SKIP or "")
+def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) -> None:
+    """Two GGUF models with room for one; llama-server SIGSTOPped mid-stream: its stream ends with an
+    error event, and the other model's request, which needs that room, is answered."""
+    from clearml_umem.catalog import write_manifest
+    from clearml_umem.demo import room_for_one
+    from clearml_umem.engines import EngineContext
+    from clearml_umem.spec import spec_from_mapping
+    from clearml_umem.tinygguf import DEMO_GGUF, ensure_tiny_gguf
+    from tests.llamacpp_env import server_env
+
+    files = ensure_tiny_gguf(tmp_path / "gguf", DEMO_GGUF)
+    specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in files.items()]
+    manifest = tmp_path / "models.yaml"
+    write_manifest(manifest, specs)
+    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=tmp_path, device="cpu"))
+    router = start_router(manifest, tmp_path / "work", "--device", "cpu", "--device-budget", str(device_budget),
+                          "--host-budget", str(host_budget),
+                          env={**server_env(), "UMEM_ENGINE_STALL_SECONDS": "1"})
+    first, other = (s.name for s in specs)
+    try:
+        other_status: list[int] = []
+
+        def ask_other() -> None:
+            other_status.append(httpx.post(router.url + "/v1/completions", timeout=20, json={
+                "model": other, "prompt": "Hi", "max_tokens": 2}).status_code)
+
+        asker = threading.Thread(target=ask_other)
+        lines, pid = _stream_until_hung(router, first, on_stop=asker.start)
+        asker.join(30)
+        assert lines[-1] == "data: [DONE]" and "error" in json.loads(lines[-2].removeprefix("data: "))
+        assert other_status == [200]
+        row = _row(router, first)
+        assert row["tier"] == "cold" and "hung" in row["last_error"]
+        assert wait_until(lambda: not psutil_alive(pid), 15)
+    finally:
+        router.kill()
