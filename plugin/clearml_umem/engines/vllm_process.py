@@ -638,6 +638,8 @@ class VLLMProcess:
                 if looks_out_of_memory(tail):
                     raise EngineOutOfMemory(text)
                 raise EngineError(text)
+            if client.is_closed:  # closed under the start (`close()`): the process is being stopped
+                raise EngineError(f"model {name!r}: {self.config.label} was stopped while starting")
             with contextlib.suppress(httpx.HTTPError):
                 resp = await client.get("/health", timeout=2.0)
                 if resp.status_code == 200:
