@@ -97,6 +97,23 @@ async def in_abandonable_thread(name: str, fn: Callable[..., T], *args: Any) -> 
     return await fut
 
 
+@dataclass
+class Served:
+    """One model the runtime holds an engine for: from `add_model` until its engine is released.
+
+    `in_catalog` goes False when the model leaves the catalog; its engine stays until the
+    scheduler's `Release` (requests already queued are served first)."""
+
+    spec: ModelSpec
+    engine: Engine
+    in_catalog: bool = True
+    failure: tuple[float, str] | None = None
+    """When and why its last move failed or its engine was lost, for `/admin/models`."""
+    under_way: tuple[Move, float] | None = None
+    """The move running now and when it started."""
+    moves_done: int = 0
+
+
 class Runtime:
     def __init__(
         self,
@@ -118,18 +135,14 @@ class Runtime:
         self._factory = engine_factory
         self.scheduler = Scheduler(device_budget, host_budget, policy=policy, clock=clock, emit=self.bus.emit,
                                    max_waiting=max_waiting, fairness=fairness)
-        self._engines: dict[str, Engine] = {}
-        self._specs: dict[str, ModelSpec] = {}
+        self._models: dict[str, Served] = {}
         self._waiters: dict[str, asyncio.Future[Dispatch]] = {}
         self._moves: set[asyncio.Task[None]] = set()
-        self._failures: dict[str, tuple[float, str]] = {}
         self._changed = asyncio.Condition()
         self._closed = False
         self._placements: dict[str, asyncio.Future[PlacementEnded]] = {}
         self.placement_timeout_s = placement_timeout_s
         self.progress_period_s = progress_period_s
-        self._under_way: dict[str, tuple[Move, float]] = {}
-        self._moves_done: dict[str, int] = {}
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
 
@@ -145,17 +158,14 @@ class Runtime:
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
         self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits,
                                  max_in_flight=getattr(engine, "max_concurrency", None))
-        self._engines[spec.name] = engine
-        self._specs[spec.name] = spec
+        self._models[spec.name] = Served(spec, engine)
         gpu = footprints[Tier.GPU]
         log.info("model %s: engine %s, tiers %s, needs %.1f MB on the device when hot",
                  spec.name, spec.engine, "/".join(t.value for t in ALL_TIERS if t in engine.tiers),
                  gpu.device_bytes / 1e6)
 
     def remove_model(self, name: str) -> None:
-        if name not in self._specs:
-            raise ModelNotFound(name)
-        del self._specs[name]
+        self._served(name).in_catalog = False
         self._apply(self.scheduler.remove_model(name))
 
     def sync_catalog(self, snapshot: CatalogSnapshot) -> bool:
@@ -167,16 +177,16 @@ class Runtime:
         """
         settled = True
         wanted = {s.name: s for s in snapshot.specs}
-        for name in list(self._specs):
+        for name in self.model_names():
             if name not in wanted:
                 log.info("model %s left the catalog: draining it", name)
                 self.remove_model(name)
         for name, spec in wanted.items():
-            if name in self._specs:
-                if spec.weights != self._specs[name].weights:
+            if self.has_model(name):
+                if spec.weights != self._models[name].spec.weights:
                     log.warning("model %s changed weights in the catalog; restart to serve the new weights", name)
                 continue
-            if name in self._engines:
+            if name in self._models:
                 log.info("model %s is back in the catalog but still shutting down; retried at the next poll", name)
                 settled = False
                 continue
@@ -195,26 +205,28 @@ class Runtime:
 
     # -- queries --------------------------------------------------------------------------
 
+    def _served(self, name: str) -> Served:
+        """The record of a model in the catalog (not one only draining out of it)."""
+        served = self._models.get(name)
+        if served is None or not served.in_catalog:
+            raise ModelNotFound(name)
+        return served
+
     def has_model(self, name: str) -> bool:
-        return name in self._specs
+        served = self._models.get(name)
+        return served is not None and served.in_catalog
 
     def spec(self, name: str) -> ModelSpec:
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise ModelNotFound(name) from None
+        return self._served(name).spec
 
     def model_names(self) -> list[str]:
-        return sorted(self._specs)
+        return sorted(name for name, served in self._models.items() if served.in_catalog)
 
     def engine(self, name: str) -> Engine:
-        if name not in self._specs:
-            raise ModelNotFound(name)
-        return self._engines[name]
+        return self._served(name).engine
 
     def state(self, name: str) -> ModelState:
-        if name not in self._specs:
-            raise ModelNotFound(name)
+        self._served(name)
         return self.scheduler.state(name)
 
     def admin_view(self) -> list[dict[str, Any]]:
@@ -222,12 +234,12 @@ class Runtime:
         rows = []
         for name in self.model_names():
             st = self.scheduler.state(name)
-            spec = self._specs[name]
-            engine = self._engines[name]
+            served = self._models[name]
+            spec, engine = served.spec, served.engine
             last_used = None
             if st.uses:
                 last_used = datetime.fromtimestamp(now_wall - (now_mono - st.last_used), tz=timezone.utc).isoformat()
-            failure = self._failures.get(name)
+            failure = served.failure
             rows.append({
                 "name": name,
                 "tier": st.tier.value,
@@ -245,7 +257,7 @@ class Runtime:
                 "context_length": spec.context_length,
                 "engine_details": engine.describe(),
                 "last_error": failure[1] if failure else None,
-                "moves": self._moves_done.get(name, 0),
+                "moves": served.moves_done,
                 "move": self.move_progress(name),
             })
         return rows
@@ -253,13 +265,14 @@ class Runtime:
     def move_progress(self, name: str) -> dict[str, Any] | None:
         """The move of `name` under way: from, to, seconds so far, and its engine's stage and bytes
         when the engine tells them (`progress()`); None when the model is not moving."""
-        under_way = self._under_way.get(name)
-        if under_way is None:
+        served = self._models.get(name)
+        under_way = served.under_way if served is not None else None
+        if served is None or under_way is None:
             return None
         cmd, started = under_way
         row: dict[str, Any] = {"src": cmd.src.value, "dst": cmd.dst.value,
                                "elapsed_s": round(self._clock() - started, 3)}
-        progress = getattr(self._engines.get(name), "progress", None)
+        progress = getattr(served.engine, "progress", None)
         details = progress() if progress is not None else None
         row.update(details or {"stage": None, "bytes_done": None, "bytes_total": None, "percent": None})
         return row
@@ -278,9 +291,7 @@ class Runtime:
         """Refuse what the model can never serve (a prompt over its context window) before the
         request waits for it or moves anything. Engines that can tell without being loaded do
         (`check_request`, in a thread of its own that is abandoned when the client leaves)."""
-        if model not in self._specs:
-            raise ModelNotFound(model)
-        check = getattr(self._engines[model], "check_request", None)
+        check = getattr(self._served(model).engine, "check_request", None)
         if check is not None:
             await in_abandonable_thread(f"umem-check-{model}", check, request)
 
@@ -289,8 +300,7 @@ class Runtime:
         """Wait until `model` is hot and hold it there until the block exits."""
         if self._closed:
             raise Rejected(503, "the server is shutting down")
-        if model not in self._specs:
-            raise ModelNotFound(model)
+        engine = self._served(model).engine
         arrived = self._clock()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = fut
@@ -309,7 +319,7 @@ class Runtime:
         finally:
             self._waiters.pop(request_id, None)
         try:
-            yield Lease(self._engines[model], dispatch.served_from, arrived)
+            yield Lease(engine, dispatch.served_from, arrived)
         finally:
             self._apply(self.scheduler.on_finished(model, request_id))
 
@@ -322,8 +332,7 @@ class Runtime:
         """
         if self._closed:
             raise Rejected(503, "the server is shutting down")
-        if model not in self._specs:
-            raise ModelNotFound(model)
+        self._served(model)
         placement_id = uuid.uuid4().hex
         fut: asyncio.Future[PlacementEnded] = asyncio.get_running_loop().create_future()
         self._placements[placement_id] = fut
@@ -352,7 +361,8 @@ class Runtime:
         scheduler counts the model cold, its memory free, and `/admin/models` shows why. Returns
         the models found dead or hung."""
         lost = []
-        for name, engine in list(self._engines.items()):
+        for name, served in list(self._models.items()):
+            engine = served.engine
             if name not in self.scheduler:
                 continue
             st = self.scheduler.state(name)
@@ -369,7 +379,7 @@ class Runtime:
             if st.tier is Tier.COLD or st.moving_to is not None:
                 continue
             log.error("model %s: %s", name, reason)
-            self._failures[name] = (self._clock(), reason)
+            served.failure = (self._clock(), reason)
             try:
                 await engine.close()
             except Exception:  # noqa: BLE001 - it is dead already; what matters is that it counts as cold
@@ -416,9 +426,9 @@ class Runtime:
                     if waiter is not None and not waiter.done():
                         waiter.set_result(cmd)
             elif isinstance(cmd, Release):
-                engine = self._engines.pop(cmd.model, None)
-                if engine is not None:
-                    task = asyncio.get_running_loop().create_task(engine.close(), name=f"close-{cmd.model}")
+                released = self._models.pop(cmd.model, None)
+                if released is not None:
+                    task = asyncio.get_running_loop().create_task(released.engine.close(), name=f"close-{cmd.model}")
                     self._moves.add(task)
                     task.add_done_callback(self._moves.discard)
 
@@ -432,10 +442,11 @@ class Runtime:
             log.info("%s", describe_progress(cmd.model, cmd.src.value, cmd.dst.value, self._clock() - started, row))
 
     async def _run_move(self, cmd: Move) -> None:
-        engine = self._engines[cmd.model]
+        served = self._models[cmd.model]
+        engine = served.engine
         started = self._clock()
         log.info("model %s: %s -> %s", cmd.model, cmd.src.value, cmd.dst.value)
-        self._under_way[cmd.model] = (cmd, started)
+        served.under_way = (cmd, started)
         ticker = asyncio.get_running_loop().create_task(self._log_progress(cmd, started),
                                                         name=f"progress-{cmd.model}")
         try:
@@ -443,12 +454,12 @@ class Runtime:
         except EngineOutOfMemory as exc:
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)
-            self._failures[cmd.model] = (self._clock(), str(exc))
+            served.failure = (self._clock(), str(exc))
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
             log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
-            self._failures[cmd.model] = (self._clock(), f"{type(exc).__name__}: {exc}")
+            served.failure = (self._clock(), f"{type(exc).__name__}: {exc}")
             try:
                 await engine.close()
             except Exception:  # noqa: BLE001
@@ -456,14 +467,14 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
         else:
             seconds = self._clock() - started
-            self._moves_done[cmd.model] = self._moves_done.get(cmd.model, 0) + 1
+            served.moves_done += 1
             log.info("model %s: %s -> %s in %.3f s (%.1f MB)", cmd.model, cmd.src.value, cmd.dst.value, seconds,
                      result.bytes_moved / 1e6)
             self._apply(self.scheduler.on_move_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
                                                        footprints=result.footprints, host_copy=result.host_copy))
         finally:
             ticker.cancel()
-            self._under_way.pop(cmd.model, None)
+            served.under_way = None
         async with self._changed:
             self._changed.notify_all()
 
@@ -482,9 +493,9 @@ class Runtime:
         for waiter in self._placements.values():
             if not waiter.done():
                 waiter.set_result(PlacementEnded("", (), "failed", "the server is shutting down"))
-        for name, engine in list(self._engines.items()):
+        for name, served in list(self._models.items()):
             try:
-                await engine.close()
+                await served.engine.close()
             except Exception:  # noqa: BLE001 - keep closing the others
                 log.exception("model %s: engine close failed", name)
-        self._engines.clear()
+        self._models.clear()
