@@ -416,3 +416,35 @@ def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) ->
         assert wait_until(lambda: not psutil_alive(pid), 15)
     finally:
         router.kill()
+
+
+def test_a_check_whose_caller_left_is_abandoned_and_holds_nothing() -> None:
+    """A prompt check runs in a daemon thread of its own: a cancelled caller (its client hung up)
+    stops waiting at once, and the thread is no executor worker that shutdown would wait for."""
+    import asyncio
+
+    from clearml_umem.runtime import in_abandonable_thread
+
+    release = threading.Event()
+    seen: list[threading.Thread] = []
+
+    def tokenizing() -> int:
+        seen.append(threading.current_thread())
+        release.wait(30)
+        return 1
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(in_abandonable_thread("umem-check-m", tokenizing))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        started = time.monotonic()
+        asyncio.run(scenario())
+        # neither the cancelled caller nor asyncio.run's shutdown waited the 30 s the thread blocks
+        assert time.monotonic() - started < 15
+        assert seen and seen[0].daemon and seen[0].is_alive()
+    finally:
+        release.set()
