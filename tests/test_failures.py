@@ -448,3 +448,27 @@ def test_a_check_whose_caller_left_is_abandoned_and_holds_nothing() -> None:
         assert seen and seen[0].daemon and seen[0].is_alive()
     finally:
         release.set()
+
+
+def test_without_a_direct_read_from_pretrained_is_refused_when_the_config_is_larger_than_counted(
+        tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path without accelerate (or without safetensors) loads through from_pretrained: it too
+    refuses a config.json that describes more than the checkpoint holds, before allocating it."""
+    import asyncio
+
+    from clearml_umem.engines import EngineContext, EngineError
+    from clearml_umem.engines import transformers_engine as te
+    from clearml_umem.spec import spec_from_mapping
+    from clearml_umem.tiers import Tier
+
+    llama = tiny_models["tiny-llama"]
+    config = json.loads((llama / "config.json").read_text())
+    wide = _variant(llama, tmp_path / "wide", **{"config.json": json.dumps({**config, "hidden_size": WIDE})})
+    engine = te.TransformersEngine(spec_from_mapping({"name": "wide", "weights": str(wide)}),
+                                   EngineContext(work_dir=tmp_path, device="cpu"))
+    monkeypatch.setattr(engine, "_empty_model", lambda: None)
+    loaded: list[bool] = []
+    monkeypatch.setattr(engine, "_load_on_cpu", lambda: loaded.append(True))
+    with pytest.raises(EngineError, match=r"config.json describes \d+\.\d MB of parameters but the checkpoint holds"):
+        asyncio.run(engine.move(Tier.COLD, Tier.GPU))
+    assert loaded == []
