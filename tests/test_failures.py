@@ -139,6 +139,25 @@ def test_no_lock_is_held_across_a_tokenization() -> None:
         long.join(30)
 
 
+def test_the_tokenizer_pool_is_bounded_and_every_check_ends() -> None:
+    from clearml_umem.engines import prompt_check
+
+    started, release = threading.Event(), threading.Event()
+    counter = PromptCounter("m", Path("/nowhere"), loader=lambda _: _SlowTokenizer(started, release))
+    done: list[int | None] = []
+    threads = [threading.Thread(target=lambda: done.append(counter.count(GenerationRequest(prompt="long"))))
+               for _ in range(prompt_check.TOKENIZERS_PER_MODEL + 2)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: counter.tokenizers == prompt_check.TOKENIZERS_PER_MODEL, 10)
+    time.sleep(0.2)
+    assert counter.tokenizers == prompt_check.TOKENIZERS_PER_MODEL and done == []
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert done == [4] * len(threads) and counter.tokenizers == prompt_check.TOKENIZERS_PER_MODEL
+
+
 def test_the_length_bound_refuses_before_the_tokenizer_is_called(tiny_models: dict[str, Path]) -> None:
     calls: list[str] = []
 

@@ -28,6 +28,10 @@ NORMALIZER_SLACK = 4
 """A Unicode normalizer (NFKC...) can shrink text, at most from a 4-byte character to a 1-byte
 one ("𝐀" -> "A"): with one, the byte bound is divided by this to stay a lower bound."""
 
+TOKENIZERS_PER_MODEL = 4
+"""Most tokenizers one model's checks hold (each a copy of the vocabulary); a fifth check at once
+waits for one to be free, which the byte bound keeps short."""
+
 _EXPANDING_NORMALIZERS = frozenset({"Prepend", "Replace"})
 """Normalizers of SentencePiece-converted tokenizers that only add bytes (a leading `▁`,
 spaces written `▁`), checked per instance for Replace."""
@@ -105,22 +109,27 @@ def _load_tokenizer(weights: Path) -> Any:
 
 
 class PromptCounter:
-    """Token counts for one model's prompts, safe from any thread, with no lock held while tokenizing."""
+    """Token counts for one model's prompts, safe from any thread, with no lock held while tokenizing:
+    each check borrows a tokenizer of its own (at most `TOKENIZERS_PER_MODEL`)."""
 
     def __init__(self, name: str, weights: Path, loader: Callable[[Path], Any] = _load_tokenizer) -> None:
         self.name = name
         self.weights = weights
         self._loader = loader
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._free: list[Any] = []
         self._loaded = 0
+        self._loading = 0
         self._unavailable = False
         self._bound: tuple[int, int] | None = None
 
     def ids(self, request: GenerationRequest, context_length: int | None = None) -> list[int] | None:
         """The prompt's token ids as the model sees them (chat template applied); None when unknown.
 
-        With `context_length`, a prompt that cannot fit is refused from its length first."""
+        With `context_length`, a prompt that cannot fit is refused from its length first (before
+        it waits for a tokenizer, once the first one was loaded)."""
+        if self._bound is not None:
+            refuse_by_length(self.name, context_length, request, *self._bound)
         tokenizer = self._borrow()
         if tokenizer is None:
             return None
@@ -131,6 +140,7 @@ class PromptCounter:
         finally:
             with self._lock:
                 self._free.append(tokenizer)
+                self._lock.notify()
 
     def count(self, request: GenerationRequest, context_length: int | None = None) -> int | None:
         ids = self.ids(request, context_length)
@@ -138,26 +148,35 @@ class PromptCounter:
 
     @property
     def tokenizers(self) -> int:
-        """How many tokenizers the pool holds (as many as checks ever ran at once)."""
+        """How many tokenizers the pool holds: as many as checks ran at once, at most `TOKENIZERS_PER_MODEL`."""
         return self._loaded
 
     def _borrow(self) -> Any:
-        """A tokenizer nobody else uses now: a free one, else a new one (loaded outside the lock)."""
+        """A tokenizer nobody else uses now: a free one, else a new one (loaded outside the lock), else
+        the next one given back."""
         with self._lock:
-            if self._unavailable:
-                return None
-            if self._free:
-                return self._free.pop()
+            while True:
+                if self._unavailable:
+                    return None
+                if self._free:
+                    return self._free.pop()
+                if self._loaded + self._loading < TOKENIZERS_PER_MODEL:
+                    self._loading += 1
+                    break
+                self._lock.wait()
         try:
             tokenizer = self._loader(self.weights)
         except Exception:  # noqa: BLE001 - no tokenizer here: the engine checks later instead
             with self._lock:
                 self._unavailable = True
+                self._loading -= 1
+                self._lock.notify_all()
             return None
+        bound = byte_bound(tokenizer) if self._loaded == 0 else self._bound
         with self._lock:
-            if self._loaded == 0:
-                self._bound = byte_bound(tokenizer)
+            self._bound = bound
             self._loaded += 1
+            self._loading -= 1
         return tokenizer
 
 
