@@ -393,7 +393,10 @@ class Runtime:
         """Notice engines that died or hang (the router owns their processes)."""
         while not self._closed:
             await asyncio.sleep(period_s)
-            await self.check_engines()
+            try:
+                await self.check_engines()
+            except Exception:  # noqa: BLE001 - a failed check must not end the watch for every engine
+                log.exception("checking the engines failed; checking again in %.0f s", period_s)
 
     def _withdraw(self, model: str, placement_id: str) -> None:
         if model in self.scheduler:
