@@ -491,3 +491,29 @@ def test_without_a_direct_read_from_pretrained_is_refused_when_the_config_is_lar
     with pytest.raises(EngineError, match=r"config.json describes \d+\.\d MB of parameters but the checkpoint holds"):
         asyncio.run(engine.move(Tier.COLD, Tier.GPU))
     assert loaded == []
+
+
+def test_a_slow_step_that_progresses_layer_by_layer_is_not_a_stall(tiny_models: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """Each decoding step takes about 1.2 s (0.3 s per layer, 4 layers) against a 0.5 s stall
+    timeout: every layer that ends counts as progress (a long prefill), so the answer completes."""
+    import asyncio
+
+    from clearml_umem.engines import EngineContext
+    from clearml_umem.engines.transformers_engine import TransformersEngine
+    from clearml_umem.spec import spec_from_mapping
+    from clearml_umem.tiers import Tier
+
+    engine = TransformersEngine(spec_from_mapping({"name": "m", "weights": str(tiny_models["tiny-llama"])}),
+                                EngineContext(work_dir=tmp_path, device="cpu", options={"stall_timeout_s": 0.5}))
+
+    async def scenario() -> list:
+        await engine.move(Tier.COLD, Tier.GPU)
+        for layer in engine.model.model.layers:
+            layer.register_forward_pre_hook(lambda *_: time.sleep(0.3))
+        deltas = [d async for d in engine.generate(GenerationRequest(prompt="Hello", max_tokens=2, temperature=0))]
+        await engine.close()
+        return deltas
+
+    deltas = asyncio.run(scenario())
+    assert deltas[-1].finish_reason in ("stop", "length")

@@ -33,6 +33,7 @@ import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +96,9 @@ COUNT_TOLERANCE = 1.01
 before a load through `from_pretrained` is refused (buffers registered as parameters...)."""
 
 STALL_TIMEOUT_S = 30.0
-"""A generation thread that produces nothing this long (the prompt's prefill included) is stuck:
-its client gets an error and the model counts as hung (`EngineContext.options["stall_timeout_s"]`)."""
+"""A generation that makes no step this long (no token, and no layer of the model ends a forward
+pass: a long prefill is progress) is stuck: its client gets an error and the model counts as
+hung (`EngineContext.options["stall_timeout_s"]`)."""
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
@@ -345,6 +347,7 @@ class TransformersEngine:
         self._jobs: set[_Job] = set()
         self._progress = MoveProgress()
         self.stall_s = float(ctx.options.get("stall_timeout_s", STALL_TIMEOUT_S))
+        self._last_step = 0.0
 
     # ------------------------------------------------------------------ facts
 
@@ -623,10 +626,18 @@ class TransformersEngine:
     def _adopt(self, model: Any, layout: FlatLayout) -> None:
         """Remember the parameters by name; `named_parameters` dedups tied weights, so each is moved once."""
         model.eval()
+        for layers in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
+            for layer in layers:
+                layer.register_forward_hook(self._stepped)
         self._model = model
         self._params = dict(model.named_parameters())
         self._layout = layout
         self._release_device()
+
+    def _stepped(self, *_: Any) -> None:
+        """A layer ran a forward pass: generation makes progress, the prompt's prefill included
+        (a long prefill is one step with no token, yet each of its layers ends)."""
+        self._last_step = time.monotonic()
 
     def _adopt_loaded(self, model: Any) -> None:
         """A module loaded by `from_pretrained` on the CPU: its weights become the host buffer."""
@@ -773,14 +784,19 @@ class TransformersEngine:
             with self._state_lock:
                 self._jobs.discard(job)
             raise
+        last_item = time.monotonic()
         try:
             while True:
-                try:
-                    kind, payload = await asyncio.wait_for(job.queue.get(), self.stall_s)
-                except (TimeoutError, asyncio.TimeoutError):
+                # progress: an item from the thread, or any layer's forward pass (`_stepped`)
+                left = max(last_item, self._last_step) + self.stall_s - time.monotonic()
+                if left <= 0:
                     job.stalled = True
-                    raise EngineError(f"model {self.spec.name!r}: generation made no progress for {self.stall_s:g} s"
-                                      ) from None
+                    raise EngineError(f"model {self.spec.name!r}: generation made no progress for {self.stall_s:g} s")
+                try:
+                    kind, payload = await asyncio.wait_for(job.queue.get(), left)
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+                last_item = time.monotonic()
                 if kind == "text":
                     yield Delta(text=payload)
                 elif kind == "end":
