@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clearml import Task
 
+    from clearml_umem.clearml_io.catalogs import build_catalog
     from clearml_umem.clearml_io.reporter import ClearMLReporter
     from clearml_umem.server import UnifiedMemoryServer
 
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     endpoints: list[ModelEndpoints] = []
     try:
         config = ServeConfig.from_mapping(params).validate()
-        server = UnifiedMemoryServer(config)
+        server = UnifiedMemoryServer(config, build_catalog(config))
         reporter = ClearMLReporter(task.get_logger(), flush_period_s=float(params.get("report_period") or 5.0))
         reporter.attach(server.bus)
 
