@@ -100,7 +100,9 @@ class Fleet:
         try:
             resp = await self._client.get(url + "/status", headers=self._headers, timeout=self.probe_timeout_s)
             view = (parse_status(url, resp.json()) if resp.status_code == 200 else
-                    RouterView(url, alive=False, error=f"/status answered HTTP {resp.status_code}"))
+                    RouterView(url, alive=False, error=f"/status answered HTTP {resp.status_code}"
+                                                     + (" (wrong or missing API key: UMEM_API_KEY)"
+                                                        if resp.status_code in (401, 403) else "")))
         except (httpx.HTTPError, ValueError) as exc:
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             view = RouterView(url, alive=False, error=why)

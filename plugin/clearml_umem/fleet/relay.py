@@ -24,15 +24,17 @@ UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class NoRouter(Exception):
-    """No running router serves the model (a 503 naming it)."""
+    """No running router serves the model (a 503 naming it). `down`: the routers known and not
+    answering, with why; `none_up` when that is every router known."""
 
     status = 503
 
-    def __init__(self, model: str, tried: list[str]) -> None:
+    def __init__(self, model: str, down: dict[str, str], none_up: bool) -> None:
         self.model = model
-        self.tried = tried
-        why = f"; unreachable: {', '.join(tried)}" if tried else ""
-        super().__init__(f"model {model!r} is not served by any running router{why}")
+        self.down = down
+        self.none_up = none_up
+        gone = "; ".join(f"{url} did not answer ({why})" for url, why in down.items())
+        super().__init__(f"model {model!r} is not served by any running router" + (f": {gone}" if gone else ""))
 
 
 class RouterGone(Exception):
@@ -87,7 +89,6 @@ async def send(fleet: Fleet, client: httpx.AsyncClient, method: str, path: str, 
                timeout_s: float | None = None) -> Sent:
     """The answer of the best router for `model` that can be reached; NoRouter when none serves it."""
     await fleet.ready()
-    tried: list[str] = []
     candidates = chooser(fleet.views(), model)
     if not candidates:
         await fleet.refresh()  # a router may have just come up
@@ -101,7 +102,6 @@ async def send(fleet: Fleet, client: httpx.AsyncClient, method: str, path: str, 
         except UNREACHABLE as exc:
             fleet.finished(view.url)
             fleet.mark_down(view.url, f"{type(exc).__name__}: {exc}")
-            tried.append(view.url)
             continue
         except httpx.HTTPError as exc:
             fleet.finished(view.url)
@@ -111,7 +111,9 @@ async def send(fleet: Fleet, client: httpx.AsyncClient, method: str, path: str, 
             fleet.finished(view.url)
             raise
         return Sent(view.url, response, fleet)
-    raise NoRouter(model, tried)
+    views = fleet.views()
+    down = {v.url: v.error or "gone" for v in views if not v.alive}
+    raise NoRouter(model, down, none_up=not any(v.alive for v in views))
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
