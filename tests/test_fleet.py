@@ -18,7 +18,6 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.clearml_env import REPO
 from tests.fixtures.clearml_api_server import running_fixture
 from tests.fleetproc import Fleet3, FrontProcess, start_fleet3, start_front, wait_for
 
@@ -111,13 +110,17 @@ def test_front_speaks_openai(fleet: Fleet3, front: FrontProcess) -> None:
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "max_tokens", "a router's 4xx passes through"
 
 
-def test_fleet_view_on_the_command_line(fleet: Fleet3, front: FrontProcess) -> None:
-    out = run_cli("ps", "--fleet", "--url", front.url)
+def test_fleet_view_on_the_command_line(fleet: Fleet3, front: FrontProcess,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from clearml_umem.cli import main
+
+    assert main(["ps", "--fleet", "--url", front.url]) == 0
+    out = capsys.readouterr().out
     for url in fleet.urls:
         assert url in out
     assert "3 of 3 router(s) up" in out and "tiny-qwen2" in out
-    out = run_cli("ps", "--fleet", "--routers", ",".join(fleet.urls), "--json")
-    assert sorted(r["url"] for r in json.loads(out)["routers"]) == sorted(fleet.urls)
+    assert main(["ps", "--fleet", "--routers", ",".join(fleet.urls), "--json"]) == 0
+    assert sorted(r["url"] for r in json.loads(capsys.readouterr().out)["routers"]) == sorted(fleet.urls)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> str:
@@ -210,6 +213,20 @@ def test_models_list_on_clearml_serving_main_route(fleet: Fleet3, monkeypatch: p
         assert http.post("/serve/openai/v1/chat/completions", json={"model": "m"}).json() == {"endpoint": "m"}
 
 
+def test_fleet_routing_benchmark_runs_both_variants(fleet: Fleet3, tiny_models: dict[str, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark stays runnable (smoke: few requests, on this module's routers)."""
+    from benchmarks.fleet_routing import main
+
+    aware, turns = main(["--routers", ",".join(fleet.urls), "--requests", "9", "--max-tokens", "2",
+                         "--models-dir", str(tiny_models["tiny-llama"].parent)])
+    for run in (aware, turns):
+        assert len(run.ttft) == 9 and not run.errors and run.swaps >= 1
+    assert aware.swaps <= turns.swaps
+    out = capsys.readouterr().out
+    assert "| model-aware | 9/9 |" in out and "round-robin / model-aware: swaps" in out
+
+
 def test_a_killed_router_fails_its_own_requests_only_and_rejoins(fleet: Fleet3, front: FrontProcess) -> None:
     a, b, c = fleet.urls
     place(c, "tiny-mistral", "gpu")
@@ -241,11 +258,14 @@ def test_a_killed_router_fails_its_own_requests_only_and_rejoins(fleet: Fleet3, 
     assert httpx.get(front.url + "/health", timeout=10).json()["alive"] == 3
 
 
-def test_front_cli_refuses_a_bad_setting() -> None:
-    proc = subprocess.run([sys.executable, "-m", "clearml_umem", "front", "--routers", "localhost:8000"],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert proc.returncode == 2 and "--routers" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "clearml_umem", "front"], capture_output=True, text=True,
-                          timeout=60, cwd=REPO, env={k: v for k, v in __import__("os").environ.items()
-                                                     if not k.startswith("UMEM_FLEET")})
-    assert proc.returncode == 2 and "--clearml-project" in proc.stderr
+def test_front_cli_refuses_a_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from clearml_umem.cli import main
+
+    for name in ("UMEM_FLEET_ROUTERS", "UMEM_FLEET_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["front", "--routers", "localhost:8000"]) == 2
+    assert "--routers" in capsys.readouterr().err
+    assert main(["front"]) == 2
+    assert "--clearml-project" in capsys.readouterr().err
+    assert main(["front", "--routers", "http://h:1", "--clearml-project", "p"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Which router should serve a request for a model: pure, no I/O (tests/test_fleet_choose.py is a table).
 
 Preference, in order: a router where the model is hot, then in RAM, then on disk, then anywhere
-it is served (cold); among equals the least loaded router (requests in flight and waiting, its own
-count plus what this front has sent and not yet seen answered), then the URL, so ties are stable.
+it is served (cold); among equals the least loaded router (requests in flight and waiting, as it
+said or as this front has open there, whichever is more), then the one with fewer other models on
+its GPU (less to evict to make room), then the URL, so ties are stable.
 Replicas spread by load where the model is hot, and a model is loaded on a second router only
 when none holds it warmer.
 """
@@ -26,9 +27,10 @@ class ModelLoad:
 
     @property
     def rank(self) -> int:
-        """A model on its way to a warmer tier counts as there: requests sent now wait for that move only."""
-        here = TIER_ORDER.get(self.tier, len(TIER_ORDER))
-        return min(here, TIER_ORDER.get(self.moving_to, here)) if self.moving_to else here
+        """A moving model counts as where it goes: on its way to the GPU, requests sent now wait for
+        that move only; on its way out, it will not be there when they arrive."""
+        where = self.moving_to or self.tier
+        return TIER_ORDER.get(where, len(TIER_ORDER))
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,13 @@ class RouterView:
 
     @property
     def load(self) -> int:
-        return self.pending + sum(m.in_flight + m.waiting for m in self.models.values())
+        """Requests on this router: its own count may lag what this front just sent, and the front's
+        count leaves out other fronts', so the larger of the two."""
+        return max(self.pending, sum(m.in_flight + m.waiting for m in self.models.values()))
+
+    def hot_besides(self, model: str) -> int:
+        """Other models on (or on their way to) this router's GPU: what loading `model` may evict."""
+        return sum(1 for name, m in self.models.items() if name != model and m.rank == TIER_ORDER["gpu"])
 
 
 def serving(routers: Iterable[RouterView], model: str) -> list[RouterView]:
@@ -53,7 +61,7 @@ def serving(routers: Iterable[RouterView], model: str) -> list[RouterView]:
 
 def rank(routers: Iterable[RouterView], model: str) -> list[RouterView]:
     """The routers that serve `model`, best first; [] when no live router serves it."""
-    return sorted(serving(routers, model), key=lambda r: (r.models[model].rank, r.load, r.url))
+    return sorted(serving(routers, model), key=lambda r: (r.models[model].rank, r.load, r.hot_besides(model), r.url))
 
 
 def round_robin(routers: Iterable[RouterView], model: str, turn: int) -> list[RouterView]:
