@@ -67,7 +67,8 @@ def record_endpoint(task: Any, server: Any, url: str) -> ModelEndpoints | None:
     try:
         task.set_user_properties(
             router_url={"value": f"{url}/v1", "description": "OpenAI-compatible base URL of the router"},
-            served_models={"value": ",".join(names), "description": "models this router serves"})
+            served_models={"value": ",".join(names), "description": "models this router serves"},
+            device={"value": server.device, "description": "the GPU this router serves (one per clearml-agent)"})
     except Exception:  # noqa: BLE001 - telling the UI must never stop serving
         log.warning("could not record the router URL on the task", exc_info=True)
     for name in names:

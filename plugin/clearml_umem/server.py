@@ -83,9 +83,11 @@ class UnifiedMemoryServer:
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory,
                                max_waiting=config.max_waiting, fairness=config.fairness_window != "off")
         self.model_log = RouterModelLog()
+        self.device = device_label(resolve_device(config.device))
+        """Which card this router serves, as the clearml-agent gave it (`host/cuda:0=GPU 3`)."""
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
                               admin_key=config.admin_key, model_log=self.model_log,
-                              device=device_label(resolve_device(config.device)))
+                              device=self.device)
         self.url: str | None = None
         self._uvicorn: _Server | None = None
         self._poller: CatalogPoller | None = None
