@@ -229,9 +229,25 @@ def test_fleet_routing_benchmark_runs_both_variants(fleet: Fleet3, tiny_models: 
 
 def test_a_killed_router_fails_its_own_requests_only_and_rejoins(fleet: Fleet3, front: FrontProcess) -> None:
     a, b, c = fleet.urls
+    for url in (a, b):
+        place(url, "tiny-mistral", "cold")
+    for url in (a, c):
+        place(url, "tiny-qwen2", "cold")
     place(c, "tiny-mistral", "gpu")
     place(b, "tiny-qwen2", "gpu")
-    wait_for(lambda: front_sees(front, c, "tiny-mistral", "gpu") and front_sees(front, b, "tiny-qwen2", "gpu"))
+    wait_for(lambda: front_sees(front, c, "tiny-mistral", "gpu") and front_sees(front, b, "tiny-qwen2", "gpu")
+             and front_sees(front, a, "tiny-mistral", "cold"))
+    # a request that has had no byte of its answer yet (its model loading, or generating a JSON answer)
+    held: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: held.append(chat(front, "tiny-mistral", max_tokens=1500)), daemon=True)
+    waiting.start()
+
+    def on_c() -> bool:
+        """the long request is on router C"""
+        rows = httpx.get(c + "/status", timeout=10).json()["models"]
+        return any(m["id"] == "tiny-mistral" and m["in_flight"] + m["waiting"] for m in rows)
+
+    wait_for(on_c)
     stream = {"messages": CHAT, "max_tokens": 60, "stream": True, "temperature": 0}
     url = front.url + "/v1/chat/completions"
     with httpx.Client(timeout=120) as client, \
@@ -246,6 +262,9 @@ def test_a_killed_router_fails_its_own_requests_only_and_rejoins(fleet: Fleet3, 
     events = [line[len("data: "):] for line in cut.splitlines() if line.startswith("data: ")]
     assert json.loads(events[-1])["error"]["code"] == "router_gone", "the stream ends with a clean error"
     assert whole.rstrip().endswith("data: [DONE]"), "a request on another router is not disturbed"
+    waiting.join(timeout=60)
+    assert held and held[0].status_code == 502 and held[0].json()["error"]["code"] == "router_gone", \
+        "a request the router held gets a clean 502"
 
     wait_for(lambda: not next(r for r in httpx.get(front.url + "/fleet/status", timeout=10).json()["routers"]
                               if r["url"] == c)["alive"], timeout=10)
