@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_ops_commands(sub)
     add_front_command(sub)
     add_fleet_to_ps(sub.choices["ps"])
+    from clearml_umem.clearml_io.serving_sync import add_sync_command
+
+    add_sync_command(sub)
     return parser
 
 

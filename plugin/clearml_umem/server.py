@@ -58,7 +58,7 @@ def manifest_catalog(config: ServeConfig) -> Catalog:
     if not config.manifest:
         raise ConfigError("no catalog: give --manifest FILE, or build the registry catalog with "
                           "clearml_umem.clearml_io.catalogs.build_catalog and pass it in")
-    return ManifestCatalog(config.manifest)
+    return ManifestCatalog(config.manifest, default_engine=config.resolved_engine())
 
 
 class UnifiedMemoryServer:
