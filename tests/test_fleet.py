@@ -185,6 +185,37 @@ class Named(BaseModel):
     model: str
 
 
+def test_forwarder_holds_many_requests_at_once(fleet: Fleet3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One async client, no pool of its own: 16 requests reach the router together (in threads
+    from asyncio's default pool, `requests` held min(32, cores + 4) of them: 6 on 2 cores)."""
+    a = fleet.urls[0]
+    place(a, "tiny-llama", "gpu")
+    module = load_preprocess(monkeypatch, UMEM_ROUTER_URL=a)
+    pre = module.Preprocess()
+    pre.model_endpoint = SimpleNamespace(serving_url="tiny-llama", auxiliary_cfg=None)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not done.is_set():
+                rows = client.get(a + "/status").json()["models"]
+                seen.append(sum(m["in_flight"] + m["waiting"] for m in rows))
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(*(pre.process({"messages": CHAT, "max_tokens": 24}, {}) for _ in range(16)))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    assert all(answer["choices"][0]["message"]["content"] is not None for answer in answers)
+    assert max(seen) >= 12, f"the router saw at most {max(seen)} of 16 at once"
+
+
 def test_models_list_on_clearml_serving_main_route(fleet: Fleet3, monkeypatch: pytest.MonkeyPatch) -> None:
     """clearml-serving main's route (`/serve/openai/{endpoint_type:path}`, GET and POST) wants a JSON
     body naming a model; an OpenAI client's `models.list()` sends none. Its app is stood in for here
