@@ -64,6 +64,9 @@ class ServeConfig:
     vllm_python: str | None = None
     llama_server: str | None = None
     """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
+    strict: bool = False
+    """Refuse to start when a catalog model can be known not to load (no engine, no llama-server,
+    over a budget) instead of serving the others and listing it in the banner."""
     log_level: str = "info"
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
@@ -171,17 +174,20 @@ def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
     return cfg
 
 
+BOOLEANS = ("clearml_published", "strict")
+
+
 def _coerce(name: str, value: Any) -> Any:
     if name in ("clearml_tags", "clearml_ids"):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return [str(v) for v in value]
-    if name == "clearml_published":
+    if name in BOOLEANS:
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise ConfigError(f"clearml_published must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
         return text in ("1", "true", "yes", "on")
     if name in ("port", "max_waiting"):
         try:
@@ -217,6 +223,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name == "clearml_published":
             parser.add_argument(flag, default=default, action="store_true",
                                 help=f"serve only published registry entries {help_text}")
+        elif f.name == "strict":
+            parser.add_argument(flag, default=default, action="store_true",
+                                help=f"refuse to start when a model cannot be served, instead of listing it "
+                                     f"in the banner and serving the others {help_text}")
         elif f.name == "engine":
             parser.add_argument(flag, default=default, choices=ENGINE_CHOICES,
                                 help=f"engine of Hugging Face models whose entry names none; auto: vllm on a CUDA "
