@@ -64,6 +64,14 @@ class ServeConfig:
     """Largest request body accepted; bigger ones get a 413 before anything reads them."""
     work_dir: str = DEFAULT_WORK_DIR
     catalog_poll_seconds: float = 0.0
+    catalog_removal_grace_seconds: float = 30.0
+    """A model missing from the catalog is removed only once it has been missing on two polls in
+    a row and for this long: a manifest caught half-written, or a registry query that returned
+    part of its list, must not drop a model and answer its queued requests 404."""
+    engine_stall_seconds: float = 30.0
+    """An engine that makes no progress this long with a request in flight (a server that sends
+    no byte and does not answer /health either; a generation thread that makes no step) is
+    hung: its requests get an error, it is stopped, shown failed and its memory given back."""
     vllm_python: str | None = None
     llama_server: str | None = None
     """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
@@ -130,6 +138,10 @@ class ServeConfig:
             raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:
             raise ConfigError("catalog_poll_seconds must be >= 0")
+        if self.engine_stall_seconds <= 0:
+            raise ConfigError(f"engine_stall_seconds must be positive, got {self.engine_stall_seconds}")
+        if self.catalog_removal_grace_seconds < 0:
+            raise ConfigError("catalog_removal_grace_seconds must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         return self
@@ -171,6 +183,15 @@ class ServeConfig:
         return _with_secrets(cls(**kwargs), env)
 
 
+FLOAT_FIELDS = {
+    "catalog_poll_seconds": "re-read the catalog every N seconds, 0 = never",
+    "catalog_removal_grace_seconds": "remove a model missing from the catalog only after it was missing on two "
+                                     "polls in a row and for N seconds (default 30)",
+    "engine_stall_seconds": "declare an engine hung after N seconds without progress on a request in flight "
+                            "(and, for a server, no answer to /health) (default 30)",
+}
+"""Fields that are numbers of seconds, with their help."""
+
 SECRETS = ("api_key", "admin_key")
 """Read from `UMEM_API_KEY` / `UMEM_ADMIN_KEY` only: never a flag (shell history) or a hyperparameter."""
 
@@ -201,11 +222,11 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if name == "catalog_poll_seconds":
+    if name in FLOAT_FIELDS:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"catalog_poll_seconds must be a number, got {value!r}") from None
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
     return str(value)
 
 
@@ -245,9 +266,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
                                      f"llamacpp (default {default}) {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
-        elif f.name == "catalog_poll_seconds":
-            parser.add_argument(flag, default=default, type=float,
-                                help=f"re-read the catalog every N seconds, 0 = never {help_text}")
+        elif f.name in FLOAT_FIELDS:
+            parser.add_argument(flag, default=default, type=float, help=f"{FLOAT_FIELDS[f.name]} {help_text}")
         else:
             parser.add_argument(flag, default=default, help=help_text)
 
