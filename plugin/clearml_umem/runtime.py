@@ -59,6 +59,11 @@ class Rejected(ServingError):
         self.retry_after = retry_after
 
 
+def shutting_down() -> Rejected:
+    return Rejected(503, "the server is shutting down; retry shortly (another replica, or this one once it is "
+                    "back)", code="server_shutting_down", retry_after=2.0)
+
+
 @dataclass(frozen=True)
 class Lease:
     engine: Engine
@@ -257,7 +262,7 @@ class Runtime:
     async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:
         """Wait until `model` is hot and hold it there until the block exits."""
         if self._closed:
-            raise Rejected(503, "the server is shutting down")
+            raise shutting_down()
         if model not in self._specs:
             raise ModelNotFound(model)
         arrived = self._clock()
@@ -407,13 +412,17 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
-            log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
+            # its text can hold paths and internals: clients get a reference, the log and admins the details
+            reference = uuid.uuid4().hex[:12]
+            log.exception("model %s: move %s -> %s failed (reference %s)", cmd.model, cmd.src.value, cmd.dst.value,
+                          reference)
             self._failures[cmd.model] = (self._clock(), f"{type(exc).__name__}: {exc}")
             try:
                 await engine.close()
             except Exception:  # noqa: BLE001
                 log.exception("model %s: closing the engine after a failed move also failed", cmd.model)
-            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
+            public = f"its engine failed (reference {reference}; the server log has the details)"
+            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, public, now_in=Tier.COLD))
         else:
             seconds = self._clock() - started
             self._moves_done[cmd.model] = self._moves_done.get(cmd.model, 0) + 1
@@ -427,12 +436,18 @@ class Runtime:
         async with self._changed:
             self._changed.notify_all()
 
-    async def close(self) -> None:
-        """Refuse new work, let moves finish, then release every engine (processes included)."""
+    def stop_admitting(self) -> None:
+        """The server is stopping: every queued request is answered now (503, Retry-After) instead
+        of waiting for a model it would not get, and new ones are refused the same way; requests
+        already running keep their models."""
         self._closed = True
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_exception(Rejected(503, "the server is shutting down"))
+                fut.set_exception(shutting_down())
+
+    async def close(self) -> None:
+        """Refuse new work, let moves finish, then release every engine (processes included)."""
+        self.stop_admitting()
 
         # a move that ends may start another (a placement's load after its eviction): wait for those too
         deadline = asyncio.get_running_loop().time() + 60

@@ -26,17 +26,32 @@ from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
 from clearml_umem.policy import make_policy
 from clearml_umem.router.app import create_app
+from clearml_umem.router.browser_guard import HostNames
+from clearml_umem.router.connections import ConnectionLimits, limited_protocol, quiet_accept_errors
+from clearml_umem.router.drain import Drain
 from clearml_umem.runtime import EngineFactory, Runtime
 
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "umem: serving on "
 
+STOP_MARGIN_S = 3.0
+"""After the stop's grace, the time streams get to send their closing error event before uvicorn
+cancels what is left."""
+
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises the stop signal as soon as it stops listening, which would kill the
     process before the engines (vLLM processes) are released; we finish cleanup and exit
-    normally instead."""
+    normally instead. A stop first runs `on_stop` (queued requests answered, the grace begun)."""
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_stop()
+        await super().shutdown(sockets)
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -86,8 +101,13 @@ class UnifiedMemoryServer:
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory,
                                max_waiting=config.max_waiting, fairness=config.fairness_window != "off")
         self.model_log = RouterModelLog()
+        self.drain = Drain()
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
-                              admin_key=config.admin_key, model_log=self.model_log)
+                              admin_key=config.admin_key, model_log=self.model_log,
+                              hosts=HostNames.for_listen_address(config.host, config.allowed_hosts),
+                              max_messages=config.max_messages, drain=self.drain)
+        self.limits = ConnectionLimits(header_timeout_s=config.header_timeout, body_timeout_s=config.body_timeout,
+                                       idle_timeout_s=config.idle_timeout, max_connections=config.max_connections)
         self.url: str | None = None
         self._uvicorn: _Server | None = None
         self._poller: CatalogPoller | None = None
@@ -148,9 +168,13 @@ class UnifiedMemoryServer:
             log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
+            quiet_accept_errors(self._loop)
+            # uvicorn cancels what still runs this long after the stop: the drain ends it cleanly first
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                       timeout_graceful_shutdown=10)
-            self._uvicorn = _Server(uv_config)
+                                       http=limited_protocol(self.limits),
+                                       timeout_keep_alive=self.limits.idle_timeout_s,
+                                       timeout_graceful_shutdown=self.config.shutdown_grace + STOP_MARGIN_S)
+            self._uvicorn = _Server(uv_config, on_stop=self._on_stop)
             serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
             watcher = asyncio.create_task(self.runtime.watch_engines(), name="umem-engine-watch")
             while not self._uvicorn.started and not serving.done():
@@ -167,6 +191,12 @@ class UnifiedMemoryServer:
                 await asyncio.to_thread(self._poller.stop)
             await self.runtime.close()
             sock.close()
+
+    def _on_stop(self) -> None:
+        log.info("stopping: queued requests answered 503, running ones get %g s to finish",
+                 self.config.shutdown_grace)
+        self.runtime.stop_admitting()
+        self.drain.begin(self.config.shutdown_grace)
 
     def request_stop(self) -> None:
         if self._uvicorn is not None:

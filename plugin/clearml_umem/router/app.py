@@ -13,6 +13,7 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
+from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
+from clearml_umem.router.drain import Drain, GraceOver
 from clearml_umem.router.errors import (
     CLIENT_CLOSED,
     APIError,
@@ -33,7 +36,15 @@ from clearml_umem.router.errors import (
     unauthorized,
 )
 from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
-from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
+from clearml_umem.router.head import HeadAsGet
+from clearml_umem.router.schemas import (
+    DEFAULT_MAX_MESSAGES,
+    ChatRequest,
+    CompletionRequest,
+    parse_json,
+    parse_request,
+    to_generation_request,
+)
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
 from clearml_umem.tiers import ALL_TIERS, Tier
@@ -88,13 +99,26 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 0.5 MB), far below what would hold a model for seconds of tokenizing."""
 
 
+INLINE_PARSE_BYTES = 64 * 2**10
+"""Bodies up to this size are parsed on the event loop (well under a millisecond: a worker thread
+would cost more than it saves); bigger ones in a worker thread, so that a multi-megabyte body
+never holds up other clients' streams."""
+
+
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None,
-               model_log: RouterModelLog | None = None) -> FastAPI:
+               model_log: RouterModelLog | None = None, hosts: HostNames = DEFAULT_HOSTS,
+               max_messages: int = DEFAULT_MAX_MESSAGES, drain: Drain | None = None) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
+    drain = drain or Drain()
+    app.state.drain = drain
+    # the last added runs first: HEAD becomes GET, then browsers are checked, then keys
     if api_key or admin_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
+    app.add_middleware(BrowserGuard, hosts=hosts, page_paths=PUBLIC_PATHS)
+    app.add_middleware(HeadAsGet)
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain)
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
 
@@ -128,11 +152,11 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=False, max_body_bytes=max_body_bytes)
+        return await _serve(runtime, request, chat=False, options=serve_options)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=True, max_body_bytes=max_body_bytes)
+        return await _serve(runtime, request, chat=True, options=serve_options)
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
@@ -192,7 +216,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 def _offset(raw: str | None, param: str = "offset") -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # "²".isdigit() is True, and int("²") raises
         raise bad_request(f"Invalid value for '{param}': {raw!r}; expected a whole number >= 0", param=param)
     return int(raw)
 
@@ -218,25 +242,41 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _serve(runtime: ServingRuntime, request: Request, chat: bool, max_body_bytes: int) -> Response:
+@dataclass(frozen=True)
+class _ServeOptions:
+    max_body_bytes: int
+    max_messages: int
+    drain: Drain
+
+
+async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions) -> Response:
     arrived = time.monotonic()
-    data = parse_json(await read_body(request, max_body_bytes))
-    body: ChatRequest | CompletionRequest = validate(ChatRequest if chat else CompletionRequest, data)
+    raw = await read_body(request, options.max_body_bytes)
+    inline = len(raw) <= INLINE_PARSE_BYTES
+    body: ChatRequest | CompletionRequest
+    if inline:
+        body = parse_request(raw, chat, options.max_messages)
+    else:
+        body = await asyncio.to_thread(parse_request, raw, chat, options.max_messages)
+    del raw
     if not runtime.has_model(body.model):
         raise model_not_found(body.model)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    gen = Generation(runtime, body.model, to_generation_request(body, spec), request_id, arrived)
+    gen_request = to_generation_request(body, spec) if inline else await asyncio.to_thread(
+        to_generation_request, body, spec)
+    gen = Generation(runtime, body.model, gen_request, request_id, arrived)
+    drain = options.drain
     created = int(time.time())
     if body.stream:
         try:
             await until_disconnect(request.receive, gen.open)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage),
+        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage, drain),
                                    headers=_served_from_header(gen))
     try:
-        content = await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat))
+        content = await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat, drain))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(content, headers=_served_from_header(gen))
@@ -248,15 +288,17 @@ def _served_from_header(gen: Generation) -> dict[str, str]:
     return {SERVED_FROM_HEADER: gen.served_from.value} if gen.served_from is not None else {}
 
 
-async def _complete(gen: Generation, model: str, created: int, chat: bool) -> dict[str, Any]:
+async def _complete(gen: Generation, model: str, created: int, chat: bool, drain: Drain) -> dict[str, Any]:
     await gen.open()
     ok = False
     pieces: list[str] = []
     try:
-        while (delta := await gen.next_delta()) is not None:
+        while (delta := await drain.within_grace(gen.next_delta)) is not None:
             gen.first_token()
             pieces.append(delta.text)
         ok = True
+    except GraceOver as exc:
+        raise exc.error from None
     finally:
         await gen.close(ok)
     text = "".join(pieces)
@@ -273,7 +315,7 @@ async def _complete(gen: Generation, model: str, created: int, chat: bool) -> di
 
 
 async def _stream(gen: Generation, model: str, created: int, chat: bool,
-                  include_usage: bool) -> AsyncGenerator[bytes, None]:
+                  include_usage: bool, drain: Drain) -> AsyncGenerator[bytes, None]:
     """OpenAI's chunk sequence: (chat: a role chunk), content chunks, a finish chunk, (usage), [DONE]."""
     rid = gen.request_id
 
@@ -288,7 +330,7 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
         if chat:
             yield event(chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
                                    include_usage=include_usage))
-        while (delta := await gen.next_delta()) is not None:
+        while (delta := await drain.within_grace(gen.next_delta)) is not None:
             if delta.text:
                 gen.first_token()
                 yield piece(delta.text)
@@ -300,8 +342,9 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
             yield event(maker(rid, created, model, None, include_usage=True, usage_value=usage))
         ok = True
         yield DONE
-    except APIError as exc:
-        yield event(exc.body())
+    except (APIError, GraceOver) as exc:
+        error = exc.error if isinstance(exc, GraceOver) else exc
+        yield event(error.body())
         yield DONE
     finally:
         await gen.close(ok)
