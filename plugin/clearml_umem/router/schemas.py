@@ -242,6 +242,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
             _name_bad_string(raw)
         if "recursion" in reason:
             raise bad_request(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+        if reason.startswith("number"):
+            raise bad_request(f"A number in the JSON body is out of range ({reason}); integers must fit in 64 bits"
+                              ) from None
         raise bad_request(f"We could not parse the JSON body of your request: {reason}") from None
     if not isinstance(data, dict):
         raise bad_request(f"The request body must be a JSON object, got {type(data).__name__}")
