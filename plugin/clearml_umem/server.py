@@ -27,7 +27,13 @@ from clearml_umem.model_logs import RouterModelLog
 from clearml_umem.policy import make_policy
 from clearml_umem.router.app import create_app
 from clearml_umem.router.browser_guard import HostNames
-from clearml_umem.router.connections import ConnectionLimits, limited_protocol, quiet_accept_errors
+from clearml_umem.router.connections import (
+    ConnectionGate,
+    ConnectionLimits,
+    gated_listener,
+    limited_protocol,
+    quiet_accept_errors,
+)
 from clearml_umem.router.drain import Drain
 from clearml_umem.runtime import EngineFactory, Runtime
 
@@ -148,7 +154,8 @@ class UnifiedMemoryServer:
         # proto is IPPROTO_TCP, and with it on, every response on a kept-alive connection
         # waits ~40 ms for a delayed ACK, more than the first token of a hot model.
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        gate = ConnectionGate(self.limits.resolved_max_connections())
+        sock = gated_listener(family, gate)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.host, self.config.port))
@@ -171,7 +178,7 @@ class UnifiedMemoryServer:
             quiet_accept_errors(self._loop)
             # uvicorn cancels what still runs this long after the stop: the drain ends it cleanly first
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                       http=limited_protocol(self.limits),
+                                       http=limited_protocol(self.limits, gate),
                                        timeout_keep_alive=self.limits.idle_timeout_s,
                                        timeout_graceful_shutdown=self.config.shutdown_grace + STOP_MARGIN_S)
             self._uvicorn = _Server(uv_config, on_stop=self._on_stop)

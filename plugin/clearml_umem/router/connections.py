@@ -22,9 +22,11 @@ A response that takes long (a stream) is never cut: the limits only cover waitin
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +89,56 @@ def _raw_response(status: int, reason: str, message: str, code: str, headers: di
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def limited_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with `limits` (pass as `uvicorn.Config(http=...)`)."""
+class ConnectionGate:
+    """Counts accepted connections from `accept()` to their close.
+
+    asyncio accepts up to the listen backlog (uvicorn: 2048) in one pass before any protocol sees
+    its connection, so a cap applied in the protocol alone comes too late: one pass of a flood
+    takes every descriptor. The listener asks the gate first and leaves connections in the
+    kernel's backlog beyond `cap + headroom` (the headroom: connections accepted over the cap
+    that are about to replace an idle one or be refused)."""
+
+    def __init__(self, cap: int, headroom: int | None = None) -> None:
+        self.cap = cap
+        self.headroom = headroom if headroom is not None else max(4, min(64, cap // 8))
+        self.open = 0
+
+    def admit(self) -> bool:
+        if self.open >= self.cap + self.headroom:
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open = max(0, self.open - 1)
+
+
+class GatedListener(socket.socket):
+    """A listening socket whose `accept` stops while its gate is full: asyncio treats the
+    BlockingIOError as "no more for now", and the next pass of the loop (after the closes the
+    over-cap connections caused) accepts again."""
+
+    gate: ConnectionGate
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not self.gate.admit():
+            raise BlockingIOError(errno.EAGAIN, "connection cap reached")
+        try:
+            return super().accept()
+        except BaseException:
+            self.gate.release()
+            raise
+
+
+def gated_listener(family: int, gate: ConnectionGate) -> GatedListener:
+    sock = GatedListener(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.gate = gate
+    return sock
+
+
+def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = None) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with `limits` (pass as `uvicorn.Config(http=...)`); `gate`, when the
+    listener is a `GatedListener`, is told of each close."""
     cap = limits.resolved_max_connections()
     refusals = RateLimitedLog(log)
     replacements = RateLimitedLog(log)
@@ -143,6 +193,8 @@ def limited_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_timers()
             self._waiting_since = None
+            if gate is not None:
+                gate.release()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
