@@ -7,6 +7,7 @@ serve the same way.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import threading
@@ -172,6 +173,9 @@ class UnifiedMemoryServer:
         package_log.addHandler(self.model_log)
         try:
             first = await self.load_catalog()
+            # what start-up built (libraries, the catalog) lives as long as the process: frozen, a
+            # full collection no longer walks it, and no full collection stalls requests for long
+            gc.freeze()
             log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)

@@ -9,13 +9,15 @@ ever touched from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import hmac
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -50,6 +52,7 @@ from clearml_umem.router.status_page import status_page
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
+T = TypeVar("T")
 
 
 class BearerAuth:
@@ -101,8 +104,45 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 INLINE_PARSE_BYTES = 64 * 2**10
 """Bodies up to this size are parsed on the event loop (well under a millisecond: a worker thread
-would cost more than it saves); bigger ones in a worker thread, so that a multi-megabyte body
+would cost more than it saves); bigger ones in the parser thread, so that a multi-megabyte body
 never holds up other clients' streams."""
+
+
+class _BigBodies:
+    """One thread parses big bodies, one at a time. Parsing holds the GIL: with a thread per body,
+    four bodies starved the event loop as surely as parsing on it did (each loop pass waited its
+    turn among five threads); with one, the loop waits at most one switch interval (5 ms) for it.
+    Bodies waiting their turn hold only their bytes.
+
+    The cyclic garbage collector is paused while a body is parsed: the hundreds of thousands of
+    objects a big body becomes would trigger full collections, each holding the GIL for a
+    second in a process that holds a model's objects (a JSON body makes no cycles: reference
+    counting frees it)."""
+
+    def __init__(self) -> None:
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="umem-parse")
+        return self._executor
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        def without_collections() -> T:
+            paused = gc.isenabled()
+            gc.disable()
+            try:
+                return fn(*args)
+            finally:
+                if paused:
+                    gc.enable()
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), without_collections)
+
+    def free(self, value: object) -> None:
+        """Let the parser thread drop the last reference to a big parsed body (freeing 200,000
+        objects takes a quarter second, which the event loop would otherwise spend)."""
+        self._pool().submit(lambda held=value: None)
 
 
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
@@ -118,7 +158,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
     app.add_middleware(BrowserGuard, hosts=hosts, page_paths=PUBLIC_PATHS)
     app.add_middleware(HeadAsGet)
-    serve_options = _ServeOptions(max_body_bytes, max_messages, drain)
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies())
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
 
@@ -247,6 +287,7 @@ class _ServeOptions:
     max_body_bytes: int
     max_messages: int
     drain: Drain
+    big_bodies: _BigBodies
 
 
 async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions) -> Response:
@@ -257,13 +298,17 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
     if inline:
         body = parse_request(raw, chat, options.max_messages)
     else:
-        body = await asyncio.to_thread(parse_request, raw, chat, options.max_messages)
+        body = await options.big_bodies.run(parse_request, raw, chat, options.max_messages)
     del raw
     if not runtime.has_model(body.model):
-        raise model_not_found(body.model)
+        name = body.model
+        if not inline:
+            options.big_bodies.free(body)
+            del body
+        raise model_not_found(name)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    gen_request = to_generation_request(body, spec) if inline else await asyncio.to_thread(
+    gen_request = to_generation_request(body, spec) if inline else await options.big_bodies.run(
         to_generation_request, body, spec)
     gen = Generation(runtime, body.model, gen_request, request_id, arrived)
     drain = options.drain

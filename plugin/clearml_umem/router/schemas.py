@@ -14,7 +14,7 @@ import json
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from clearml_umem.engines import SAMPLING_OPTIONS
@@ -293,6 +293,8 @@ def parse_request(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAG
     if chat and isinstance(messages, list) and len(messages) > max_messages:
         raise bad_request(f"'messages' holds {len(messages)} messages; this server takes at most {max_messages} "
                           "per request (--max-messages)", param="messages", code="too_many_messages")
+    if chat and isinstance(messages, list) and len(messages) > MESSAGE_BATCH:
+        data["messages"] = _validated_messages(messages)  # instances: the model takes them as they are
     return validate(ChatRequest if chat else CompletionRequest, data)
 
 
@@ -309,18 +311,43 @@ def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in err["loc"]) or None
-        if err["type"] == "unsupported":
-            raise bad_request(err["msg"], param=err["ctx"]["option"]) from None
-        if err["type"] == "missing":
-            message = f"'{param}' is required"
-        else:
-            message = f"Invalid value for '{param}': {err['msg'].removeprefix('Value error, ')}"
-        extra = len(exc.errors()) - 1
-        if extra > 0:
-            message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
-        raise bad_request(message, param=param) from None
+        raise _bad_request_from(exc) from None
+
+
+def _bad_request_from(exc: ValidationError, prefix: tuple[str | int, ...] = (), offset: int = 0) -> Exception:
+    """The first error as a 400; `prefix` and `offset` place an error found in a slice of a list."""
+    err = exc.errors(include_url=False)[0]
+    loc = list(err["loc"])
+    if prefix:
+        loc = [*prefix, int(loc[0]) + offset, *loc[1:]] if loc else list(prefix)
+    param = ".".join(str(part) for part in loc) or None
+    if err["type"] == "unsupported":
+        return bad_request(err["msg"], param=err["ctx"]["option"])
+    if err["type"] == "missing":
+        message = f"'{param}' is required"
+    else:
+        message = f"Invalid value for '{param}': {err['msg'].removeprefix('Value error, ')}"
+    extra = len(exc.errors()) - 1
+    if extra > 0:
+        message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
+    return bad_request(message, param=param)
+
+
+MESSAGE_BATCH = 1000
+"""Messages validated per call: pydantic holds the GIL for a whole call, so a big conversation
+is validated in slices, and the event loop's thread gets its turn between them."""
+
+_MESSAGE_LIST = TypeAdapter(list[ChatMessage], config=ConfigDict(strict=True))
+
+
+def _validated_messages(messages: list[Any]) -> list[ChatMessage]:
+    checked: list[ChatMessage] = []
+    for start in range(0, len(messages), MESSAGE_BATCH):
+        try:
+            checked.extend(_MESSAGE_LIST.validate_python(messages[start:start + MESSAGE_BATCH]))
+        except ValidationError as exc:
+            raise _bad_request_from(exc, ("messages",), start) from None
+    return checked
 
 
 def resolve_max_tokens(body: _Sampling, spec: ModelSpec, chat: bool) -> int:
