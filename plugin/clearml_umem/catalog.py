@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from clearml_umem.spec import ModelSpec, SpecError, spec_from_mapping
+from clearml_umem.spec import ModelSpec, SpecError, spec_from_mapping, with_default_engine
 
 
 @dataclass
@@ -56,8 +56,10 @@ def read_manifest(path: Path) -> list[Any]:
 class ManifestCatalog:
     """A YAML or JSON file listing models; relative weight paths are relative to the file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, default_engine: str = "transformers") -> None:
         self.path = Path(path).expanduser().resolve()
+        self.default_engine = default_engine
+        """The engine of entries that name none (the serve setting `engine`, resolved)."""
 
     def snapshot(self) -> CatalogSnapshot:
         entries = read_manifest(self.path)
@@ -66,7 +68,8 @@ class ManifestCatalog:
         for index, raw in enumerate(entries):
             label = f"#{index}" if not isinstance(raw, dict) or not raw.get("name") else str(raw["name"])
             try:
-                spec = spec_from_mapping(raw, entry=label, base_dir=self.path.parent)
+                spec = with_default_engine(spec_from_mapping(raw, entry=label, base_dir=self.path.parent),
+                                           self.default_engine)
             except SpecError as exc:
                 snap.errors.append(exc)
                 continue

@@ -74,7 +74,7 @@ class _Server(uvicorn.Server):
 
 def build_catalog(config: ServeConfig) -> Catalog:
     if config.manifest:
-        return ManifestCatalog(config.manifest)
+        return ManifestCatalog(config.manifest, default_engine=config.resolved_engine())
     from clearml_umem.clearml_io.registry import RegistryCatalog
     from clearml_umem.clearml_io.session import clearml_configured, offline_requested
 

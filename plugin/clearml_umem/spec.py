@@ -14,6 +14,8 @@ from clearml_umem.gguf_file import GGUFError, GGUFInfo, is_gguf, read_gguf
 KNOWN_ENGINES = ("transformers", "vllm", "llamacpp")
 KNOWN_DTYPES = ("auto", "float32", "float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ENGINE_DECLARED = "engine_declared"
+"""In a spec's `extra`: whether its entry named the engine (else the serve setting `engine` may choose)."""
 
 
 class SpecError(ValueError):
@@ -168,6 +170,7 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
     label = entry or name
     weights = _require_str(label, data, "weights")
     engine = str(data.get("engine") or "").strip().lower()
+    declared = bool(engine)
     if engine and engine not in KNOWN_ENGINES:
         raise SpecError(label, "engine", f"unknown engine {engine!r}; known: {', '.join(KNOWN_ENGINES)}")
     dtype = str(data.get("dtype") or "auto").strip().lower()
@@ -235,4 +238,13 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
         quantization=quantization,
         source_uri=data.get("source_uri") or None,
         model_id=data.get("model_id") or None,
+        extra={ENGINE_DECLARED: declared},
     )
+
+
+def with_default_engine(spec: ModelSpec, engine: str) -> ModelSpec:
+    """The spec served by `engine` when its entry named none and its files did not decide (a GGUF
+    is llamacpp's whatever the setting): the serve setting `engine` for Hugging Face models."""
+    if engine == spec.engine or spec.extra.get(ENGINE_DECLARED, True) or spec.engine != "transformers":
+        return spec
+    return spec.with_updates(engine=engine)

@@ -132,6 +132,26 @@ class SwapRecorder:
             return len(self.events)
 
 
+def serve_config_for_model(model_id: str, *, manifest: str = "", **settings: Any) -> tuple[ServeConfig, list[str]]:
+    """How a pipeline step serves one registry entry by its ID: from the model repository when a
+    server is there (what a serve task does), else from the manifest the register step wrote,
+    picking the entry with that model ID (offline there is no registry to read). Returns the
+    config and the models to measure ([] for all the config serves)."""
+    from clearml import Task
+
+    from clearml_umem.catalog import ManifestCatalog
+
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if not Task.is_offline():
+        return ServeConfig(clearml_ids=[model_id], **settings).validate(), []
+    if not manifest:
+        raise ConfigError(f"offline there is no registry to serve model {model_id} from, and no manifest was given")
+    names = [s.name for s in ManifestCatalog(manifest).snapshot().specs if s.model_id == model_id]
+    if not names:
+        raise ConfigError(f"no entry of {manifest} has model ID {model_id}")
+    return ServeConfig(manifest=manifest, **settings).validate(), names
+
+
 def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int = 3, max_tokens: int = 4,
                   probe_bytes: int | None = 256 * 2**20, logger: Any = None) -> BenchmarkResult:
     """Serve `config` in this process, measure every scenario, report to `logger` when given.
