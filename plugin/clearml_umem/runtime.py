@@ -103,6 +103,8 @@ class Runtime:
         self.placement_timeout_s = placement_timeout_s
         self.progress_period_s = progress_period_s
         self._under_way: dict[str, tuple[Move, float]] = {}
+        self._internal_failure = False
+        """True while the scheduler answers an engine's failure: the rejections it makes carry its text."""
         self._moves_done: dict[str, int] = {}
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
@@ -370,7 +372,9 @@ class Runtime:
                     if cmd.status == 429:
                         fut.set_exception(Rejected(429, cmd.reason, code="queue_full", retry_after=1.0))
                     else:
-                        fut.set_exception(Rejected(cmd.status, cmd.reason))
+                        rejected = Rejected(cmd.status, cmd.reason)
+                        rejected.internal = self._internal_failure
+                        fut.set_exception(rejected)
             elif isinstance(cmd, Move):
                 task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
                 self._moves.add(task)
@@ -412,17 +416,19 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
-            # its text can hold paths and internals: clients get a reference, the log and admins the details
-            reference = uuid.uuid4().hex[:12]
-            log.exception("model %s: move %s -> %s failed (reference %s)", cmd.model, cmd.src.value, cmd.dst.value,
-                          reference)
+            log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
             self._failures[cmd.model] = (self._clock(), f"{type(exc).__name__}: {exc}")
             try:
                 await engine.close()
             except Exception:  # noqa: BLE001
                 log.exception("model %s: closing the engine after a failed move also failed", cmd.model)
-            public = f"its engine failed (reference {reference}; the server log has the details)"
-            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, public, now_in=Tier.COLD))
+            # its text can hold paths: the requests it fails answer with a reference to the log
+            # (router/errors.py), while the admin view and placements keep it
+            self._internal_failure = True
+            try:
+                self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
+            finally:
+                self._internal_failure = False
         else:
             seconds = self._clock() - started
             self._moves_done[cmd.model] = self._moves_done.get(cmd.model, 0) + 1
