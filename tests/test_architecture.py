@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-CORE = ["tiers", "ledger", "planner", "policy", "commands", "model_state", "errors", "events", "scheduler"]
+CORE = ["tiers", "ledger", "planner", "policy", "commands", "model_state", "errors", "events", "scheduler", "turns",
+        "placements"]
 FORBIDDEN = ("clearml_umem.engines", "clearml_umem.router", "clearml_umem.clearml_io", "clearml", "torch",
              "fastapi", "uvicorn", "httpx")
 

@@ -76,9 +76,20 @@ class ServeConfig:
     machine's names when listening on all interfaces); `*` accepts any (DNS rebinding then open)."""
     work_dir: str = DEFAULT_WORK_DIR
     catalog_poll_seconds: float = 0.0
+    catalog_removal_grace_seconds: float = 30.0
+    """A model missing from the catalog is removed only once it has been missing on two polls in
+    a row and for this long: a manifest caught half-written, or a registry query that returned
+    part of its list, must not drop a model and answer its queued requests 404."""
+    engine_stall_seconds: float = 30.0
+    """An engine that makes no progress this long with a request in flight (a server that sends
+    no byte and does not answer /health either; a generation thread that makes no step) is
+    hung: its requests get an error, it is stopped, shown failed and its memory given back."""
     vllm_python: str | None = None
     llama_server: str | None = None
     """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
+    strict: bool = False
+    """Refuse to start when a catalog model can be known not to load (no engine, no llama-server,
+    over a budget) instead of serving the others and listing it in the banner."""
     log_level: str = "info"
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
@@ -145,6 +156,10 @@ class ServeConfig:
         if self.max_connections < 0:
             raise ConfigError(f"max_connections must be >= 0 (0 = from the descriptor limit), got "
                               f"{self.max_connections}")
+        if self.engine_stall_seconds <= 0:
+            raise ConfigError(f"engine_stall_seconds must be positive, got {self.engine_stall_seconds}")
+        if self.catalog_removal_grace_seconds < 0:
+            raise ConfigError("catalog_removal_grace_seconds must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         return self
@@ -186,6 +201,19 @@ class ServeConfig:
         return _with_secrets(cls(**kwargs), env)
 
 
+FLOAT_FIELDS = {
+    "catalog_poll_seconds": "re-read the catalog every N seconds, 0 = never",
+    "catalog_removal_grace_seconds": "remove a model missing from the catalog only after it was missing on two "
+                                     "polls in a row and for N seconds (default 30)",
+    "engine_stall_seconds": "declare an engine hung after N seconds without progress on a request in flight "
+                            "(and, for a server, no answer to /health) (default 30)",
+    "header_timeout": "seconds a request's headers may take from its first byte (default 10)",
+    "body_timeout": "seconds between two reads of a request body (default 30)",
+    "idle_timeout": "seconds a connection may stay open without a request (default 5)",
+    "shutdown_grace": "on SIGTERM, seconds running requests get to finish (default 10)",
+}
+"""Fields that are numbers of seconds, with their help."""
+
 SECRETS = ("api_key", "admin_key")
 """Read from `UMEM_API_KEY` / `UMEM_ADMIN_KEY` only: never a flag (shell history) or a hyperparameter."""
 
@@ -197,16 +225,13 @@ def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
 
 
 INT_FIELDS = ("port", "max_waiting", "max_messages", "max_connections")
-FLOAT_FIELDS = ("catalog_poll_seconds", "header_timeout", "body_timeout", "idle_timeout", "shutdown_grace")
 FIELD_HELP = {
     "max_messages": "messages one chat request may hold",
-    "header_timeout": "seconds a request's headers may take",
-    "body_timeout": "seconds between two reads of a request body",
-    "idle_timeout": "seconds a connection may wait without a request",
     "max_connections": "connections open at once, 0 = 3/4 of ulimit -n",
-    "shutdown_grace": "on SIGTERM, seconds running requests get to finish",
     "allowed_hosts": "comma-separated Host names accepted besides localhost and the listen address; * = any",
 }
+"""Integer and list fields with their help (the default is added)."""
+BOOLEANS = ("clearml_published", "strict")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -214,12 +239,12 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return [str(v) for v in value]
-    if name == "clearml_published":
+    if name in BOOLEANS:
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise ConfigError(f"clearml_published must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
         return text in ("1", "true", "yes", "on")
     if name in INT_FIELDS:
         try:
@@ -260,6 +285,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name == "clearml_published":
             parser.add_argument(flag, default=default, action="store_true",
                                 help=f"serve only published registry entries {help_text}")
+        elif f.name == "strict":
+            parser.add_argument(flag, default=default, action="store_true",
+                                help=f"refuse to start when a model cannot be served, instead of listing it "
+                                     f"in the banner and serving the others {help_text}")
         elif f.name == "engine":
             parser.add_argument(flag, default=default, choices=ENGINE_CHOICES,
                                 help=f"engine of Hugging Face models whose entry names none; auto: vllm on a CUDA "
@@ -267,9 +296,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
                                      f"llamacpp (default {default}) {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
-        elif f.name == "catalog_poll_seconds":
-            parser.add_argument(flag, default=default, type=float,
-                                help=f"re-read the catalog every N seconds, 0 = never {help_text}")
+        elif f.name in FLOAT_FIELDS:
+            parser.add_argument(flag, default=default, type=float, help=f"{FLOAT_FIELDS[f.name]} {help_text}")
         else:
             parser.add_argument(flag, default=default, help=help_text)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from clearml_umem.banner import exposure_warning, start_banner
+from clearml_umem.banner import exposure_warning, start_banner, start_refusal
 from clearml_umem.catalog import Catalog, CatalogSnapshot, ManifestCatalog
 from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.config import ConfigError, ServeConfig
@@ -97,7 +97,7 @@ class UnifiedMemoryServer:
         self.bus = EventBus()
         self.metrics = Metrics(self.bus)
         work = config.work_path
-        options: dict[str, object] = {"host_copy": config.host_copy}
+        options: dict[str, object] = {"host_copy": config.host_copy, "stall_timeout_s": config.engine_stall_seconds}
         if config.vllm_python:
             options["vllm_python"] = config.vllm_python
         if config.llama_server:
@@ -129,6 +129,9 @@ class UnifiedMemoryServer:
             problems = "; ".join(str(e) for e in snapshot.errors) or "the catalog lists no models"
             raise ConfigError(f"no model can be served: {problems}")
         self.runtime.sync_catalog(snapshot)
+        refusal = start_refusal(self.runtime) if self.config.strict else None
+        if refusal:
+            raise ConfigError(refusal)
         if not self.runtime.model_names():
             problems = "; ".join(f"{name}: {why}" for name, why in self.runtime.unservable.items())
             raise ConfigError(f"no model can be served: {problems or 'every catalog entry failed'}")
@@ -144,7 +147,8 @@ class UnifiedMemoryServer:
         def on_change(snapshot: CatalogSnapshot) -> bool:
             return asyncio.run_coroutine_threadsafe(apply(snapshot), loop).result()
 
-        poller = CatalogPoller(self.catalog, on_change, period_s=self.config.catalog_poll_seconds)
+        poller = CatalogPoller(self.catalog, on_change, period_s=self.config.catalog_poll_seconds,
+                               removal_grace_s=self.config.catalog_removal_grace_seconds)
         poller.seed(first)
         return poller.start(poll_now=False)
 

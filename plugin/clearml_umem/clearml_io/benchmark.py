@@ -26,6 +26,7 @@ from clearml_umem.client import open_client, place, stream_ttft
 from clearml_umem.config import ConfigError, ServeConfig
 from clearml_umem.events import Event, MoveFinished
 from clearml_umem.tiers import Tier
+from clearml_umem.units import fmt_bytes, fmt_gbps, fmt_median_of
 
 SCENARIOS: tuple[tuple[str, Tier], ...] = (
     ("hot", Tier.GPU), ("from RAM", Tier.RAM), ("from disk", Tier.DISK), ("cold start", Tier.COLD))
@@ -101,13 +102,13 @@ class BenchmarkResult:
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]]
         lines.append("")
         if self.model_probe_gbps:
-            probes = ", ".join(f"{m} {g:.2f} GB/s ({self.model_bytes.get(m, 0) / 1e9:.2f} GB)"
+            probes = ", ".join(f"{m} {fmt_gbps(g)} ({fmt_bytes(self.model_bytes.get(m, 0))})"
                                for m, g in self.model_probe_gbps.items())
             lines.append(f"Bandwidth probes ({self.probe_path}), each of the model's size: {probes}; "
-                         f"{self.runs} runs per scenario.")
+                         f"{fmt_median_of(self.runs)} per scenario.")
         else:
-            lines.append(f"Host-to-device bandwidth probe ({self.probe_path}): {self.probe_gbps:.2f} GB/s, "
-                         f"{self.runs} runs per scenario.")
+            lines.append(f"Host-to-device bandwidth probe ({self.probe_path}): {fmt_gbps(self.probe_gbps)}, "
+                         f"{fmt_median_of(self.runs)} per scenario.")
         return "\n".join(lines)
 
 
@@ -164,7 +165,7 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
     probe = None
     if probe_bytes is not None:
         probe = probe_bandwidth(config.device, probe_bytes)
-        log.info("bandwidth probe (%s): %.2f GB/s", probe.path, probe.gbps)
+        log.info("bandwidth probe (%s): %s", probe.path, fmt_gbps(probe.gbps))
     server = UnifiedMemoryServer(config)
     recorder = SwapRecorder()
     server.bus.subscribe(recorder)
@@ -188,8 +189,8 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
                     size = _weight_bytes(client, model)
                     probe = probe_bandwidth(config.device, size)
                     model_probes[model], model_bytes[model] = probe.gbps, size
-                    log.info("%s: bandwidth probe of %.2f GB (%s): %.2f GB/s", model, size / 1e9, probe.path,
-                             probe.gbps)
+                    log.info("%s: bandwidth probe of %s (%s): %s", model, fmt_bytes(size), probe.path,
+                             fmt_gbps(probe.gbps))
                 for scenario, tier in SCENARIOS:
                     result = ScenarioResult(model, scenario, tier.value)
                     results.append(result)

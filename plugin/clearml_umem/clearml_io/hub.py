@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clearml_umem.units import fmt_bytes, fmt_seconds
+
 log = logging.getLogger(__name__)
 
 SCHEME = "hf://"
@@ -102,5 +104,5 @@ def fetch(uri: str) -> Path:
         if not local.is_file():
             raise HubError(f"{source.uri}: the repository has no file {source.filename!r} at that revision")
     size = local.stat().st_size if local.is_file() else sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
-    log.info("%s ready at %s: %.1f MB in %.1f s", source.uri, local, size / 1e6, time.monotonic() - started)
+    log.info("%s ready at %s: %s in %s", source.uri, local, fmt_bytes(size), fmt_seconds(time.monotonic() - started))
     return local

@@ -62,6 +62,7 @@ from clearml_umem.spec import (
     weights_size,
     with_default_engine,
 )
+from clearml_umem.units import fmt_bytes, fmt_rate, fmt_seconds
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def _upload_archive(local: Path, name: str, project: str, destination: str) -> s
     with tempfile.TemporaryDirectory(prefix="umem-upload-") as tmp:
         archive = Path(shutil.make_archive(str(Path(tmp) / name), "zip", root_dir=local)) if local.is_dir() else local
         remote = f"{destination.rstrip('/')}/{project.strip('/')}/{name}/{archive.name}"
-        log.info("uploading %s (%.1f MB) to %s", archive, archive.stat().st_size / 1e6, remote)
+        log.info("uploading %s (%s) to %s", archive, fmt_bytes(archive.stat().st_size), remote)
         uploaded = StorageManager.upload_file(local_file=str(archive), remote_url=remote, wait_for_upload=True)
     if not uploaded:
         raise RuntimeError(f"upload of {local} to {remote} failed")
@@ -629,7 +630,7 @@ class RegistryCatalog:
             return cached
         label = f"{spec.model_id} ({spec.name})"
         started = time.monotonic()
-        log.info("fetching weights of %s (%.1f MB) from %s", spec.name, spec.size_bytes / 1e6, uri)
+        log.info("fetching weights of %s (%s) from %s", spec.name, fmt_bytes(spec.size_bytes), uri)
         try:
             local = self._download(uri, str(spec.extra.get(KEY_LAYOUT) or layout_for_uri(uri)), spec)
         except SpecError:
@@ -643,8 +644,8 @@ class RegistryCatalog:
         if local is None or not Path(local).exists():
             raise SpecError(label, "uri", f"weights could not be fetched from {uri}")
         elapsed = time.monotonic() - started
-        log.info("weights of %s ready at %s after %.1f s (%.1f MB/s)", spec.name, local, elapsed,
-                 spec.size_bytes / 1e6 / elapsed if elapsed > 0 else float("inf"))
+        log.info("weights of %s ready at %s after %s (%s)", spec.name, local, fmt_seconds(elapsed),
+                 fmt_rate(spec.size_bytes / elapsed if elapsed > 0 else None))
         self._fetched[key] = str(local)
         return str(local)
 

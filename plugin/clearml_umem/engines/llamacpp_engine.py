@@ -58,6 +58,7 @@ from clearml_umem.engines.vllm_process import Endpoint, ProcessConfig, ProcessTi
 from clearml_umem.gguf_file import GGUFError, GGUFInfo, read_gguf
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import Tier
+from clearml_umem.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,22 @@ class LlamaCppEngine:
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
         self._step_now: tuple[Step, float] | None = None
-        log.info("model %s (llamacpp): %s %s, %.1f MiB of tensors, KV cache %.1f MiB for %d tokens", spec.name,
-                 self.gguf.architecture, self.gguf.quantization, self.gguf.tensor_bytes / MiB,
-                 self.kv_cache_bytes / MiB, self.kv_tokens)
+        log.info("model %s (llamacpp): %s %s, %s of tensors, KV cache %s for %d tokens", spec.name,
+                 self.gguf.architecture, self.gguf.quantization, fmt_bytes(self.gguf.tensor_bytes),
+                 fmt_bytes(self.kv_cache_bytes), self.kv_tokens)
+
+    def start_problem(self) -> str | None:
+        """What stops every start of this model, known without starting it: no llama-server binary."""
+        if self.binary is None:
+            return ("no llama-server binary: build one with scripts/install-llama-server.sh, or point "
+                    "--llama-server / UMEM_LLAMA_SERVER at one, then restart")
+        if not os.access(self.binary, os.X_OK):
+            return f"llama-server {self.binary} is not an executable file"
+        try:
+            abilities(self.binary)
+        except (OSError, ValueError) as exc:
+            return f"cannot run llama-server {self.binary}: {exc}"
+        return None
 
     @property
     def kv_tokens(self) -> int:
@@ -309,6 +323,13 @@ class LlamaCppEngine:
             return None
         return f"the llama-server process exited with code {code} while the model was in tier gpu"
 
+    async def hung(self) -> str | None:
+        """Why the server counts as hung (no progress on a request and no answer to /health); None while
+        it works, and while a move runs (a start has its own timeout)."""
+        if self._tier is not Tier.GPU or self._process is None or (self._lock is not None and self._lock.locked()):
+            return None
+        return await self._process.hung()
+
     def describe(self) -> dict[str, Any]:
         proc = self._process.describe() if self._process is not None else {}
         ab = self._abilities
@@ -437,6 +458,9 @@ class LlamaCppEngine:
 
     async def _restart_if_dead(self, incarnation: int) -> None:
         async with self._get_lock():
+            if self._tier is not Tier.GPU:
+                # closed under the request (found hung, or dead): the scheduler counts it cold now
+                raise EngineError(f"model {self.spec.name!r}: llama-server was stopped under this request")
             await self.process.restart_if_dead(incarnation)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -31,21 +31,30 @@ from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostN
 from clearml_umem.router.drain import Drain, GraceOver
 from clearml_umem.router.errors import (
     CLIENT_CLOSED,
+    UNAVAILABLE,
     APIError,
     bad_request,
     install_error_handlers,
     model_not_found,
     unauthorized,
 )
-from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
+from clearml_umem.router.generation import (
+    ClientGone,
+    Generation,
+    ServingRuntime,
+    resolve_model,
+    until_disconnect,
+    with_model_defaults,
+)
 from clearml_umem.router.head import HeadAsGet
 from clearml_umem.router.schemas import (
     DEFAULT_MAX_MESSAGES,
     ChatRequest,
     CompletionRequest,
+    parse_body,
     parse_json,
-    parse_request,
     to_generation_request,
+    validate_request,
 )
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
@@ -177,7 +186,8 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     def model_card(name: str, tier: str | None) -> dict[str, Any]:
         spec = runtime.spec(name)
         return {"id": name, "object": "model", "created": started, "owned_by": OWNER, "tier": tier,
-                "max_model_len": spec.context_length, "engine": spec.engine, "size_bytes": spec.size_bytes}
+                "max_model_len": spec.context_length, "engine": spec.engine, "size_bytes": spec.size_bytes,
+                "aliases": list(spec.aliases)}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -186,9 +196,10 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
-        if not runtime.has_model(name):
-            raise model_not_found(name)
-        return model_card(name, tiers_now().get(name))
+        model = resolve_model(runtime, name)
+        if model is None:
+            raise unknown_model(runtime, name)
+        return model_card(model, tiers_now().get(model))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -213,8 +224,10 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
             tier = Tier(str(raw).strip().lower())
         except ValueError:
             raise bad_request(f"Invalid value for 'tier': {raw!r}; expected one of {names}", param="tier") from None
-        if not runtime.has_model(name):
-            raise model_not_found(name)
+        model = resolve_model(runtime, name)
+        if model is None:
+            raise unknown_model(runtime, name)
+        name = model
         await runtime.place(name, tier)  # its errors say what they mean (router/errors.py maps them)
         row = next((r for r in runtime.admin_view() if r["name"] == name), None)
         if row is None:
@@ -224,6 +237,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     @app.get("/admin/models/{name:path}/logs")
     async def model_logs(name: str, offset: str | None = None) -> dict[str, Any]:
         start = _offset(offset)
+        name = resolve_model(runtime, name) or name
         row = next((r for r in runtime.admin_view() if r["name"] == name), None)
         if row is None:
             raise model_not_found(name)
@@ -264,6 +278,16 @@ def _offset(raw: str | None, param: str = "offset") -> int | None:
 SERVED_FROM_HEADER = "x-umem-served-from"
 
 
+def unknown_model(runtime: ServingRuntime, name: str) -> APIError:
+    """A 503 with the reason for a catalog model whose engine could not be built (a missing
+    dependency, say), so its client learns why; a 404 for a name the catalog does not have."""
+    reason = getattr(runtime, "unservable", {}).get(name)
+    if reason:
+        return APIError(503, f"The model '{name}' is in the catalog but cannot be served: {reason}", UNAVAILABLE,
+                        "model", "model_unavailable")
+    return model_not_found(name)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it is known to exceed `limit` (by its declared
     length, or while it streams in), so an oversized body is never held in memory."""
@@ -294,18 +318,27 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
     arrived = time.monotonic()
     raw = await read_body(request, options.max_body_bytes)
     inline = len(raw) <= INLINE_PARSE_BYTES
-    body: ChatRequest | CompletionRequest
-    if inline:
-        body = parse_request(raw, chat, options.max_messages)
-    else:
-        body = await options.big_bodies.run(parse_request, raw, chat, options.max_messages)
+    big = options.big_bodies
+    data = parse_body(raw, chat, options.max_messages) if inline else await big.run(
+        parse_body, raw, chat, options.max_messages)
     del raw
+    model = resolve_model(runtime, data.get("model"))
+    if model is not None:
+        data = with_model_defaults({**data, "model": model}, runtime.spec(model))
+    body: ChatRequest | CompletionRequest
+    try:
+        body = validate_request(data, chat) if inline else await big.run(validate_request, data, chat)
+    except APIError:
+        if not inline:
+            big.free(data)
+            del data
+        raise
     if not runtime.has_model(body.model):
         name = body.model
         if not inline:
-            options.big_bodies.free(body)
-            del body
-        raise model_not_found(name)
+            big.free((data, body))
+            del data, body
+        raise unknown_model(runtime, name)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     gen_request = to_generation_request(body, spec) if inline else await options.big_bodies.run(

@@ -285,17 +285,27 @@ def _name_bad_string(raw: bytes) -> None:
                               "\\ud800 without its pair)", param=path)
 
 
-def parse_request(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) -> ChatRequest | CompletionRequest:
-    """Parse and validate one inference body; the number of messages is bounded before pydantic
-    builds an object per message."""
+def parse_body(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) -> dict[str, Any]:
+    """Parse one inference body; the number of messages is bounded before anything builds an
+    object per message."""
     data = parse_json(raw)
     messages = data.get("messages")
     if chat and isinstance(messages, list) and len(messages) > max_messages:
         raise bad_request(f"'messages' holds {len(messages)} messages; this server takes at most {max_messages} "
                           "per request (--max-messages)", param="messages", code="too_many_messages")
+    return data
+
+
+def validate_request(data: dict[str, Any], chat: bool) -> ChatRequest | CompletionRequest:
+    """`validate` for an inference body; a long conversation's messages in slices."""
+    messages = data.get("messages")
     if chat and isinstance(messages, list) and len(messages) > MESSAGE_BATCH:
-        data["messages"] = _validated_messages(messages)  # instances: the model takes them as they are
+        data = {**data, "messages": _validated_messages(messages)}  # instances: the model takes them as they are
     return validate(ChatRequest if chat else CompletionRequest, data)
+
+
+def parse_request(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) -> ChatRequest | CompletionRequest:
+    return validate_request(parse_body(raw, chat, max_messages), chat)
 
 
 def _is_unicode(text: str) -> bool:
