@@ -20,9 +20,10 @@ from clearml_umem.banner import exposure_warning, start_banner, start_refusal
 from clearml_umem.catalog import Catalog, CatalogSnapshot, ManifestCatalog
 from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.config import ConfigError, ServeConfig
+from clearml_umem.device_env import device_label
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
-from clearml_umem.memory import Budgets, detect_budgets
+from clearml_umem.memory import Budgets, detect_budgets, resolve_device
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
 from clearml_umem.policy import make_policy
@@ -72,18 +73,14 @@ class _Server(uvicorn.Server):
                     captured.clear()
 
 
-def build_catalog(config: ServeConfig) -> Catalog:
-    if config.manifest:
-        return ManifestCatalog(config.manifest, default_engine=config.resolved_engine())
-    from clearml_umem.clearml_io.registry import RegistryCatalog
-    from clearml_umem.clearml_io.session import clearml_configured, offline_requested
-
-    if offline_requested() or not clearml_configured():
-        raise ConfigError("serving from the ClearML model repository needs a ClearML server, and none is configured "
-                          "(run clearml-init, or set CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and "
-                          "CLEARML_API_SECRET_KEY); to serve without one, give a local manifest with --manifest")
-
-    return RegistryCatalog.from_config(config)
+def manifest_catalog(config: ServeConfig) -> Catalog:
+    """The catalog the server builds by itself: a local manifest. A ClearML registry catalog is
+    built at the edge (`clearml_io.catalogs.build_catalog`) and handed in, so the serving core
+    never imports ClearML."""
+    if not config.manifest:
+        raise ConfigError("no catalog: give --manifest FILE, or build the registry catalog with "
+                          "clearml_umem.clearml_io.catalogs.build_catalog and pass it in")
+    return ManifestCatalog(config.manifest, default_engine=config.resolved_engine())
 
 
 class UnifiedMemoryServer:
@@ -92,7 +89,7 @@ class UnifiedMemoryServer:
         if catalog is None:
             config.validate()
         self.config = config
-        self.catalog = catalog or build_catalog(config)
+        self.catalog = catalog or manifest_catalog(config)
         self.budgets = budgets or detect_budgets(config.device, config.device_budget_bytes, config.host_budget_bytes)
         self.bus = EventBus()
         self.metrics = Metrics(self.bus)
@@ -109,10 +106,12 @@ class UnifiedMemoryServer:
                                max_waiting=config.max_waiting, fairness=config.fairness_window != "off")
         self.model_log = RouterModelLog()
         self.drain = Drain()
+        self.device = device_label(resolve_device(config.device))
+        """Which card this router serves, as the clearml-agent gave it (`host/cuda:0=GPU 3`)."""
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
                               admin_key=config.admin_key, model_log=self.model_log,
                               hosts=HostNames.for_listen_address(config.host, config.allowed_hosts),
-                              max_messages=config.max_messages, drain=self.drain)
+                              max_messages=config.max_messages, drain=self.drain, device=self.device)
         self.limits = ConnectionLimits(header_timeout_s=config.header_timeout, body_timeout_s=config.body_timeout,
                                        idle_timeout_s=config.idle_timeout, max_connections=config.max_connections)
         self.url: str | None = None

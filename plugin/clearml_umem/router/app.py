@@ -157,7 +157,7 @@ class _BigBodies:
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None,
                model_log: RouterModelLog | None = None, hosts: HostNames = DEFAULT_HOSTS,
-               max_messages: int = DEFAULT_MAX_MESSAGES, drain: Drain | None = None) -> FastAPI:
+               max_messages: int = DEFAULT_MAX_MESSAGES, drain: Drain | None = None, device: str = "") -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     drain = drain or Drain()
@@ -258,6 +258,15 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         """Everything the status page shows, in one poll: models, memory, the last moves, TTFT per tier."""
         return {"object": "status", "models": runtime.admin_view(), "memory": dict(runtime.memory()),
                 "moves": moves.since(_offset(after, "after") or 0), "ttft_by_tier": metrics.ttft_by_tier()}
+
+    @app.get("/status")
+    async def router_status() -> dict[str, Any]:
+        """What a fleet front needs to pick a router for a model: each model's tier and load, this
+        router's device. Any key reads it (an inference client's too): it says nothing an admin hides."""
+        models = [{"id": row["name"], "tier": row["tier"], "moving_to": row["moving_to"],
+                   "in_flight": row["in_flight"], "waiting": row["waiting"]} for row in runtime.admin_view()]
+        return {"object": "router.status", "device": device, "started": started, "models": models,
+                "memory": dict(runtime.memory())}
 
     @app.get("/")
     @app.get("/ui")
