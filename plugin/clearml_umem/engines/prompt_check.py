@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clearml_umem.engines.base import GenerationRequest, InvalidRequest
+from clearml_umem.engines.tool_calls import render_chat
 
 
 class PromptCounter:
@@ -52,7 +53,7 @@ def prompt_ids(name: str, request: GenerationRequest, tokenizer: Any) -> list[in
     if request.is_chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequest(f"model {name!r} has no chat template; use /v1/completions", param="messages")
-        text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(name, tokenizer, request.messages or [], request.options)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(request.prompt or "")["input_ids"])
 
