@@ -49,10 +49,11 @@ from clearml_umem.engines.base import (
     MoveResult,
 )
 from clearml_umem.engines.llama_server import ServerAbilities, abilities, find_llama_server
-from clearml_umem.engines.llamacpp_api import adapt_body, check_options
+from clearml_umem.engines.llamacpp_api import adapt_body, check_options, template_takes_tools
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.openai_stream import generate_restarting_once, openai_body, stream_answer
 from clearml_umem.engines.progress import last_log_line
+from clearml_umem.engines.request_decoding import shaped
 from clearml_umem.engines.resident_file import ResidentFile, cached_bytes, drop_from_page_cache
 from clearml_umem.engines.start_gate import START_GATES
 from clearml_umem.engines.vllm_process import Endpoint, ProcessConfig, ProcessTimeouts, VLLMProcess
@@ -136,6 +137,7 @@ class LlamaCppEngine:
         self._opts = opts
         try:
             self.gguf: GGUFInfo = read_gguf(spec.weights)
+            self.template_takes_tools = template_takes_tools(self.gguf.metadata.get("tokenizer.chat_template"))
         except GGUFError as exc:
             raise EngineError(f"model {spec.name!r} cannot be served by llama.cpp: {exc}") from exc
         self.binary = find_llama_server(opts.get("llama_server"))
@@ -451,7 +453,7 @@ class LlamaCppEngine:
 
     def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         path, body = openai_body(self.spec.name, request)
-        top_logprobs = adapt_body(body, request)
+        top_logprobs, shape_calls = adapt_body(body, request, self.template_takes_tools)
 
         def refuse(status: int, message: str) -> Exception:
             if status != 400:
@@ -463,8 +465,9 @@ class LlamaCppEngine:
                                   param=("messages" if request.is_chat else "prompt") if over else None,
                                   code="context_length_exceeded" if over else None)
 
-        return stream_answer(self.process, path, body, request.is_chat, "llama-server", refuse,
-                             top_logprobs=top_logprobs)
+        answer = stream_answer(self.process, path, body, request.is_chat, "llama-server", refuse,
+                               top_logprobs=top_logprobs)
+        return shaped(answer, request) if shape_calls else answer
 
     async def close(self) -> None:
         """Stop the server and let the file go; a later move from cold starts it again."""

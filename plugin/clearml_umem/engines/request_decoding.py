@@ -5,7 +5,8 @@ calls (`engines.tool_calls`). A request that sets none of them gets no processor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -78,6 +79,19 @@ class AnswerShaper:
         out = list(self.piece(last.text, logprobs))
         last.text = ""
         return [*out, *self._calls.finish(last)]
+
+
+async def shaped(deltas: AsyncIterator[Delta], request: GenerationRequest) -> AsyncIterator[Delta]:
+    """A server's plain-text answer shaped into tool calls (llama-server with a template without tools)."""
+    shaper = AnswerShaper(request)
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            if delta.finish_reason is not None:
+                for out in shaper.end(delta, delta.logprobs):
+                    yield out
+            else:
+                for out in shaper.piece(delta.text, delta.logprobs):
+                    yield out
 
 
 def _with_logprobs(deltas: list[Delta], logprobs: list[dict[str, Any]] | None) -> Iterator[Delta]:

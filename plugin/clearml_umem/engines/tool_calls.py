@@ -40,7 +40,7 @@ def render_chat(name: str, tokenizer: Any, messages: list[dict[str, Any]], optio
     template = str(getattr(tokenizer, "chat_template", "") or "")
     takes_tools = "tools" in template
     if not takes_tools and (tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)):
-        messages = _plain_conversation(messages, tools)
+        messages = plain_conversation(messages, tools)
         tools = None
     else:
         messages = [_with_arguments_parsed(m) for m in messages]
@@ -64,7 +64,7 @@ def _with_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": message.get("content") or "", "tool_calls": calls}
 
 
-def _plain_conversation(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+def plain_conversation(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for message in messages:
         content = message.get("content") or ""
