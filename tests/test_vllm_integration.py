@@ -27,6 +27,7 @@ from clearml_umem.engines.vllm_engine import VLLMEngine
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
 from clearml_umem.tinymodels import TinyModel, ensure_tiny_models
+from tests import openai_tools_checks as checks
 from tests.routerproc import start_router, wait_gone
 from tests.vllm_env import find_vllm_python
 
@@ -223,7 +224,7 @@ def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, 
         a, b = names
         first_answer = ask(a)
         assert tiers() == {a: "gpu", b: "cold"}
-        # penalties pass through to vLLM (the router refuses them for transformers models)
+        # penalties pass through to vLLM as OpenAI sends them
         comp = client.completions.create(model=b, prompt="Once upon a time", max_tokens=6, temperature=0,
                                          presence_penalty=0.5, frequency_penalty=0.2)
         assert comp.choices[0].text is not None and comp.usage and comp.usage.completion_tokens > 0
@@ -247,3 +248,41 @@ def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, 
     assert wait_gone(sorted(engine_pids), timeout=30) == [], "engine processes outlived a kill -9 of the router"
     for directory in socket_dirs:  # a router killed with -9 cannot remove its socket directory
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vllm_models: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """vLLM's own function calling, guided decoding and logprobs through the router, with the
+    OpenAI SDK and LangChain (tests/openai_tools_checks.py, as for the other engines).
+
+    The Qwen2 model gets vLLM's hermes tool-call parser (`auto` works); the Llama one would get
+    llama3_json, whose <|python_tag|> token the tiny tokenizer lacks: `auto` is refused for it
+    naming the model and engine, and `required`/named still work (vLLM needs no parser for them)."""
+    compact = ["--structured-outputs-config", '{"disable_any_whitespace": true}']  # no whitespace loops
+    specs = [spec_from_mapping({"name": name, "weights": str(path), "engine": "vllm", "dtype": "bfloat16",
+                                "vllm_args": compact}) for name, path in vllm_models.items()]
+    manifest = tmp_path / "models.yaml"
+    write_manifest(manifest, specs)
+    router = start_router(manifest, tmp_path, "--device", "cpu", "--host-budget", str(4 * 2**30),
+                          env={"UMEM_VLLM_PYTHON": vllm_python})
+    llama, qwen = "vllm-tiny-llama", "vllm-tiny-qwen2"
+    try:
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        checks.named_call(client, llama)
+        checks.required_call_streamed(client, llama)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=llama, messages=checks.ASK, tools=checks.TOOLS, max_tokens=4)
+        assert err.value.body["param"] == "tool_choice" and "engine vllm" in err.value.body["message"]
+        auto = client.chat.completions.create(model=qwen, messages=checks.ASK, tools=checks.TOOLS, max_tokens=8)
+        assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        checks.conversation_with_tool_results(client, qwen)
+        checks.json_object(client, qwen)
+        checks.chat_logprobs(client, qwen)
+        checks.completion_logprobs(client, qwen)
+        checks.client_mistakes(client, qwen)
+        checks.langchain_agent_calls(router.url + "/v1", qwen)
+        rows = httpx.get(router.url + "/admin/models", timeout=60).json()["data"]
+        details = {r["name"]: r["engine_details"] for r in rows}
+        assert details[qwen]["tool_call_parser"] == "hermes" and details[llama]["tool_call_parser"] is None
+    finally:
+        router.kill()
