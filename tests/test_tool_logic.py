@@ -166,11 +166,11 @@ def test_vllm_tool_parser_by_architecture_and_marker_token(tmp_path: Path) -> No
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}, "added_tokens": []}))
     assert tool_parser(tmp_path, "Qwen2ForCausalLM")[0] == "hermes"
     parser, why = tool_parser(tmp_path, "LlamaForCausalLM")
-    assert parser is None and "<|python_tag|>" in why
+    assert parser == "hermes" and "<|python_tag|>" in why and "fallback" in why
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {}},
                                                          "added_tokens": [{"content": "<|python_tag|>"}]}))
     assert tool_parser(tmp_path, "LlamaForCausalLM")[0] == "llama3_json"
-    assert tool_parser(tmp_path, "GPT2LMHeadModel")[0] is None
+    assert tool_parser(tmp_path, "GPT2LMHeadModel")[0] == "hermes"
     assert tool_parser(tmp_path, "GPT2LMHeadModel", "pythonic")[0] == "pythonic"
     assert tool_parser(tmp_path, "Qwen2ForCausalLM", "none")[0] is None
 
@@ -183,3 +183,24 @@ def test_a_request_that_uses_none_of_it_reaches_the_engine_without_options() -> 
                                   "tool_choice": "auto", "tools": [], "response_format": {"type": "text"},
                                   "frequency_penalty": 0, "logit_bias": {}, "parallel_tool_calls": True})
     assert to_generation_request(body, spec).options == {}
+
+
+def test_vllm_starts_with_the_parser_and_a_manifest_entry_can_set_engine_options(tiny_models, tmp_path) -> None:
+    from clearml_umem.engines import EngineContext
+    from clearml_umem.engines.vllm_engine import VLLMEngine
+    from clearml_umem.engines.vllm_process import Endpoint
+    from clearml_umem.spec import SpecError, spec_from_mapping
+
+    ctx = EngineContext(work_dir=tmp_path, device="cpu")
+    qwen = spec_from_mapping({"name": "q", "weights": str(tiny_models["tiny-qwen2"]), "engine": "vllm"})
+    command = VLLMEngine(qwen, ctx).command(Endpoint(port=1))
+    assert command[command.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in command
+    off = spec_from_mapping({"name": "q", "weights": str(tiny_models["tiny-qwen2"]), "engine": "vllm",
+                             "engine_options": {"tool_call_parser": "none"}})
+    engine = VLLMEngine(off, ctx)
+    assert "--tool-call-parser" not in engine.command(Endpoint(port=1))
+    with pytest.raises(InvalidRequest) as err:
+        engine.check_request(GenerationRequest(messages=[{"role": "user", "content": "hi"}], options={"tools": TOOLS}))
+    assert err.value.param == "tools" and "engine vllm" in str(err.value)
+    with pytest.raises(SpecError, match="engine_options"):
+        spec_from_mapping({"name": "q", "weights": str(tiny_models["tiny-qwen2"]), "engine_options": [1]})

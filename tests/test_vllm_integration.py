@@ -255,12 +255,15 @@ def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vll
     """vLLM's own function calling, guided decoding and logprobs through the router, with the
     OpenAI SDK and LangChain (tests/openai_tools_checks.py, as for the other engines).
 
-    The Qwen2 model gets vLLM's hermes tool-call parser (`auto` works); the Llama one would get
-    llama3_json, whose <|python_tag|> token the tiny tokenizer lacks: `auto` is refused for it
-    naming the model and engine, and `required`/named still work (vLLM needs no parser for them)."""
+    The Qwen2 model gets vLLM's hermes tool-call parser; the Llama one would get llama3_json,
+    whose <|python_tag|> token the tiny tokenizer lacks, so it gets the hermes fallback (vLLM
+    takes no tool choice but none without a parser); a model with the parser turned off
+    refuses tools naming the model and engine."""
     compact = ["--structured-outputs-config", '{"disable_any_whitespace": true}']  # no whitespace loops
     specs = [spec_from_mapping({"name": name, "weights": str(path), "engine": "vllm", "dtype": "bfloat16",
-                                "vllm_args": compact}) for name, path in vllm_models.items()]
+                                "engine_options": {"vllm_args": compact}}) for name, path in vllm_models.items()]
+    specs.append(spec_from_mapping({"name": "no-tools", "weights": str(vllm_models["vllm-tiny-qwen2"]),
+                                    "engine": "vllm", "engine_options": {"tool_call_parser": "none"}}))
     manifest = tmp_path / "models.yaml"
     write_manifest(manifest, specs)
     router = start_router(manifest, tmp_path, "--device", "cpu", "--host-budget", str(4 * 2**30),
@@ -270,9 +273,9 @@ def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vll
         client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         checks.named_call(client, llama)
         checks.required_call_streamed(client, llama)
-        with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model=llama, messages=checks.ASK, tools=checks.TOOLS, max_tokens=4)
-        assert err.value.body["param"] == "tool_choice" and "engine vllm" in err.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as err:  # refused before the model is started
+            client.chat.completions.create(model="no-tools", messages=checks.ASK, tools=checks.TOOLS, max_tokens=4)
+        assert err.value.body["param"] == "tools" and "engine vllm" in err.value.body["message"]
         auto = client.chat.completions.create(model=qwen, messages=checks.ASK, tools=checks.TOOLS, max_tokens=8)
         assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
         checks.conversation_with_tool_results(client, qwen)
@@ -283,6 +286,8 @@ def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vll
         checks.langchain_agent_calls(router.url + "/v1", qwen)
         rows = httpx.get(router.url + "/admin/models", timeout=60).json()["data"]
         details = {r["name"]: r["engine_details"] for r in rows}
-        assert details[qwen]["tool_call_parser"] == "hermes" and details[llama]["tool_call_parser"] is None
+        assert details[qwen]["tool_call_parser"] == details[llama]["tool_call_parser"] == "hermes"
+        assert "fallback" in details[llama]["tool_call_parser_reason"]
+        assert details["no-tools"]["tool_call_parser"] is None
     finally:
         router.kill()

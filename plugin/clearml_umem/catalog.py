@@ -94,6 +94,8 @@ def write_manifest(path: Path, specs: list[ModelSpec]) -> None:
             entry["context_length"] = s.context_length
         if s.tags:
             entry["tags"] = list(s.tags)
+        if s.extra:
+            entry["engine_options"] = dict(s.extra)
         entries.append(entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))

@@ -222,6 +222,10 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
     if size is None:
         raise SpecError(label, "size_bytes", "is required when the weights are not local")
 
+    engine_options = data.get("engine_options") or {}
+    if not isinstance(engine_options, Mapping):
+        raise SpecError(label, "engine_options", f"must be a mapping of engine options, got {engine_options!r}")
+
     return ModelSpec(
         name=name,
         weights=weights,
@@ -235,4 +239,5 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
         quantization=quantization,
         source_uri=data.get("source_uri") or None,
         model_id=data.get("model_id") or None,
+        extra=dict(engine_options),
     )

@@ -87,21 +87,23 @@ def grammar(name: str, options: dict[str, Any]) -> str | None:
 
 
 class GuidanceTokenizers:
-    """llguidance's view of each tokenizer, built once per engine (about a second for a large vocabulary)."""
+    """llguidance's view of the engine's tokenizer, built on first use (about a second for a large
+    vocabulary) and kept while that tokenizer is the engine's (a reload brings a new one)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._built: dict[int, Any] = {}
+        self._tokenizer: Any = None
+        self._built: Any = None
 
     def get(self, tokenizer: Any, eos: list[int]) -> Any:
         """The tokenizer's own vocabulary (a model's logits may be wider: `GrammarProcessor` bans the rest)."""
         import llguidance.hf
 
-        key = id(tokenizer)
         with self._lock:
-            if key not in self._built:
-                self._built[key] = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos[0] if eos else None)
-            return self._built[key]
+            if self._tokenizer is not tokenizer:
+                self._built = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos[0] if eos else None)
+                self._tokenizer = tokenizer
+            return self._built
 
 
 BIT_VALUES = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)

@@ -251,10 +251,10 @@ class VLLMEngine:
         """Refuse a prompt over the served context (`max_model_len`) before the engine is started or
         woken; skipped where the router cannot load the model's tokenizer (vLLM checks it then)."""
         options = request.options
-        if options.get("tools") and options.get("tool_choice", "auto") == "auto" and not self.tool_parser:
-            raise InvalidRequest(f"'tool_choice' 'auto' is not supported by model {self.spec.name!r} (engine vllm): "
-                                 f"{self.tool_parser_reason}; use 'required' or a named function, or set the "
-                                 "model's tool_call_parser", param="tool_choice")
+        if options.get("tools") and not self.tool_parser:
+            raise InvalidRequest(f"'tools' are not supported by model {self.spec.name!r} (engine vllm): "
+                                 f"{self.tool_parser_reason} (vLLM takes tools only with a tool-call parser)",
+                                 param="tools")
         if self._prompt_counter is None:
             self._prompt_counter = PromptCounter(self.spec.name, Path(self.spec.weights))
         tokens = self._prompt_counter.count(request)

@@ -1,13 +1,16 @@
 """Which of vLLM's tool-call parsers a model gets, chosen from its architecture.
 
-vLLM answers `tool_choice` `required` and a named function by itself (guided decoding of the
-calls' JSON); `auto` needs `--enable-auto-tool-choice --tool-call-parser NAME`, a parser that
-knows how the model family writes a call. The parser is picked from config.json's
-architecture (`TOOL_PARSERS`), or set per model with the `tool_call_parser` option (a
-manifest entry's extra field; "none" turns it off). Some parsers look up a marker token in
-the tokenizer when a request arrives and fail every tools request without it; such a parser
-is enabled only when the tokenizer has the token (`MARKER_TOKENS`). Without a parser, `auto`
-with tools is refused naming the model and engine, never silently answered as text.
+vLLM 0.32 answers `tool_choice` `required` and a named function with guided decoding of the
+calls' JSON, but refuses every tool choice but `none` unless it was started with
+`--enable-auto-tool-choice --tool-call-parser NAME` (vllm/renderers/online_renderer.py); for
+`auto` the parser is what reads the calls out of the model's text, so it must be the one for
+the model family. The parser is picked from config.json's architecture (`TOOL_PARSERS`), or
+set per model with the `tool_call_parser` option (a manifest entry's extra field; "none" turns
+tools off for the model). Some parsers look up a marker token in the tokenizer when a request
+arrives and fail every tools request without it (`MARKER_TOKENS`). A family with no known or
+usable parser gets `hermes` (`FALLBACK_PARSER`), which needs no special token: `required` and
+named calls work, and `auto` reads Hermes' `<tool_call>` format, which the chat template must
+then teach. Without a parser, tools are refused naming the model and engine.
 """
 
 from __future__ import annotations
@@ -34,20 +37,25 @@ TOOL_PARSERS: dict[str, str] = {
 MARKER_TOKENS: dict[str, str] = {"llama3_json": "<|python_tag|>", "mistral": "[TOOL_CALLS]"}
 """Parsers that need this token in the vocabulary."""
 
+FALLBACK_PARSER = "hermes"
+
 
 def tool_parser(weights: Path, architecture: str, option: object = None) -> tuple[str | None, str]:
     """(parser or None, why): the option wins; else the architecture's parser if its marker token
-    (if any) is in the tokenizer."""
+    (if any) is in the tokenizer; else the fallback."""
     if option is not None:
         name = str(option).strip()
         return (None, "turned off by the tool_call_parser option") if name.lower() in ("", "none") \
             else (name, "set by the tool_call_parser option")
     parser = TOOL_PARSERS.get(architecture)
+    fallback = (f"{FALLBACK_PARSER} as the fallback: required and named tool choices work, auto reads "
+                "<tool_call> blocks")
     if parser is None:
-        return None, f"no tool-call parser is known for architecture {architecture or '(unknown)'}"
+        return FALLBACK_PARSER, f"no tool-call parser is known for architecture {architecture or '(unknown)'}; " \
+                                + fallback
     marker = MARKER_TOKENS.get(parser)
     if marker is not None and not _has_token(weights, marker):
-        return None, f"its tokenizer has no {marker} token, which vLLM's {parser} parser needs"
+        return FALLBACK_PARSER, f"its tokenizer has no {marker} token, which vLLM's {parser} parser needs; " + fallback
     return parser, f"{parser} for {architecture}"
 
 
