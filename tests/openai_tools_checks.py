@@ -3,7 +3,9 @@ the same checks for every engine (tests/test_openai_tools.py, the llama.cpp and 
 
 Tiny random-weight models cannot choose a tool by themselves: the checks use `tool_choice`
 `required` or a named function and `json_schema`, where constrained decoding guarantees the
-shape, and check that shape (names, arguments matching the schema, finish reasons, deltas). `max_tokens` leaves room
+shape, and check that shape (names, arguments matching the schema, finish reasons, deltas). Greedy, so a run is
+reproducible (a sampled random model may spell a 12-character string in 48 byte tokens);
+`max_tokens` leaves room
 for the whitespace llama.cpp's JSON grammars allow (a random model spends tokens on it).
 """
 
@@ -31,8 +33,9 @@ ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLeng
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def named_call(client: openai.OpenAI, model: str, max_tokens: int = 60) -> None:
+def named_call(client: openai.OpenAI, model: str, max_tokens: int = 120) -> None:
     answer = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=max_tokens,
+                                            temperature=0,
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -42,10 +45,11 @@ def named_call(client: openai.OpenAI, model: str, max_tokens: int = 60) -> None:
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
-def required_call_streamed(client: openai.OpenAI, model: str, max_tokens: int = 60) -> list[Any]:
+def required_call_streamed(client: openai.OpenAI, model: str, max_tokens: int = 120) -> list[Any]:
     """Streamed as OpenAI streams calls: a fragment with the id and name, then arguments in pieces."""
     stream = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
-                                            parallel_tool_calls=False, max_tokens=max_tokens, stream=True,
+                                            parallel_tool_calls=False, max_tokens=max_tokens, temperature=0,
+                                            stream=True,
                                             stream_options={"include_usage": True})
     fragments = []
     finish = None
@@ -63,7 +67,7 @@ def required_call_streamed(client: openai.OpenAI, model: str, max_tokens: int = 
     return fragments
 
 
-def conversation_with_tool_results(client: openai.OpenAI, model: str, max_tokens: int = 60) -> None:
+def conversation_with_tool_results(client: openai.OpenAI, model: str, max_tokens: int = 120) -> None:
     """An assistant's call and the tool's answer in the conversation, then a json_schema answer."""
     messages = [*ASK,
                 {"role": "assistant", "content": None, "tool_calls": [
@@ -71,7 +75,7 @@ def conversation_with_tool_results(client: openai.OpenAI, model: str, max_tokens
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'}]
     answer = client.chat.completions.create(
-        model=model, messages=messages, tools=TOOLS, max_tokens=max_tokens,
+        model=model, messages=messages, tools=TOOLS, max_tokens=max_tokens, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}})
     choice = answer.choices[0]
     assert choice.finish_reason == "stop", choice
@@ -135,7 +139,7 @@ def client_mistakes(client: openai.OpenAI, model: str) -> None:
             raise AssertionError(f"{extra} was accepted")
 
 
-def langchain_agent_calls(base_url: str, model: str, max_tokens: int = 60) -> None:
+def langchain_agent_calls(base_url: str, model: str, max_tokens: int = 120) -> None:
     """LangChain's OpenAI chat model: a forced tool call and a structured answer, as agents use them."""
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
@@ -150,7 +154,8 @@ def langchain_agent_calls(base_url: str, model: str, max_tokens: int = 60) -> No
         answer: str = Field(max_length=16)
         ok: bool
 
-    llm = ChatOpenAI(model=model, base_url=base_url, api_key="unused", max_tokens=max_tokens, max_retries=0,
+    llm = ChatOpenAI(model=model, base_url=base_url, api_key="unused", max_tokens=max_tokens, temperature=0,
+                     max_retries=0,
                      timeout=120)
     forced = llm.bind_tools([get_weather], tool_choice="get_weather", strict=True)
     message = forced.invoke("Weather in Paris for 2 days?")
