@@ -250,6 +250,11 @@ def test_router_swaps_two_vllm_engines(vllm_python: str, vllm_models: dict[str, 
         shutil.rmtree(directory, ignore_errors=True)
 
 
+VLLM_ROOM = 300
+"""Tokens for a tiny random model to finish a JSON call under xgrammar (a 12-character string
+took more than 120 here: vLLM counts tokens that decode to nothing)."""
+
+
 def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vllm_models: dict[str, Path],
                                                            tmp_path: Path) -> None:
     """vLLM's own function calling, guided decoding and logprobs through the router, with the
@@ -271,19 +276,19 @@ def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vll
     llama, qwen = "vllm-tiny-llama", "vllm-tiny-qwen2"
     try:
         client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        checks.named_call(client, llama)
-        checks.required_call_streamed(client, llama)
+        checks.named_call(client, llama, VLLM_ROOM)
+        checks.required_call_streamed(client, llama, VLLM_ROOM)
         with pytest.raises(openai.BadRequestError) as err:  # refused before the model is started
             client.chat.completions.create(model="no-tools", messages=checks.ASK, tools=checks.TOOLS, max_tokens=4)
         assert err.value.body["param"] == "tools" and "engine vllm" in err.value.body["message"]
         auto = client.chat.completions.create(model=qwen, messages=checks.ASK, tools=checks.TOOLS, max_tokens=8)
         assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
-        checks.conversation_with_tool_results(client, qwen)
+        checks.conversation_with_tool_results(client, qwen, VLLM_ROOM)
         checks.json_object(client, qwen)
         checks.chat_logprobs(client, qwen)
         checks.completion_logprobs(client, qwen)
         checks.client_mistakes(client, qwen)
-        checks.langchain_agent_calls(router.url + "/v1", qwen)
+        checks.langchain_agent_calls(router.url + "/v1", qwen, VLLM_ROOM)
         rows = httpx.get(router.url + "/admin/models", timeout=60).json()["data"]
         details = {r["name"]: r["engine_details"] for r in rows}
         assert details[qwen]["tool_call_parser"] == details[llama]["tool_call_parser"] == "hermes"
