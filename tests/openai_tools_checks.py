@@ -3,7 +3,8 @@ the same checks for every engine (tests/test_openai_tools.py, the llama.cpp and 
 
 Tiny random-weight models cannot choose a tool by themselves: the checks use `tool_choice`
 `required` or a named function and `json_schema`, where constrained decoding guarantees the
-shape, and check that shape (names, arguments matching the schema, finish reasons, deltas). Greedy, so a run is
+shape, and check that shape (names, arguments matching the schema, finish reasons, deltas). Integers are enums: an
+unbounded one lets a random model write digits until max_tokens. Greedy, so a run is
 reproducible (a sampled random model may spell a 12-character string in 48 byte tokens);
 `max_tokens` leaves room
 for the whitespace llama.cpp's JSON grammars allow (a random model spends tokens on it).
@@ -12,14 +13,14 @@ for the whitespace llama.cpp's JSON grammars allow (a random model spends tokens
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import jsonschema
 import openai
 from pydantic import Field
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+                                            "days": {"type": "integer", "enum": [1, 2, 3]}},
            "required": ["city", "days"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                            "parameters": WEATHER, "strict": True}},
@@ -146,7 +147,7 @@ def langchain_agent_calls(base_url: str, model: str, max_tokens: int = 120) -> N
     from pydantic import BaseModel
 
     @tool
-    def get_weather(city: Annotated[str, Field(max_length=12)], days: Annotated[int, Field(ge=1, le=9)]) -> str:
+    def get_weather(city: Annotated[str, Field(max_length=12)], days: Literal[1, 2, 3]) -> str:
         """Weather for a city over some days."""
         return f"sunny in {city} for {days} days"
 

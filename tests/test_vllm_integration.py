@@ -264,9 +264,8 @@ def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vll
     whose <|python_tag|> token the tiny tokenizer lacks, so it gets the hermes fallback (vLLM
     takes no tool choice but none without a parser); a model with the parser turned off
     refuses tools naming the model and engine."""
-    compact = ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     specs = [spec_from_mapping({"name": name, "weights": str(path), "engine": "vllm", "dtype": "bfloat16",
-                                "engine_options": {"vllm_args": compact}}) for name, path in vllm_models.items()]
+                                }) for name, path in vllm_models.items()]
     specs.append(spec_from_mapping({"name": "no-tools", "weights": str(vllm_models["vllm-tiny-qwen2"]),
                                     "engine": "vllm", "engine_options": {"tool_call_parser": "none"}}))
     manifest = tmp_path / "models.yaml"
