@@ -275,23 +275,31 @@ def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vll
     llama, qwen = "vllm-tiny-llama", "vllm-tiny-qwen2"
     try:
         client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        checks.named_call(client, llama, VLLM_ROOM)
-        checks.required_call_streamed(client, llama, VLLM_ROOM)
+        failures: list[str] = []
+
+        def check(name: str, run: Any) -> None:  # every check runs: one failure must not hide the others
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - reported below, all together
+                failures.append(f"{name}: {type(exc).__name__}: {str(exc)[:400]}")
+
+        check("logprobs", lambda: (checks.chat_logprobs(client, qwen), checks.completion_logprobs(client, qwen)))
+        check("json_object", lambda: checks.json_object(client, qwen))
+        check("mistakes", lambda: checks.client_mistakes(client, qwen))
+        check("conversation", lambda: checks.conversation_with_tool_results(client, qwen, VLLM_ROOM))
+        check("named", lambda: checks.named_call(client, llama, VLLM_ROOM))
+        check("required", lambda: checks.required_call_streamed(client, qwen, VLLM_ROOM))
+        check("langchain", lambda: checks.langchain_agent_calls(router.url + "/v1", qwen, VLLM_ROOM))
         with pytest.raises(openai.BadRequestError) as err:  # refused before the model is started
             client.chat.completions.create(model="no-tools", messages=checks.ASK, tools=checks.TOOLS, max_tokens=4)
         assert err.value.body["param"] == "tools" and "engine vllm" in err.value.body["message"]
         auto = client.chat.completions.create(model=qwen, messages=checks.ASK, tools=checks.TOOLS, max_tokens=8)
         assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
-        checks.conversation_with_tool_results(client, qwen, VLLM_ROOM)
-        checks.json_object(client, qwen)
-        checks.chat_logprobs(client, qwen)
-        checks.completion_logprobs(client, qwen)
-        checks.client_mistakes(client, qwen)
-        checks.langchain_agent_calls(router.url + "/v1", qwen, VLLM_ROOM)
         rows = httpx.get(router.url + "/admin/models", timeout=60).json()["data"]
         details = {r["name"]: r["engine_details"] for r in rows}
         assert details[qwen]["tool_call_parser"] == details[llama]["tool_call_parser"] == "hermes"
         assert "fallback" in details[llama]["tool_call_parser_reason"]
         assert details["no-tools"]["tool_call_parser"] is None
+        assert not failures, "\n".join(failures)
     finally:
         router.kill()
