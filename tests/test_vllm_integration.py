@@ -287,8 +287,8 @@ def test_tools_structured_output_and_logprobs_through_vllm(vllm_python: str, vll
         check("json_object", lambda: checks.json_object(client, qwen))
         check("mistakes", lambda: checks.client_mistakes(client, qwen))
         check("conversation", lambda: checks.conversation_with_tool_results(client, qwen, VLLM_ROOM))
-        check("named", lambda: checks.named_call(client, llama, VLLM_ROOM))
-        check("required", lambda: checks.required_call_streamed(client, qwen, VLLM_ROOM))
+        check("named", lambda: checks.named_call(client, qwen, VLLM_ROOM))
+        check("required", lambda: checks.required_call_streamed(client, llama, VLLM_ROOM))
         check("langchain", lambda: checks.langchain_agent_calls(router.url + "/v1", qwen, VLLM_ROOM))
         with pytest.raises(openai.BadRequestError) as err:  # refused before the model is started
             client.chat.completions.create(model="no-tools", messages=checks.ASK, tools=checks.TOOLS, max_tokens=4)
