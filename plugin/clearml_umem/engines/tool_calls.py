@@ -26,7 +26,7 @@ import re
 import uuid
 from typing import Any
 
-from clearml_umem.engines.base import Delta, InvalidRequest
+from clearml_umem.engines.base import Delta
 
 FALLBACK_INSTRUCTIONS = (
     "You can call functions. To call one, answer with <tool_call>{\"name\": <function name>, \"arguments\": "
@@ -34,21 +34,14 @@ FALLBACK_INSTRUCTIONS = (
 )
 
 
-def render_chat(name: str, tokenizer: Any, messages: list[dict[str, Any]], options: dict[str, Any]) -> str:
-    """The chat prompt as text: the template with tools (or the fallback above)."""
+def chat_inputs(tokenizer: Any, messages: list[dict[str, Any]],
+                options: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The conversation and tools for the chat template (or the fallback above, tools None)."""
     tools = options.get("tools") or None
     template = str(getattr(tokenizer, "chat_template", "") or "")
-    takes_tools = "tools" in template
-    if not takes_tools and (tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)):
-        messages = plain_conversation(messages, tools)
-        tools = None
-    else:
-        messages = [_with_arguments_parsed(m) for m in messages]
-    try:
-        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # noqa: BLE001 - a template's own refusal (roles out of order...) is the client's
-        raise InvalidRequest(f"the chat template of model {name!r} refused the conversation: "
-                             f"{type(exc).__name__}: {exc}", param="messages") from None
+    if "tools" not in template and (tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)):
+        return plain_conversation(messages, tools), None
+    return [_with_arguments_parsed(m) for m in messages], tools
 
 
 def _with_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
