@@ -15,7 +15,14 @@ from typing import Any, Protocol
 
 import yaml
 
-from clearml_umem.spec import ModelSpec, SpecError, spec_from_mapping, unknown_key_problem, with_default_engine
+from clearml_umem.spec import (
+    ENGINE_DECLARED,
+    ModelSpec,
+    SpecError,
+    spec_from_mapping,
+    unknown_key_problem,
+    with_default_engine,
+)
 
 
 @dataclass
@@ -127,6 +134,9 @@ def write_manifest(path: Path, specs: list[ModelSpec]) -> None:
             entry["aliases"] = list(s.aliases)
         if s.defaults:
             entry["defaults"] = dict(s.defaults)
+        engine_options = {k: v for k, v in s.extra.items() if k != ENGINE_DECLARED}
+        if engine_options:
+            entry["engine_options"] = engine_options
         entries.append(entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     header = f"# yaml-language-server: $schema={SCHEMA_FILE}\n" if path.suffix != ".json" else ""

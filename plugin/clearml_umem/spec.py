@@ -104,7 +104,7 @@ MANIFEST_FIELDS: tuple[ManifestField, ...] = (
     ManifestField("aliases", {"type": "array", "items": {"type": "string", "pattern": "\\S"}, "uniqueItems": True},
                   "Other names a request's model field may use for this model."),
     ManifestField("defaults", {"type": "object", "properties": REQUEST_DEFAULTS, "additionalProperties": False},
-                  "Request settings used when a request leaves them unset (the penalties: vllm and llamacpp only)."),
+                  "Request settings used when a request leaves them unset."),
     ManifestField("max_concurrency", {"type": "integer", "minimum": 1},
                   "At most this many requests at once; the others wait in the model's queue (the engine's "
                   "own limit still applies)."),
@@ -118,6 +118,9 @@ MANIFEST_FIELDS: tuple[ManifestField, ...] = (
                   "Labels (a list, or one comma-separated string)."),
     ManifestField("source_uri", {"type": "string"}, "Where the weights came from (a ClearML or storage URI)."),
     ManifestField("model_id", {"type": "string"}, "The ClearML model repository entry these weights belong to."),
+    ManifestField("engine_options", {"type": "object"},
+                  "Options for this model's engine, e.g. vLLM's tool_call_parser and vllm_args, llama.cpp's "
+                  "llama_args (docs/tools-and-structured-output.md)."),
 )
 
 MANIFEST_KEYS = tuple(f.name for f in MANIFEST_FIELDS)
@@ -376,6 +379,10 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
     aliases = _aliases(label, name, data)
     defaults = _request_defaults(label, engine or "transformers", context_length, data)
 
+    engine_options = data.get("engine_options") or {}
+    if not isinstance(engine_options, Mapping):
+        raise SpecError(label, "engine_options", f"must be a mapping of engine options, got {engine_options!r}")
+
     return ModelSpec(
         name=name,
         weights=weights,
@@ -392,7 +399,7 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
         max_concurrency=max_concurrency,
         aliases=aliases,
         defaults=defaults,
-        extra={ENGINE_DECLARED: declared},
+        extra={**engine_options, ENGINE_DECLARED: declared},
     )
 
 

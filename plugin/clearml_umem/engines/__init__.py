@@ -44,13 +44,16 @@ def _llamacpp(spec: ModelSpec, ctx: EngineContext) -> Engine:
 
 FACTORIES: dict[str, EngineFactory] = {"transformers": _transformers, "vllm": _vllm, "llamacpp": _llamacpp}
 
-SAMPLING_OPTIONS: dict[str, frozenset[str]] = {
-    "transformers": frozenset(),
-    "vllm": frozenset({"frequency_penalty", "presence_penalty", "logit_bias"}),
-    "llamacpp": frozenset({"frequency_penalty", "presence_penalty", "logit_bias"}),
-}
-"""OpenAI options each engine honours beyond max_tokens, temperature, top_p, stop and seed.
-Only options that leave the answer's shape as it is: vLLM and llama-server take them as OpenAI does."""
+API_OPTIONS = frozenset({"frequency_penalty", "presence_penalty", "logit_bias", "tools", "tool_choice",
+                         "parallel_tool_calls", "response_format", "logprobs", "top_logprobs"})
+"""OpenAI options beyond max_tokens, temperature, top_p, stop and seed, passed in
+`GenerationRequest.options` as the client sent them (docs/tools-and-structured-output.md)."""
+
+SAMPLING_OPTIONS: dict[str, frozenset[str]] = {"transformers": API_OPTIONS, "vllm": API_OPTIONS,
+                                               "llamacpp": API_OPTIONS}
+"""Options each engine honours. Every engine takes them all: vLLM and llama-server as OpenAI
+does, transformers through logits processors and constrained decoding. What one model cannot
+honour (no tool-call parser for its family...) its engine refuses in `check_request`."""
 
 
 def create_engine(spec: ModelSpec, ctx: EngineContext) -> Engine:

@@ -51,6 +51,12 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """OpenAI's streamed `tool_calls` fragments (`index`, then `id`/`type`/`function.name` once,
+    `function.arguments` in pieces), for the router to pass on or join."""
+    logprobs: list[dict[str, Any]] | None = None
+    """Per generated token, OpenAI's chat shape: `{"token", "logprob", "bytes", "top_logprobs"}`
+    (the router turns them into the completions shape for /v1/completions)."""
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ class ServerAbilities:
     load_mode: bool
     """Has `--load-mode` (newer builds; older ones had --mmap/--mlock)."""
     no_webui: bool
+    jinja: bool = False
+    """Has `--jinja` (the model's own chat template, needed for tools)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,4 +75,5 @@ def abilities(binary: str) -> ServerAbilities:
     devices = subprocess.run([binary, "--list-devices"], capture_output=True, text=True, timeout=30,
                              env={"PATH": os.environ.get("PATH", "")}, check=False)
     return ServerAbilities(unix_socket=".sock" in text, cuda="CUDA" in devices.stdout + devices.stderr,
-                           load_mode="--load-mode" in text, no_webui="--no-webui" in text)
+                           load_mode="--load-mode" in text, no_webui="--no-webui" in text,
+                           jinja="--jinja" in text)

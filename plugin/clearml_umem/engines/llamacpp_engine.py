@@ -49,9 +49,11 @@ from clearml_umem.engines.base import (
     MoveResult,
 )
 from clearml_umem.engines.llama_server import ServerAbilities, abilities, find_llama_server
+from clearml_umem.engines.llamacpp_api import adapt_body, check_options, template_takes_tools
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.openai_stream import generate_restarting_once, openai_body, stream_answer
 from clearml_umem.engines.progress import last_log_line
+from clearml_umem.engines.request_decoding import shaped
 from clearml_umem.engines.resident_file import ResidentFile, cached_bytes, drop_from_page_cache
 from clearml_umem.engines.start_gate import START_GATES
 from clearml_umem.engines.vllm_process import Endpoint, ProcessConfig, ProcessTimeouts, VLLMProcess
@@ -136,6 +138,7 @@ class LlamaCppEngine:
         self._opts = opts
         try:
             self.gguf: GGUFInfo = read_gguf(spec.weights)
+            self.template_takes_tools = template_takes_tools(self.gguf.metadata.get("tokenizer.chat_template"))
         except GGUFError as exc:
             raise EngineError(f"model {spec.name!r} cannot be served by llama.cpp: {exc}") from exc
         self.binary = find_llama_server(opts.get("llama_server"))
@@ -249,6 +252,8 @@ class LlamaCppEngine:
             cmd.append("--no-webui")
         if ab is not None and ab.load_mode:
             cmd += ["--load-mode", "mmap"]
+        if ab is not None and ab.jinja:
+            cmd.append("--jinja")  # the model's own template: tools, tool calls in the conversation
         cmd.extend(str(a) for a in self._opts.get("llama_args") or ())
         return cmd
 
@@ -294,6 +299,7 @@ class LlamaCppEngine:
         after a swap-in. Prompts it lets through that are still too long get llama-server's own
         400 (naming the prompt as well). max_tokens over the served context is refused outright,
         as the other engines do."""
+        check_options(self.spec.name, request)
         param = "messages" if request.is_chat else "prompt"
         if request.max_tokens > self.n_ctx:
             raise InvalidRequest(f"model {self.spec.name!r} is served with a context of {self.n_ctx} tokens; "
@@ -471,6 +477,7 @@ class LlamaCppEngine:
 
     def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         path, body = openai_body(self.spec.name, request)
+        top_logprobs, shape_calls = adapt_body(body, request, self.template_takes_tools)
 
         def refuse(status: int, message: str) -> Exception:
             if status != 400:
@@ -482,7 +489,9 @@ class LlamaCppEngine:
                                   param=("messages" if request.is_chat else "prompt") if over else None,
                                   code="context_length_exceeded" if over else None)
 
-        return stream_answer(self.process, path, body, request.is_chat, "llama-server", refuse)
+        answer = stream_answer(self.process, path, body, request.is_chat, "llama-server", refuse,
+                               top_logprobs=top_logprobs)
+        return shaped(answer, request) if shape_calls else answer
 
     async def close(self) -> None:
         """Stop the server and let the file go; a later move from cold starts it again."""

@@ -51,8 +51,10 @@ class SSEDecoder:
     finish Delta is only built once the stream says `[DONE]`.
     """
 
-    def __init__(self, chat: bool, label: str = "vLLM") -> None:
+    def __init__(self, chat: bool, label: str = "vLLM", top_logprobs: int | None = None) -> None:
         self.chat = chat
+        self.top_logprobs = top_logprobs
+        """Alternatives per token to keep (a server may send more than the client asked for)."""
         self.label = label
         self.done = False
         self.finish_reason: str | None = None
@@ -87,8 +89,10 @@ class SSEDecoder:
                 continue
             source = (choice.get("delta") or {}) if self.chat else choice
             text = source.get("content" if self.chat else "text") or ""
-            if text:
-                out.append(Delta(text=text))
+            calls = source.get("tool_calls") if self.chat else None
+            entries = _logprob_entries(choice.get("logprobs"), self.chat, self.top_logprobs)
+            if text or calls or entries:
+                out.append(Delta(text=text, tool_calls=calls or None, logprobs=entries))
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
         return out
@@ -100,11 +104,39 @@ class SSEDecoder:
                      completion_tokens=self.completion_tokens)
 
 
+def _logprob_entries(logprobs: Any, chat: bool, top: int | None = None) -> list[dict[str, Any]] | None:
+    """A chunk's logprobs as OpenAI's chat entries, whichever shape the server sent: chat's
+    `content` list (llama-server sends it for completions too) or completions' parallel lists."""
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(logprobs.get("content"), list):
+        return [_entry(e, top) for e in logprobs["content"] if isinstance(e, dict)] or None
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or []
+    entries = []
+    for i, token in enumerate(tokens):
+        alternatives = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        entries.append({"token": token, "logprob": values[i] if i < len(values) else None,
+                        "bytes": list(str(token).encode()),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(str(t).encode())}
+                                         for t, v in alternatives.items()]})
+    return entries or None
+
+
+def _entry(raw: dict[str, Any], top: int | None) -> dict[str, Any]:
+    """OpenAI's four keys (llama-server adds the token id), the alternatives cut to `top`."""
+    alternatives = [{"token": a.get("token"), "logprob": a.get("logprob"), "bytes": a.get("bytes")}
+                    for a in raw.get("top_logprobs") or () if isinstance(a, dict)]
+    return {"token": raw.get("token"), "logprob": raw.get("logprob"), "bytes": raw.get("bytes"),
+            "top_logprobs": alternatives if top is None else alternatives[:top]}
+
+
 async def stream_answer(process: VLLMProcess, path: str, body: dict[str, Any], chat: bool, label: str,
-                        refuse: Refusal) -> AsyncIterator[Delta]:
+                        refuse: Refusal, top_logprobs: int | None = None) -> AsyncIterator[Delta]:
     """One streamed answer from the server; closing the iterator closes the HTTP stream, which
     makes the server stop generating. Every line received counts as progress (`VLLMProcess.hung`)."""
-    decoder = SSEDecoder(chat=chat, label=label)
+    decoder = SSEDecoder(chat=chat, label=label, top_logprobs=top_logprobs)
     with process.streaming() as progressed:
         async with process.client().stream("POST", path, json=body) as resp:
             if resp.status_code != 200:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clearml_umem.engines.base import EngineError, GenerationRequest, InvalidRequest
+from clearml_umem.engines.tool_calls import chat_inputs
 
 NORMALIZER_SLACK = 4
 """A Unicode normalizer (NFKC...) can shrink text, at most from a 4-byte character to a 1-byte
@@ -180,7 +181,8 @@ class PromptCounter:
         return tokenizer
 
 
-def apply_template(name: str, tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+def apply_template(name: str, tokenizer: Any, messages: list[dict[str, Any]],
+                   tools: list[dict[str, Any]] | None = None) -> str:
     """The chat template applied; a template that refuses the conversation (Mistral's and Llama-2's
     `raise_exception` for a system message or roles that do not alternate) is the client's 400,
     with the template's own message, as vLLM answers."""
@@ -189,7 +191,7 @@ def apply_template(name: str, tokenizer: Any, messages: list[dict[str, Any]]) ->
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest(f"model {name!r} has no chat template; use /v1/completions", param="messages")
     try:
-        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return str(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False))
     except TemplateSyntaxError as exc:
         raise EngineError(f"model {name!r}: its chat template is broken: {exc}") from None
     except TemplateError as exc:
@@ -199,7 +201,8 @@ def apply_template(name: str, tokenizer: Any, messages: list[dict[str, Any]]) ->
 
 def prompt_ids(name: str, request: GenerationRequest, tokenizer: Any) -> list[int]:
     if request.is_chat:
-        text = apply_template(name, tokenizer, request.messages or [])
+        messages, tools = chat_inputs(tokenizer, request.messages or [], request.options)
+        text = apply_template(name, tokenizer, messages, tools)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(request.prompt or "")["input_ids"])
 

@@ -64,9 +64,11 @@ from clearml_umem.engines.base import (
     InvalidRequest,
     MoveResult,
 )
+from clearml_umem.engines.constrained import GuidanceTokenizers
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.progress import MoveProgress
 from clearml_umem.engines.prompt_check import PromptCounter, check_fits, prompt_ids
+from clearml_umem.engines.request_decoding import AnswerShaper, RequestDecoding, check_options
 from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
     FlatLayout,
@@ -340,6 +342,7 @@ class TransformersEngine:
         self._host: HostBuffer | None = None
         self._estimated_bytes: int | None = None
         self._prompt_counter = PromptCounter(spec.name, self.weights)
+        self._guidance = GuidanceTokenizers()
         self.keep_host_copy = keep_host_copy(ctx)
         self._move_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -770,6 +773,7 @@ class TransformersEngine:
         """
         loop = asyncio.get_running_loop()
         job = _Job(request=request, loop=loop, queue=asyncio.Queue(), done=loop.create_future())
+        shaper = AnswerShaper(request)
         with self._state_lock:
             if self._tier is not Tier.GPU or self._moving or self._model is None:
                 state = "moving" if self._moving else f"in tier {self._tier}"
@@ -798,9 +802,11 @@ class TransformersEngine:
                     continue
                 last_item = time.monotonic()
                 if kind == "text":
-                    yield Delta(text=payload)
+                    for delta in shaper.piece(*payload):
+                        yield delta
                 elif kind == "end":
-                    yield payload
+                    for delta in shaper.end(*payload):
+                        yield delta
                     return
                 else:
                     raise payload
@@ -844,6 +850,8 @@ class TransformersEngine:
         return len(ids)
 
     def _validate(self, request: GenerationRequest, prompt_tokens: int) -> None:
+        if request.options:
+            check_options(self.spec.name, request, self._config.get("vocab_size"))
         if request.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}", param="max_tokens")
         check_fits(self.spec.name, self.context_length, prompt_tokens, request)
@@ -860,20 +868,27 @@ class TransformersEngine:
             return set()
         return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
 
-    def _generate_sync(self, job: _Job, model: Any, tokenizer: Any) -> Delta:
+    def _generate_sync(self, job: _Job, model: Any, tokenizer: Any) -> tuple[Delta, list[dict[str, Any]] | None]:
         request = job.request
         prompt = request.prompt_ids if request.prompt_ids is not None else self._prompt_ids(request, tokenizer)
         self._validate(request, len(prompt))
         assembler = _TextAssembler(tokenizer, request.stop)
         eos = self._eos_ids(model, tokenizer)
         stop_flag = threading.Event()
+        decoding = RequestDecoding(self.spec.name, request, tokenizer, model.get_output_embeddings().weight.shape[0],
+                                   sorted(eos), len(prompt), self._guidance, self.device) if request.options else None
 
         def on_tokens(ids: list[int]) -> None:
             if stop_flag.is_set():
                 return
             piece = assembler.add(ids)
-            if piece:
-                job.post("text", piece)
+            if decoding is not None:
+                decoding.record(ids)
+                logprobs = decoding.take_logprobs() if piece else None
+                if piece:
+                    job.post("text", (piece, logprobs))
+            elif piece:
+                job.post("text", (piece, None))
             if assembler.stopped:
                 stop_flag.set()
 
@@ -883,7 +898,7 @@ class TransformersEngine:
         config = GenerationConfig(max_new_tokens=request.max_tokens, do_sample=False, num_beams=1,
                                   temperature=1.0, top_k=50, top_p=1.0, eos_token_id=sorted(eos) or None,
                                   pad_token_id=pad)
-        processors = LogitsProcessorList()
+        processors = LogitsProcessorList(decoding.processors if decoding is not None else ())
         if request.temperature > 0:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
             processors.append(_SeededSampler(request.temperature, request.top_p, seed))
@@ -907,7 +922,8 @@ class TransformersEngine:
             raise EngineError(f"model {self.spec.name!r}: generation cancelled")
         else:
             reason = "stop"
-        return Delta(text=last_piece, finish_reason=reason, prompt_tokens=len(prompt), completion_tokens=completion)
+        return (Delta(text=last_piece, finish_reason=reason, prompt_tokens=len(prompt), completion_tokens=completion),
+                decoding.take_logprobs() if decoding is not None else None)
 
     async def hung(self) -> str | None:
         """Why the engine counts as hung: a generation thread stalled (see `generate`); None otherwise."""

@@ -63,6 +63,7 @@ from clearml_umem.engines.vllm_process import (
     VLLMProcess,
     allow_tcp_from,
 )
+from clearml_umem.engines.vllm_tools import tool_parser
 from clearml_umem.spec import ModelSpec, read_hf_config
 from clearml_umem.tiers import Tier
 from clearml_umem.units import fmt_bytes
@@ -159,6 +160,8 @@ class VLLMEngine:
         self._probe_wanted = self._probe is not None or bool(opts.get("measure_device_memory", True))
         self.measured_device_bytes: dict[str, int] = {}
         self._unmeasured_logged = False
+        self.tool_parser, self.tool_parser_reason = tool_parser(Path(spec.weights), spec.architecture,
+                                                                opts.get("tool_call_parser"))
         self.plan = self._plan_kv(opts)
         log_dir = Path(ctx.log_dir) if ctx.log_dir else Path(ctx.work_dir) / "logs"
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name)
@@ -248,6 +251,11 @@ class VLLMEngine:
     def check_request(self, request: GenerationRequest) -> int | None:
         """Refuse a prompt over the served context (`max_model_len`) before the engine is started or
         woken; skipped where the router cannot load the model's tokenizer (vLLM checks it then)."""
+        options = request.options
+        if options.get("tools") and not self.tool_parser:
+            raise InvalidRequest(f"'tools' are not supported by model {self.spec.name!r} (engine vllm): "
+                                 f"{self.tool_parser_reason} (vLLM takes tools only with a tool-call parser)",
+                                 param="tools")
         if self._prompt_counter is None:
             self._prompt_counter = PromptCounter(self.spec.name, Path(self.spec.weights))
         tokens = self._prompt_counter.count(request, self.plan.max_model_len)
@@ -295,6 +303,8 @@ class VLLMEngine:
             "process_overhead_bytes": self.process_overhead_bytes,
             "sleep_overhead_bytes": self.sleep_overhead_bytes,
             "measured_device_bytes": dict(self.measured_device_bytes),
+            "tool_call_parser": self.tool_parser,
+            "tool_call_parser_reason": self.tool_parser_reason,
             **self.plan.as_dict(),
         }
 
@@ -323,6 +333,8 @@ class VLLMEngine:
             cmd.append("--enable-sleep-mode")
         if self.enforce_eager:
             cmd.append("--enforce-eager")
+        if self.tool_parser:
+            cmd += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_parser]
         cmd.extend(str(a) for a in self._opts.get("vllm_args") or ())
         return cmd
 

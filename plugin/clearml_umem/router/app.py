@@ -23,9 +23,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from clearml_umem.engines.base import Delta
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
+from clearml_umem.router.answer import ToolCallJoin, chat_logprobs, chat_message, completion_logprobs
 from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
 from clearml_umem.router.drain import Drain, GraceOver
 from clearml_umem.router.errors import (
@@ -374,10 +376,16 @@ async def _complete(gen: Generation, model: str, created: int, chat: bool, drain
     await gen.open()
     ok = False
     pieces: list[str] = []
+    calls = ToolCallJoin()
+    entries: list[dict[str, Any]] | None = [] if gen.request.options.get("logprobs") is not None else None
     try:
         while (delta := await drain.within_grace(gen.next_delta)) is not None:
             gen.first_token()
             pieces.append(delta.text)
+            if delta.tool_calls:
+                calls.add(delta.tool_calls)
+            if delta.logprobs and entries is not None:
+                entries.extend(delta.logprobs)
         ok = True
     except GraceOver as exc:
         raise exc.error from None
@@ -386,11 +394,12 @@ async def _complete(gen: Generation, model: str, created: int, chat: bool, drain
     text = "".join(pieces)
     finish = gen.finish_reason or "stop"
     if chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                  "finish_reason": finish}
+        choice: dict[str, Any] = {"index": 0, "message": chat_message(text, calls.calls()),
+                                  "logprobs": chat_logprobs(entries), "finish_reason": finish}
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": None if entries is None else completion_logprobs(entries),
+                  "finish_reason": finish}
         kind = "text_completion"
     return {"id": gen.request_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
             "choices": [choice], "usage": gen.usage()}
@@ -398,14 +407,25 @@ async def _complete(gen: Generation, model: str, created: int, chat: bool, drain
 
 async def _stream(gen: Generation, model: str, created: int, chat: bool,
                   include_usage: bool, drain: Drain) -> AsyncGenerator[bytes, None]:
-    """OpenAI's chunk sequence: (chat: a role chunk), content chunks, a finish chunk, (usage), [DONE]."""
+    """OpenAI's chunk sequence: (chat: a role chunk), content or tool-call chunks, a finish chunk,
+    (usage), [DONE]."""
     rid = gen.request_id
+    offset = 0
 
-    def piece(text: str, finish: str | None = None) -> bytes:
+    def piece(delta: Delta | None, finish: str | None = None) -> bytes:
+        nonlocal offset
+        text = delta.text if delta is not None else ""
+        entries = delta.logprobs if delta is not None else None
         if chat:
-            delta = {"content": text} if text else {}
-            return event(chat_chunk(rid, created, model, delta, finish, include_usage=include_usage))
-        return event(completion_chunk(rid, created, model, text, finish, include_usage=include_usage))
+            fields: dict[str, Any] = {"content": text} if text else {}
+            if delta is not None and delta.tool_calls:
+                fields["tool_calls"] = delta.tool_calls
+            return event(chat_chunk(rid, created, model, fields, finish, include_usage=include_usage,
+                                    logprobs=chat_logprobs(entries) if entries else None))
+        logprobs = completion_logprobs(entries, offset) if entries else None
+        offset += len(text)
+        return event(completion_chunk(rid, created, model, text, finish, include_usage=include_usage,
+                                      logprobs=logprobs))
 
     ok = False
     try:
@@ -413,11 +433,11 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
             yield event(chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
                                    include_usage=include_usage))
         while (delta := await drain.within_grace(gen.next_delta)) is not None:
-            if delta.text:
+            if delta.text or delta.tool_calls or delta.logprobs:
                 gen.first_token()
-                yield piece(delta.text)
+                yield piece(delta)
         gen.first_token()
-        yield piece("", gen.finish_reason or "stop")
+        yield piece(None, gen.finish_reason or "stop")
         if include_usage:
             usage = gen.usage()
             maker = chat_chunk if chat else completion_chunk

@@ -11,7 +11,7 @@ options that only some engines honour (penalties, logit_bias with vLLM) pass to 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from clearml_umem.engines import SAMPLING_OPTIONS
 from clearml_umem.engines.base import GenerationRequest
 from clearml_umem.router.errors import bad_request
+from clearml_umem.router.tools import chat_options, check_messages, completion_options
 from clearml_umem.spec import ModelSpec
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -47,6 +48,9 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # function calling: an assistant's calls, and the id a tool message answers (checked in router.tools)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -105,11 +109,13 @@ class _Sampling(_Body):
                 raise ValueError(f"biases are between -100 and 100, got {bias} for token {token}")
         return value
 
+    refused_options: ClassVar[tuple[str, ...]] = ()
+
     @model_validator(mode="after")
     def _unsupported_options(self) -> _Sampling:
         """The first option set to something no engine here honours; defaults pass. Options some
         engines honour are checked against the model's engine in `to_generation_request`."""
-        for name in REFUSED_OPTIONS:
+        for name in self.refused_options:
             value = self._option(name)
             if not _is_default(name, value):
                 raise PydanticCustomError("unsupported", "'{option}' is not supported by this server (got {value}); "
@@ -119,17 +125,21 @@ class _Sampling(_Body):
     def engine_options(self, spec: ModelSpec) -> dict[str, Any]:
         """The options set for this request that the model's engine takes; a 400 for the others."""
         honoured = SAMPLING_OPTIONS.get(spec.engine, frozenset())
+        asked = {name: value for name in sorted(PENALTY_OPTIONS)
+                 if not _is_default(name, value := self._option(name))}
+        asked.update(self.api_options())
         options: dict[str, Any] = {}
-        for name in sorted(ENGINE_OPTIONS):
-            value = self._option(name)
-            if _is_default(name, value):
-                continue
+        for name, value in asked.items():
             if name not in honoured:
                 engines = ", ".join(sorted(e for e, names in SAMPLING_OPTIONS.items() if name in names))
                 raise bad_request(f"'{name}' is not supported by model '{spec.name}' (engine {spec.engine}); "
                                   f"models served by {engines} take it", param=name)
             options[name] = value
         return options
+
+    def api_options(self) -> dict[str, Any]:
+        """Function calling, structured output and logprobs, checked (`router.tools`); defaults dropped."""
+        return {}
 
     @field_validator("n")
     @classmethod
@@ -162,12 +172,13 @@ class _Sampling(_Body):
         return self.max_tokens
 
 
-ENGINE_OPTIONS = frozenset().union(*SAMPLING_OPTIONS.values())
-"""Options some engines honour (see engines.SAMPLING_OPTIONS)."""
+PENALTY_OPTIONS = frozenset({"frequency_penalty", "presence_penalty", "logit_bias"})
 
-REFUSED_OPTIONS = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "functions",
-                   "function_call", "echo", "best_of", "suffix")
-"""OpenAI options no engine here honours."""
+REFUSED_OPTIONS = ("functions", "function_call", "echo", "best_of", "suffix")
+"""OpenAI options no engine here honours (`functions` is the deprecated form of `tools`)."""
+
+COMPLETION_REFUSED_OPTIONS = (*REFUSED_OPTIONS, "tools", "tool_choice", "response_format", "top_logprobs")
+"""Chat options OpenAI's /v1/completions does not have either."""
 
 
 def _is_default(name: str, value: Any) -> bool:
@@ -187,6 +198,10 @@ def _is_default(name: str, value: Any) -> bool:
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    refused_options: ClassVar[tuple[str, ...]] = COMPLETION_REFUSED_OPTIONS
+
+    def api_options(self) -> dict[str, Any]:
+        return completion_options(self.model_extra or {})
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -206,6 +221,27 @@ class CompletionRequest(_Sampling):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    refused_options: ClassVar[tuple[str, ...]] = REFUSED_OPTIONS
+
+    def api_options(self) -> dict[str, Any]:
+        check_messages([m.model_dump(exclude_none=True) for m in self.messages])
+        return chat_options(self.model_extra or {})
+
+    def engine_messages(self) -> list[dict[str, Any]]:
+        """The conversation as the engine gets it: text content, plus tool calls and the ids tool
+        messages answer (an assistant message that only calls tools keeps `content: null`)."""
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            message: dict[str, Any] = {"role": m.role,
+                                       "content": None if m.tool_calls and m.content is None else m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.name is not None and m.role == "tool":
+                message["name"] = m.name
+            out.append(message)
+        return out
 
     def requested_max_tokens(self) -> int | None:
         """OpenAI's newer name wins over the deprecated one when both are sent."""
@@ -387,6 +423,6 @@ def to_generation_request(body: CompletionRequest | ChatRequest, spec: ModelSpec
         "options": body.engine_options(spec),
     }
     if isinstance(body, ChatRequest):
-        return GenerationRequest(messages=[{"role": m.role, "content": m.text()} for m in body.messages], **common)
+        return GenerationRequest(messages=body.engine_messages(), **common)
     return GenerationRequest(prompt=body.prompt_text(), **common)
 

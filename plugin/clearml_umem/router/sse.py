@@ -31,12 +31,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def chat_chunk(request_id: str, created: int, model: str, delta: Mapping[str, Any] | None,
                finish_reason: str | None = None, *, include_usage: bool = False,
-               usage_value: Mapping[str, int] | None = None) -> dict[str, Any]:
+               usage_value: Mapping[str, int] | None = None,
+               logprobs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One `chat.completion.chunk`; `delta=None` makes the usage-only chunk (empty choices)."""
     chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                              "model": model, "system_fingerprint": None}
     chunk["choices"] = [] if delta is None else [
-        {"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}]
+        {"index": 0, "delta": dict(delta), "logprobs": logprobs, "finish_reason": finish_reason}]
     if include_usage:
         chunk["usage"] = dict(usage_value) if usage_value is not None else None
     return chunk
@@ -44,12 +45,13 @@ def chat_chunk(request_id: str, created: int, model: str, delta: Mapping[str, An
 
 def completion_chunk(request_id: str, created: int, model: str, text: str | None,
                      finish_reason: str | None = None, *, include_usage: bool = False,
-                     usage_value: Mapping[str, int] | None = None) -> dict[str, Any]:
+                     usage_value: Mapping[str, int] | None = None,
+                     logprobs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One streamed `text_completion`; `text=None` makes the usage-only chunk (empty choices)."""
     chunk: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                              "system_fingerprint": None}
     chunk["choices"] = [] if text is None else [
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
     if include_usage:
         chunk["usage"] = dict(usage_value) if usage_value is not None else None
     return chunk
