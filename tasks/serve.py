@@ -90,10 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clearml import Task
 
     from clearml_umem.clearml_io.reporter import ClearMLReporter
+    from clearml_umem.log_setup import setup_logging
     from clearml_umem.server import UnifiedMemoryServer
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(str(args.log_level))
     use_offline_unless_configured()
     task = Task.init(project_name=args.task_project, task_name=args.task_name, task_type=Task.TaskTypes.inference,
                      auto_connect_arg_parser=False, auto_connect_frameworks=False, reuse_last_task_id=False)

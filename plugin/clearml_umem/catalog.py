@@ -8,6 +8,7 @@ embedded default (no ClearML server); the ClearML model repository is another ca
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,8 @@ def write_manifest(path: Path, specs: list[ModelSpec]) -> None:
             entry["context_length"] = s.context_length
         if s.tags:
             entry["tags"] = list(s.tags)
+        if s.keep_alive is not None:
+            entry["keep_alive"] = "never" if math.isinf(s.keep_alive) else s.keep_alive
         entries.append(entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))

@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from clearml_umem.catalog import ManifestError
 from clearml_umem.config import ConfigError, add_serve_arguments, config_from_args
+from clearml_umem.log_setup import setup_logging
 from clearml_umem.ops_cli import CommandFailed, add_ops_commands
 from clearml_umem.scheduler import SchedulerError
 from clearml_umem.spec import SpecError
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from clearml_umem.server import READY_PREFIX, UnifiedMemoryServer
 
     config = config_from_args(args)
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level)
     server = UnifiedMemoryServer(config)
 
     def ready(url: str) -> None:
@@ -38,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from clearml_umem.demo import run_demo
 
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     return run_demo(work_dir=args.work_dir, device=args.device, rounds=args.rounds, keep_serving=args.keep_serving,
                     engine=args.engine, llama_server=args.llama_server)
 

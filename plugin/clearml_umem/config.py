@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.memory import parse_size
 from clearml_umem.policy import POLICIES
 
@@ -59,6 +60,14 @@ class ServeConfig:
     llama_server: str | None = None
     """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
     log_level: str = "info"
+    access_log: bool = True
+    """One line per request under the `clearml_umem.access` logger (model, tier served from, status,
+    time to first token, tokens in and out, duration); `--no-access-log` turns it off."""
+    keep_alive: str = "never"
+    """How long a model stays on the GPU unused before it moves down a tier (gpu -> ram, then after
+    as long again -> disk), as Ollama's keep_alive and llama-swap's ttl: `never`, or seconds or a
+    duration (`300`, `5m`, `1h`). A manifest's `keep_alive` overrides it per model, a request's
+    `keep_alive` field per request."""
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
     """When set, the admin routes (/admin/...) take this key only; the API key then serves inference alone."""
@@ -108,6 +117,10 @@ class ServeConfig:
                     raise ConfigError(f"{name}: {exc}") from None
         if self.fairness_window not in ("auto", "off"):
             raise ConfigError(f"fairness_window must be auto or off, got {self.fairness_window!r}")
+        try:
+            parse_keep_alive(self.keep_alive)
+        except ValueError as exc:
+            raise ConfigError(f"keep_alive: {exc}") from None
         if self.max_waiting < 1:
             raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:
@@ -145,17 +158,20 @@ def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
     return cfg
 
 
+BOOLEANS = ("clearml_published", "access_log")
+
+
 def _coerce(name: str, value: Any) -> Any:
     if name in ("clearml_tags", "clearml_ids"):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return [str(v) for v in value]
-    if name == "clearml_published":
+    if name in BOOLEANS:
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise ConfigError(f"clearml_published must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
         return text in ("1", "true", "yes", "on")
     if name in ("port", "max_waiting"):
         try:
@@ -191,6 +207,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name == "clearml_published":
             parser.add_argument(flag, default=default, action="store_true",
                                 help=f"serve only published registry entries {help_text}")
+        elif f.name == "access_log":
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                help=f"one log line per request (default: on) {help_text}")
+        elif f.name == "keep_alive":
+            parser.add_argument(flag, default=default,
+                                help="unused this long on the GPU, a model moves down a tier (gpu -> ram, then "
+                                     f"-> disk): never, seconds, or 30s/5m/1h; default never {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
         elif f.name == "catalog_poll_seconds":

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.gguf_file import GGUFError, GGUFInfo, is_gguf, read_gguf
 
 KNOWN_ENGINES = ("transformers", "vllm", "llamacpp")
@@ -46,6 +47,9 @@ class ModelSpec:
     quantization: str | None = None
     source_uri: str | None = None
     model_id: str | None = None
+    keep_alive: float | None = None
+    """Seconds unused before the model moves down a tier (`keep_alive.NEVER`: never); None: the
+    router's `--keep-alive`."""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -221,6 +225,12 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
             context_length = context_length_from_config(cfg)
     if size is None:
         raise SpecError(label, "size_bytes", "is required when the weights are not local")
+    keep_alive = None
+    if data.get("keep_alive") is not None:
+        try:
+            keep_alive = parse_keep_alive(data["keep_alive"])
+        except ValueError as exc:
+            raise SpecError(label, "keep_alive", str(exc)) from None
 
     return ModelSpec(
         name=name,
@@ -235,4 +245,5 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
         quantization=quantization,
         source_uri=data.get("source_uri") or None,
         model_id=data.get("model_id") or None,
+        keep_alive=keep_alive,
     )
