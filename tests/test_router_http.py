@@ -121,7 +121,7 @@ class FakeRuntime:
             raise ModelNotFound(model)
 
     @asynccontextmanager
-    async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:
+    async def lease(self, model: str, request_id: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
         if model not in self.engines:
             raise ModelNotFound(model)
         arrived = time.monotonic()

@@ -21,6 +21,7 @@ from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.config import ConfigError, ServeConfig
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
+from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.memory import Budgets, detect_budgets
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
@@ -84,10 +85,11 @@ class UnifiedMemoryServer:
                                 host_budget_bytes=self.budgets.host_bytes, log_dir=work / "logs", options=options)
         self.runtime = Runtime(self.budgets.device_bytes, self.budgets.host_bytes, context,
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory,
-                               max_waiting=config.max_waiting, fairness=config.fairness_window != "off")
+                               max_waiting=config.max_waiting, fairness=config.fairness_window != "off",
+                               keep_alive_s=parse_keep_alive(config.keep_alive), device_kind=self.budgets.device_kind)
         self.model_log = RouterModelLog()
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
-                              admin_key=config.admin_key, model_log=self.model_log)
+                              admin_key=config.admin_key, model_log=self.model_log, access_log=config.access_log)
         self.url: str | None = None
         self._uvicorn: _Server | None = None
         self._poller: CatalogPoller | None = None
@@ -141,6 +143,7 @@ class UnifiedMemoryServer:
         if warning:
             log.warning("%s", warning)
         watcher: asyncio.Task[None] | None = None
+        expiry: asyncio.Task[None] | None = None
         package_log = logging.getLogger("clearml_umem")
         package_log.addHandler(self.model_log)
         try:
@@ -153,6 +156,7 @@ class UnifiedMemoryServer:
             self._uvicorn = _Server(uv_config)
             serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
             watcher = asyncio.create_task(self.runtime.watch_engines(), name="umem-engine-watch")
+            expiry = asyncio.create_task(self.runtime.expire_idle(), name="umem-keep-alive")
             while not self._uvicorn.started and not serving.done():
                 await asyncio.sleep(0.02)
             if self._uvicorn.started and ready is not None:
@@ -162,6 +166,8 @@ class UnifiedMemoryServer:
             package_log.removeHandler(self.model_log)
             if watcher is not None:
                 watcher.cancel()
+            if expiry is not None:
+                expiry.cancel()
             if self._poller is not None:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.gguf_file import GGUFError, GGUFInfo, is_gguf, read_gguf
+from clearml_umem.keep_alive import parse_keep_alive
 
 KNOWN_ENGINES = ("transformers", "vllm", "llamacpp")
 KNOWN_DTYPES = ("auto", "float32", "float16", "bfloat16")

@@ -83,9 +83,10 @@ def last_log_line(path: str | Path | None) -> str | None:
     return lines[-1][:200] if lines else None
 
 
-def describe_progress(model: str, src: str, dst: str, elapsed_s: float, progress: dict[str, Any] | None) -> str:
-    """One progress line: 'model m: cold -> gpu, 12.0 s: reading weights 3.20 of 16.00 GB (20%)'."""
-    text = f"model {model}: {src} -> {dst}, {elapsed_s:.1f} s"
+def describe_progress(src: str, dst: str, elapsed_s: float, progress: dict[str, Any] | None) -> str:
+    """One progress line: 'cold -> gpu, 12.0 s: reading weights 3.20 of 16.00 GB (20%)' (the caller
+    logs it as "model NAME: ..." so that the model's log keeps it)."""
+    text = f"{src} -> {dst}, {elapsed_s:.1f} s"
     if not progress:
         return text + " so far"
     if progress.get("stage"):

@@ -409,8 +409,8 @@ class VLLMProcess:
         if self.incarnation != incarnation and self.running:
             return False
         if self._proc is not None:
-            self._log.warning("model %s: %s process %d exited (code %s); restarting", self.config.name, self.config.label,
-                        self._proc.pid, self._proc.returncode)
+            self._log.warning("model %s: %s process %d exited (code %s); restarting", self.config.name,
+                              self.config.label, self._proc.pid, self._proc.returncode)
         self.restarts += 1
         await self._start()
         return True
@@ -423,8 +423,8 @@ class VLLMProcess:
         try:
             if proc is not None:
                 code = await asyncio.to_thread(proc.stop, self.config.timeouts.stop_grace_s)
-                self._log.info("model %s: %s process %d stopped (code %s)", self.config.name, self.config.label, proc.pid,
-                         code)
+                self._log.info("model %s: %s process %d stopped (code %s)", self.config.name, self.config.label,
+                               proc.pid, code)
         finally:
             if endpoint is not None and endpoint.directory is not None:
                 SOCKETS.release(endpoint.directory)
@@ -510,7 +510,8 @@ class VLLMProcess:
             if self._close_epoch != epoch:
                 raise EngineError(f"model {self.config.name!r}: engine closed while {self.config.label} "
                                   "was starting") from exc
-            self._log.warning("model %s: %s failed to start (%s); trying once more", self.config.name, self.config.label, exc)
+            self._log.warning("model %s: %s failed to start (%s); trying once more", self.config.name,
+                              self.config.label, exc)
             self.restarts += 1
             await self._start_once()
 

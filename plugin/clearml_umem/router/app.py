@@ -21,9 +21,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from clearml_umem.errors import ServingError
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
+from clearml_umem.router.access_log import AccessRecord
 from clearml_umem.router.errors import (
     CLIENT_CLOSED,
     APIError,
@@ -90,7 +92,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None,
-               model_log: RouterModelLog | None = None) -> FastAPI:
+               model_log: RouterModelLog | None = None, access_log: bool = True) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     if api_key or admin_key:
@@ -128,15 +130,16 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=False, max_body_bytes=max_body_bytes)
+        return await _serve(runtime, request, chat=False, max_body_bytes=max_body_bytes, access_log=access_log)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=True, max_body_bytes=max_body_bytes)
+        return await _serve(runtime, request, chat=True, max_body_bytes=max_body_bytes, access_log=access_log)
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
-        return {"object": "list", "data": runtime.admin_view(), "memory": dict(runtime.memory())}
+        return {"object": "list", "data": runtime.admin_view(), "memory": dict(runtime.memory()),
+                "device": getattr(runtime, "device_kind", None)}
 
     @app.post("/admin/models/{name:path}/place")
     async def place(name: str, request: Request) -> dict[str, Any]:
@@ -179,6 +182,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     async def status(after: str | None = None) -> dict[str, Any]:
         """Everything the status page shows, in one poll: models, memory, the last moves, TTFT per tier."""
         return {"object": "status", "models": runtime.admin_view(), "memory": dict(runtime.memory()),
+                "device": getattr(runtime, "device_kind", None),
                 "moves": moves.since(_offset(after, "after") or 0), "ttft_by_tier": metrics.ttft_by_tier()}
 
     @app.get("/")
@@ -218,22 +222,49 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _serve(runtime: ServingRuntime, request: Request, chat: bool, max_body_bytes: int) -> Response:
+async def _serve(runtime: ServingRuntime, request: Request, chat: bool, max_body_bytes: int,
+                 access_log: bool = True) -> Response:
+    """Answer one inference request and log its access line (a stream's when it ends)."""
+    access = AccessRecord(request.method, request.url.path, enabled=access_log)
+    try:
+        response = await _answer(runtime, request, chat, max_body_bytes, access)
+    except APIError as exc:
+        access.done(exc.status, note=exc.code or "")
+        raise
+    except ServingError as exc:
+        access.done(exc.status, note=exc.code or "")
+        raise
+    except Exception:
+        access.done(500, note="internal error")
+        raise
+    if response.status_code == CLIENT_CLOSED:
+        access.done(CLIENT_CLOSED, note="client left")
+    elif not isinstance(response, EventStreamResponse):
+        access.done(response.status_code)
+    return response
+
+
+async def _answer(runtime: ServingRuntime, request: Request, chat: bool, max_body_bytes: int,
+                  access: AccessRecord) -> Response:
     arrived = time.monotonic()
     data = parse_json(await read_body(request, max_body_bytes))
+    if isinstance(data.get("model"), str):
+        access.model = data["model"]
     body: ChatRequest | CompletionRequest = validate(ChatRequest if chat else CompletionRequest, data)
     if not runtime.has_model(body.model):
         raise model_not_found(body.model)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    gen = Generation(runtime, body.model, to_generation_request(body, spec), request_id, arrived)
+    gen = Generation(runtime, body.model, to_generation_request(body, spec), request_id, arrived,
+                     keep_alive=body.keep_alive)
+    access.generation = gen
     created = int(time.time())
     if body.stream:
         try:
             await until_disconnect(request.receive, gen.open)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage),
+        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage, access),
                                    headers=_served_from_header(gen))
     try:
         content = await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat))
@@ -273,7 +304,7 @@ async def _complete(gen: Generation, model: str, created: int, chat: bool) -> di
 
 
 async def _stream(gen: Generation, model: str, created: int, chat: bool,
-                  include_usage: bool) -> AsyncGenerator[bytes, None]:
+                  include_usage: bool, access: AccessRecord) -> AsyncGenerator[bytes, None]:
     """OpenAI's chunk sequence: (chat: a role chunk), content chunks, a finish chunk, (usage), [DONE]."""
     rid = gen.request_id
 
@@ -284,6 +315,7 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
         return event(completion_chunk(rid, created, model, text, finish, include_usage=include_usage))
 
     ok = False
+    note = "client left mid-stream"
     try:
         if chat:
             yield event(chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
@@ -299,9 +331,12 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
             maker = chat_chunk if chat else completion_chunk
             yield event(maker(rid, created, model, None, include_usage=True, usage_value=usage))
         ok = True
+        note = ""
         yield DONE
     except APIError as exc:
+        note = f"failed mid-stream: {exc.message[:200]}"
         yield event(exc.body())
         yield DONE
     finally:
         await gen.close(ok)
+        access.done(200, note=note)
