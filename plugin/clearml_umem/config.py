@@ -209,18 +209,61 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
                                 help=f"serve only published registry entries {help_text}")
         elif f.name == "access_log":
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
-                                help=f"one log line per request (default: on) {help_text}")
+                                help=f"one log line per request {help_text}")
         elif f.name == "keep_alive":
             parser.add_argument(flag, default=default,
                                 help="unused this long on the GPU, a model moves down a tier (gpu -> ram, then "
-                                     f"-> disk): never, seconds, or 30s/5m/1h; default never {help_text}")
+                                     f"-> disk): never, seconds, or 30s/5m/1h {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
         elif f.name == "catalog_poll_seconds":
             parser.add_argument(flag, default=default, type=float,
                                 help=f"re-read the catalog every N seconds, 0 = never {help_text}")
         else:
-            parser.add_argument(flag, default=default, help=help_text)
+            choices = FIELD_CHOICES.get(f.name)
+            words = FIELD_HELP.get(f.name, "")
+            if choices:
+                words += f" ({', '.join(choices)})"
+            parser.add_argument(flag, default=default, help=f"{words} {help_text}".strip())
+
+
+FIELD_HELP = {
+    "manifest": "YAML/JSON file listing the models (name, weights, engine, keep_alive...)",
+    "clearml_project": "serve the ClearML model repository's models of this project",
+    "clearml_name": "... whose name matches",
+    "host": "address to listen on; anything but loopback needs UMEM_API_KEY",
+    "device": "where the top tier runs: auto (CUDA when present), cpu, cuda or cuda:N",
+    "device_budget": "device memory the models may use, e.g. 20GB; unset: detected",
+    "host_budget": "host RAM the RAM tier may use, e.g. 64GB; unset: detected",
+    "policy": "which idle model makes room first",
+    "host_copy": "transformers models: keep a hot model's host copy (keep), copy on eviction (evict), or decide",
+    "fairness_window": "auto: a model that came to the GPU serves its turn before it leaves; off: strict order",
+    "max_request_bytes": "largest request body; bigger ones get a 413",
+    "work_dir": "engine logs, sockets and downloaded weights",
+    "vllm_python": "the Python that runs vLLM engines (default: this one)",
+    "llama_server": "the llama-server binary for GGUF models (default: PATH, then the install cache)",
+    "log_level": "log level",
+}
+FIELD_CHOICES = {
+    "policy": tuple(POLICIES),
+    "host_copy": HOST_COPY_MODES,
+    "fairness_window": ("auto", "off"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+SERVE_ENVIRONMENT = """environment variables (a flag given on the command line wins):
+  UMEM_<FLAG>        every flag above, e.g. UMEM_DEVICE_BUDGET=20GB, UMEM_KEEP_ALIVE=5m, UMEM_ACCESS_LOG=0
+  UMEM_API_KEY       the key clients send as 'Authorization: Bearer KEY' (read from the environment only)
+  UMEM_ADMIN_KEY     when set, the admin routes (/admin, ps, place, logs) take only this key
+  UMEM_LLAMA_SERVER  the llama-server binary, as --llama-server
+  UMEM_VLLM_ALLOW_TCP=1  let a vLLM without --uds listen on 127.0.0.1 with a per-launch key
+
+examples:
+  clearml-umem serve --manifest models.yaml
+  clearml-umem serve --manifest models.yaml --device-budget 20GB --keep-alive 10m
+  UMEM_API_KEY=secret clearml-umem serve --manifest models.yaml --host 0.0.0.0
+  clearml-umem serve --clearml-project llms --clearml-tags chat --clearml-published
+"""
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeConfig:
