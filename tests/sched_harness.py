@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -135,16 +136,20 @@ class Harness:
     # -- inputs, each followed by the invariant checks -----------------------------------
 
     def add_model(self, name: str, fps: dict[Tier, Footprint], tiers: Iterable[Tier] | None = None,
-                  transits: dict[tuple[Tier, Tier], Tier] | None = None) -> None:
+                  transits: dict[tuple[Tier, Tier], Tier] | None = None, keep_alive: float = math.inf) -> None:
         tier_set = frozenset(tiers if tiers is not None else fps)
-        self.sched.add_model(name, fps, tier_set, transits)
+        self.sched.add_model(name, fps, tier_set, transits, keep_alive=keep_alive)
         self.engines[name] = FakeEngine(name, dict(fps), tier_set, dict(transits or {}))
         self.check()
 
-    def request(self, model: str, request_id: str) -> list[Command]:
+    def request(self, model: str, request_id: str, keep_alive: float | None = None) -> list[Command]:
         assert request_id not in self.requests, f"duplicate request id {request_id}"
         self.requests[request_id] = model
-        return self._handle(self.sched.on_request(model, request_id))
+        return self._handle(self.sched.on_request(model, request_id, keep_alive=keep_alive))
+
+    def tick(self) -> list[Command]:
+        """The runtime's keep-alive timer firing at the current fake time."""
+        return self._handle(self.sched.on_tick())
 
     def cancel(self, model: str, request_id: str) -> list[Command]:
         self.cancelled.add(request_id)
