@@ -46,7 +46,7 @@ def test_progress_counts_a_stage_and_says_it_in_one_line() -> None:
     assert (snap["stage"], snap["bytes_done"], snap["bytes_total"], snap["percent"]) == \
         ("reading weights", 4 * 10**9, 16 * 10**9, 25.0)
     assert describe_progress("cold", "gpu", 12.0, snap) == \
-        "cold -> gpu, 12.0 s: reading weights 4.00 of 16.00 GB (25%)"
+        "cold -> gpu, 12.0 s: reading weights 4.00 GB of 16.0 GB (25%)"
     assert describe_progress("cold", "gpu", 3.0, None) == "cold -> gpu, 3.0 s so far"
     progress.end()
     assert progress.snapshot() is None

@@ -72,7 +72,7 @@ def test_a_long_moves_progress_lines_are_in_the_models_log(tmp_path: Path) -> No
         package.removeHandler(model_log)
         package.setLevel(old_level)
     text = model_log.read("m", None)["text"]
-    assert "model m: cold -> gpu, " in text and ": copying to the device 0.00 of 0.00 GB (40%)" in text, text
+    assert "model m: cold -> gpu, " in text and ": copying to the device 400 B of 1.00 KB (40%)" in text, text
     assert "model m: cold -> gpu in " in text
 
 

@@ -23,6 +23,7 @@ import pytest
 
 from clearml_umem.catalog import write_manifest
 from clearml_umem.spec import spec_from_mapping
+from clearml_umem.units import fmt_bytes
 from tests.routerproc import RouterProcess, start_room_for_one, start_router
 
 pytestmark = pytest.mark.slow
@@ -100,7 +101,7 @@ def test_ps_and_place_tell_what_sits_where_and_what_moved(served: RouterProcess)
 
 
 def _size_words(n: int) -> list[str]:
-    return (f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB").split()
+    return fmt_bytes(n).split()
 
 
 def test_exit_codes_a_script_can_rely_on(served: RouterProcess) -> None:
@@ -302,7 +303,7 @@ def test_the_status_page_in_a_browser_shows_the_models_and_follows_a_placement(s
         wait.until(lambda _: all(tier(m) for m in ("tiny-llama", "tiny-mistral", "tiny-qwen2")))
         assert "#key" not in browser.current_url, "the key does not stay in the address bar"
         memory = browser.find_element(By.CSS_SELECTOR, '[data-used="device"]').text
-        assert re.fullmatch(r"\d+\.\d+ [MG]B of \d+\.\d+ [MG]B", memory), memory
+        assert re.fullmatch(r"\d+(\.\d+)? [KMG]B of \d+(\.\d+)? [KMG]B", memory), memory
         row = browser.find_element(By.CSS_SELECTOR, '#models tr[data-model="tiny-qwen2"]').text
         assert "transformers" in row and "100% CPU" in row, "the model's facts: engine, size, context, processor"
 

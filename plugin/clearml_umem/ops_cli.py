@@ -24,6 +24,7 @@ import httpx
 
 from clearml_umem.config import ServeConfig
 from clearml_umem.tiers import ALL_TIERS
+from clearml_umem.units import fmt_bytes
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -206,9 +207,7 @@ def _error_message(resp: httpx.Response) -> str:
 
 
 def _size(n: int | None) -> str:
-    if not n:
-        return "-"
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    return fmt_bytes(n) if n else "-"
 
 
 def _ago(iso: str | None) -> str:
