@@ -78,7 +78,7 @@ def test_a_move_under_way_shows_its_progress_in_the_admin_view_and_logs_it(tmp_p
         assert (move["src"], move["dst"], move["stage"], move["percent"]) == ("cold", "gpu", "reading weights", 25.0)
 
         async def logged() -> None:
-            while not any("reading weights 4.00 of 16.00 GB (25%)" in r.getMessage() for r in caplog.records):
+            while not any("reading weights 4.00 GB of 16.0 GB (25%)" in r.getMessage() for r in caplog.records):
                 await asyncio.sleep(0.01)
 
         await within(logged())
