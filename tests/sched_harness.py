@@ -107,7 +107,9 @@ class Harness:
         auto_finish: bool = True,
         backfill: bool = True,
         fairness: bool = True,
+        keep_alive: dict[str, float] | None = None,
     ) -> None:
+        """`keep_alive`: per model, the seconds it may stay unused before it moves down a tier."""
         self.clock = FakeClock()
         self.events: list[Event] = []
         self.sched = Scheduler(device_budget, host_budget, policy=policy, clock=self.clock, emit=self.events.append,
@@ -131,7 +133,8 @@ class Harness:
         self._queue: list[tuple[float, int, Callable[[], object]]] = []
         self._seq = itertools.count()
         for name, fps in (models or {}).items():
-            self.add_model(name, fps, transits=(transits or {}).get(name))
+            self.add_model(name, fps, transits=(transits or {}).get(name),
+                           keep_alive=(keep_alive or {}).get(name, math.inf))
 
     # -- inputs, each followed by the invariant checks -----------------------------------
 
