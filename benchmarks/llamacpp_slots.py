@@ -28,6 +28,7 @@ from clearml_umem.engines.llamacpp_engine import DEFAULT_PARALLEL, LlamaCppEngin
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
 from clearml_umem.tinygguf import TinyGGUF, write_tiny_gguf
+from clearml_umem.units import fmt_median_of
 
 
 async def one_request(engine: LlamaCppEngine, i: int, tokens: int) -> int:
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = {slots: statistics.median(asyncio.run(burst_seconds(args, model, work, slots)))
                    for slots in sorted({1, DEFAULT_PARALLEL})}
     base = results[1]
-    print(f"{args.requests} concurrent requests x {args.tokens} tokens, median of {args.runs} bursts "
+    print(f"{args.requests} concurrent requests x {args.tokens} tokens, {fmt_median_of(args.runs)} "
           f"({args.device}, hidden {args.hidden}, {args.layers} layers)")
     print(f"{'slots':>5}  {'burst (s)':>9}  {'x 1 slot':>8}")
     for slots, seconds in results.items():

@@ -42,6 +42,7 @@ from clearml_umem.engines.resident_file import cached_bytes, drop_from_page_cach
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
 from clearml_umem.tinygguf import TinyGGUF, write_tiny_gguf
+from clearml_umem.units import fmt_bytes, fmt_median_of
 
 SOURCES = ("ram", "page cache", "disk", "cold")
 
@@ -123,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = model.stat().st_size
     times = asyncio.run(run(args, model, work))
     ram = statistics.median(times["ram"])
-    print(f"llama.cpp swap-in to {args.device} by source tier: {size / 1e6:.0f} MB GGUF ({args.quantization}), "
-          f"{args.runs} runs, time to the first token from the start of the move (median)")
+    print(f"llama.cpp swap-in to {args.device} by source tier: {fmt_bytes(size)} GGUF ({args.quantization}), "
+          f"time to the first token from the start of the move ({fmt_median_of(args.runs)})")
     print(f"{'source':12s} {'median ms':>10s} {'min ms':>9s} {'x RAM':>7s} {'GB/s':>7s} {'cached before':>14s}")
     for source, cached in zip(SOURCES, times["_resident"], strict=True):
         med = statistics.median(times[source])

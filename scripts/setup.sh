@@ -14,9 +14,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.umem-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  echo "[setup] installing $TORCH_SPEC and clearml-unified-memory[test] into $VENV"
+  echo "[setup] installing clearml-unified-memory[test] (and torch, if missing: $TORCH_SPEC) into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+  # a torch already there (from pip install -e '.[transformers]', say) is kept unless UMEM_TORCH asks for another
+  if [ -n "${UMEM_TORCH:-}" ] || ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+  fi
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
   touch "$stamp"
 fi

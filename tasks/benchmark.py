@@ -7,7 +7,8 @@ Host-to-device bandwidth is probed in the same run, with as many bytes as each m
 weights, so a swap's GB/s is reported as a share of what the link did that day for that
 size rather than of a datasheet number.
 
-Recorded on the task as scalars, a table and a bar chart, and as Markdown text (shown on the console).
+Recorded on the task as scalars, a table and a bar chart, as Markdown text (shown on the
+console), and as the artifact `benchmark` (every measurement, JSON).
 
     python tasks/benchmark.py --manifest models.yaml --runs 5
     python tasks/benchmark.py --clearml-project llms --device-budget 70GB --models llama-8b,qwen-7b
@@ -65,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
                                runs=int(bench["runs"]), max_tokens=int(bench["max_tokens"]),
                                probe_bytes=int(bench["probe_mb"]) * 2**20 or None, logger=task.get_logger())
         # the table reaches the console once: report() logs it as the task's text, which the SDK echoes
+        # the results as an artifact: the numbers travel with the task, not in a local file
+        task.upload_artifact("benchmark", artifact_object={**asdict(result), "table": result.rows()},
+                             wait_on_upload=True)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(asdict(result), fh, indent=2)

@@ -71,3 +71,12 @@ def test_endpoint_fields_name_the_openai_base_url(tiny_models: dict[str, Path]) 
     fields = endpoint_fields(spec, "http://10.0.0.7:8000/", "https://app.example")
     assert fields["endpoint_url"] == "http://10.0.0.7:8000/v1"
     assert "model" not in fields and "model_url" not in fields
+
+
+def test_the_router_url_others_reach() -> None:
+    from clearml_umem.clearml_io.serve_record import public_router_url
+
+    ip = lambda: "10.1.2.3"  # noqa: E731
+    assert public_router_url("http://0.0.0.0:8000", "", ip) == "http://10.1.2.3:8000"
+    assert public_router_url("http://0.0.0.0:8000", "https://llm.example/ ", ip) == "https://llm.example", \
+        "port publishing or a load balancer: the address given"

@@ -109,8 +109,6 @@ MALFORMED: list[tuple[str, Entry, str]] = [
     ("empty name", Entry(name="  "), "name"),
     ("name not a string", Entry(name=None), "name"),
     ("tags not a list", Entry(tags="umem-servable"), "tags"),
-    ("non-LLM framework", Entry(framework="Keras"), "framework"),
-    ("framework not a string", Entry(framework=3), "framework"),
 ]
 
 
@@ -121,6 +119,13 @@ def test_malformed_entry_names_the_model_id_and_the_field(case: str, entry: Entr
     assert info.value.field == field_name, case
     assert "m-123" in info.value.entry
     assert "m-123" in str(info.value) and field_name in str(info.value)
+
+
+def test_the_framework_field_does_not_decide_servability() -> None:
+    """The SDK records TensorFlow for any .zip package: the fetched files decide, not this field."""
+    spec = spec_from_clearml_model(Entry(framework="TensorFlow", metadata=with_meta(engine=None).metadata))
+    assert spec.extra["framework"] == "TensorFlow" and not spec.extra["engine_declared"]
+    assert spec_from_clearml_model(with_meta(engine="vllm")).extra["engine_declared"]
 
 
 def test_servable_tag_is_enforced_only_when_asked() -> None:
@@ -189,3 +194,20 @@ def test_manifest_upsert_replaces_by_name_and_keeps_other_entries(tmp_path: Path
     assert [s.name for s in snap.specs] == ["other", "llama-8b"]
     llama = snap.specs[1]
     assert (llama.context_length, llama.model_id, llama.quantization) == (1024, "m-123", "awq")
+
+
+def test_the_engine_setting_serves_entries_that_name_none(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    from clearml_umem.config import ServeConfig
+    from clearml_umem.tinygguf import TinyGGUF, write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "g.gguf", TinyGGUF("g", "q8_0"))
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(f"models:\n  - name: plain\n    weights: {tiny_models['tiny-llama']}\n"
+                        f"  - name: named\n    weights: {tiny_models['tiny-qwen2']}\n    engine: transformers\n"
+                        f"  - name: gguf\n    weights: {gguf}\n")
+    engines = {s.name: s.engine for s in ManifestCatalog(manifest, default_engine="vllm").snapshot().specs}
+    assert engines == {"plain": "vllm", "named": "transformers", "gguf": "llamacpp"}
+    assert ServeConfig(manifest=str(manifest), device="cpu").resolved_engine() == "transformers", "auto on a CPU"
+    assert ServeConfig(manifest=str(manifest), engine="vllm").resolved_engine() == "vllm"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ServeConfig(manifest=str(manifest), engine="tensorrt").validate()

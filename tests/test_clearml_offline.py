@@ -90,10 +90,13 @@ def test_reporter_scalars_land_in_the_offline_session(tmp_path: Path) -> None:
     session = OfflineSession.find(task_name="reporter", cache_dir=env["CLEARML_CACHE_DIR"])
     scalars = session.scalars()
 
-    assert scalars["TTFT tiny (s)"] == {"cold": [(1, 2.0)], "gpu": [(1, 0.01), (2, 0.03)], "ram": [(1, 0.2)],
-                                        "disk": [(1, 1.0)]}
-    assert session.values("TTFT other (s)", "gpu") == [0.05]
-    assert session.values("TTFT by tier (s)", "gpu") == [0.01, 0.03, 0.05]
+    # one window held every request of "tiny": per tier, p50 and p95 and the count, at elapsed second 0
+    assert {series: points for series, points in scalars["TTFT tiny (s)"].items() if series.endswith("p50")} == {
+        "cold p50": [(0, 2.0)], "gpu p50": [(0, 0.01)], "ram p50": [(0, 0.2)], "disk p50": [(0, 1.0)]}
+    assert session.values("TTFT tiny (s)", "gpu p95") == [0.03]
+    assert session.values("TTFT tiny (requests)", "gpu") == [2]
+    assert session.values("TTFT other (s)", "gpu p50") == [0.05]
+    assert session.values("TTFT by tier (s)", "gpu p95") == [0.03, 0.05]
     assert session.values("swap-in (s)", "tiny ram->gpu") == [0.25]
     assert session.values("swap-in (GB/s)", "tiny ram->gpu") == [pytest.approx(4.0)]
     assert session.values("swap-out (s)", "other gpu->ram") == [0.5]

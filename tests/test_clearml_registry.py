@@ -57,7 +57,8 @@ def meta(**values: str) -> dict[str, str]:
 def test_registering_the_same_weights_twice_updates_one_entry(api: ClearMLApiFixture,
                                                               tiny_models: dict[str, Path]) -> None:
     first = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["chat"])
-    second = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["chat", "v2"])
+    api.models[str(first.model_id)]["tags"].append("team-x")  # tagged by someone else in the web UI
+    second = register_model(str(tiny_models["tiny-llama"]), project="reg/dup", tags=["v2"])
     assert first.created and not second.created
     assert first.model_id == second.model_id
     entries = [m for m in api.models.values() if m["uri"] == tiny_models["tiny-llama"].resolve().as_uri()]
@@ -65,7 +66,7 @@ def test_registering_the_same_weights_twice_updates_one_entry(api: ClearMLApiFix
     entry = entries[0]
     assert entry["name"] == "tiny-llama"
     assert api.projects[entry["project"]]["name"] == "reg/dup"
-    assert entry["tags"] == [SERVABLE_TAG, "chat", "v2"]
+    assert entry["tags"] == [SERVABLE_TAG, "chat", "team-x", "v2"], "merged, not overwritten"
     assert entry["framework"] == "PyTorch"
     values = {k: v["value"] for k, v in entry["metadata"].items()}
     assert values["size_bytes"] == str(weights_size(tiny_models["tiny-llama"]))
@@ -133,12 +134,13 @@ def test_catalog_selects_by_project_tags_and_ids_and_reports_bad_entries(api: Cl
                                metadata=meta(engine="onnxruntime"))
     missing = api.add_model("gone", (Path("/nonexistent") / "weights").as_uri() + ".zip", project="sel/a",
                             tags=[SERVABLE_TAG], metadata=meta())
-    api.add_model("untagged", uri["tiny-llama"], project="sel/a", tags=["chat"], metadata=meta())
+    untagged = api.add_model("untagged", uri["tiny-llama"], project="sel/a", tags=["chat"], metadata=meta())
     api.add_model("archived", uri["tiny-llama"], project="sel/a", tags=[SERVABLE_TAG], metadata=meta(),
                   system_tags=["archived"])
 
     snap = RegistryCatalog(RegistrySelector(project="sel/a")).snapshot()
-    assert sorted(s.name for s in snap.specs) == ["llama", "qwen"]
+    assert sorted(s.name for s in snap.specs) == ["llama", "qwen", "untagged"], "a project selects without our tag"
+    assert untagged in {s.model_id for s in snap.specs}
     by_id = {s.model_id: s for s in snap.specs}
     assert by_id[good].weights == str(tiny_models["tiny-llama"].resolve())
     errors = {e.entry.split(" ")[0]: e.field for e in snap.errors}
@@ -151,6 +153,12 @@ def test_catalog_selects_by_project_tags_and_ids_and_reports_bad_entries(api: Cl
     ids = RegistryCatalog(RegistrySelector(ids=(other, "no-such-model"))).snapshot()
     assert [s.model_id for s in ids.specs] == [other]
     assert [(e.entry, e.field) for e in ids.errors] == [("no-such-model", "id")]
+
+    by_name = RegistryCatalog(RegistrySelector(name="untagged"), fetch_weights=False).snapshot()
+    assert [s.model_id for s in by_name.specs] == [untagged], "a name selects without our tag"
+    everything = RegistryCatalog(RegistrySelector(), fetch_weights=False).snapshot()
+    assert untagged not in {s.model_id for s in everything.specs} and good in {s.model_id for s in everything.specs}, \
+        "selecting nothing falls back to the servable tag"
 
     nowhere = RegistryCatalog(RegistrySelector(project="sel/none")).snapshot()
     assert not nowhere.specs and [e.field for e in nowhere.errors] == ["project"]
@@ -263,6 +271,7 @@ def test_the_serve_settings_reach_the_selector() -> None:
     assert selector.only_published and selector.tags == ("__$all", "umem-servable", "chat")
     default = parse_serve_args(["--clearml-project", "llms"], env={})
     assert not RegistryCatalog.from_config(default).selector.only_published
+    assert RegistryCatalog.from_config(default).selector.query_tags == (), "a project needs no tag of ours"
 
 
 # -- Hugging Face Hub sources (the real huggingface_hub, offline, on a cache laid out as it lays it out) ---------
@@ -306,7 +315,8 @@ def offline_hub(tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytes
 def test_a_hub_model_is_registered_with_facts_from_its_files_and_served_from_the_cache(
         api: ClearMLApiFixture, offline_hub: Path, tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     reg = register_model("hf://acme/tiny-llama", project="hub/a")
-    assert reg.name == "tiny-llama" and reg.uri == "hf://acme/tiny-llama"
+    commit = (offline_hub / "hub" / "models--acme--tiny-llama" / "refs" / "main").read_text()
+    assert reg.name == "tiny-llama" and reg.uri == f"hf://acme/tiny-llama@{commit}", "pinned"
     assert reg.metadata["size_bytes"] == str(weights_size(tiny_models["tiny-llama"]))
     assert reg.metadata["architecture"] == "LlamaForCausalLM"
     snap = RegistryCatalog(RegistrySelector(project="hub/a"), cache_dir=tmp_path / "cache").snapshot()
@@ -327,3 +337,80 @@ def test_a_hub_model_missing_from_an_offline_cache_is_an_error_naming_it(api: Cl
     assert "hf://acme/absent" in str(snap.errors[0])
     with pytest.raises(SpecError, match="org/name"):
         register_model("hf://not-a-repo", project="hub/b")
+
+
+# -- entries made the usual ClearML ways, by the real SDK calls -----------------------------------------------
+
+
+def test_entries_made_by_the_sdk_and_clearml_serving_upload_are_served(api: ClearMLApiFixture, tmp_path: Path,
+                                                                        tiny_models: dict[str, Path],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """`OutputModel.update_weights(register_uri=DIR)`, `update_weights_package(DIR)` (recorded as TensorFlow, a
+    .zip) and `clearml-serving model upload --path DIR`: no tag of ours, no metadata; selected by project."""
+    import json
+
+    from tests.clearml_env import offline_env, run_python
+
+    env = offline_env(tmp_path, **api.env())
+    env.pop("CLEARML_OFFLINE_MODE")
+    proc = run_python(["tests/clearml_sdk_entries.py", "std/sdk", str(tiny_models["tiny-llama"]),
+                       str(tmp_path / "store")], env, timeout=240)
+    ids = json.loads(proc.stdout.split("ENTRIES ", 1)[1].splitlines()[0])
+    assert api.models[ids["packaged"]]["framework"] == "TensorFlow", "what the SDK records for a package"
+    assert all(SERVABLE_TAG not in api.models[ids[k]]["tags"] for k in ("referenced", "packaged"))
+    with caplog.at_level("WARNING", logger="clearml_umem.clearml_io.registry"):
+        snap = RegistryCatalog(RegistrySelector(project="std/sdk"), cache_dir=tmp_path / "cache").snapshot()
+    assert not snap.errors, snap.errors
+    served = {s.model_id: s for s in snap.specs}
+    expected = {ids["referenced"], ids["packaged"]} | ({ids["clearml_serving_upload"]}
+                                                        if ids.get("clearml_serving_upload") else set())
+    assert set(served) == expected
+    for spec in served.values():
+        assert spec.engine == "transformers" and spec.architecture == "LlamaForCausalLM"
+        assert spec.size_bytes == weights_size(tiny_models["tiny-llama"])
+        assert (Path(spec.weights) / "config.json").is_file()
+    assert any("TensorFlow" in r.getMessage() and ids["packaged"] in r.getMessage() for r in caplog.records), \
+        "the contradiction is a warning"
+
+
+def test_an_entry_whose_files_are_no_language_model_is_refused_by_its_files(api: ClearMLApiFixture,
+                                                                             tmp_path: Path) -> None:
+    folder = tmp_path / "keras-model"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"\0" * 64)
+    entry = api.add_model("keras", folder.as_uri(), project="std/keras", framework="Keras")
+    snap = RegistryCatalog(RegistrySelector(project="std/keras"), cache_dir=tmp_path / "cache").snapshot()
+    assert not snap.specs
+    assert [(e.entry.split(" ")[0], e.field) for e in snap.errors] == [(entry, "uri")]
+    assert "not a language model" in str(snap.errors[0])
+
+
+def test_a_gguf_repository_from_the_hub_is_registered_pinned_and_served_by_llamacpp(
+        api: ClearMLApiFixture, offline_hub: Path, tmp_path: Path) -> None:
+    from clearml_umem.tinygguf import TinyGGUF, write_tiny_gguf
+
+    repo = tmp_path / "gguf-repo"
+    repo.mkdir()
+    gguf = write_tiny_gguf(repo / "tiny-q8_0.gguf", TinyGGUF("tiny", "q8_0"))
+    (repo / "README.json").write_text("{}")
+    commit = hub_cache(offline_hub, "acme/tiny-gguf", repo)
+    reg = register_model("hf://acme/tiny-gguf", project="hub/gguf")
+    assert reg.uri == f"hf://acme/tiny-gguf@{commit}", "pinned to the commit it read"
+    assert reg.metadata["engine"] == "llamacpp" and reg.metadata["quantization"] == "q8_0"
+    assert reg.metadata["size_bytes"] == str(gguf.stat().st_size)
+    plain = api.add_model("plain-gguf", "hf://acme/tiny-gguf", project="hub/gguf2", metadata={})
+    for project in ("hub/gguf", "hub/gguf2"):
+        snap = RegistryCatalog(RegistrySelector(project=project), cache_dir=tmp_path / "cache").snapshot()
+        assert not snap.errors, snap.errors
+        (spec,) = snap.specs
+        assert spec.engine == "llamacpp" and Path(spec.weights).name == "tiny-q8_0.gguf"
+        assert spec.size_bytes == gguf.stat().st_size and spec.quantization == "q8_0"
+    assert snap.specs[0].model_id == plain
+
+    write_tiny_gguf(repo / "tiny-f16.gguf", TinyGGUF("tiny", "f16"))
+    hub_cache(offline_hub, "acme/two-gguf", repo)
+    with pytest.raises(SpecError, match="name one"):
+        register_model("hf://acme/two-gguf", project="hub/gguf3")
+    named = register_model("hf://acme/two-gguf/tiny-f16.gguf", project="hub/gguf3")
+    assert named.metadata["quantization"] == "f16" and named.uri.endswith("/tiny-f16.gguf")
+    assert "@" in named.uri

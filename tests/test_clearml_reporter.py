@@ -52,8 +52,8 @@ def test_emitting_does_not_wait_for_a_hung_logger() -> None:
     logger.released.set()
     reporter.close()
     assert "umem-clearml-reporter" in logger.threads
-    ttft = [c for c in logger.calls if c[0] == "scalar" and c[1][0] == "TTFT m (s)"]
-    assert len(ttft) == 2001
+    counts = [c[1][2] for c in logger.calls if c[0] == "scalar" and c[1][0] == "TTFT m (requests)"]
+    assert sum(counts) == 2001 and len(counts) <= 3, "aggregated per window, not a point per request"
 
 
 def test_bounded_buffer_drops_oldest_and_counts_them() -> None:
@@ -64,8 +64,8 @@ def test_bounded_buffer_drops_oldest_and_counts_them() -> None:
     reporter.on_event(RequestFinished("m", 0.0, "x", Tier.RAM, True, 3, 0.2))
     assert reporter.dropped == 15
     reporter.close()
-    ttft = [c for c in logger.calls if c[0] == "scalar" and c[1][0] == "TTFT m (s)"]
-    assert [c[1][3] for c in ttft] == list(range(1, 11))
+    counts = [c[1][2] for c in logger.calls if c[0] == "scalar" and c[1][0] == "TTFT m (requests)"]
+    assert counts == [10]
     singles = dict(c[1] for c in logger.calls if c[0] == "single")
     assert singles["reporter dropped events"] == 15
 
@@ -95,3 +95,52 @@ def test_each_models_tier_is_reported_when_it_moves() -> None:
     assert tiers == [("model tier", "a", 3), ("model tier", "b", 2), ("model tier", "a", 0), ("model tier", "b", 2)]
     tables = [c[1] for c in logger.calls if c[0] == "table" and c[1][0] == "models by tier"]
     assert tables[-1][1] == [["model", "tier", "moves"], ["a", "cold", 1], ["b", "ram", 1]]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ttft_is_reported_per_window_as_count_p50_p95_on_elapsed_seconds() -> None:
+    from clearml_umem.events import MoveFinished
+
+    logger = SlowLogger()
+    clock = FakeClock()
+    reporter = ClearMLReporter(logger, flush_period_s=3600, summary_period_s=0, clock=clock)
+    for i in range(1, 21):
+        reporter.on_event(FirstToken("m", 0.0, str(i), Tier.GPU, i / 1000))
+    reporter.on_event(FirstToken("m", 0.0, "r", Tier.RAM, 0.5))
+    clock.now += 7.4
+    reporter.flush()
+    reporter.on_event(FirstToken("m", 0.0, "x", Tier.GPU, 0.003))
+    reporter.on_event(MoveFinished("m", 0.0, Tier.RAM, Tier.GPU, 0.2, 10**9))
+    clock.now += 5.0
+    reporter.flush()
+    scalars = [c[1] for c in logger.calls if c[0] == "scalar"]
+    first = {(t, s): v for t, s, v, it in scalars if it == 7}
+    assert first[("TTFT m (s)", "gpu p50")] == 0.010 and first[("TTFT m (s)", "gpu p95")] == 0.019
+    assert first[("TTFT m (requests)", "gpu")] == 20 and first[("TTFT m (requests)", "ram")] == 1
+    assert first[("TTFT by tier (s)", "ram p95")] == 0.5
+    second = {(t, s): v for t, s, v, it in scalars if it == 12}
+    assert second[("TTFT m (requests)", "gpu")] == 1 and ("TTFT m (requests)", "ram") not in second
+    assert second[("swap-in (s)", "m ram->gpu")] == 0.2
+    assert {it for *_, it in scalars} == {7, 12}, "every scalar on the same elapsed-seconds axis"
+    reporter.close()
+
+
+def test_the_summary_is_reported_every_period_before_any_close() -> None:
+    logger = SlowLogger()
+    reporter = ClearMLReporter(logger, flush_period_s=0.02, summary_period_s=0.05)
+    reporter.on_event(RequestArrived("m", 0.0, "1", Tier.COLD))
+    reporter.on_event(FirstToken("m", 0.0, "1", Tier.COLD, 0.25))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(c[0] == "single" for c in list(logger.calls)):
+        time.sleep(0.02)
+    singles = dict(c[1] for c in list(logger.calls) if c[0] == "single")
+    assert singles["TTFT median cold (s)"] == 0.25 and singles["requests"] == 1
+    assert any(c[0] == "table" and c[1][0] == "TTFT summary" for c in list(logger.calls))
+    reporter.close()

@@ -7,6 +7,7 @@ models, requests through the `openai` client), then the offline session is read 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -102,7 +103,8 @@ def test_serve_task_records_ttft_per_visited_tier_and_swaps(tmp_path: Path, tiny
     recorded = {**session.task, "script": {k: v for k, v in session.task.get("script", {}).items() if k != "diff"}}
     assert "api_key" not in serve and "test-key" not in str(recorded)
     scalars = session.scalars()
-    assert set(scalars["TTFT tiny-llama (s)"]) == set(visited)
+    assert {series.split()[0] for series in scalars["TTFT tiny-llama (requests)"]} == set(visited)
+    assert {series.split()[1] for series in scalars["TTFT tiny-llama (s)"]} == {"p50", "p95"}
     assert all(v > 0 for series in scalars["TTFT tiny-llama (s)"].values() for _, v in series)
     assert scalars["TTFT tiny-qwen2 (s)"]
     assert session.values("swap-in (s)", "tiny-llama ram->gpu")
@@ -138,19 +140,54 @@ def test_benchmark_task_reports_every_tier_table_and_bandwidth_ratio(tmp_path: P
         assert len(ttft[scenario]) == 2
     assert session.values("bandwidth probe (GB/s)", "host -> host (cpu)")[0] > 0
     assert session.values("benchmark swap / probe", "tiny-llama ram->gpu")
-    assert session.scalars()["TTFT tiny-llama (s)"].keys() >= {"gpu", "ram", "cold"}
+    assert session.scalars()["TTFT tiny-llama (requests)"].keys() >= {"gpu", "ram", "cold"}
     assert any(p["title"] == "TTFT median by scenario (ms)" for p in session.plots())
+    artifacts = {a["key"]: a for a in session.task["execution"]["artifacts"]}
+    assert "benchmark" in artifacts, "the results travel with the task"
+    data = session.source
+    stored = [json.loads(p.read_text()) for p in data.rglob("*.json") if "benchmark" in p.name]
+    assert stored and stored[0]["runs"] == 2 and stored[0]["table"][0][:2] == ["model", "scenario"]
 
 
 def test_pipeline_example_runs_locally_offline(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     env = offline_env(tmp_path)
     manifest = tmp_path / "pipeline.yaml"
+    manifest.write_text(f"models:\n  - name: bystander\n    weights: {tiny_models['tiny-qwen2']}\n")
     run_python(["examples/pipeline.py", "--source", str(tiny_models["tiny-llama"]), "--manifest", str(manifest),
                 "--work-dir", str(tmp_path / "work"), "--runs", "1"], env, timeout=600)
     session = OfflineSession.find(task_name="register and benchmark", cache_dir=env["CLEARML_CACHE_DIR"])
-    assert [m["init"]["name"] for m in session.output_models] == ["tiny-llama"]
-    assert "tiny-llama" in manifest.read_text()
-    assert session.scalars()["benchmark TTFT tiny-llama (s)"]["hot"]
+    (model,) = session.output_models
+    assert model["init"]["name"] == "tiny-llama"
+    assert f"model_id: {model['id']}" in manifest.read_text(), "the step handed on the model ID"
+    scalars = session.scalars()
+    assert scalars["benchmark TTFT tiny-llama (s)"]["hot"]
+    assert "benchmark TTFT bystander (s)" not in scalars, "the benchmark measured the model it was handed"
+
+
+def test_pipeline_steps_can_run_on_agents(tmp_path: Path) -> None:
+    """`--queue` enqueues the steps; what lets an agent run one is in its component: the repository
+    to clone (this checkout's remote at its commit) and the packages to install."""
+    import runpy
+
+    from clearml import PipelineDecorator
+
+    example = runpy.run_path(str(REPO / "examples" / "pipeline.py"), run_name="pipeline_example")
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True)
+    subprocess.run(["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    with pytest.raises(SystemExit, match="no git remote"):
+        example["agent_options"](checkout)
+    subprocess.run(["git", "-C", str(checkout), "remote", "add", "origin", "https://git.example/umem.git"], check=True)
+    options = example["agent_options"](checkout)
+    assert options["repo"] == "https://git.example/umem.git" and len(options["repo_commit"]) == 40
+    PipelineDecorator._added_decorator.clear()
+    example["define_steps"](options)
+    steps = {s["name"]: s for s in PipelineDecorator._added_decorator}
+    PipelineDecorator._added_decorator.clear()
+    for name in ("register_model_step", "benchmark_model_step"):
+        assert steps[name]["repo"] == options["repo"] and steps[name]["repo_commit"] == options["repo_commit"]
+        assert "-e .[transformers]" in steps[name]["packages"]
 
 
 def test_serving_from_the_registry_without_a_server_says_so_in_one_line(tmp_path: Path) -> None:

@@ -143,3 +143,14 @@ def test_rows_hold_what_a_move_reserves_so_they_add_up_to_the_totals() -> None:
     st = h.sched.state("a")
     assert st.device_bytes == 1 * GB == h.sched.device_used, "mid-move the row shows the move's reservation"
     assert st.host_bytes == h.sched.host_used
+
+
+def test_the_shipped_schema_takes_keep_alive_as_the_loader_does() -> None:
+    import jsonschema
+
+    from clearml_umem.manifest_schema import manifest_schema
+
+    for value in ("10m", 300, "never"):
+        jsonschema.validate({"models": [{"name": "m", "weights": "w", "keep_alive": value}]}, manifest_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"models": [{"name": "m", "weights": "w", "keep_alive": [1]}]}, manifest_schema())

@@ -11,6 +11,7 @@ import ipaddress
 from clearml_umem.config import ServeConfig
 from clearml_umem.memory import Budgets
 from clearml_umem.runtime import Runtime
+from clearml_umem.units import fmt_bytes
 
 
 def is_loopback(host: str) -> bool:
@@ -46,11 +47,17 @@ def start_banner(config: ServeConfig, budgets: Budgets, runtime: Runtime, url: s
         spec = runtime.spec(name)
         st = runtime.state(name)
         tiers = "/".join(t.value for t in sorted(st.tiers, key=lambda t: t.rank))
-        lines.append(f"    {name}: {spec.engine}, {_size(spec.size_bytes)} on disk, tiers {tiers}")
+        line = f"    {name}: {spec.engine}, {fmt_bytes(spec.size_bytes)} on disk, tiers {tiers}"
+        if spec.aliases:
+            line += f", aliases {', '.join(spec.aliases)}"
+        problem = runtime.start_problems.get(name)
+        if problem:
+            line += f"; WILL NOT LOAD: {problem}"
+        lines.append(line)
     for name, why in sorted(runtime.unservable.items()):
         lines.append(f"    {name}: NOT SERVED: {why}")
-    lines.append(f"  device budget: {_size(budgets.device_bytes)} on {budgets.device_kind} ({budgets.device_how})")
-    lines.append(f"  host budget: {_size(budgets.host_bytes)} ({budgets.host_how})")
+    lines.append(f"  device budget: {fmt_bytes(budgets.device_bytes)} on {budgets.device_kind} ({budgets.device_how})")
+    lines.append(f"  host budget: {fmt_bytes(budgets.host_bytes)} ({budgets.host_how})")
     lines.append(f"  policy: {config.policy}; host copy: {config.host_copy}; fairness window: "
                  f"{config.fairness_window}; queue: {config.max_waiting} requests per model")
     keys = "API key " + ("set" if config.api_key else "not set") + ", admin key " + (
@@ -60,5 +67,10 @@ def start_banner(config: ServeConfig, budgets: Budgets, runtime: Runtime, url: s
     return "\n".join(lines)
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+def start_refusal(runtime: Runtime) -> str | None:
+    """For `--strict`: every model that cannot be served, with why; None when all can."""
+    problems = {**runtime.unservable, **runtime.start_problems}
+    if not problems:
+        return None
+    listed = "; ".join(f"model {name}: {why}" for name, why in sorted(problems.items()))
+    return f"--strict: {len(problems)} model(s) cannot be served: {listed}"

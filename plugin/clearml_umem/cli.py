@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     demo.set_defaults(func=_demo)
     add_ops_commands(sub)
+    from clearml_umem.clearml_io.serving_sync import add_sync_command
+
+    add_sync_command(sub)
     return parser
 
 

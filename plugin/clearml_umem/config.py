@@ -20,6 +20,10 @@ from clearml_umem.policy import POLICIES
 
 ENV_PREFIX = "UMEM_"
 HOST_COPY_MODES = ("auto", "keep", "evict")
+ENGINE_CHOICES = ("auto", "transformers", "vllm")
+"""The serve setting `engine`: the engine of Hugging Face models whose entry names none (a GGUF is
+always llama.cpp's). `auto`: vLLM where it can serve (a CUDA device, vLLM importable or
+--vllm-python given), else transformers."""
 DEFAULT_WORK_DIR = "~/.cache/clearml-umem"
 
 
@@ -43,6 +47,8 @@ class ServeConfig:
     device_budget: str | None = None
     host_budget: str | None = None
     policy: str = "lru"
+    engine: str = "auto"
+    """Engine of the Hugging Face models whose entry names none: auto, transformers or vllm (ENGINE_CHOICES)."""
     host_copy: str = "auto"
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
@@ -59,6 +65,9 @@ class ServeConfig:
     vllm_python: str | None = None
     llama_server: str | None = None
     """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
+    strict: bool = False
+    """Refuse to start when a catalog model can be known not to load (no engine, no llama-server,
+    over a budget) instead of serving the others and listing it in the banner."""
     log_level: str = "info"
     access_log: bool = True
     """One line per request under the `clearml_umem.access` logger (model, tier served from, status,
@@ -104,6 +113,8 @@ class ServeConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.engine not in ENGINE_CHOICES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.host_copy not in HOST_COPY_MODES:
             raise ConfigError(f"host_copy must be one of {', '.join(HOST_COPY_MODES)}, got {self.host_copy!r}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
@@ -128,6 +139,24 @@ class ServeConfig:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         return self
+
+    def resolved_engine(self) -> str:
+        """`engine` with `auto` decided on this machine (see ENGINE_CHOICES)."""
+        if self.engine != "auto":
+            return self.engine
+        if self.device == "cpu":
+            return "transformers"
+        import importlib.util
+
+        if not self.vllm_python and importlib.util.find_spec("vllm") is None:
+            return "transformers"
+        if self.device.startswith("cuda"):
+            return "vllm"
+        try:
+            import torch
+        except ImportError:
+            return "transformers"
+        return "vllm" if torch.cuda.is_available() else "transformers"
 
     def public_dict(self) -> dict[str, Any]:
         """Everything but the secret, for a ClearML task's hyperparameters and logs."""
@@ -158,7 +187,7 @@ def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
     return cfg
 
 
-BOOLEANS = ("clearml_published", "access_log")
+BOOLEANS = ("clearml_published", "strict", "access_log")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -214,6 +243,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
             parser.add_argument(flag, default=default,
                                 help="unused this long on the GPU, a model moves down a tier (gpu -> ram, then "
                                      f"-> disk): never, seconds, or 30s/5m/1h {help_text}")
+        elif f.name == "strict":
+            parser.add_argument(flag, default=default, action="store_true",
+                                help=f"refuse to start when a model cannot be served, instead of listing it "
+                                     f"in the banner and serving the others {help_text}")
+        elif f.name == "engine":
+            parser.add_argument(flag, default=default, choices=ENGINE_CHOICES,
+                                help=f"engine of Hugging Face models whose entry names none; auto: vllm on a CUDA "
+                                     f"device where vLLM is installed, else transformers; GGUF models always use "
+                                     f"llamacpp (default {default}) {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
         elif f.name == "catalog_poll_seconds":

@@ -26,6 +26,7 @@ from clearml_umem.server import UnifiedMemoryServer
 from clearml_umem.spec import ModelSpec, spec_from_mapping
 from clearml_umem.tiers import Tier
 from clearml_umem.tinymodels import ensure_tiny_models
+from clearml_umem.units import fmt_bytes, fmt_gbps, fmt_median_of, fmt_seconds
 
 TIER_COLUMNS = (Tier.GPU, Tier.RAM, Tier.DISK, Tier.COLD)
 
@@ -41,7 +42,26 @@ def _place(client: Any, model: str, tier: Tier) -> None:
 
 
 def _fmt_ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:8.1f} ms" if values else "        -  "
+    return fmt_seconds(statistics.median(values)) if values else "-"
+
+
+def next_steps(manifest: Path, serve_line: str, serving_url: str | None) -> str:
+    """How to keep exploring after the table: the manifest the demo wrote, the line that serves it
+    again, and where to look while it serves (here, with `--keep-serving`, or after that line)."""
+    url = serving_url or "http://127.0.0.1:8000"
+    url_flag = f" --url {serving_url}" if serving_url else ""
+    lines = ["Keep exploring:",
+             f"  the manifest this demo wrote: {manifest}",
+             f"  serve it yourself:            {serve_line}"]
+    if serving_url:
+        lines.append(f"  this router stays up:         {serving_url} until Ctrl-C (OpenAI base URL {serving_url}/v1)")
+    lines += [f"  status page:                  {url}/ui",
+              f"  which model is where:         clearml-umem ps{url_flag}",
+              f"  pre-warm or evict a model:    clearml-umem place{url_flag} MODEL gpu|ram|disk|cold",
+              f"  a model's log:                clearml-umem logs{url_flag} MODEL"]
+    if not serving_url:
+        lines.append("  or keep this demo's router up after the table: clearml-umem demo --keep-serving")
+    return "\n".join(lines)
 
 
 def room_for_one(specs: list[ModelSpec], ctx: EngineContext) -> tuple[int, int, list[int]]:
@@ -84,9 +104,9 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
 
     device_budget, host_budget, hot = room_for_one(specs_list, EngineContext(work_dir=work, device=device))
     budgets = detect_budgets(device, device_budget, host_budget)
-    needs = ", ".join(f"{h / 1e6:.1f}" for h in hot)
-    _say(f"device budget {device_budget / 1e6:.1f} MB (room for one model; they need {needs} MB), "
-         f"host budget {budgets.host_bytes / 1e6:.1f} MB")
+    needs = ", ".join(fmt_bytes(h) for h in hot)
+    _say(f"device budget {fmt_bytes(device_budget)} (room for one model; they need {needs}), "
+         f"host budget {fmt_bytes(budgets.host_bytes)}")
 
     config = ServeConfig(manifest=str(manifest), port=0, device=device, work_dir=str(work),
                          device_budget=str(device_budget), host_budget=str(budgets.host_bytes),
@@ -111,7 +131,7 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
             tier = tier_of(client, model)
             ttft, text = stream_ttft(client, model)
             ttfts[model][tier].append(ttft)
-            _say(f"{model:14s} from {tier.value:4s}: first token after {ttft * 1000:7.1f} ms  -> {text!r}")
+            _say(f"{model:14s} from {tier.value:4s}: first token after {fmt_seconds(ttft):>8s}  -> {text!r}")
 
         for r in range(1, rounds + 1):
             _say(f"round {r}/{rounds}: cold starts, swaps from RAM, hot hits, reloads from disk")
@@ -151,27 +171,33 @@ def run_demo(work_dir: str = "~/.cache/clearml-umem/demo", device: str = "auto",
         probe = probe_bandwidth(device, size_bytes=64 * 2**20)
 
         print()
-        print(f"TTFT by tier (median of {rounds} rounds, streaming chat, measured by the client over HTTP)")
+        print(f"TTFT by tier ({fmt_median_of(rounds)}, streaming chat, measured by the client over HTTP)")
         header = f"{'model':14s} {'size':>8s} " + " ".join(f"{t.value + (' (hot)' if t is Tier.GPU else ''):>11s}"
                                                           for t in TIER_COLUMNS)
-        header += f" {'swap-in GB/s':>13s} {'in / probe':>10s} {'swap-out':>11s} {'host copy':>9s}"
+        header += f" {'swap-in':>11s} {'in / probe':>10s} {'swap-out':>11s} {'host copy':>9s}"
         print(header)
         print("-" * len(header))
         for s in specs_list:
-            row = f"{s.name:14s} {s.size_bytes / 1e6:6.1f}MB " + " ".join(f"{_fmt_ms(ttfts[s.name][t]):>11s}"
-                                                                         for t in TIER_COLUMNS)
+            row = f"{s.name:14s} {fmt_bytes(s.size_bytes):>8s} " + " ".join(f"{_fmt_ms(ttfts[s.name][t]):>11s}"
+                                                                           for t in TIER_COLUMNS)
             ins = [e.gbps for e in swaps[(s.name, "in")] if e.src is Tier.RAM]
             outs = [e for e in swaps[(s.name, "out")] if e.src is Tier.GPU and e.dst is Tier.RAM]
             gin = statistics.median(ins) if ins else 0.0
             out_ms = _fmt_ms([e.seconds for e in outs])
             copies = ",".join(sorted({e.host_copy for e in outs if e.host_copy})) or "-"
-            row += f" {gin:13.2f} {gin / probe.gbps:10.2f} {out_ms:>11s} {copies:>9s}"
+            row += f" {fmt_gbps(gin) if ins else '-':>11s} {gin / probe.gbps:10.2f} {out_ms:>11s} {copies:>9s}"
             print(row)
         print()
-        print(f"bandwidth probe ({probe.path}): {probe.gbps:.2f} GB/s; swap-in GB/s counts RAM -> {device} moves only;"
+        print(f"bandwidth probe ({probe.path}): {fmt_gbps(probe.gbps)}; swap-in counts RAM -> {device} moves only;"
               " swap-out is GPU -> RAM, median; host copy 'kept' = it stayed while hot, only device memory freed")
         move_lines = [line for line in metrics_text.splitlines() if line.startswith("umem_move_seconds_count")]
         print(f"/metrics reports {len(move_lines)} move series; e.g. {move_lines[0] if move_lines else '-'}")
+        print()
+        serve_line = (f"clearml-umem serve --manifest {manifest} --device {device} --device-budget {device_budget} "
+                      f"--host-budget {budgets.host_bytes}")
+        if engine == "llamacpp":
+            serve_line += f" --llama-server {llama_server}"
+        print(next_steps(manifest, serve_line, url if keep_serving else None))
         if keep_serving:
             _say(f"serving on {url} until Ctrl-C")
             try:

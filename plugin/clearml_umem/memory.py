@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from clearml_umem.units import fmt_bytes
+
 log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -78,15 +80,15 @@ def detect_budgets(device: str = "auto", device_bytes: int | None = None, host_b
         if kind == "cuda":
             free = cuda_free_bytes()
             device_bytes = int(free[0] * DEVICE_FRACTION) if free else 0
-            free_gb = free[0] / 1e9 if free else 0.0
-            device_how = f"detected: {DEVICE_FRACTION:.0%} of the {free_gb:.2f} GB of free GPU memory"
+            free_bytes = free[0] if free else 0
+            device_how = f"detected: {DEVICE_FRACTION:.0%} of the {fmt_bytes(free_bytes)} of free GPU memory"
         else:
             device_bytes = int(available * CPU_DEVICE_FRACTION)
-            device_how = f"detected: {CPU_DEVICE_FRACTION:.0%} of the {available / 1e9:.2f} GB of available RAM"
+            device_how = f"detected: {CPU_DEVICE_FRACTION:.0%} of the {fmt_bytes(available)} of available RAM"
     if host_bytes is None:
         host_bytes = int(available * HOST_FRACTION)
-        host_how = f"detected: {HOST_FRACTION:.0%} of the {available / 1e9:.2f} GB of available RAM"
+        host_how = f"detected: {HOST_FRACTION:.0%} of the {fmt_bytes(available)} of available RAM"
     if device_bytes <= 0:
         raise ValueError(f"no device memory to plan with on {kind}; give a device budget")
-    log.info("budgets: device (%s) %.2f GB, host RAM %.2f GB", kind, device_bytes / 1e9, host_bytes / 1e9)
+    log.info("budgets: device (%s) %s, host RAM %s", kind, fmt_bytes(device_bytes), fmt_bytes(host_bytes))
     return Budgets(device_bytes, host_bytes, kind, device_how, host_how)

@@ -22,14 +22,22 @@ from typing import Any
 
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
-from clearml_umem.engines import Engine, EngineContext, EngineOutOfMemory, GenerationRequest, create_engine
+from clearml_umem.engines import (
+    Engine,
+    EngineContext,
+    EngineError,
+    EngineOutOfMemory,
+    GenerationRequest,
+    create_engine,
+)
 from clearml_umem.engines.progress import describe_progress
 from clearml_umem.errors import NotFound, ServingError
 from clearml_umem.events import EventBus
 from clearml_umem.policy import Policy
 from clearml_umem.scheduler import ModelState, Scheduler
 from clearml_umem.spec import ModelSpec
-from clearml_umem.tiers import ALL_TIERS, Tier
+from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
+from clearml_umem.units import fmt_bytes, fmt_seconds
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,10 @@ class Runtime:
         self._moves_done: dict[str, int] = {}
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
+        self._max_concurrency: dict[str, int | None] = {}
+        self.start_problems: dict[str, str] = {}
+        """Served models that can be known at start never to load (no llama-server, over a budget):
+        listed, shown in the banner, and their requests refused at once with the reason."""
 
     # -- catalog --------------------------------------------------------------------------
 
@@ -119,20 +131,46 @@ class Runtime:
             # the engine serves less than the model allows (llama.cpp's cap): clients see and are held to that
             spec = dataclasses.replace(spec, context_length=served)
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
+        limits = [n for n in (getattr(engine, "max_concurrency", None), spec.max_concurrency) if n is not None]
+        self._max_concurrency[spec.name] = min(limits) if limits else None
         keep_alive = spec.keep_alive if spec.keep_alive is not None else self.keep_alive_s
         self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits,
-                                 max_in_flight=getattr(engine, "max_concurrency", None), keep_alive=keep_alive)
+                                 max_in_flight=self._max_concurrency[spec.name], keep_alive=keep_alive)
         self._engines[spec.name] = engine
         self._specs[spec.name] = spec
         gpu = footprints[Tier.GPU]
-        log.info("model %s: engine %s, tiers %s, needs %.1f MB on the device when hot",
+        log.info("model %s: engine %s, tiers %s, needs %s on the device when hot",
                  spec.name, spec.engine, "/".join(t.value for t in ALL_TIERS if t in engine.tiers),
-                 gpu.device_bytes / 1e6)
+                 fmt_bytes(gpu.device_bytes))
+        check = getattr(engine, "start_problem", None)
+        problem = (check() if check is not None else None) or self._over_budget(gpu)
+        if problem:
+            self.start_problems[spec.name] = problem
+            log.warning("model %s will not load: %s", spec.name, problem)
+
+    def _over_budget(self, hot: Footprint) -> str | None:
+        """Why a model whose hot footprint exceeds a budget can never be loaded (the scheduler refuses
+        it too); said at start so nobody learns it from a first request."""
+        if hot.device_bytes > self.scheduler.device_budget:
+            return (f"needs {fmt_bytes(hot.device_bytes)} on the device but the device budget is "
+                    f"{fmt_bytes(self.scheduler.device_budget)}: it can never be loaded (raise --device-budget, "
+                    "or serve a smaller or quantized model)")
+        if hot.host_bytes > self.scheduler.host_budget:
+            return (f"needs {fmt_bytes(hot.host_bytes)} of host memory but the host budget is "
+                    f"{fmt_bytes(self.scheduler.host_budget)}: it can never be loaded (raise --host-budget)")
+        return None
+
+    def _refuse_if_unstartable(self, model: str) -> None:
+        problem = self.start_problems.get(model)
+        if problem:
+            raise Rejected(503, f"model {model!r} cannot be loaded: {problem}")
 
     def remove_model(self, name: str) -> None:
         if name not in self._specs:
             raise ModelNotFound(name)
         del self._specs[name]
+        self.start_problems.pop(name, None)
+        self._max_concurrency.pop(name, None)
         self._apply(self.scheduler.remove_model(name))
 
     def sync_catalog(self, snapshot: CatalogSnapshot) -> bool:
@@ -162,7 +200,7 @@ class Runtime:
                 self.add_model(spec)
                 self.unservable.pop(name, None)
             except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
-                reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                reason = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
                 log.error("model %s cannot be served: %s", name, reason)
                 self.unservable[name] = reason
                 settled = False
@@ -223,6 +261,8 @@ class Runtime:
                 "engine": spec.engine,
                 "architecture": spec.architecture,
                 "context_length": spec.context_length,
+                "aliases": list(spec.aliases),
+                "max_concurrency": self._max_concurrency.get(name),
                 "engine_details": engine.describe(),
                 "last_error": failure[1] if failure else None,
                 "moves": self._moves_done.get(name, 0),
@@ -271,6 +311,7 @@ class Runtime:
         (`check_request`, run in a worker thread: tokenizing a long prompt takes a while)."""
         if model not in self._specs:
             raise ModelNotFound(model)
+        self._refuse_if_unstartable(model)
         check = getattr(self._engines[model], "check_request", None)
         if check is not None:
             await asyncio.to_thread(check, request)
@@ -283,6 +324,7 @@ class Runtime:
             raise Rejected(503, "the server is shutting down")
         if model not in self._specs:
             raise ModelNotFound(model)
+        self._refuse_if_unstartable(model)
         arrived = self._clock()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = fut
@@ -316,6 +358,8 @@ class Runtime:
             raise Rejected(503, "the server is shutting down")
         if model not in self._specs:
             raise ModelNotFound(model)
+        if tier is not Tier.COLD:
+            self._refuse_if_unstartable(model)
         placement_id = uuid.uuid4().hex
         fut: asyncio.Future[PlacementEnded] = asyncio.get_running_loop().create_future()
         self._placements[placement_id] = fut
@@ -439,7 +483,10 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
-            log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
+            if isinstance(exc, EngineError):  # an engine's own refusal says what went wrong: no traceback
+                log.error("model %s: move %s -> %s failed: %s", cmd.model, cmd.src.value, cmd.dst.value, exc)
+            else:
+                log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
             self._failures[cmd.model] = (self._clock(), f"{type(exc).__name__}: {exc}")
             try:
                 await engine.close()
@@ -449,8 +496,8 @@ class Runtime:
         else:
             seconds = self._clock() - started
             self._moves_done[cmd.model] = self._moves_done.get(cmd.model, 0) + 1
-            log.info("model %s: %s -> %s in %.3f s (%.1f MB)", cmd.model, cmd.src.value, cmd.dst.value, seconds,
-                     result.bytes_moved / 1e6)
+            log.info("model %s: %s -> %s in %s (%s)", cmd.model, cmd.src.value, cmd.dst.value, fmt_seconds(seconds),
+                     fmt_bytes(result.bytes_moved))
             self._apply(self.scheduler.on_move_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
                                                        footprints=result.footprints, host_copy=result.host_copy))
         finally:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from clearml_umem.banner import exposure_warning, start_banner
+from clearml_umem.banner import exposure_warning, start_banner, start_refusal
 from clearml_umem.catalog import Catalog, CatalogSnapshot, ManifestCatalog
 from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.config import ConfigError, ServeConfig
@@ -53,7 +53,7 @@ class _Server(uvicorn.Server):
 
 def build_catalog(config: ServeConfig) -> Catalog:
     if config.manifest:
-        return ManifestCatalog(config.manifest)
+        return ManifestCatalog(config.manifest, default_engine=config.resolved_engine())
     from clearml_umem.clearml_io.registry import RegistryCatalog
     from clearml_umem.clearml_io.session import clearml_configured, offline_requested
 
@@ -104,6 +104,9 @@ class UnifiedMemoryServer:
             problems = "; ".join(str(e) for e in snapshot.errors) or "the catalog lists no models"
             raise ConfigError(f"no model can be served: {problems}")
         self.runtime.sync_catalog(snapshot)
+        refusal = start_refusal(self.runtime) if self.config.strict else None
+        if refusal:
+            raise ConfigError(refusal)
         if not self.runtime.model_names():
             problems = "; ".join(f"{name}: {why}" for name, why in self.runtime.unservable.items())
             raise ConfigError(f"no model can be served: {problems or 'every catalog entry failed'}")

@@ -26,6 +26,7 @@ from clearml_umem.client import open_client, place, stream_ttft
 from clearml_umem.config import ConfigError, ServeConfig
 from clearml_umem.events import Event, MoveFinished
 from clearml_umem.tiers import Tier
+from clearml_umem.units import fmt_bytes, fmt_gbps, fmt_median_of
 
 SCENARIOS: tuple[tuple[str, Tier], ...] = (
     ("hot", Tier.GPU), ("from RAM", Tier.RAM), ("from disk", Tier.DISK), ("cold start", Tier.COLD))
@@ -101,13 +102,13 @@ class BenchmarkResult:
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]]
         lines.append("")
         if self.model_probe_gbps:
-            probes = ", ".join(f"{m} {g:.2f} GB/s ({self.model_bytes.get(m, 0) / 1e9:.2f} GB)"
+            probes = ", ".join(f"{m} {fmt_gbps(g)} ({fmt_bytes(self.model_bytes.get(m, 0))})"
                                for m, g in self.model_probe_gbps.items())
             lines.append(f"Bandwidth probes ({self.probe_path}), each of the model's size: {probes}; "
-                         f"{self.runs} runs per scenario.")
+                         f"{fmt_median_of(self.runs)} per scenario.")
         else:
-            lines.append(f"Host-to-device bandwidth probe ({self.probe_path}): {self.probe_gbps:.2f} GB/s, "
-                         f"{self.runs} runs per scenario.")
+            lines.append(f"Host-to-device bandwidth probe ({self.probe_path}): {fmt_gbps(self.probe_gbps)}, "
+                         f"{fmt_median_of(self.runs)} per scenario.")
         return "\n".join(lines)
 
 
@@ -132,6 +133,26 @@ class SwapRecorder:
             return len(self.events)
 
 
+def serve_config_for_model(model_id: str, *, manifest: str = "", **settings: Any) -> tuple[ServeConfig, list[str]]:
+    """How a pipeline step serves one registry entry by its ID: from the model repository when a
+    server is there (what a serve task does), else from the manifest the register step wrote,
+    picking the entry with that model ID (offline there is no registry to read). Returns the
+    config and the models to measure ([] for all the config serves)."""
+    from clearml import Task
+
+    from clearml_umem.catalog import ManifestCatalog
+
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if not Task.is_offline():
+        return ServeConfig(clearml_ids=[model_id], **settings).validate(), []
+    if not manifest:
+        raise ConfigError(f"offline there is no registry to serve model {model_id} from, and no manifest was given")
+    names = [s.name for s in ManifestCatalog(manifest).snapshot().specs if s.model_id == model_id]
+    if not names:
+        raise ConfigError(f"no entry of {manifest} has model ID {model_id}")
+    return ServeConfig(manifest=manifest, **settings).validate(), names
+
+
 def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int = 3, max_tokens: int = 4,
                   probe_bytes: int | None = 256 * 2**20, logger: Any = None) -> BenchmarkResult:
     """Serve `config` in this process, measure every scenario, report to `logger` when given.
@@ -144,7 +165,7 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
     probe = None
     if probe_bytes is not None:
         probe = probe_bandwidth(config.device, probe_bytes)
-        log.info("bandwidth probe (%s): %.2f GB/s", probe.path, probe.gbps)
+        log.info("bandwidth probe (%s): %s", probe.path, fmt_gbps(probe.gbps))
     server = UnifiedMemoryServer(config)
     recorder = SwapRecorder()
     server.bus.subscribe(recorder)
@@ -168,8 +189,8 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
                     size = _weight_bytes(client, model)
                     probe = probe_bandwidth(config.device, size)
                     model_probes[model], model_bytes[model] = probe.gbps, size
-                    log.info("%s: bandwidth probe of %.2f GB (%s): %.2f GB/s", model, size / 1e9, probe.path,
-                             probe.gbps)
+                    log.info("%s: bandwidth probe of %s (%s): %s", model, fmt_bytes(size), probe.path,
+                             fmt_gbps(probe.gbps))
                 for scenario, tier in SCENARIOS:
                     result = ScenarioResult(model, scenario, tier.value)
                     results.append(result)

@@ -13,6 +13,7 @@ thread would trip over), so endpoints are registered only when a server is confi
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -57,20 +58,48 @@ def endpoint_fields(spec: ModelSpec, base_url: str, app_server: str) -> dict[str
 
 
 class ModelEndpoints:
-    """One EndpointTelemetry per served model, fed from the event bus.
+    """One EndpointTelemetry per served model, fed from the event bus, following the served set.
 
     `report=False` builds them without contacting the server (no registration, no report
-    thread): what the page would show can then be read from each one's `container_info`."""
+    thread): what the page would show can then be read from each one's `container_info`.
+    A model that leaves (the catalog changed, the task ends or is aborted) is unregistered
+    from the page (`serving.unregister_container`), so the page never lists a dead endpoint."""
 
     def __init__(self, specs: Iterable[ModelSpec], base_url: str, app_server: str, *, report: bool = True) -> None:
+        self.base_url = base_url
+        self.app_server = app_server
+        self.report = report
+        self.telemetry: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.sync(specs)
+
+    def _create(self, spec: ModelSpec) -> Any:
         from clearml.router.endpoint_telemetry import EndpointTelemetry
 
-        self.telemetry: dict[str, Any] = {}
-        for spec in specs:
-            fields = endpoint_fields(spec, base_url, app_server)
-            if not report:
-                fields.update(container_id=uuid.uuid4().hex, force_register=True, report_statistics=False)
-            self.telemetry[spec.name] = EndpointTelemetry(**fields)
+        fields = endpoint_fields(spec, self.base_url, self.app_server)
+        if not self.report:
+            fields.update(container_id=uuid.uuid4().hex, force_register=True, report_statistics=False)
+        return EndpointTelemetry(**fields)
+
+    def sync(self, specs: Iterable[ModelSpec]) -> None:
+        """Register the models that joined, unregister the ones that left."""
+        wanted = {spec.name: spec for spec in specs}
+        with self._lock:
+            for name in [n for n in self.telemetry if n not in wanted]:
+                self._unregister(self.telemetry.pop(name))
+            for name, spec in wanted.items():
+                if name not in self.telemetry:
+                    self.telemetry[name] = self._create(spec)
+
+    def _unregister(self, telemetry: Any) -> None:
+        telemetry.stop()
+        if not self.report:
+            return
+        try:
+            telemetry.session.send_request("serving", "unregister_container",
+                                           json={"container_id": telemetry.container_info["container_id"]})
+        except Exception:  # noqa: BLE001 - an older server without the call: the page drops it after its timeout
+            log.info("could not unregister endpoint %s", telemetry.container_info.get("endpoint_name"))
 
     def on_event(self, event: Event) -> None:
         """A finished request counts with its own duration (EndpointTelemetry times one request
@@ -83,19 +112,17 @@ class ModelEndpoints:
             telemetry.update_statistics()
 
     def close(self) -> None:
-        for telemetry in self.telemetry.values():
-            telemetry.stop()
+        self.sync([])
 
 
 def register_endpoints(task: Any, specs: Iterable[ModelSpec], router_url: str) -> ModelEndpoints | None:
     """Register the served models on the Model Endpoints page, when a server is there to show it."""
     from clearml import Task
-    from clearml.utilities.networking import get_private_ip
 
     if Task.is_offline():
         return None
     try:
-        return ModelEndpoints(specs, reachable_url(router_url, get_private_ip), task._get_app_server())
+        return ModelEndpoints(specs, router_url, task._get_app_server())
     except Exception:  # noqa: BLE001 - the page is a view; serving goes on without it
         log.warning("could not register the served models on the Model Endpoints page", exc_info=True)
         return None

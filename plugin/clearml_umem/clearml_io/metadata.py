@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from clearml_umem.spec import KNOWN_DTYPES, KNOWN_ENGINES, ModelSpec, SpecError
+from clearml_umem.spec import ENGINE_DECLARED, KNOWN_DTYPES, KNOWN_ENGINES, ModelSpec, SpecError
 
 SERVABLE_TAG = "umem-servable"
 """The one tag that marks a model entry as meant for this plugin; the default selector."""
@@ -53,9 +53,11 @@ ClearML offline mode drops model metadata (it has no offline path for
 imported into a server later still yields a servable entry.
 """
 
+EXTRA_ENGINE_DECLARED = ENGINE_DECLARED
+
 FRAMEWORKS_ACCEPTED = ("pytorch", "huggingface", "transformers", "safetensors", "vllm", "custom")
-"""Frameworks an LLM in Hugging Face format is registered under; anything else (Keras,
-ONNX, ...) is a different kind of model that happens to carry the servable tag."""
+"""Frameworks an LLM is usually registered under; another one (TensorFlow, Keras, ONNX...) on an
+entry whose files are a language model is logged as a contradiction, and the files win."""
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 
@@ -207,12 +209,12 @@ def spec_from_clearml_model(model: ModelEntry, *, require_tag: bool = False) -> 
         raise SpecError(label, "uri", "is empty: the entry has no weights (register it with a weights URI)")
     uri = uri.strip()
 
+    # Not a gate: the SDK records TensorFlow for any .zip package (update_weights_package,
+    # `clearml-serving model upload --path DIR` without --framework). The fetched files decide
+    # (RegistryCatalog.complete_from_files); a framework that contradicts them is a warning there.
     framework = _read(entry_id, model, "framework") or ""
     if not isinstance(framework, str):
-        raise SpecError(label, "framework", f"must be a string, got {framework!r}")
-    if framework and framework.strip().lower() not in FRAMEWORKS_ACCEPTED:
-        raise SpecError(label, "framework", f"{framework!r} is not a language-model framework; "
-                                            f"expected one of: {', '.join(FRAMEWORKS_ACCEPTED)}")
+        framework = ""
 
     # entries registered the usual ClearML way (OutputModel, clearml-serving model upload) carry no
     # metadata: 0 means "measure the weights once fetched" (RegistryCatalog.complete_from_files)
@@ -239,5 +241,6 @@ def spec_from_clearml_model(model: ModelEntry, *, require_tag: bool = False) -> 
         quantization=quantization,
         source_uri=uri,
         model_id=entry_id,
-        extra={"framework": framework, KEY_LAYOUT: layout, "clearml_name": name},
+        extra={"framework": framework, KEY_LAYOUT: layout, "clearml_name": name,
+               EXTRA_ENGINE_DECLARED: bool((meta.get(KEY_ENGINE) or "").strip())},
     )

@@ -30,6 +30,8 @@ from clearml_umem.clearml_io.archives import UnsafeArchive, extract_archive
 from clearml_umem.clearml_io.metadata import (
     ARCHIVE_SUFFIXES,
     CONFIG_SECTION,
+    EXTRA_ENGINE_DECLARED,
+    FRAMEWORKS_ACCEPTED,
     KEY_ARCHITECTURE,
     KEY_CONTEXT_LENGTH,
     KEY_DTYPE,
@@ -58,7 +60,9 @@ from clearml_umem.spec import (
     context_length_from_config,
     read_hf_config,
     weights_size,
+    with_default_engine,
 )
+from clearml_umem.units import fmt_bytes, fmt_rate, fmt_seconds
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,9 @@ def inspect_weights(path: Path) -> WeightsFacts:
     """Everything registration can learn from a local model directory (or one weights file, or a GGUF)."""
     if path.is_file() and is_gguf(path):
         return _gguf_facts(path)
+    gguf = gguf_in_folder(str(path), path)
+    if gguf is not None:
+        return _gguf_facts(gguf)
     size = weights_size(path)
     if size <= 0:
         raise SpecError(str(path), "source", f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {path}")
@@ -205,7 +212,7 @@ def _upload_archive(local: Path, name: str, project: str, destination: str) -> s
     with tempfile.TemporaryDirectory(prefix="umem-upload-") as tmp:
         archive = Path(shutil.make_archive(str(Path(tmp) / name), "zip", root_dir=local)) if local.is_dir() else local
         remote = f"{destination.rstrip('/')}/{project.strip('/')}/{name}/{archive.name}"
-        log.info("uploading %s (%.1f MB) to %s", archive, archive.stat().st_size / 1e6, remote)
+        log.info("uploading %s (%s) to %s", archive, fmt_bytes(archive.stat().st_size), remote)
         uploaded = StorageManager.upload_file(local_file=str(archive), remote_url=remote, wait_for_upload=True)
     if not uploaded:
         raise RuntimeError(f"upload of {local} to {remote} failed")
@@ -324,9 +331,13 @@ def register_model(
         uri = resolved.as_uri()
         layout = LAYOUT_FOLDER if resolved.is_dir() else (
             LAYOUT_ARCHIVE if resolved.name.lower().endswith(ARCHIVE_SUFFIXES) else LAYOUT_FILE)
+    elif hub_snapshot is not None:
+        # pinned to the commit read: what is served cannot drift when the branch moves
+        uri = hub.pinned(source, hub_snapshot)
+        layout = LAYOUT_FILE if hub_snapshot.is_file() else LAYOUT_FOLDER
     else:
         uri = source
-        layout = LAYOUT_FOLDER if hub_snapshot is not None else layout_for_uri(source)
+        layout = layout_for_uri(source)
 
     metadata: dict[str, Any] = {
         KEY_SIZE_BYTES: size,
@@ -366,13 +377,19 @@ def register_model(
             log.info("model %s already registered (%s, matched by %s): updating it", name, existing.id, matched_by)
             # The SDK exposes no public setter for an entry's URI or framework; its backend model's
             # update() is what the SDK's own setters call.
+            # merged, never replaced: tags others put on the entry (a team's, a stage's) stay
+            all_tags = list(dict.fromkeys([*(existing.tags or []), *all_tags]))
             existing._get_base_model().update(uri=uri, tags=all_tags, framework=framework, comment=comment,
-                                              design=config_dict_to_text(config))
+                                              design=config_dict_to_text(config),
+                                              task_id=task.id if task is not None else None)
             model = existing
         else:
-            model = _create_entry(uri, name, project, all_tags, comment, framework, config)
+            model = _create_entry(uri, name, project, all_tags, comment, framework, config,
+                                  task_id=task.id if task is not None else None)
         model.set_all_metadata(metadata_items(metadata), replace=False)
         model_id = model.id
+        if task is not None:
+            _list_as_output_model(task, model_id, name)
 
     spec = ModelSpec(
         name=serve_name or name,
@@ -395,8 +412,19 @@ def register_model(
                         created=created, offline=offline, manifest=manifest_path, spec=spec)
 
 
+def _list_as_output_model(task: Any, model_id: str, name: str) -> None:
+    """The register task lists the entry among its output models (offline, OutputModel does it).
+    The SDK's only way to add an existing model to a task is the server call it makes itself."""
+    from clearml.backend_api.services import tasks
+
+    try:
+        task.send(tasks.AddOrUpdateModelRequest(task=task.id, name=name, model=model_id, type="output"))
+    except Exception:  # noqa: BLE001 - lineage is a view; the entry is registered either way
+        log.warning("could not list model %s as an output model of task %s", model_id, task.id, exc_info=True)
+
+
 def _create_entry(uri: str, name: str, project: str, tags: list[str], comment: str | None, framework: str,
-                  config: dict[str, Any]) -> Any:
+                  config: dict[str, Any], task_id: str | None = None) -> Any:
     """A new registry entry in `project`.
 
     Not `InputModel.import_model`: it returns any entry with the same URI, even one in
@@ -411,7 +439,7 @@ def _create_entry(uri: str, name: str, project: str, tags: list[str], comment: s
     backend = BackendModel(upload_storage_uri=None, cache_dir=get_cache_dir())
     project_id = get_or_create_project(session=backend.session, project_name=project)
     backend.update(design=config_dict_to_text(config), name=name, comment=comment, tags=tags, uri=uri,
-                   framework=framework, project_id=project_id)
+                   framework=framework, project_id=project_id, task_id=task_id)
     return InputModel(model_id=backend.id)
 
 
@@ -456,18 +484,28 @@ def upsert_manifest_entry(path: Path, spec: ModelSpec) -> None:
 class RegistrySelector:
     """Which registry entries to serve. IDs, when given, are taken as-is (no other filter).
 
-    The default selects every non-archived entry tagged servable, across projects.
+    A project, a name or tags select on their own: entries registered the usual ClearML way
+    (`OutputModel`, `clearml-serving model upload`) carry no tag of ours. Only a selector that
+    names nothing at all falls back to every non-archived entry tagged servable, across
+    projects, so that an empty selector never serves a whole server's models.
     """
 
     project: str | None = None
     name: str | None = None
-    tags: tuple[str, ...] = (SERVABLE_TAG,)
+    tags: tuple[str, ...] = ()
     ids: tuple[str, ...] = ()
     only_published: bool = False
     max_results: int | None = None
 
+    @property
+    def query_tags(self) -> tuple[str, ...]:
+        """The tags the query filters on: the servable tag only when nothing else selects."""
+        if self.tags or self.project or self.name:
+            return self.tags
+        return (SERVABLE_TAG,)
+
     @classmethod
-    def from_strings(cls, project: str = "", name: str = "", tags: str = SERVABLE_TAG, ids: str = "",
+    def from_strings(cls, project: str = "", name: str = "", tags: str = "", ids: str = "",
                      only_published: bool = False) -> RegistrySelector:
         """From comma-separated task hyperparameters, the form the web UI edits."""
         split = lambda text: tuple(p.strip() for p in (text or "").split(",") if p.strip())  # noqa: E731
@@ -479,7 +517,7 @@ class RegistrySelector:
             return f"ids={','.join(self.ids)}"
         parts = [f"project={self.project}" if self.project else "",
                  f"name={self.name}" if self.name else "",
-                 f"tags={','.join(self.tags)}" if self.tags else "",
+                 f"tags={','.join(self.query_tags)}" if self.query_tags else "",
                  "published only" if self.only_published else ""]
         return " ".join(p for p in parts if p) or "all models"
 
@@ -497,6 +535,8 @@ class RegistryCatalog:
     cache_dir: Path | None = None
     fetch_weights: bool = True
     progress_chunk_mb: int = 64
+    default_engine: str = "transformers"
+    """The engine of entries that name none and are no GGUF (the serve setting `engine`, resolved)."""
     _fetched: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
     _client: Any = field(default=None, init=False, repr=False)
 
@@ -506,16 +546,13 @@ class RegistryCatalog:
 
     @classmethod
     def from_config(cls, config: Any) -> RegistryCatalog:
-        """From a `ServeConfig`: its clearml_* selector, weights cached under its work dir.
-
-        With no tags given, the servable tag is required, so a project that also holds
-        other kinds of models serves only the ones registered for this plugin.
-        """
+        """From a `ServeConfig`: its clearml_* selector, weights cached under its work dir."""
         selector = RegistrySelector(project=config.clearml_project or None, name=config.clearml_name or None,
-                                    tags=tuple(config.clearml_tags or (SERVABLE_TAG,)),
+                                    tags=tuple(config.clearml_tags or ()),
                                     ids=tuple(config.clearml_ids or ()),
                                     only_published=bool(getattr(config, "clearml_published", False)))
-        return cls(selector=selector, cache_dir=Path(config.work_path) / "weights")
+        return cls(selector=selector, cache_dir=Path(config.work_path) / "weights",
+                   default_engine=config.resolved_engine())
 
     def entries(self) -> tuple[list[Any], list[SpecError]]:
         """The selected entries as SDK `Model` objects, plus selector-level problems.
@@ -546,7 +583,8 @@ class RegistryCatalog:
             while True:
                 batch = client.models.get_all(
                     project=project_ids, name=f"^{re.escape(sel.name)}$" if sel.name else None,
-                    tags=list(sel.tags) or None, system_tags=["-archived"], ready=True if sel.only_published else None,
+                    tags=list(sel.query_tags) or None, system_tags=["-archived"],
+                    ready=True if sel.only_published else None,
                     order_by=["-created"], only_fields=["id"], page=page, page_size=page_size)
                 found.extend(m.id for m in batch)
                 if len(batch) < page_size or (sel.max_results and len(found) >= sel.max_results):
@@ -571,6 +609,7 @@ class RegistryCatalog:
                                     "(set metadata serve_name to tell them apart)")
                 if self.fetch_weights:
                     spec = complete_from_files(spec.with_updates(weights=self.fetch(spec)))
+                    spec = with_default_engine(spec, self.default_engine)
                 elif spec.size_bytes <= 0:
                     raise SpecError(f"{spec.model_id} ({spec.name})", "metadata.size_bytes",
                                     "is not in the entry's metadata, and the weights are not fetched to measure them")
@@ -591,7 +630,7 @@ class RegistryCatalog:
             return cached
         label = f"{spec.model_id} ({spec.name})"
         started = time.monotonic()
-        log.info("fetching weights of %s (%.1f MB) from %s", spec.name, spec.size_bytes / 1e6, uri)
+        log.info("fetching weights of %s (%s) from %s", spec.name, fmt_bytes(spec.size_bytes), uri)
         try:
             local = self._download(uri, str(spec.extra.get(KEY_LAYOUT) or layout_for_uri(uri)), spec)
         except SpecError:
@@ -605,8 +644,8 @@ class RegistryCatalog:
         if local is None or not Path(local).exists():
             raise SpecError(label, "uri", f"weights could not be fetched from {uri}")
         elapsed = time.monotonic() - started
-        log.info("weights of %s ready at %s after %.1f s (%.1f MB/s)", spec.name, local, elapsed,
-                 spec.size_bytes / 1e6 / elapsed if elapsed > 0 else float("inf"))
+        log.info("weights of %s ready at %s after %s (%s)", spec.name, local, fmt_seconds(elapsed),
+                 fmt_rate(spec.size_bytes / elapsed if elapsed > 0 else None))
         self._fetched[key] = str(local)
         return str(local)
 
@@ -640,36 +679,67 @@ class RegistryCatalog:
         return StorageManager.get_local_copy(uri, extract_archive=False)
 
 
+def gguf_in_folder(label: str, folder: Path) -> Path | None:
+    """The one GGUF file a folder holds when it holds no Hugging Face weights (a GGUF repository
+    from the Hub, an archive of one GGUF); None for a Hugging Face folder. Several GGUF files
+    (one per quantization, as many repositories hold) must be told apart by naming one."""
+    if not folder.is_dir() or weights_size(folder) > 0:
+        return None
+    found = sorted(p for p in folder.rglob("*.gguf") if p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in found[:8])
+        raise SpecError(label, "uri", f"holds {len(found)} GGUF files ({names}); name one: "
+                                      f"hf://org/name/<file>.gguf, or a URI of that file")
+    return found[0] if found else None
+
+
 def complete_from_files(spec: ModelSpec) -> ModelSpec:
-    """Fill what the entry's metadata left out from the fetched files: size from the weight files,
-    architecture and context length from config.json. Only what cannot be known is an error."""
+    """Decide from the fetched files what the entry is, and fill what its metadata left out.
+
+    A Hugging Face folder (weights, config.json) or a GGUF file is a language model, whatever
+    framework the entry records: the SDK records TensorFlow for any .zip package, so that
+    field is only checked against the files, and a contradiction is logged, not refused.
+    Size comes from the weight files, architecture and context length from config.json or
+    the GGUF header; only what cannot be known is an error.
+    """
     label = f"{spec.model_id} ({spec.name})"
     local = Path(spec.weights)
     changes: dict[str, Any] = {}
+    try:
+        gguf = local if local.is_file() and is_gguf(local) else gguf_in_folder(label, local)
+        size = weights_size(local) if gguf is None else gguf.stat().st_size
+    except ValueError as exc:
+        if isinstance(exc, SpecError):
+            raise
+        raise SpecError(label, "uri", f"the fetched weights cannot be read: {exc}") from None
+    if gguf is None and size <= 0:
+        raise SpecError(label, "uri", f"the fetched files are not a language model this plugin serves: no Hugging "
+                                      f"Face weights ({', '.join(WEIGHT_SUFFIXES)}) and no GGUF file under {local}")
+    framework = str(spec.extra.get("framework") or "")
+    if framework and framework.strip().lower() not in FRAMEWORKS_ACCEPTED:
+        log.warning("model entry %s records framework %r, but its files are a %s: served as such", label, framework,
+                    "GGUF file" if gguf is not None else "Hugging Face model")
     if spec.size_bytes <= 0:
-        try:
-            size = weights_size(local)
-        except ValueError as exc:
-            raise SpecError(label, "metadata.size_bytes", f"not in the metadata, and the weights: {exc}") from None
-        if size <= 0:
-            raise SpecError(label, "metadata.size_bytes", f"not in the metadata, and no weight files "
-                                                          f"({', '.join(WEIGHT_SUFFIXES)}) under {local}")
         changes["size_bytes"] = size
-    if spec.engine == "llamacpp" or (local.is_file() and is_gguf(local)):
-        try:
-            info = read_gguf(local)
-        except GGUFError as exc:
-            raise SpecError(label, "uri", f"the fetched weights are not a usable GGUF: {exc}") from None
-        if spec.engine != "llamacpp":
+    if gguf is not None:
+        declared = bool(spec.extra.get(EXTRA_ENGINE_DECLARED, True))
+        if spec.engine != "llamacpp" and declared:
             raise SpecError(label, "metadata.engine", f"the weights are a GGUF file, which engine 'llamacpp' "
                                                       f"serves, not {spec.engine!r}")
+        try:
+            info = read_gguf(gguf)
+        except GGUFError as exc:
+            raise SpecError(label, "uri", f"the fetched weights are not a usable GGUF: {exc}") from None
         if spec.quantization and spec.quantization.lower() != info.quantization:
             raise SpecError(label, "metadata.quantization", f"says {spec.quantization!r} but the fetched file is "
                                                             f"{info.quantization!r} (from its header)")
         changes.update({k: v for k, v in (("size_bytes", info.file_size), ("architecture", info.architecture),
                                           ("context_length", info.context_length),
                                           ("quantization", info.quantization)) if not getattr(spec, k)})
-        return spec.with_updates(**changes) if changes else spec
+        changes.update(engine="llamacpp", weights=str(gguf))
+        return spec.with_updates(**changes)
+    if spec.engine == "llamacpp":
+        raise SpecError(label, "metadata.engine", f"engine 'llamacpp' serves GGUF files, and {local} holds none")
     cfg = read_hf_config(local)
     if not spec.architecture and cfg:
         changes["architecture"] = architecture_from_config(cfg)

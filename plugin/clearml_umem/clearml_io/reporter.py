@@ -5,8 +5,14 @@ it only appends to a bounded deque. A background thread drains it every `flush_p
 and talks to the ClearML Logger; if that thread falls behind, the oldest events are
 dropped and counted rather than growing memory or blocking a request.
 
+Every scalar's x axis is the same: seconds since the reporter started (a point per flush
+window), never a per-series request counter.
+
 Scalars (title / series):
-- `TTFT {model} (s)` / tier served from, and `TTFT by tier (s)` / tier: one point per request
+- `TTFT {model} (s)` / `{tier} p50`, `{tier} p95`, and `TTFT {model} (requests)` / tier: the
+  requests that got their first token in the window, per tier served from (an aggregate per
+  window, so a busy router does not send a point per request); `TTFT by tier (s)` / `{tier} p50`,
+  `{tier} p95` over all models
 - `swap-in (s)`, `swap-in (GB/s)`, `swap-out (s)`, `swap-out (GB/s)` / `{model} {src}->{dst}`; a
   swap-out says how its host copy was had: `... gpu->ram (copy kept)` or `(copied)`
 - `requests by tier on arrival` / tier, and `cache` / hits, misses, hit rate: cumulative
@@ -15,7 +21,10 @@ Scalars (title / series):
 - `model tier` / model: where each model sits after its last move, as a number (gpu 3, ram 2,
   disk 1, cold 0: higher is hotter), and a `models by tier` table (model, tier, moves), both
   reported when a model moved, so the task's web UI shows which model sits where
-On close: a `TTFT summary` table (model x tier, median ms and count) and single values.
+The `TTFT summary` table (model x tier, median ms and count) and single values are reported
+every `summary_period_s` and on close, so a task killed without a close (aborted from the web
+UI, crashed) still shows them as of the last period; the serve task also closes the reporter
+from its abort callback.
 """
 
 from __future__ import annotations
@@ -60,6 +69,17 @@ def ttft_title(model: str) -> str:
     return f"TTFT {model} (s)"
 
 
+def ttft_count_title(model: str) -> str:
+    return f"TTFT {model} (requests)"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list: a value that was measured."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
 def swap_titles(direction: str) -> tuple[str, str]:
     """Titles of the seconds and GB/s plots of swap-ins ("in") or swap-outs ("out")."""
     return f"swap-{direction} (s)", f"swap-{direction} (GB/s)"
@@ -74,9 +94,10 @@ class ClearMLReporter:
     """
 
     def __init__(self, logger: Any, *, flush_period_s: float = 1.0, max_buffer: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 summary_period_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.logger = logger
         self.flush_period_s = flush_period_s
+        self.summary_period_s = summary_period_s
         self._clock = clock
         self._buffer: deque[Event] = deque(maxlen=max_buffer)
         self._received = 0
@@ -89,7 +110,8 @@ class ClearMLReporter:
         self.dropped = 0
         # aggregates, touched only under _flush_lock (the worker, or close())
         self._ttft: dict[tuple[str, Tier], list[float]] = defaultdict(list)
-        self._series_iter: dict[tuple[str, str], int] = defaultdict(int)
+        self._window_ttft: dict[tuple[str, Tier], list[float]] = defaultdict(list)
+        self._last_summary = self._started
         self._arrivals: dict[Tier, int] = defaultdict(int)
         self._swaps: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self._memory: MemorySnapshot | None = None
@@ -120,6 +142,8 @@ class ClearMLReporter:
         while not self._stop.wait(self.flush_period_s):
             try:
                 self.flush()
+                if self.summary_period_s > 0 and self._clock() - self._last_summary >= self.summary_period_s:
+                    self.report_summary()
             except Exception:  # noqa: BLE001 - a reporting failure must never end serving
                 log.exception("ClearML reporter flush failed")
 
@@ -135,21 +159,14 @@ class ClearMLReporter:
                 arrivals_now += self._report(event)
             self._report_periodic(arrivals_now)
 
-    def _next_iter(self, title: str, series: str) -> int:
-        key = (title, series)
-        self._series_iter[key] += 1
-        return self._series_iter[key]
-
-    def _scalar(self, title: str, series: str, value: float, iteration: int | None = None) -> None:
-        it = self._next_iter(title, series) if iteration is None else iteration
-        self.logger.report_scalar(title=title, series=series, value=float(value), iteration=it)
+    def _scalar(self, title: str, series: str, value: float, iteration: int) -> None:
+        self.logger.report_scalar(title=title, series=series, value=float(value), iteration=iteration)
 
     def _report(self, event: Event) -> int:
         if isinstance(event, FirstToken):
             tier = Tier(event.served_from)
             self._ttft[(event.model, tier)].append(event.ttft_s)
-            self._scalar(ttft_title(event.model), tier.value, event.ttft_s)
-            self._scalar(TITLE_TTFT_BY_TIER, tier.value, event.ttft_s)
+            self._window_ttft[(event.model, tier)].append(event.ttft_s)
         elif isinstance(event, MoveFinished):
             seconds_title, gbps_title = swap_titles(event.direction)
             series = f"{event.model} {event.src.value}->{event.dst.value}"
@@ -159,9 +176,9 @@ class ClearMLReporter:
             self._tiers[event.model] = event.dst
             self._moves[event.model] += 1
             self._tiers_changed = True
-            self._scalar(seconds_title, series, event.seconds)
+            self._scalar(seconds_title, series, event.seconds, self._elapsed_iter())
             if event.bytes_moved > 0 and event.seconds > 0:
-                self._scalar(gbps_title, series, event.gbps)
+                self._scalar(gbps_title, series, event.gbps, self._elapsed_iter())
         elif isinstance(event, RequestArrived):
             self._arrivals[Tier(event.tier)] += 1
             self._requests_total += 1
@@ -181,6 +198,17 @@ class ClearMLReporter:
         window = max(now - self._last_tick, 1e-9)
         self._last_tick = now
         it = self._elapsed_iter()
+        if self._window_ttft:
+            by_tier: dict[Tier, list[float]] = defaultdict(list)
+            for (model, tier), values in sorted(self._window_ttft.items(), key=lambda kv: (kv[0][0], kv[0][1].rank)):
+                self._scalar(ttft_title(model), f"{tier.value} p50", percentile(values, 50), it)
+                self._scalar(ttft_title(model), f"{tier.value} p95", percentile(values, 95), it)
+                self._scalar(ttft_count_title(model), tier.value, len(values), it)
+                by_tier[tier].extend(values)
+            for tier, values in by_tier.items():
+                self._scalar(TITLE_TTFT_BY_TIER, f"{tier.value} p50", percentile(values, 50), it)
+                self._scalar(TITLE_TTFT_BY_TIER, f"{tier.value} p95", percentile(values, 95), it)
+            self._window_ttft.clear()
         if arrivals_now:
             for tier in ALL_TIERS:
                 if self._arrivals.get(tier):
@@ -241,21 +269,30 @@ class ClearMLReporter:
             values["reporter dropped events"] = float(self.dropped)
         return values
 
-    def close(self) -> None:
-        """Stop the worker, report what is left, then the summary table and single values."""
-        if self._closed:
-            return
-        self._closed = True
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()
-        self._stop.set()
-        self._thread.join(timeout=max(5.0, self.flush_period_s * 2))
-        self.flush()
+    def report_summary(self) -> None:
+        """The TTFT table and single values as of now; reported again later, the newest stands."""
         with self._flush_lock:
+            self._last_summary = self._clock()
             if self._ttft:
                 self.logger.report_table(TABLE_TTFT, "by model x tier", iteration=0, table_plot=self.summary_rows())
             for name, value in self.headline().items():
                 self.logger.report_single_value(name, value)
+
+    def close(self) -> None:
+        """Stop the worker, report what is left, then the summary table and single values.
+
+        Safe from any thread (the serve task's abort callback runs on the SDK's own)."""
+        with self._flush_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, self.flush_period_s * 2))
+        self.flush()
+        self.report_summary()
         flush = getattr(self.logger, "flush", None)
         if callable(flush):
             flush()

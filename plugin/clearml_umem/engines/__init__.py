@@ -21,7 +21,11 @@ EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
 
 
 def _transformers(spec: ModelSpec, ctx: EngineContext) -> Engine:
-    from clearml_umem.engines.transformers_engine import TransformersEngine
+    try:
+        from clearml_umem.engines.transformers_engine import TransformersEngine
+    except ImportError as exc:
+        raise EngineError(f"the transformers engine needs torch and transformers, which this Python lacks "
+                          f"({exc}): pip install -e '.[transformers]'") from None
 
     return TransformersEngine(spec, ctx)
 

@@ -58,6 +58,7 @@ from clearml_umem.engines.vllm_process import Endpoint, ProcessConfig, ProcessTi
 from clearml_umem.gguf_file import GGUFError, GGUFInfo, read_gguf
 from clearml_umem.spec import ModelSpec
 from clearml_umem.tiers import Tier
+from clearml_umem.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,22 @@ class LlamaCppEngine:
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
         self._step_now: tuple[Step, float] | None = None
-        log.info("model %s (llamacpp): %s %s, %.1f MiB of tensors, KV cache %.1f MiB for %d tokens", spec.name,
-                 self.gguf.architecture, self.gguf.quantization, self.gguf.tensor_bytes / MiB,
-                 self.kv_cache_bytes / MiB, self.kv_tokens)
+        log.info("model %s (llamacpp): %s %s, %s of tensors, KV cache %s for %d tokens", spec.name,
+                 self.gguf.architecture, self.gguf.quantization, fmt_bytes(self.gguf.tensor_bytes),
+                 fmt_bytes(self.kv_cache_bytes), self.kv_tokens)
+
+    def start_problem(self) -> str | None:
+        """What stops every start of this model, known without starting it: no llama-server binary."""
+        if self.binary is None:
+            return ("no llama-server binary: build one with scripts/install-llama-server.sh, or point "
+                    "--llama-server / UMEM_LLAMA_SERVER at one, then restart")
+        if not os.access(self.binary, os.X_OK):
+            return f"llama-server {self.binary} is not an executable file"
+        try:
+            abilities(self.binary)
+        except (OSError, ValueError) as exc:
+            return f"cannot run llama-server {self.binary}: {exc}"
+        return None
 
     @property
     def kv_tokens(self) -> int:

@@ -65,6 +65,7 @@ from clearml_umem.engines.vllm_process import (
 )
 from clearml_umem.spec import ModelSpec, read_hf_config
 from clearml_umem.tiers import Tier
+from clearml_umem.units import fmt_bytes
 
 __all__ = ["EngineNoUnixSocket", "EngineStartTimeout", "EngineUnreachable", "VLLMEngine"]
 
@@ -172,8 +173,8 @@ class VLLMEngine:
         self._lock: asyncio.Lock | None = None
         self._step_now: tuple[Step, float] | None = None
         self._prompt_counter: PromptCounter | None = None
-        log.info("model %s (vllm): KV cache %.1f MiB, max_model_len %d (%s)", spec.name,
-                 self.plan.kv_cache_bytes / 2**20, self.plan.max_model_len, self.plan.reason)
+        log.info("model %s (vllm): KV cache %s, max_model_len %d (%s)", spec.name,
+                 fmt_bytes(self.plan.kv_cache_bytes), self.plan.max_model_len, self.plan.reason)
         self._log_degraded_once()
 
     def _resolve_sleep_mode(self, option: object) -> bool:

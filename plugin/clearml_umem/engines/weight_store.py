@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from clearml_umem.units import fmt_bytes
+
 log = logging.getLogger(__name__)
 
 ALIGNMENT = 512
@@ -117,7 +119,7 @@ class HostBuffer:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             self.pinned_by = "torch pin_memory"
         except RuntimeError as exc:
-            log.warning("pinned allocation of %.2f GB failed (%s); copies will be slower", nbytes / 1e9, exc)
+            log.warning("pinned allocation of %s failed (%s); copies will be slower", fmt_bytes(nbytes), exc)
 
     @property
     def pinned(self) -> bool:

@@ -28,13 +28,21 @@ from clearml_umem.move_history import MoveHistory
 from clearml_umem.router.access_log import AccessRecord
 from clearml_umem.router.errors import (
     CLIENT_CLOSED,
+    UNAVAILABLE,
     APIError,
     bad_request,
     install_error_handlers,
     model_not_found,
     unauthorized,
 )
-from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, until_disconnect
+from clearml_umem.router.generation import (
+    ClientGone,
+    Generation,
+    ServingRuntime,
+    resolve_model,
+    until_disconnect,
+    with_model_defaults,
+)
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
@@ -115,7 +123,8 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     def model_card(name: str, tier: str | None) -> dict[str, Any]:
         spec = runtime.spec(name)
         return {"id": name, "object": "model", "created": started, "owned_by": OWNER, "tier": tier,
-                "max_model_len": spec.context_length, "engine": spec.engine, "size_bytes": spec.size_bytes}
+                "max_model_len": spec.context_length, "engine": spec.engine, "size_bytes": spec.size_bytes,
+                "aliases": list(spec.aliases)}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -124,9 +133,10 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
-        if not runtime.has_model(name):
-            raise model_not_found(name)
-        return model_card(name, tiers_now().get(name))
+        model = resolve_model(runtime, name)
+        if model is None:
+            raise unknown_model(runtime, name)
+        return model_card(model, tiers_now().get(model))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -152,8 +162,10 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
             tier = Tier(str(raw).strip().lower())
         except ValueError:
             raise bad_request(f"Invalid value for 'tier': {raw!r}; expected one of {names}", param="tier") from None
-        if not runtime.has_model(name):
-            raise model_not_found(name)
+        model = resolve_model(runtime, name)
+        if model is None:
+            raise unknown_model(runtime, name)
+        name = model
         await runtime.place(name, tier)  # its errors say what they mean (router/errors.py maps them)
         row = next((r for r in runtime.admin_view() if r["name"] == name), None)
         if row is None:
@@ -163,6 +175,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     @app.get("/admin/models/{name:path}/logs")
     async def model_logs(name: str, offset: str | None = None) -> dict[str, Any]:
         start = _offset(offset)
+        name = resolve_model(runtime, name) or name
         row = next((r for r in runtime.admin_view() if r["name"] == name), None)
         if row is None:
             raise model_not_found(name)
@@ -202,6 +215,16 @@ def _offset(raw: str | None, param: str = "offset") -> int | None:
 
 
 SERVED_FROM_HEADER = "x-umem-served-from"
+
+
+def unknown_model(runtime: ServingRuntime, name: str) -> APIError:
+    """A 503 with the reason for a catalog model whose engine could not be built (a missing
+    dependency, say), so its client learns why; a 404 for a name the catalog does not have."""
+    reason = getattr(runtime, "unservable", {}).get(name)
+    if reason:
+        return APIError(503, f"The model '{name}' is in the catalog but cannot be served: {reason}", UNAVAILABLE,
+                        "model", "model_unavailable")
+    return model_not_found(name)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -250,9 +273,13 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, max_bod
     data = parse_json(await read_body(request, max_body_bytes))
     if isinstance(data.get("model"), str):
         access.model = data["model"]
+    model = resolve_model(runtime, data.get("model"))
+    if model is not None:
+        access.model = model
+        data = with_model_defaults({**data, "model": model}, runtime.spec(model))
     body: ChatRequest | CompletionRequest = validate(ChatRequest if chat else CompletionRequest, data)
     if not runtime.has_model(body.model):
-        raise model_not_found(body.model)
+        raise unknown_model(runtime, body.model)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     gen = Generation(runtime, body.model, to_generation_request(body, spec), request_id, arrived,

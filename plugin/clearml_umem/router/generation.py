@@ -54,6 +54,29 @@ class ServingRuntime(Protocol):
     def memory(self) -> Mapping[str, int]: ...
 
 
+def resolve_model(runtime: ServingRuntime, name: object) -> str | None:
+    """The served model a request's `model` names: itself, or the model it is an alias of; None if neither."""
+    if not isinstance(name, str):
+        return None
+    if runtime.has_model(name):
+        return name
+    return next((m for m in runtime.model_names() if name in runtime.spec(m).aliases), None)
+
+
+def with_model_defaults(data: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """The request body with the model's `defaults` filled in where the client left a setting unset
+    (absent or null); what the client sent wins. `max_tokens` counts as set when the client sent
+    `max_completion_tokens`, its newer name."""
+    filled = dict(data)
+    for key, value in spec.defaults.items():
+        if filled.get(key) is not None:
+            continue
+        if key == "max_tokens" and filled.get("max_completion_tokens") is not None:
+            continue
+        filled[key] = value
+    return filled
+
+
 class Generation:
     def __init__(self, runtime: ServingRuntime, model: str, request: GenerationRequest, request_id: str,
                  arrived: float, keep_alive: float | None = None) -> None:
