@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,28 @@ def test_internal_http_calls_are_logged_only_when_debugging() -> None:
         assert httpx_log.isEnabledFor(logging.INFO)
     finally:
         httpx_log.setLevel(before)
+
+
+def test_ps_shows_a_moves_stage_and_who_holds_the_memory() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from clearml_umem.ops_cli import format_ps
+
+    soon = (datetime.now(timezone.utc) + timedelta(seconds=60)).isoformat()
+    rows = [{"name": "big", "tier": "cold", "moving_to": "gpu", "in_flight": 0, "waiting": 1,
+             "size_bytes": 2_170_000_000,
+             "device_bytes": 2_490_000_000, "host_bytes": 0, "engine": "transformers", "context_length": 4096,
+             "processor": None, "keep_alive_s": None, "expires_at": None, "moves": 0, "last_used": None,
+             "move": {"src": "cold", "dst": "gpu", "elapsed_s": 17.2, "stage": "copying to the device",
+                      "percent": 45.0}},
+            {"name": "small", "tier": "gpu", "moving_to": None, "in_flight": 0, "waiting": 0, "size_bytes": 5_000_000,
+             "device_bytes": 5_700_000, "host_bytes": 5_000_000, "engine": "llamacpp", "context_length": 2048,
+             "processor": "100% GPU", "keep_alive_s": 300.0, "expires_at": soon, "moves": 1, "last_used": None,
+             "move": None}]
+    text = format_ps({"data": rows, "device": "cuda", "memory": {"device_used": 2_495_700_000,
+                                                               "device_budget": 2_600_000_000,
+                                                               "host_used": 5_000_000, "host_budget": 10**10}})
+    big, small = (line for line in text.splitlines() if line.startswith(("big ", "small ")))
+    assert "-> gpu 17s copying to the device 45%" in big and "2.49 GB" in big, "stage, and the memory the move holds"
+    assert "100% GPU" in small and re.search(r" in (59|60) s ", small), small
+    assert text.splitlines()[-1] == "device (cuda) 2.50 GB of 2.60 GB, host 5.00 MB of 10.0 GB"
