@@ -1,11 +1,14 @@
-"""clearml-serving engine hook: an endpoint whose requests the unified-memory router serves.
+"""clearml-serving engine hook: an endpoint whose requests the unified-memory routers serve.
 
 clearml-serving uploads this file as an endpoint's code and loads it in its inference
-container (engine `custom_async`); each request is forwarded to the router, which keeps many
-LLMs on one GPU and swaps them in on demand. The file is self-contained on purpose (standard
-library and `requests`, which the clearml SDK always brings; FastAPI for streaming, which the
-inference container runs on): the container does not need clearml-unified-memory installed,
-only to reach the router.
+container (engine `custom_async`); each request is forwarded to a router, which keeps many
+LLMs on one GPU and swaps them in on demand. With several routers (one per GPU: a fleet), each
+request goes to a router where its model already is: hot, else in RAM, else on disk, else the
+least loaded; a router that cannot be reached is skipped before anything was sent to it. The
+routing is the package's own (`clearml_umem.fleet`, the same code as `clearml-umem front`), so
+the inference container installs the package without extras, which brings nothing its image
+lacks (`CLEARML_EXTRA_PYTHON_PACKAGES=clearml-unified-memory`). Requests go out on one
+asynchronous HTTP client per event loop, with no cap of its own on concurrent generations.
 
 Two ways in, both answered here:
 - `POST /serve/<endpoint>` (every clearml-serving release): the body is OpenAI's,
@@ -17,14 +20,21 @@ Two ways in, both answered here:
   clearml-serving finds the endpoint by the body's `model`, so name each endpoint after the
   model it serves. Its `custom_async` engine object does not pass these calls on to endpoint
   code, so loading this file adds the three pass-through methods to it (only where absent).
+  main's own `/v1/models` route requires a JSON body naming a model, which an OpenAI client's
+  `models.list()` does not send; once this file is loaded in that process, a `GET` of
+  `/serve/openai/v1/models` without a body lists every model the routers serve.
 
 The model: on `/serve/<endpoint>` the body's `model`, else the endpoint's `--aux-config
 model=...`, else the endpoint's name; on `/serve/openai/...`, where the body's `model` chose
-the endpoint, the endpoint's `--aux-config model=...`, else the body's `model`.
+the endpoint, the endpoint's `--aux-config model=...`, else the body's `model`. A model no
+running router serves is a 503 naming it, in OpenAI's error shape.
 
 Settings (environment of the inference container):
-- `UMEM_ROUTER_URL`: the router's base URL (default http://127.0.0.1:8000).
-- `UMEM_API_KEY`: the router's API key, if it has one.
+- `UMEM_ROUTER_URL`: the router's base URL, or several, comma-separated (default http://127.0.0.1:8000).
+- `UMEM_FLEET_PROJECT` (and `UMEM_FLEET_TAGS`): instead, the routers of the running serve tasks
+  of this ClearML project (tagged so), read through the ClearML SDK.
+- `UMEM_FLEET_PROBE_SECONDS`: how often the routers' status is read (default 2).
+- `UMEM_API_KEY`: the routers' API key, if they have one.
 - `UMEM_ROUTER_TIMEOUT_S`: seconds to wait for an answer (default 600: a cold start of a big
   model takes minutes).
 """
@@ -34,11 +44,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
+import sys
+import weakref
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-import requests
+import httpx
+
+from clearml_umem.fleet.choose import models_served
+from clearml_umem.fleet.discovery import ClearMLRouters, StaticRouters
+from clearml_umem.fleet.probe import DEFAULT_PROBE_S, Discover, Fleet
+from clearml_umem.fleet.relay import NoRouter, RouterGone, Sent, error_body, send
 
 DEFAULT_ROUTER_URL = "http://127.0.0.1:8000"
 SERVED_FROM_HEADER = "x-umem-served-from"
@@ -76,26 +92,93 @@ def _refusal(model: str, status: int, raw: str) -> Exception:
     return (ValueError if 400 <= status < 500 else RuntimeError)(text)
 
 
+def _not_served(exc: NoRouter) -> Any:
+    """A 503 naming the model, in OpenAI's error shape: clearml-serving returns a response object as it is."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(_defused(str(exc)), 503, param="model", code="model_not_served"), status_code=503)
+
+
+class Settings(NamedTuple):
+    """The forwarder's settings, read from its environment and checked. A NamedTuple, not a
+    dataclass: clearml-serving loads this file without registering it as a module, which
+    dataclasses need."""
+
+    discover: Discover
+    where: str
+    timeout_s: float
+    probe_s: float
+    key: str | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    @classmethod
+    def from_env(cls, env: Any = None) -> Settings:
+        env = os.environ if env is None else env
+        project = (env.get("UMEM_FLEET_PROJECT") or "").strip()
+        discover: Discover
+        if project:
+            tags = tuple(t.strip() for t in (env.get("UMEM_FLEET_TAGS") or "").split(",") if t.strip())
+            discover = ClearMLRouters(project, tags)
+            where = discover.describe()
+        else:
+            raw = env.get("UMEM_ROUTER_URL", DEFAULT_ROUTER_URL)
+            try:
+                discover = StaticRouters.parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"UMEM_ROUTER_URL must be an http(s) URL or a comma-separated list of them, "
+                                 f"got {raw!r}: {exc}") from None
+            where = ", ".join(discover.urls)
+        return cls(discover, where, _seconds(env, "UMEM_ROUTER_TIMEOUT_S", 600.0),
+                   _seconds(env, "UMEM_FLEET_PROBE_SECONDS", DEFAULT_PROBE_S),
+                   env.get("UMEM_API_KEY") or None)
+
+
+def _seconds(env: Any, name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+_fleets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Settings, tuple[httpx.AsyncClient, Fleet]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _fleet(settings: Settings) -> tuple[httpx.AsyncClient, Fleet]:
+    """One client and one fleet view per event loop and settings: every endpoint of the process shares them.
+
+    No pool cap: the router bounds its own queues (a 429 past them); a cap here would hold requests
+    the router could take."""
+    per_loop = _fleets.setdefault(asyncio.get_running_loop(), {})
+    if settings not in per_loop:
+        client = httpx.AsyncClient(timeout=httpx.Timeout(settings.timeout_s, connect=min(5.0, settings.timeout_s)),
+                                   limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                                   trust_env=False)
+        fleet = Fleet(settings.discover, client, probe_s=settings.probe_s,
+                      probe_timeout_s=min(2.0, settings.timeout_s), headers=settings.headers)
+        fleet.start()
+        per_loop[settings] = (client, fleet)
+    return per_loop[settings]
+
+
 class Preprocess:
     """Instantiated once per endpoint by clearml-serving, which then sets `model_endpoint`."""
 
     model_endpoint: Any = None
 
     def __init__(self) -> None:
-        url = os.environ.get("UMEM_ROUTER_URL", DEFAULT_ROUTER_URL).strip().rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"UMEM_ROUTER_URL must be an http(s) URL, got {url!r}")
-        timeout = os.environ.get("UMEM_ROUTER_TIMEOUT_S", "600")
-        try:
-            self.timeout_s = float(timeout)
-        except ValueError:
-            raise ValueError(f"UMEM_ROUTER_TIMEOUT_S must be a number of seconds, got {timeout!r}") from None
-        if self.timeout_s <= 0:
-            raise ValueError(f"UMEM_ROUTER_TIMEOUT_S must be positive, got {timeout!r}")
-        self.router_url = url
-        key = os.environ.get("UMEM_API_KEY")
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._local = threading.local()
+        self.settings = Settings.from_env()
+        self.timeout_s = self.settings.timeout_s
+        self.router_url = self.settings.where
 
     def _configured_model(self) -> str | None:
         """The endpoint's `--aux-config model=...`, if it names one."""
@@ -127,29 +210,32 @@ class Preprocess:
             return "/v1/completions", body
         raise ValueError("the request needs 'messages' (a chat completion) or 'prompt' (a completion)")
 
-    def _session(self) -> requests.Session:
-        """One kept-alive session per worker thread: a requests.Session is not safe to share."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.trust_env = False
-        return session
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, stream: bool = False
-              ) -> requests.Response:
+    async def _send(self, path: str, model: str, body: dict[str, Any]) -> Sent:
+        client, fleet = _fleet(self.settings)
         try:
-            return self._session().request(method, self.router_url + path, json=body, headers=self._headers,
-                                           timeout=self.timeout_s, stream=stream)
-        except requests.RequestException as exc:
-            raise RuntimeError(_defused(f"the unified-memory router at {self.router_url} did not answer: {exc}")
-                               ) from exc
+            return await send(fleet, client, "POST", path, model, body, self.settings.headers)
+        except RouterGone as exc:
+            raise RuntimeError(_defused(str(exc))) from exc
+        except NoRouter as exc:
+            if exc.none_up:
+                gone = "; ".join(f"{url} did not answer ({why})" for url, why in exc.down.items())
+                raise RuntimeError(_defused(f"no unified-memory router is up for model {model!r}: "
+                                            f"{gone or 'none found at ' + self.router_url}")) from exc
+            raise
 
     async def _answer(self, path: str, body: dict[str, Any], state: dict, stats: StatsFn) -> Any:
-        resp = await asyncio.to_thread(self._call, "POST", path, body)
-        if resp.status_code != 200:
-            raise _refusal(body["model"], resp.status_code, resp.text)
-        answer = _parsed(resp.text)
-        served_from = resp.headers.get(SERVED_FROM_HEADER)
+        try:
+            sent = await self._send(path, body["model"], body)
+        except NoRouter as exc:
+            return _not_served(exc)
+        try:
+            raw = (await sent.body()).decode("utf-8", "replace")
+        except RouterGone as exc:
+            raise RuntimeError(_defused(str(exc))) from exc
+        if sent.response.status_code != 200:
+            raise _refusal(body["model"], sent.response.status_code, raw)
+        answer = _parsed(raw)
+        served_from = sent.response.headers.get(SERVED_FROM_HEADER)
         state["umem_served_from"] = served_from
         usage = (answer.get("usage") if isinstance(answer, dict) else None) or {}
         self._report(stats, {"umem_served_from": served_from,
@@ -199,22 +285,19 @@ class Preprocess:
         return await self._openai("v1_completions", data, state, collect_custom_statistics_fn)
 
     async def v1_models(self, data: Any, state: dict, collect_custom_statistics_fn: StatsFn = None) -> Any:
-        """The model this endpoint serves, as the router lists it: clearml-serving reaches one
-        endpoint per request, so it lists that endpoint's model, not the router's whole catalog."""
+        """The model this endpoint serves, as the routers list it: clearml-serving reaches one
+        endpoint per request, so it lists that endpoint's model, not every router's catalog."""
         model = (await self._openai_body(data))["model"]
-        resp = await asyncio.to_thread(self._call, "GET", OPENAI_ROUTES["v1_models"])
-        if resp.status_code != 200:
-            raise _refusal(model, resp.status_code, resp.text)
-        answer = _parsed(resp.text)
-        listed = [entry for entry in answer.get("data", []) if entry.get("id") == model]
+        listed = [entry for entry in (await models_list(self.settings))["data"] if entry["id"] == model]
         if not listed:
-            raise ValueError(f"model {model!r} is not served by the router at {self.router_url}")
+            raise ValueError(f"model {model!r} is not served by any running router ({self.router_url})")
         return {"object": "list", "data": listed}
 
     async def _stream(self, path: str, body: dict[str, Any], state: dict, stats: StatsFn) -> Any:
         """The router's event stream, passed through as it arrives. A refusal comes before the
         first byte, so it is still an error status; a client that leaves closes the router
-        connection, which cancels the generation there."""
+        connection, which cancels the generation there; a router that dies part-way ends the
+        stream with an error event in OpenAI's shape."""
         from fastapi.responses import StreamingResponse
 
         class EventStream(StreamingResponse):
@@ -224,27 +307,63 @@ class Preprocess:
             def keys(self) -> tuple[str, ...]:
                 return ()
 
-        resp = await asyncio.to_thread(self._call, "POST", path, body, True)
-        if resp.status_code != 200:
+        try:
+            sent = await self._send(path, body["model"], body)
+        except NoRouter as exc:
+            return _not_served(exc)
+        if sent.response.status_code != 200:
             try:
-                raw = await asyncio.to_thread(lambda: resp.text)
-            finally:
-                resp.close()
-            raise _refusal(body["model"], resp.status_code, raw)
-        served_from = resp.headers.get(SERVED_FROM_HEADER)
+                raw = (await sent.body()).decode("utf-8", "replace")
+            except RouterGone as exc:
+                raise RuntimeError(_defused(str(exc))) from exc
+            raise _refusal(body["model"], sent.response.status_code, raw)
+        served_from = sent.response.headers.get(SERVED_FROM_HEADER)
         state["umem_served_from"] = served_from
         self._report(stats, {"umem_served_from": served_from})
 
         async def relay() -> AsyncIterator[bytes]:
-            chunks = resp.iter_content(chunk_size=None)
             try:
-                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                async for chunk in sent.chunks():
                     yield chunk
-            finally:
-                resp.close()
+            except RouterGone as exc:
+                yield b"data: " + json.dumps(error_body(_defused(str(exc)), 502, code="router_gone")).encode() + b"\n\n"
 
         headers = {SERVED_FROM_HEADER: served_from} if served_from else None
         return EventStream(relay(), media_type="text/event-stream", headers=headers)
+
+
+async def models_list(settings: Settings) -> dict[str, Any]:
+    """Every model a running router serves, as OpenAI lists models (with its best tier and routers)."""
+    _, fleet = _fleet(settings)
+    await fleet.ready()
+    views = fleet.views()
+    data = [{"id": name, "object": "model", "owned_by": "clearml-umem", "routers": urls}
+            for name, urls in models_served(views).items()]
+    return {"object": "list", "data": data}
+
+
+def _list_models_without_a_body() -> None:
+    """Answer `GET /serve/openai/v1/models` with no body, as an OpenAI client's `models.list()` sends it.
+
+    clearml-serving main declares that route with a required JSON body naming a model (its
+    request model), so the client's request fails validation before any endpoint code runs. When
+    this file is loaded inside that service (its `clearml_serving.serving.main` module holds the
+    FastAPI `app`), a body-less GET route for the list is put ahead of main's. Elsewhere, nothing."""
+    main = sys.modules.get("clearml_serving.serving.main")
+    app = getattr(main, "app", None)
+    if app is None or getattr(app.state, "umem_models_route", False):
+        return
+    from fastapi.routing import APIRoute
+
+    prefix = "/" + os.environ.get("CLEARML_DEFAULT_SERVE_SUFFIX", "serve").strip("/")
+    settings = Settings.from_env()
+
+    async def list_models() -> Any:
+        return await models_list(settings)
+
+    route = APIRoute(prefix + "/openai/v1/models", list_models, methods=["GET"])
+    app.router.routes.insert(0, route)
+    app.state.umem_models_route = True
 
 
 def _pass_openai_routes_through() -> None:
@@ -274,3 +393,4 @@ def _pass_openai_routes_through() -> None:
 
 
 _pass_openai_routes_through()
+_list_models_without_a_body()

@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clearml import Task
 
+    from clearml_umem.clearml_io.catalogs import build_catalog
     from clearml_umem.clearml_io.reporter import ClearMLReporter
     from clearml_umem.log_setup import setup_logging
     from clearml_umem.server import UnifiedMemoryServer
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[ServeTaskRecord] = []
     try:
         config = ServeConfig.from_mapping(params).validate()
-        server = UnifiedMemoryServer(config)
+        server = UnifiedMemoryServer(config, build_catalog(config))
         reporter = ClearMLReporter(task.get_logger(), flush_period_s=float(params.get("report_period") or 5.0),
                                    summary_period_s=float(params.get("summary_period") or 0))
         reporter.attach(server.bus)
@@ -151,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def ready(url: str) -> None:
             print(f"{READY_PREFIX}{url}", flush=True)
-            record = ServeTaskRecord(task, public_router_url(url, str(params.get("public_url") or "")))
+            record = ServeTaskRecord(task, public_router_url(url, str(params.get("public_url") or "")),
+                                     device=server.device)
             records.append(record)
             # on the event loop (ready is called there); the SDK calls run on a worker thread
             follower = asyncio.get_running_loop().create_task(follow_catalog(server, record))

@@ -68,12 +68,20 @@ async def main(preprocess: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, (endpoint, version, body) in requests.items():
         try:
-            out[label] = {"answer": await processor.process_request(base_url=endpoint, version=version,
-                                                                    request_body=body)}
+            out[label] = answered(await processor.process_request(base_url=endpoint, version=version,
+                                                                  request_body=body))
         except Exception as exc:  # noqa: BLE001 - reported to the test
             out[label] = {"error": type(exc).__name__, "message": str(exc)}
     out["openai"] = await openai_route(processor, chat)
     return out
+
+
+def answered(answer: Any) -> dict[str, Any]:
+    """An answer as the test reads it: a response object (an error status the endpoint chose) as
+    its status and JSON body, anything else as it is."""
+    if hasattr(answer, "status_code") and hasattr(answer, "body"):
+        return {"response": {"status": answer.status_code, "body": json.loads(answer.body)}}
+    return {"answer": answer}
 
 
 def fastapi_request(path: str, body: dict[str, Any]) -> Request:
@@ -105,7 +113,7 @@ async def openai_call(processor: ModelRequestProcessor, serve_type: str, body: d
         raw = b"".join([chunk async for chunk in answer.body_iterator])
         return {"stream": raw.decode(), "media_type": answer.media_type, "keys": list(answer.keys()),
                 "headers": dict(answer.headers), "stats": stats}
-    return {"answer": answer, "stats": stats}
+    return {**answered(answer), "stats": stats}
 
 
 async def openai_route(processor: ModelRequestProcessor, chat: dict[str, Any]) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def start_router(manifest: Path, work_dir: Path, *extra: str, env: dict[str, str
     return RouterProcess(proc, url[0], lines)
 
 
-def start_room_for_one(models: dict[str, Path], work_dir: Path,
+def start_room_for_one(models: dict[str, Path], work_dir: Path, *extra: str,
                        env: dict[str, str] | None = None) -> tuple[RouterProcess, list[str]]:
     """These models behind a router on the CPU whose budgets hold only one of them hot: every
     switch between models is a swap."""
@@ -93,7 +93,7 @@ def start_room_for_one(models: dict[str, Path], work_dir: Path,
     write_manifest(manifest, specs)
     device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work_dir, device="cpu"))
     router = start_router(manifest, work_dir, "--device", "cpu", "--device-budget", str(device_budget),
-                          "--host-budget", str(host_budget), env=env)
+                          "--host-budget", str(host_budget), *extra, env=env)
     return router, [s.name for s in specs]
 
 

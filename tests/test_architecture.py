@@ -4,6 +4,7 @@ import cycle among the package's modules."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-CORE = ["tiers", "ledger", "planner", "policy", "commands", "model_state", "errors", "events", "scheduler"]
+CORE = ["tiers", "ledger", "planner", "policy", "commands", "model_state", "errors", "events", "scheduler", "turns",
+        "placements"]
 FORBIDDEN = ("clearml_umem.engines", "clearml_umem.router", "clearml_umem.clearml_io", "clearml", "torch",
              "fastapi", "uvicorn", "httpx")
 
@@ -42,3 +44,31 @@ def test_every_module_imports_on_its_own() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
+
+
+
+SERVING = ["server.py", "runtime.py", "catalog.py", "catalog_poller.py", "router", "engines", "fleet/choose.py",
+           "fleet/relay.py", "fleet/front.py", "fleet/probe.py"]
+"""The serving side: a catalog is handed to it, so none of it may import the ClearML edge, not even
+inside a function (the SDK is imported only where a ClearML server is talked to: clearml_io/,
+tasks/, fleet discovery by task)."""
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("where", SERVING)
+def test_serving_imports_no_clearml_edge(where: str) -> None:
+    root = Path(__file__).resolve().parents[1] / "plugin" / "clearml_umem"
+    files = sorted((root / where).rglob("*.py")) if (root / where).is_dir() else [root / where]
+    bad = {str(f.relative_to(root)): sorted(m for m in _imports(f) if m.split(".")[0] == "clearml"
+                                            or m.startswith("clearml_umem.clearml_io"))
+           for f in files}
+    assert {f: m for f, m in bad.items() if m} == {}

@@ -44,11 +44,53 @@ def snap(*names: str, errors: tuple[SpecError, ...] = ()) -> CatalogSnapshot:
 def test_seeded_poller_reports_only_real_changes() -> None:
     seen: list[list[str]] = []
     catalog = ScriptedCatalog(snap("a"), snap("a", "b"), snap("a", "b"), snap("b"))
-    poller = CatalogPoller(catalog, lambda s: seen.append([x.name for x in s.specs]), period_s=60)
+    poller = CatalogPoller(catalog, lambda s: seen.append([x.name for x in s.specs]), period_s=60,
+                           removal_grace_s=0)
     poller.seed(snap("a"))
-    assert [poller.poll_once() for _ in range(4)] == [False, True, False, True]
+    # a's removal is applied on the second poll that misses it
+    assert [poller.poll_once() for _ in range(5)] == [False, True, False, False, True]
     assert seen == [["a", "b"], ["b"]]
     assert poller.last is not None and [s.name for s in poller.last.specs] == ["b"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_short_read_removes_nothing_and_a_removal_waits_for_two_polls_and_the_grace() -> None:
+    """A manifest caught half-written (only its first entry) for a few polls must not drop the
+    other model; it goes once missing on two polls in a row and for the grace period."""
+    seen: list[list[str]] = []
+    clock = FakeClock()
+    catalog = ScriptedCatalog(snap("a"), snap("a"), snap("a", "b"), snap("a"), snap("a"), snap("a"))
+    poller = CatalogPoller(catalog, lambda s: seen.append([x.name for x in s.specs]), period_s=1,
+                           removal_grace_s=5, clock=clock)
+    poller.seed(snap("a", "b"))
+    for t in (0, 3, 4):  # b missing for 3 s, then back: nothing changes
+        clock.now = t
+        assert poller.poll_once() is False
+    outcomes = []
+    for t in (5, 6, 10.5):  # missing again: a second poll at 6 s, the grace ends at 10 s
+        clock.now = t
+        outcomes.append(poller.poll_once())
+    assert outcomes == [False, False, True]
+    assert seen == [["a"]]
+
+
+def test_an_empty_catalog_keeps_the_models_served(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[CatalogSnapshot] = []
+    poller = CatalogPoller(ScriptedCatalog(snap(), snap(), snap(), snap("a", "c")), seen.append, period_s=1,
+                           removal_grace_s=0)
+    poller.seed(snap("a", "b"))
+    with caplog.at_level("WARNING"):
+        assert [poller.poll_once() for _ in range(3)] == [False, False, False]
+    assert sum("lists no models" in r.message for r in caplog.records) == 1  # once, not every poll
+    assert poller.poll_once() is True  # b is only missing once here: kept, c added
+    assert [s.name for s in seen[-1].specs] == ["a", "c", "b"]
 
 
 def test_unsettled_snapshot_is_offered_again_until_applied() -> None:
@@ -131,7 +173,8 @@ def test_router_follows_manifest_edits(tiny_models: dict[str, Path], tmp_path: P
     manifest = tmp_path / "models.yaml"
     write_manifest(manifest, [llama])
     config = ServeConfig(manifest=str(manifest), port=0, device="cpu", device_budget="1GB", host_budget="1GB",
-                         work_dir=str(tmp_path / "work"), catalog_poll_seconds=0.1)
+                         work_dir=str(tmp_path / "work"), catalog_poll_seconds=0.1,
+                         catalog_removal_grace_seconds=0)
     server = UnifiedMemoryServer(config.validate())
     with server.run_in_thread() as url:
         def listed() -> list[str]:

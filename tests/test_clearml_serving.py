@@ -59,8 +59,10 @@ def test_clearml_serving_processor_forwards_to_the_router(router: RouterProcess,
         assert answer["choices"][0]["finish_reason"] in ("length", "stop")
 
     assert out["stream"]["error"] == "ValueError" and "streaming" in out["stream"]["message"]
-    assert out["unknown_model"]["error"] == "ValueError"
-    assert "404" in out["unknown_model"]["message"] and "no-such-model" in out["unknown_model"]["message"]
+    not_served = out["unknown_model"]["response"]
+    assert not_served["status"] == 503, "a model no running router serves is a 503 naming it"
+    assert "no-such-model" in not_served["body"]["error"]["message"]
+    assert not_served["body"]["error"]["code"] == "model_not_served"
     assert out["neither_prompt_nor_messages"]["error"] == "ValueError"
     assert out["unknown_endpoint"]["error"] == "EndpointNotFoundException"
 
@@ -150,7 +152,7 @@ def test_router_api_key_is_sent(tiny_models: dict[str, Path], tmp_path: Path,
     try:
         body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2}
         without = load_preprocess(monkeypatch, UMEM_ROUTER_URL=keyed.url).Preprocess()
-        with pytest.raises(ValueError, match="401"):
+        with pytest.raises(RuntimeError, match="401.*UMEM_API_KEY"):
             asyncio.run(without.process(body, {}))
         with_key = load_preprocess(monkeypatch, UMEM_ROUTER_URL=keyed.url, UMEM_API_KEY="sekrit").Preprocess()
         assert asyncio.run(with_key.process(body, {}))["choices"][0]["text"] is not None

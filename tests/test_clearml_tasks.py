@@ -97,6 +97,7 @@ def test_serve_task_records_ttft_per_visited_tier_and_swaps(tmp_path: Path, tiny
     props = session.task["hyperparams"]["properties"]
     assert props["router_url"]["value"].startswith("http://127.0.0.1:") and props["router_url"]["value"].endswith("/v1")
     assert props["served_models"]["value"].split(",") == ["tiny-llama", "tiny-qwen2"]
+    assert props["device"]["value"].endswith("/cpu"), "the fleet view names each router's device"
     serve = session.hyperparams["Serve"]
     assert serve["manifest"] == str(manifest) and serve["device"] == "cpu"
     # the recorded source diff is the checkout's own (uncommitted test code may spell the key): not a leak

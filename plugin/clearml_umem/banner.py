@@ -37,7 +37,8 @@ def exposure_warning(host: str, port: int, api_key: str | None, admin_key: str |
             "(and UMEM_ADMIN_KEY for the admin routes), or listen on 127.0.0.1")
 
 
-def start_banner(config: ServeConfig, budgets: Budgets, runtime: Runtime, url: str) -> str:
+def start_banner(config: ServeConfig, budgets: Budgets, runtime: Runtime, url: str,
+                 grpc_address: str | None = None) -> str:
     """Several lines: the URL, each model (engine, size, tiers), both budgets and how they were
     chosen, the policy and the keys (set or not, never their value)."""
     lines = [f"clearml-umem serving on {url}"]
@@ -63,6 +64,7 @@ def start_banner(config: ServeConfig, budgets: Budgets, runtime: Runtime, url: s
     keys = "API key " + ("set" if config.api_key else "not set") + ", admin key " + (
         "set (admin routes take it only)" if config.admin_key else "not set")
     lines.append(f"  keys: {keys}")
+    lines.append(f"  triton: HTTP {url}/v2, gRPC " + (grpc_address or "off (--grpc-port)"))
     lines.append(f"  status page: {url}/ui; admin: clearml-umem ps --url {url}")
     return "\n".join(lines)
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from clearml_umem import __version__
 from clearml_umem.catalog import ManifestError
 from clearml_umem.config import SERVE_ENVIRONMENT, ConfigError, add_serve_arguments, config_from_args
+from clearml_umem.fleet.cli import FleetUsage, add_front_command
+from clearml_umem.fleet.ps import add_fleet_to_ps
 from clearml_umem.log_setup import setup_logging
 from clearml_umem.ops_cli import OPS_ENVIRONMENT, CommandFailed, HelpFormatter, add_ops_commands
 from clearml_umem.scheduler import SchedulerError
@@ -18,13 +20,16 @@ from clearml_umem.spec import SpecError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from clearml_umem.server import READY_PREFIX, UnifiedMemoryServer
+    from clearml_umem.clearml_io.catalogs import build_catalog
+    from clearml_umem.server import GRPC_PREFIX, READY_PREFIX, UnifiedMemoryServer
 
     config = config_from_args(args)
     setup_logging(config.log_level)
-    server = UnifiedMemoryServer(config)
+    server = UnifiedMemoryServer(config, build_catalog(config))
 
     def ready(url: str) -> None:
+        if server.grpc_address:
+            print(f"{GRPC_PREFIX}{server.grpc_address}", flush=True)
         print(f"{READY_PREFIX}{url}", flush=True)
 
     asyncio.run(server.serve(ready=ready))
@@ -69,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     demo.set_defaults(func=_demo)
     add_ops_commands(sub)
+    add_front_command(sub)
+    add_fleet_to_ps(sub.choices["ps"])
     from clearml_umem.clearml_io.serving_sync import add_sync_command
 
     add_sync_command(sub)
@@ -79,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, ManifestError, SpecError, SchedulerError) as exc:
+    except (ConfigError, ManifestError, SpecError, SchedulerError, FleetUsage) as exc:
         print(f"clearml-umem: error: {exc}", file=sys.stderr)
         return 2
     except CommandFailed as exc:

@@ -43,6 +43,9 @@ class ServeConfig:
     """Serve only published (ready) registry entries."""
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = None
+    """Triton's gRPC protocol (GRPCInferenceService) on this port of `host`; off when unset, 0 picks
+    a free port. Needs the `[triton]` extra (grpcio, tritonclient)."""
     device: str = "auto"
     device_budget: str | None = None
     host_budget: str | None = None
@@ -62,6 +65,14 @@ class ServeConfig:
     """Largest request body accepted; bigger ones get a 413 before anything reads them."""
     work_dir: str = DEFAULT_WORK_DIR
     catalog_poll_seconds: float = 0.0
+    catalog_removal_grace_seconds: float = 30.0
+    """A model missing from the catalog is removed only once it has been missing on two polls in
+    a row and for this long: a manifest caught half-written, or a registry query that returned
+    part of its list, must not drop a model and answer its queued requests 404."""
+    engine_stall_seconds: float = 30.0
+    """An engine that makes no progress this long with a request in flight (a server that sends
+    no byte and does not answer /health either; a generation thread that makes no step) is
+    hung: its requests get an error, it is stopped, shown failed and its memory given back."""
     vllm_python: str | None = None
     llama_server: str | None = None
     """The llama-server binary for GGUF models (else on PATH, or where scripts/install-llama-server.sh put it)."""
@@ -111,6 +122,10 @@ class ServeConfig:
             raise ConfigError(f"manifest not found: {self.manifest}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"grpc_port must be 0..65535, got {self.grpc_port}")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ConfigError(f"grpc_port and port are both {self.port}: the HTTP and gRPC listeners need a port each")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.engine not in ENGINE_CHOICES:
@@ -136,6 +151,10 @@ class ServeConfig:
             raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:
             raise ConfigError("catalog_poll_seconds must be >= 0")
+        if self.engine_stall_seconds <= 0:
+            raise ConfigError(f"engine_stall_seconds must be positive, got {self.engine_stall_seconds}")
+        if self.catalog_removal_grace_seconds < 0:
+            raise ConfigError("catalog_removal_grace_seconds must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         return self
@@ -177,6 +196,15 @@ class ServeConfig:
         return _with_secrets(cls(**kwargs), env)
 
 
+FLOAT_FIELDS = {
+    "catalog_poll_seconds": "re-read the catalog every N seconds, 0 = never",
+    "catalog_removal_grace_seconds": "remove a model missing from the catalog only after it was missing on two "
+                                     "polls in a row and for N seconds (default 30)",
+    "engine_stall_seconds": "declare an engine hung after N seconds without progress on a request in flight "
+                            "(and, for a server, no answer to /health) (default 30)",
+}
+"""Fields that are numbers of seconds, with their help."""
+
 SECRETS = ("api_key", "admin_key")
 """Read from `UMEM_API_KEY` / `UMEM_ADMIN_KEY` only: never a flag (shell history) or a hyperparameter."""
 
@@ -202,16 +230,16 @@ def _coerce(name: str, value: Any) -> Any:
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return text in ("1", "true", "yes", "on")
-    if name in ("port", "max_waiting"):
+    if name in ("port", "max_waiting", "grpc_port"):
         try:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if name == "catalog_poll_seconds":
+    if name in FLOAT_FIELDS:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"catalog_poll_seconds must be a number, got {value!r}") from None
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
     return str(value)
 
 
@@ -243,6 +271,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
             parser.add_argument(flag, default=default,
                                 help="unused this long on the GPU, a model moves down a tier (gpu -> ram, then "
                                      f"-> disk): never, seconds, or 30s/5m/1h {help_text}")
+        elif f.name == "grpc_port":
+            parser.add_argument(flag, default=default, type=int,
+                                help="serve Triton's gRPC protocol (tritonclient.grpc) on this port of --host; "
+                                     f"0 picks a free port; off when unset; needs the [triton] extra {help_text}")
         elif f.name == "strict":
             parser.add_argument(flag, default=default, action="store_true",
                                 help=f"refuse to start when a model cannot be served, instead of listing it "
@@ -254,9 +286,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
                                      f"llamacpp (default {default}) {help_text}")
         elif f.name == "max_waiting":
             parser.add_argument(flag, default=default, type=int, help=f"requests queued per model {help_text}")
-        elif f.name == "catalog_poll_seconds":
-            parser.add_argument(flag, default=default, type=float,
-                                help=f"re-read the catalog every N seconds, 0 = never {help_text}")
+        elif f.name in FLOAT_FIELDS:
+            parser.add_argument(flag, default=default, type=float, help=f"{FLOAT_FIELDS[f.name]} {help_text}")
         else:
             choices = FIELD_CHOICES.get(f.name)
             words = FIELD_HELP.get(f.name, "")

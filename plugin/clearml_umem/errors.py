@@ -52,3 +52,7 @@ class Unavailable(ServingError):
 
     status = 503
     code = "unavailable"
+
+
+class SchedulerError(ValueError):
+    """A call the scheduler cannot accept (a budget that is not positive, a model registered twice...)."""

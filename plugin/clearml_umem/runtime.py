@@ -9,16 +9,18 @@ scheduler calls happen on the loop's thread, so the scheduler needs no locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
@@ -40,6 +42,8 @@ from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
 from clearml_umem.units import fmt_bytes, fmt_seconds
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
 
@@ -75,6 +79,52 @@ class Lease:
     arrived: float
 
 
+async def in_abandonable_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a daemon thread of its own, awaited; a caller cancelled (its client left)
+    stops waiting at once, and the thread's result is dropped when it ends.
+
+    Not the loop's default executor: a tokenization cannot be interrupted, and there it would
+    hold one of a few shared workers and make shutdown wait for it (SIGTERM with two abandoned
+    8 MB prompts took 45 s); a daemon thread holds nothing anyone waits for.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome = (True, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await fut
+
+
+@dataclass
+class Served:
+    """One model the runtime holds an engine for: from `add_model` until its engine is released.
+
+    `in_catalog` goes False when the model leaves the catalog; its engine stays until the
+    scheduler's `Release` (requests already queued are served first)."""
+
+    spec: ModelSpec
+    engine: Engine
+    in_catalog: bool = True
+    failure: tuple[float, str] | None = None
+    """When and why its last move failed or its engine was lost, for `/admin/models`."""
+    under_way: tuple[Move, float] | None = None
+    """The move running now and when it started."""
+    moves_done: int = 0
+    max_concurrency: int | None = None
+    """Requests it runs at once: the lower of its engine's limit and the catalog's, None for no limit."""
+
+
 class Runtime:
     def __init__(
         self,
@@ -100,11 +150,9 @@ class Runtime:
         self._factory = engine_factory
         self.scheduler = Scheduler(device_budget, host_budget, policy=policy, clock=clock, emit=self.bus.emit,
                                    max_waiting=max_waiting, fairness=fairness)
-        self._engines: dict[str, Engine] = {}
-        self._specs: dict[str, ModelSpec] = {}
+        self._models: dict[str, Served] = {}
         self._waiters: dict[str, asyncio.Future[Dispatch]] = {}
         self._moves: set[asyncio.Task[None]] = set()
-        self._failures: dict[str, tuple[float, str]] = {}
         self._changed = asyncio.Condition()
         self._closed = False
         self._placements: dict[str, asyncio.Future[PlacementEnded]] = {}
@@ -112,11 +160,8 @@ class Runtime:
         self.progress_period_s = progress_period_s
         self.keep_alive_s = keep_alive_s
         self.device_kind = device_kind or ("cpu" if engine_context.device == "cpu" else "cuda")
-        self._under_way: dict[str, tuple[Move, float]] = {}
-        self._moves_done: dict[str, int] = {}
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
-        self._max_concurrency: dict[str, int | None] = {}
         self.start_problems: dict[str, str] = {}
         """Served models that can be known at start never to load (no llama-server, over a budget):
         listed, shown in the banner, and their requests refused at once with the reason."""
@@ -132,12 +177,11 @@ class Runtime:
             spec = dataclasses.replace(spec, context_length=served)
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
         limits = [n for n in (getattr(engine, "max_concurrency", None), spec.max_concurrency) if n is not None]
-        self._max_concurrency[spec.name] = min(limits) if limits else None
+        max_in_flight = min(limits) if limits else None
         keep_alive = spec.keep_alive if spec.keep_alive is not None else self.keep_alive_s
         self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits,
-                                 max_in_flight=self._max_concurrency[spec.name], keep_alive=keep_alive)
-        self._engines[spec.name] = engine
-        self._specs[spec.name] = spec
+                                 max_in_flight=max_in_flight, keep_alive=keep_alive)
+        self._models[spec.name] = Served(spec, engine, max_concurrency=max_in_flight)
         gpu = footprints[Tier.GPU]
         log.info("model %s: engine %s, tiers %s, needs %s on the device when hot",
                  spec.name, spec.engine, "/".join(t.value for t in ALL_TIERS if t in engine.tiers),
@@ -166,11 +210,8 @@ class Runtime:
             raise Rejected(503, f"model {model!r} cannot be loaded: {problem}")
 
     def remove_model(self, name: str) -> None:
-        if name not in self._specs:
-            raise ModelNotFound(name)
-        del self._specs[name]
+        self._served(name).in_catalog = False
         self.start_problems.pop(name, None)
-        self._max_concurrency.pop(name, None)
         self._apply(self.scheduler.remove_model(name))
 
     def sync_catalog(self, snapshot: CatalogSnapshot) -> bool:
@@ -182,16 +223,16 @@ class Runtime:
         """
         settled = True
         wanted = {s.name: s for s in snapshot.specs}
-        for name in list(self._specs):
+        for name in self.model_names():
             if name not in wanted:
                 log.info("model %s left the catalog: draining it", name)
                 self.remove_model(name)
         for name, spec in wanted.items():
-            if name in self._specs:
-                if spec.weights != self._specs[name].weights:
+            if self.has_model(name):
+                if spec.weights != self._models[name].spec.weights:
                     log.warning("model %s changed weights in the catalog; restart to serve the new weights", name)
                 continue
-            if name in self._engines:
+            if name in self._models:
                 log.info("model %s is back in the catalog but still shutting down; retried at the next poll", name)
                 settled = False
                 continue
@@ -210,26 +251,28 @@ class Runtime:
 
     # -- queries --------------------------------------------------------------------------
 
+    def _served(self, name: str) -> Served:
+        """The record of a model in the catalog (not one only draining out of it)."""
+        served = self._models.get(name)
+        if served is None or not served.in_catalog:
+            raise ModelNotFound(name)
+        return served
+
     def has_model(self, name: str) -> bool:
-        return name in self._specs
+        served = self._models.get(name)
+        return served is not None and served.in_catalog
 
     def spec(self, name: str) -> ModelSpec:
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise ModelNotFound(name) from None
+        return self._served(name).spec
 
     def model_names(self) -> list[str]:
-        return sorted(self._specs)
+        return sorted(name for name, served in self._models.items() if served.in_catalog)
 
     def engine(self, name: str) -> Engine:
-        if name not in self._specs:
-            raise ModelNotFound(name)
-        return self._engines[name]
+        return self._served(name).engine
 
     def state(self, name: str) -> ModelState:
-        if name not in self._specs:
-            raise ModelNotFound(name)
+        self._served(name)
         return self.scheduler.state(name)
 
     def admin_view(self) -> list[dict[str, Any]]:
@@ -237,12 +280,12 @@ class Runtime:
         rows = []
         for name in self.model_names():
             st = self.scheduler.state(name)
-            spec = self._specs[name]
-            engine = self._engines[name]
+            served = self._models[name]
+            spec, engine = served.spec, served.engine
             last_used = None
             if st.uses:
                 last_used = datetime.fromtimestamp(now_wall - (now_mono - st.last_used), tz=timezone.utc).isoformat()
-            failure = self._failures.get(name)
+            failure = served.failure
             expires_at = None
             if st.expires_at is not None:
                 expires_at = datetime.fromtimestamp(now_wall + (st.expires_at - now_mono), tz=timezone.utc).isoformat()
@@ -262,10 +305,10 @@ class Runtime:
                 "architecture": spec.architecture,
                 "context_length": spec.context_length,
                 "aliases": list(spec.aliases),
-                "max_concurrency": self._max_concurrency.get(name),
+                "max_concurrency": served.max_concurrency,
                 "engine_details": engine.describe(),
                 "last_error": failure[1] if failure else None,
-                "moves": self._moves_done.get(name, 0),
+                "moves": served.moves_done,
                 "move": self.move_progress(name),
                 "keep_alive_s": None if math.isinf(st.keep_alive) else st.keep_alive,
                 "expires_at": expires_at,
@@ -278,19 +321,20 @@ class Runtime:
         `100% CPU` where the top tier is the host's CPU; None below the top tier."""
         if st.tier is not Tier.GPU:
             return None
-        device = str((self._engines[name].describe() or {}).get("device") or self.device_kind)
+        device = str((self._models[name].engine.describe() or {}).get("device") or self.device_kind)
         return "100% CPU" if device.startswith("cpu") else "100% GPU"
 
     def move_progress(self, name: str) -> dict[str, Any] | None:
         """The move of `name` under way: from, to, seconds so far, and its engine's stage and bytes
         when the engine tells them (`progress()`); None when the model is not moving."""
-        under_way = self._under_way.get(name)
-        if under_way is None:
+        served = self._models.get(name)
+        under_way = served.under_way if served is not None else None
+        if served is None or under_way is None:
             return None
         cmd, started = under_way
         row: dict[str, Any] = {"src": cmd.src.value, "dst": cmd.dst.value,
                                "elapsed_s": round(self._clock() - started, 3)}
-        progress = getattr(self._engines.get(name), "progress", None)
+        progress = getattr(served.engine, "progress", None)
         details = progress() if progress is not None else None
         row.update(details or {"stage": None, "bytes_done": None, "bytes_total": None, "percent": None})
         return row
@@ -308,13 +352,11 @@ class Runtime:
     async def check_request(self, model: str, request: GenerationRequest) -> None:
         """Refuse what the model can never serve (a prompt over its context window) before the
         request waits for it or moves anything. Engines that can tell without being loaded do
-        (`check_request`, run in a worker thread: tokenizing a long prompt takes a while)."""
-        if model not in self._specs:
-            raise ModelNotFound(model)
+        (`check_request`, in a thread of its own that is abandoned when the client leaves)."""
+        check = getattr(self._served(model).engine, "check_request", None)
         self._refuse_if_unstartable(model)
-        check = getattr(self._engines[model], "check_request", None)
         if check is not None:
-            await asyncio.to_thread(check, request)
+            await in_abandonable_thread(f"umem-check-{model}", check, request)
 
     @asynccontextmanager
     async def lease(self, model: str, request_id: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
@@ -322,8 +364,7 @@ class Runtime:
         never) is how long it may stay unused afterwards, when the request says."""
         if self._closed:
             raise Rejected(503, "the server is shutting down")
-        if model not in self._specs:
-            raise ModelNotFound(model)
+        engine = self._served(model).engine
         self._refuse_if_unstartable(model)
         arrived = self._clock()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
@@ -343,7 +384,7 @@ class Runtime:
         finally:
             self._waiters.pop(request_id, None)
         try:
-            yield Lease(self._engines[model], dispatch.served_from, arrived)
+            yield Lease(engine, dispatch.served_from, arrived)
         finally:
             self._apply(self.scheduler.on_finished(model, request_id))
 
@@ -356,8 +397,7 @@ class Runtime:
         """
         if self._closed:
             raise Rejected(503, "the server is shutting down")
-        if model not in self._specs:
-            raise ModelNotFound(model)
+        self._served(model)
         if tier is not Tier.COLD:
             self._refuse_if_unstartable(model)
         placement_id = uuid.uuid4().hex
@@ -383,34 +423,47 @@ class Runtime:
         return self.scheduler.state(model)
 
     async def check_engines(self) -> list[str]:
-        """Ask each engine that can die on its own (a process) whether it did; its state is reset
-        (closed), the scheduler counts the model cold and `/admin/models` shows why. Returns
-        the models found dead."""
-        dead = []
-        for name, engine in list(self._engines.items()):
+        """Ask each engine whether it died on its own (a process: `died()`) or hangs (no progress on
+        a request in flight: `hung()`); its state is reset (closed, its requests get an error), the
+        scheduler counts the model cold, its memory free, and `/admin/models` shows why. Returns
+        the models found dead or hung."""
+        lost = []
+        for name, served in list(self._models.items()):
+            engine = served.engine
+            if name not in self.scheduler:
+                continue
+            st = self.scheduler.state(name)
+            if st.tier is Tier.COLD or st.moving_to is not None:
+                continue
             died = getattr(engine, "died", None)
             reason = died() if died is not None else None
+            if not reason:
+                hung = getattr(engine, "hung", None)
+                reason = await hung() if hung is not None else None
             if not reason or name not in self.scheduler:
                 continue
             st = self.scheduler.state(name)
             if st.tier is Tier.COLD or st.moving_to is not None:
                 continue
             log.error("model %s: %s", name, reason)
-            self._failures[name] = (self._clock(), reason)
+            served.failure = (self._clock(), reason)
             try:
                 await engine.close()
             except Exception:  # noqa: BLE001 - it is dead already; what matters is that it counts as cold
-                log.exception("model %s: closing the dead engine failed", name)
+                log.exception("model %s: closing the lost engine failed", name)
             if name in self.scheduler and self.scheduler.state(name).moving_to is None:
                 self._apply(self.scheduler.on_engine_lost(name, reason))
-                dead.append(name)
-        return dead
+                lost.append(name)
+        return lost
 
     async def watch_engines(self, period_s: float = 1.0) -> None:
-        """Notice engines that died between requests (the router owns their processes)."""
+        """Notice engines that died or hang (the router owns their processes)."""
         while not self._closed:
             await asyncio.sleep(period_s)
-            await self.check_engines()
+            try:
+                await self.check_engines()
+            except Exception:  # noqa: BLE001 - a failed check must not end the watch for every engine
+                log.exception("checking the engines failed; checking again in %.0f s", period_s)
 
     async def expire_idle(self, period_s: float = 1.0) -> None:
         """The keep-alive timer: the scheduler decides which unused models move down, this only
@@ -450,9 +503,9 @@ class Runtime:
                     if waiter is not None and not waiter.done():
                         waiter.set_result(cmd)
             elif isinstance(cmd, Release):
-                engine = self._engines.pop(cmd.model, None)
-                if engine is not None:
-                    task = asyncio.get_running_loop().create_task(engine.close(), name=f"close-{cmd.model}")
+                released = self._models.pop(cmd.model, None)
+                if released is not None:
+                    task = asyncio.get_running_loop().create_task(released.engine.close(), name=f"close-{cmd.model}")
                     self._moves.add(task)
                     task.add_done_callback(self._moves.discard)
 
@@ -467,11 +520,12 @@ class Runtime:
                      describe_progress(cmd.src.value, cmd.dst.value, self._clock() - started, row))
 
     async def _run_move(self, cmd: Move) -> None:
-        engine = self._engines[cmd.model]
+        served = self._models[cmd.model]
+        engine = served.engine
         started = self._clock()
         log.info("model %s: %s -> %s%s", cmd.model, cmd.src.value, cmd.dst.value,
                  f": {cmd.reason}" if cmd.reason else "")
-        self._under_way[cmd.model] = (cmd, started)
+        served.under_way = (cmd, started)
         ticker = asyncio.get_running_loop().create_task(self._log_progress(cmd, started),
                                                         name=f"progress-{cmd.model}")
         try:
@@ -479,7 +533,7 @@ class Runtime:
         except EngineOutOfMemory as exc:
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)
-            self._failures[cmd.model] = (self._clock(), str(exc))
+            served.failure = (self._clock(), str(exc))
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
@@ -487,7 +541,7 @@ class Runtime:
                 log.error("model %s: move %s -> %s failed: %s", cmd.model, cmd.src.value, cmd.dst.value, exc)
             else:
                 log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
-            self._failures[cmd.model] = (self._clock(), f"{type(exc).__name__}: {exc}")
+            served.failure = (self._clock(), f"{type(exc).__name__}: {exc}")
             try:
                 await engine.close()
             except Exception:  # noqa: BLE001
@@ -495,14 +549,14 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
         else:
             seconds = self._clock() - started
-            self._moves_done[cmd.model] = self._moves_done.get(cmd.model, 0) + 1
+            served.moves_done += 1
             log.info("model %s: %s -> %s in %s (%s)", cmd.model, cmd.src.value, cmd.dst.value, fmt_seconds(seconds),
                      fmt_bytes(result.bytes_moved))
             self._apply(self.scheduler.on_move_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
                                                        footprints=result.footprints, host_copy=result.host_copy))
         finally:
             ticker.cancel()
-            self._under_way.pop(cmd.model, None)
+            served.under_way = None
         async with self._changed:
             self._changed.notify_all()
 
@@ -521,9 +575,9 @@ class Runtime:
         for waiter in self._placements.values():
             if not waiter.done():
                 waiter.set_result(PlacementEnded("", (), "failed", "the server is shutting down"))
-        for name, engine in list(self._engines.items()):
+        for name, served in list(self._models.items()):
             try:
-                await engine.close()
+                await served.engine.close()
             except Exception:  # noqa: BLE001 - keep closing the others
                 log.exception("model %s: engine close failed", name)
-        self._engines.clear()
+        self._models.clear()

@@ -5,7 +5,9 @@ input (`on_request`, `on_cancel`, `on_finished`, `on_move_done`, `on_move_failed
 `place`, catalog changes) returns the commands (`commands.py`) the runtime must carry
 out, and the runtime reports their outcome back as further inputs. Time comes from an
 injected clock, so tests drive it with fake engines and a fake clock. Memory arithmetic
-lives in the ledger (`ledger.py`), room-making in the planner (`planner.py`).
+lives in the ledger (`ledger.py`), room-making in the planner (`planner.py`), a model's
+turn on the GPU and dispatching within it in `turns.py`, operators' placements in
+`placements.py`.
 
 Rules it keeps:
 - a model with in-flight requests is never moved;
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from clearml_umem import ledger
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
-from clearml_umem.errors import InvalidInput, NotFound
+from clearml_umem.errors import NotFound, SchedulerError
 from clearml_umem.events import (
     EngineLost,
     Event,
@@ -37,39 +39,22 @@ from clearml_umem.events import (
     MoveFinished,
     MoveStarted,
     RequestArrived,
-    RequestDispatched,
     RequestRejected,
 )
 from clearml_umem.ledger import Ledger, footprint
-from clearml_umem.model_state import ModelRecord, ModelState, OomRetry, Waiting, Wish
+from clearml_umem.model_state import ModelRecord, ModelState, OomRetry, Waiting
+from clearml_umem.placements import PlacementRefused, colder_moves, end_wish, gb, make_wish, refuse_impossible, withdraw
 from clearml_umem.planner import colder_for_host, demotion_target, plan_room
 from clearml_umem.policy import LRUPolicy, Policy
-from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
+from clearml_umem.tiers import Footprint, Tier
+from clearml_umem.turns import FAIRNESS_MIN_S, FAIRNESS_MULTIPLE, dispatch_hot, turn_end
 
-__all__ = ["Command", "Dispatch", "ModelState", "Move", "PlacementEnded", "PlacementRefused", "Reject", "Release",
-           "Scheduler", "SchedulerError", "UnknownModel"]
-
-FAIRNESS_MULTIPLE = 2.0
-FAIRNESS_MIN_S = 0.05
-"""A model's turn on the GPU: the requests waiting for it when it arrives, and those that
-arrive within max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE x the swap-in it just took) after, are
-served before it leaves, even when it is draining for an older request: each swap is paid
-for by the requests it serves, and a request for another model waits a bounded time."""
-
-
-class SchedulerError(ValueError):
-    """A call the scheduler cannot accept (a budget that is not positive, a model registered twice...)."""
+__all__ = ["FAIRNESS_MIN_S", "FAIRNESS_MULTIPLE", "Command", "Dispatch", "ModelState", "Move", "PlacementEnded",
+           "PlacementRefused", "Reject", "Release", "Scheduler", "SchedulerError", "UnknownModel"]
 
 
 class UnknownModel(SchedulerError, NotFound):
     """A model the scheduler does not know."""
-
-
-class PlacementRefused(SchedulerError, InvalidInput):
-    """A placement that can never be done: a tier the engine lacks, or a footprint over the budgets."""
-
-    param = "tier"
-    code = "invalid_placement"
 
 
 class Scheduler:
@@ -134,13 +119,11 @@ class Scheduler:
                                          keep_alive=keep_alive, keep_alive_now=keep_alive)
 
     def remove_model(self, name: str) -> list[Command]:
-        """Take a model out of service: waiting requests are refused, in-flight ones finish first."""
+        """Take a model out of service: new requests are refused, the ones already waiting and in
+        flight are served first (their clients asked while it was in the catalog)."""
         model = self._get(name)
         model.removing = True
-        cmds: list[Command] = self._end_wish(model, "failed", f"model {name!r} was removed from the catalog")
-        while model.waiting:
-            w = model.waiting.popleft()
-            cmds.append(self._reject(model, w.request_id, f"model {name!r} was removed from the catalog", 404))
+        cmds: list[Command] = end_wish(model, "failed", f"model {name!r} was removed from the catalog")
         return cmds + self._pump()
 
     def on_request(self, name: str, request_id: str, keep_alive: float | None = None) -> list[Command]:
@@ -187,43 +170,14 @@ class Scheduler:
         an answer. A later placement to the same tier joins the earlier one.
         """
         model = self._get(name)
-        if tier not in model.tiers:
-            supported = ", ".join(t.value for t in ALL_TIERS if t in model.tiers)
-            raise PlacementRefused(
-                f"model {name!r} cannot be put in tier {tier.value!r}; its engine supports {supported}")
-        if model.removing:
-            raise PlacementRefused(f"model {name!r} is being removed")
-        if tier is Tier.GPU:
-            reason = self._never_fits(model)
-            if reason:
-                raise PlacementRefused(reason)
-        fp = ledger.peak(model, tier) if model.moving_to is None else footprint(model, tier)
-        if not self._ledger().within_budget(fp):
-            via = model.transits.get((model.tier, tier)) if model.moving_to is None else None
-            way = f" on its way to tier {tier.value!r} (through {via.value})" if via else f" in tier {tier.value!r}"
-            raise PlacementRefused(
-                f"model {name!r} needs {_gb(fp.device_bytes)} on the device and {_gb(fp.host_bytes)} of host "
-                f"memory{way}, over the budgets ({_gb(self.device_budget)} device, {_gb(self.host_budget)} host)")
-        ids = (placement_id,) if placement_id else ()
-        cmds: list[Command] = []
-        if model.wish is not None and model.wish.tier is tier:
-            ids = model.wish.ids + ids
-        elif model.wish is not None:
-            cmds += self._end_wish(model, "overtaken", f"a later placement of model {name!r} to tier "
-                                                       f"{tier.value!r} overtook this one to {model.wish.tier.value!r}")
-        if model.tier is tier and model.moving_to is None:
-            model.wish = Wish(tier, (self._clock(), next(self._seq)), ids)
-            return cmds + self._end_wish(model, "done")
-        model.wish = Wish(tier, (self._clock(), next(self._seq)), ids)
-        return cmds + self._pump()
+        refuse_impossible(model, tier, self._ledger(), self._never_fits(model) if tier is Tier.GPU else None)
+        cmds, done = make_wish(model, tier, placement_id, self._clock(), self._seq)
+        return cmds if done else cmds + self._pump()
 
     def withdraw(self, name: str, placement_id: str) -> list[Command]:
         """A placement's caller gave up (hung up, timed out): the wish goes when nobody else waits for it."""
-        model = self._models.get(name)
-        if model is None or model.wish is None or placement_id not in model.wish.ids:
+        if not withdraw(self._models.get(name), placement_id):
             return []
-        left = tuple(i for i in model.wish.ids if i != placement_id)
-        model.wish = Wish(model.wish.tier, model.wish.since, left) if left else None
         return self._pump()
 
     def on_tick(self) -> list[Command]:
@@ -250,10 +204,10 @@ class Scheduler:
             prev = model.swap_in_seconds.get(src)
             model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
             if self.fairness:
-                model.turn_until = self._clock() + max(FAIRNESS_MIN_S, FAIRNESS_MULTIPLE * seconds)
+                model.turn_until = turn_end(self._clock(), seconds)
         ended: list[Command] = []
         if model.placement is dst:
-            ended = self._end_wish(model, "done")
+            ended = end_wish(model, "done")
             if dst is Tier.GPU:
                 model.last_used = self._clock()
         self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
@@ -279,7 +233,7 @@ class Scheduler:
             model.oom_retry = OomRetry(frozenset(c.model for c in cmds if isinstance(c, Move)))
             return cmds + self._pump()
         if model.placement is dst:
-            cmds += self._end_wish(model, "failed", f"could not move model {name!r} to {dst.value}: {error}")
+            cmds += end_wish(model, "failed", f"could not move model {name!r} to {dst.value}: {error}")
         if dst is Tier.GPU:
             model.oom_retry = None
             reason = f"model {name!r} could not be loaded to {dst.value}: {error}"
@@ -355,26 +309,7 @@ class Scheduler:
         return cmds + placed + self._retire_removed() + self._expire()
 
     def _dispatch_hot(self) -> list[Command]:
-        cmds: list[Command] = []
-        now = self._clock()
-        for m in self._models.values():
-            if m.tier is not Tier.GPU or m.moving_to is not None:
-                continue
-            # a draining model takes no new requests, but serves the ones of its turn
-            turn_until = m.turn_until if m.name in self._draining else None
-            if m.name in self._draining and turn_until is None:
-                continue
-            while m.waiting and (m.max_in_flight is None or len(m.in_flight) < m.max_in_flight):
-                if turn_until is not None and m.waiting[0].arrived > turn_until:
-                    break
-                w = m.waiting.popleft()
-                m.in_flight.add(w.request_id)
-                m.last_used = now
-                m.uses += 1
-                self._emit(RequestDispatched(model=m.name, t=now, request_id=w.request_id,
-                                             served_from=w.served_from, waited_s=now - w.arrived))
-                cmds.append(Dispatch(m.name, w.request_id, w.served_from))
-        return cmds
+        return dispatch_hot(self._models.values(), self._draining, self._clock(), self._emit)
 
     def _swap_in(self) -> tuple[list[Command], frozenset[str]]:
         """Bring waiting models to GPU in the order their oldest request arrived.
@@ -387,7 +322,7 @@ class Scheduler:
         Returns the moves started and the models that drain to make room.
         """
         wanting = [m for m in self._models.values()
-                   if m.tier is not Tier.GPU and m.moving_to is None and not m.removing
+                   if m.tier is not Tier.GPU and m.moving_to is None and (not m.removing or m.waiting)
                    and m.wants_gpu_since is not None]
         wanting.sort(key=lambda m: m.wants_gpu_since or (0.0, 0))
         cmds: list[Command] = []
@@ -419,31 +354,12 @@ class Scheduler:
         return cmds, drains
 
     def _placements(self) -> tuple[list[Command], frozenset[str]]:
-        """Operator-requested moves to a colder (or non-GPU) tier, once the model is idle."""
-        cmds: list[Command] = []
-        drains: frozenset[str] = frozenset()
-        for m in list(self._models.values()):
-            target = m.placement
-            if target is None or target is Tier.GPU or m.moving_to is not None:
-                continue
-            if m.tier is target:
-                cmds += self._end_wish(m, "done")
-                continue
-            if m.in_flight or m.waiting:
-                continue
-            need = ledger.need(m, target)
-            if self._ledger().fits(need):
-                cmds.append(self._start_move(m, target))
-            else:
-                started, drained = self._make_room(m, need)
-                cmds += started
-                drains |= drained
-        return cmds, drains
+        return colder_moves(self._models.values(), self._ledger, self._start_move, self._make_room)
 
     def _retire_removed(self) -> list[Command]:
         cmds: list[Command] = []
         for m in list(self._models.values()):
-            if not m.removing or m.moving_to is not None or m.in_flight:
+            if not m.removing or m.moving_to is not None or m.in_flight or m.waiting:
                 continue
             if m.tier is Tier.COLD:
                 del self._models[m.name]
@@ -512,11 +428,11 @@ class Scheduler:
     def _never_fits(self, model: ModelRecord) -> str | None:
         fp = footprint(model, Tier.GPU)
         if fp.device_bytes > self.device_budget:
-            return (f"model {model.name!r} needs {_gb(fp.device_bytes)} on the device but the device budget is "
-                    f"{_gb(self.device_budget)}: it can never be loaded")
+            return (f"model {model.name!r} needs {gb(fp.device_bytes)} on the device but the device budget is "
+                    f"{gb(self.device_budget)}: it can never be loaded")
         if fp.host_bytes > self.host_budget:
-            return (f"model {model.name!r} needs {_gb(fp.host_bytes)} of host memory but the host budget is "
-                    f"{_gb(self.host_budget)}: it can never be loaded")
+            return (f"model {model.name!r} needs {gb(fp.host_bytes)} of host memory but the host budget is "
+                    f"{gb(self.host_budget)}: it can never be loaded")
         return None
 
     # -- helpers --------------------------------------------------------------------------
@@ -539,13 +455,6 @@ class Scheduler:
         self._emit_memory()
         return Move(m.name, src, dst, reason)
 
-    def _end_wish(self, m: ModelRecord, outcome: str, reason: str = "") -> list[Command]:
-        """Clear the model's wish; its waiting callers learn how it ended."""
-        wish, m.wish = m.wish, None
-        if wish is None or not wish.ids:
-            return []
-        return [PlacementEnded(m.name, wish.ids, outcome, reason)]
-
     def _reject(self, m: ModelRecord, request_id: str, reason: str, status: int) -> Reject:
         self._emit(RequestRejected(model=m.name, t=self._clock(), request_id=request_id, reason=reason))
         return Reject(m.name, request_id, reason, status)
@@ -566,10 +475,6 @@ class Scheduler:
             return self._models[name]
         except KeyError:
             raise UnknownModel(f"unknown model {name!r}") from None
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _monotonic() -> float:

@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
@@ -19,10 +20,11 @@ from clearml_umem.banner import exposure_warning, start_banner, start_refusal
 from clearml_umem.catalog import Catalog, CatalogSnapshot, ManifestCatalog
 from clearml_umem.catalog_poller import CatalogPoller
 from clearml_umem.config import ConfigError, ServeConfig
+from clearml_umem.device_env import device_label
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
 from clearml_umem.keep_alive import parse_keep_alive
-from clearml_umem.memory import Budgets, detect_budgets
+from clearml_umem.memory import Budgets, detect_budgets, resolve_device
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
 from clearml_umem.policy import make_policy
@@ -32,6 +34,10 @@ from clearml_umem.runtime import EngineFactory, Runtime
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "umem: serving on "
+GRPC_PREFIX = "umem: triton grpc on "
+
+GRPC_GRACE_S = 5.0
+"""On stop, gRPC calls in flight get this long to end before they are cancelled."""
 
 
 class _Server(uvicorn.Server):
@@ -51,18 +57,14 @@ class _Server(uvicorn.Server):
                     captured.clear()
 
 
-def build_catalog(config: ServeConfig) -> Catalog:
-    if config.manifest:
-        return ManifestCatalog(config.manifest, default_engine=config.resolved_engine())
-    from clearml_umem.clearml_io.registry import RegistryCatalog
-    from clearml_umem.clearml_io.session import clearml_configured, offline_requested
-
-    if offline_requested() or not clearml_configured():
-        raise ConfigError("serving from the ClearML model repository needs a ClearML server, and none is configured "
-                          "(run clearml-init, or set CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and "
-                          "CLEARML_API_SECRET_KEY); to serve without one, give a local manifest with --manifest")
-
-    return RegistryCatalog.from_config(config)
+def manifest_catalog(config: ServeConfig) -> Catalog:
+    """The catalog the server builds by itself: a local manifest. A ClearML registry catalog is
+    built at the edge (`clearml_io.catalogs.build_catalog`) and handed in, so the serving core
+    never imports ClearML."""
+    if not config.manifest:
+        raise ConfigError("no catalog: give --manifest FILE, or build the registry catalog with "
+                          "clearml_umem.clearml_io.catalogs.build_catalog and pass it in")
+    return ManifestCatalog(config.manifest, default_engine=config.resolved_engine())
 
 
 class UnifiedMemoryServer:
@@ -71,12 +73,12 @@ class UnifiedMemoryServer:
         if catalog is None:
             config.validate()
         self.config = config
-        self.catalog = catalog or build_catalog(config)
+        self.catalog = catalog or manifest_catalog(config)
         self.budgets = budgets or detect_budgets(config.device, config.device_budget_bytes, config.host_budget_bytes)
         self.bus = EventBus()
         self.metrics = Metrics(self.bus)
         work = config.work_path
-        options: dict[str, object] = {"host_copy": config.host_copy}
+        options: dict[str, object] = {"host_copy": config.host_copy, "stall_timeout_s": config.engine_stall_seconds}
         if config.vllm_python:
             options["vllm_python"] = config.vllm_python
         if config.llama_server:
@@ -88,9 +90,15 @@ class UnifiedMemoryServer:
                                max_waiting=config.max_waiting, fairness=config.fairness_window != "off",
                                keep_alive_s=parse_keep_alive(config.keep_alive), device_kind=self.budgets.device_kind)
         self.model_log = RouterModelLog()
+        self.device = device_label(resolve_device(config.device))
+        """Which card this router serves, as the clearml-agent gave it (`host/cuda:0=GPU 3`)."""
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
-                              admin_key=config.admin_key, model_log=self.model_log, access_log=config.access_log)
+                              admin_key=config.admin_key, model_log=self.model_log,
+                              device=self.device, access_log=config.access_log)
         self.url: str | None = None
+        self.grpc_address: str | None = None
+        """host:port of the Triton gRPC listener, once started (`--grpc-port`)."""
+        self._grpc: Any = None
         self._uvicorn: _Server | None = None
         self._poller: CatalogPoller | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,7 +130,8 @@ class UnifiedMemoryServer:
         def on_change(snapshot: CatalogSnapshot) -> bool:
             return asyncio.run_coroutine_threadsafe(apply(snapshot), loop).result()
 
-        poller = CatalogPoller(self.catalog, on_change, period_s=self.config.catalog_poll_seconds)
+        poller = CatalogPoller(self.catalog, on_change, period_s=self.config.catalog_poll_seconds,
+                               removal_grace_s=self.config.catalog_removal_grace_seconds)
         poller.seed(first)
         return poller.start(poll_now=False)
 
@@ -151,7 +160,9 @@ class UnifiedMemoryServer:
         package_log.addHandler(self.model_log)
         try:
             first = await self.load_catalog()
-            log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url))
+            if self.config.grpc_port is not None:
+                await self._start_grpc(host)
+            log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url, self.grpc_address))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
@@ -171,11 +182,29 @@ class UnifiedMemoryServer:
                 watcher.cancel()
             if expiry is not None:
                 expiry.cancel()
+            if self._grpc is not None:
+                await self._grpc.stop(GRPC_GRACE_S)
             if self._poller is not None:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)
             await self.runtime.close()
             sock.close()
+
+    async def _start_grpc(self, host: str) -> None:
+        """Imported here: grpc and tritonclient are the optional `[triton]` extra, never loaded without it."""
+        try:
+            from clearml_umem.router.triton_grpc import start_grpc_server
+        except ImportError as exc:
+            raise ConfigError(f"--grpc-port needs the triton extra ({exc}): "
+                              "pip install 'clearml-unified-memory[triton]'") from None
+        assert self.config.grpc_port is not None
+        try:
+            self._grpc, port = await start_grpc_server(
+                self.runtime, self.metrics, self.config.host, self.config.grpc_port, self.config.api_key,
+                self.config.admin_key, max_message_bytes=self.config.max_request_body)
+        except OSError as exc:
+            raise ConfigError(str(exc)) from None
+        self.grpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def request_stop(self) -> None:
         if self._uvicorn is not None:

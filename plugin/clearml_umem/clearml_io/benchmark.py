@@ -160,13 +160,14 @@ def run_benchmark(config: ServeConfig, *, models: Sequence[str] = (), runs: int 
     `probe_bytes=None` probes once per model with as many bytes as its weights.
     """
     from clearml_umem.bandwidth import probe_bandwidth
+    from clearml_umem.clearml_io.catalogs import build_catalog
     from clearml_umem.server import UnifiedMemoryServer
 
     probe = None
     if probe_bytes is not None:
         probe = probe_bandwidth(config.device, probe_bytes)
         log.info("bandwidth probe (%s): %s", probe.path, fmt_gbps(probe.gbps))
-    server = UnifiedMemoryServer(config)
+    server = UnifiedMemoryServer(config, build_catalog(config.validate()))
     recorder = SwapRecorder()
     server.bus.subscribe(recorder)
     reporter = None

@@ -1,6 +1,6 @@
 """What a serve task shows about what it serves, kept current as the catalog changes.
 
-The task's user properties (`router_url`, `served_models`), its input models (the registry
+The task's user properties (`router_url`, `served_models`, `device`), its input models (the registry
 entries served: lineage from a model to the tasks that serve it) and the Model Endpoints page
 follow the served set: with catalog polling, a model registered later appears there, and one
 removed from the registry disappears, without a restart. `close()` (at the end, or from the
@@ -33,9 +33,11 @@ def public_router_url(listen_url: str, public_url: str = "", private_ip: Callabl
 
 
 class ServeTaskRecord:
-    def __init__(self, task: Any, router_url: str) -> None:
+    def __init__(self, task: Any, router_url: str, device: str = "") -> None:
         self.task = task
         self.router_url = router_url
+        self.device = device
+        """The card this router serves (`host/cuda:0=GPU N`): the fleet view names it."""
         self.endpoints: ModelEndpoints | None = None
         self._inputs: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -63,7 +65,8 @@ class ServeTaskRecord:
                 router_url={"value": f"{self.router_url}/v1",
                             "description": "OpenAI-compatible base URL of the router"},
                 served_models={"value": ",".join(s.name for s in specs),
-                               "description": "models this router serves"})
+                               "description": "models this router serves"},
+                device={"value": self.device, "description": "the GPU this router serves (one per clearml-agent)"})
         except Exception:  # noqa: BLE001 - telling the UI must never stop serving
             log.warning("could not record the router URL on the task", exc_info=True)
 

@@ -323,6 +323,13 @@ class LlamaCppEngine:
             return None
         return f"the llama-server process exited with code {code} while the model was in tier gpu"
 
+    async def hung(self) -> str | None:
+        """Why the server counts as hung (no progress on a request and no answer to /health); None while
+        it works, and while a move runs (a start has its own timeout)."""
+        if self._tier is not Tier.GPU or self._process is None or (self._lock is not None and self._lock.locked()):
+            return None
+        return await self._process.hung()
+
     def describe(self) -> dict[str, Any]:
         proc = self._process.describe() if self._process is not None else {}
         ab = self._abilities
@@ -451,6 +458,9 @@ class LlamaCppEngine:
 
     async def _restart_if_dead(self, incarnation: int) -> None:
         async with self._get_lock():
+            if self._tier is not Tier.GPU:
+                # closed under the request (found hung, or dead): the scheduler counts it cold now
+                raise EngineError(f"model {self.spec.name!r}: llama-server was stopped under this request")
             await self.process.restart_if_dead(incarnation)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

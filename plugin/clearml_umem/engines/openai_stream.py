@@ -103,16 +103,18 @@ class SSEDecoder:
 async def stream_answer(process: VLLMProcess, path: str, body: dict[str, Any], chat: bool, label: str,
                         refuse: Refusal) -> AsyncIterator[Delta]:
     """One streamed answer from the server; closing the iterator closes the HTTP stream, which
-    makes the server stop generating."""
+    makes the server stop generating. Every line received counts as progress (`VLLMProcess.hung`)."""
     decoder = SSEDecoder(chat=chat, label=label)
-    async with process.client().stream("POST", path, json=body) as resp:
-        if resp.status_code != 200:
-            raise refuse(resp.status_code, error_message(await resp.aread()))
-        async for line in resp.aiter_lines():
-            for delta in decoder.feed(line):
-                yield delta
-            if decoder.done:
-                break
+    with process.streaming() as progressed:
+        async with process.client().stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                raise refuse(resp.status_code, error_message(await resp.aread()))
+            async for line in resp.aiter_lines():
+                progressed()
+                for delta in decoder.feed(line):
+                    yield delta
+                if decoder.done:
+                    break
     yield decoder.finish()
 
 

@@ -176,6 +176,8 @@ class ManagedProcess:
         core behind, and the leader's exit code alone would hide it.
         """
         self._signal_group(signal.SIGTERM)
+        # a stopped process (SIGSTOP, a debugger) only acts on SIGTERM once it runs again
+        self._signal_group(signal.SIGCONT)
         deadline = time.monotonic() + grace_s
         delay = 0.002  # llama-server exits within milliseconds of SIGTERM: a fixed 50 ms poll would double a swap-out
         while time.monotonic() < deadline and (self.alive() or self.group_alive()):

@@ -28,10 +28,12 @@ import contextlib
 import gc
 import importlib.util
 import json
+import logging
 import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,7 @@ from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
     FlatLayout,
     HostBuffer,
+    ShapeMismatch,
     copy_in_chunks,
     plan_reads,
     read_checkpoint,
@@ -76,6 +79,8 @@ from clearml_umem.engines.weight_store import (
 )
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
 from clearml_umem.tiers import ALL_TIERS, Tier
+
+log = logging.getLogger(__name__)
 
 ACTIVATION_MARGIN_FRACTION = 0.15
 """Device bytes budgeted on top of the weights for activations and the KV cache.
@@ -86,6 +91,15 @@ budget, and for real models 15% covers the dynamic KV cache of a handful of conc
 requests of moderate length (Llama-3-8B: 2.4 GB, about 19k tokens of KV cache).
 Override with `EngineContext.options["activation_margin_fraction"]`.
 """
+
+COUNT_TOLERANCE = 1.01
+"""How much more than the checkpoint's headers count the module config.json describes may hold
+before a load through `from_pretrained` is refused (buffers registered as parameters...)."""
+
+STALL_TIMEOUT_S = 30.0
+"""A generation that makes no step this long (no token, and no layer of the model ends a forward
+pass: a long prefill is progress) is stuck: its client gets an error and the model counts as
+hung (`EngineContext.options["stall_timeout_s"]`)."""
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
@@ -207,6 +221,8 @@ class _Job:
     done: asyncio.Future[None]
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    stalled: bool = False
+    """Its thread made no step for the stall timeout: its client got an error and nobody waits for it."""
 
     def post(self, kind: str, payload: Any) -> None:
         """Hand an item to the loop; a closed loop means nobody listens any more, so stop generating."""
@@ -331,6 +347,8 @@ class TransformersEngine:
         self._moving = False
         self._jobs: set[_Job] = set()
         self._progress = MoveProgress()
+        self.stall_s = float(ctx.options.get("stall_timeout_s", STALL_TIMEOUT_S))
+        self._last_step = 0.0
 
     # ------------------------------------------------------------------ facts
 
@@ -467,6 +485,11 @@ class TransformersEngine:
                 if src is Tier.GPU and self._jobs:
                     raise EngineError(f"model {self.spec.name!r} has {len(self._jobs)} generation(s) in flight;"
                                       " it cannot leave the device")
+                stuck = sum(1 for job in self._jobs if job.stalled and job.thread is not None
+                            and job.thread.is_alive())
+                if stuck and src is Tier.COLD:
+                    raise EngineError(f"model {self.spec.name!r}: a hung generation thread still holds its previous "
+                                      "copy; it is loaded again once that thread returns")
                 self._moving = True
             self._progress.begin()
             try:
@@ -550,14 +573,40 @@ class TransformersEngine:
             layout = FlatLayout.of_module(model)
             try:
                 plan_reads(files, layout)
-            except CheckpointMismatch:
+            except ShapeMismatch as exc:
+                raise EngineError(f"model {self.spec.name!r}: config.json does not match the checkpoint: "
+                                  f"{exc}") from None
+            except CheckpointMismatch as exc:
+                self._refuse_over_count(layout.param_bytes, str(exc))
                 model = None
+        else:
+            self._refuse_over_count(self._config_param_bytes(), "the checkpoint is not read directly")
         self._tokenizer = tokenizer
         if model is None:
             self._adopt_loaded(self._load_on_cpu())
             return
         _materialize_parameters(model, self.device)
         self._adopt(model, layout)
+
+    def _refuse_over_count(self, module_bytes: int, why: str) -> None:
+        """Before `from_pretrained` (which allocates what config.json says): refuse a module larger
+        than the footprint the budgets counted from the checkpoint's headers, so no load path
+        allocates more than was counted (hidden_size 10^7 in config.json grew the router to 4.2 GB
+        against a 100 MB host budget)."""
+        counted = self._estimate_weight_bytes()
+        if module_bytes > counted * COUNT_TOLERANCE + 2**20:
+            raise EngineError(
+                f"model {self.spec.name!r}: config.json describes {module_bytes / 1e6:.1f} MB of parameters "
+                f"but the checkpoint holds {counted / 1e6:.1f} MB ({why}); config.json does not match the weights")
+
+    def _config_param_bytes(self) -> int:
+        """Parameter bytes of the module config.json describes, built on the meta device (nothing allocated)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.weights)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        return FlatLayout.of_module(model).param_bytes
 
     def _empty_model(self) -> Any:
         if importlib.util.find_spec("accelerate") is None or not checkpoint_files(self.weights):
@@ -578,10 +627,18 @@ class TransformersEngine:
     def _adopt(self, model: Any, layout: FlatLayout) -> None:
         """Remember the parameters by name; `named_parameters` dedups tied weights, so each is moved once."""
         model.eval()
+        for layers in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
+            for layer in layers:
+                layer.register_forward_hook(self._stepped)
         self._model = model
         self._params = dict(model.named_parameters())
         self._layout = layout
         self._release_device()
+
+    def _stepped(self, *_: Any) -> None:
+        """A layer ran a forward pass: generation makes progress, the prompt's prefill included
+        (a long prefill is one step with no token, yet each of its layers ends)."""
+        self._last_step = time.monotonic()
 
     def _adopt_loaded(self, model: Any) -> None:
         """A module loaded by `from_pretrained` on the CPU: its weights become the host buffer."""
@@ -727,9 +784,19 @@ class TransformersEngine:
             with self._state_lock:
                 self._jobs.discard(job)
             raise
+        last_item = time.monotonic()
         try:
             while True:
-                kind, payload = await job.queue.get()
+                # progress: an item from the thread, or any layer's forward pass (`_stepped`)
+                left = max(last_item, self._last_step) + self.stall_s - time.monotonic()
+                if left <= 0:
+                    job.stalled = True
+                    raise EngineError(f"model {self.spec.name!r}: generation made no progress for {self.stall_s:g} s")
+                try:
+                    kind, payload = await asyncio.wait_for(job.queue.get(), left)
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+                last_item = time.monotonic()
                 if kind == "text":
                     yield Delta(text=payload)
                 elif kind == "end":
@@ -739,7 +806,8 @@ class TransformersEngine:
                     raise payload
         finally:
             job.cancel.set()
-            await _wait_through_cancellation(job)
+            if not job.stalled:
+                await _wait_through_cancellation(job)
 
     def _run_job(self, job: _Job, model: Any, tokenizer: Any) -> None:
         kind: str = "error"
@@ -768,7 +836,7 @@ class TransformersEngine:
         kept while the engine lives (`prompt_check.PromptCounter`), so a prompt over the
         context window costs no swap. Returns the prompt's token count (None: unknown).
         """
-        ids = self._prompt_counter.ids(request)
+        ids = self._prompt_counter.ids(request, self.context_length)
         if ids is None:
             return None
         self._validate(request, len(ids))
@@ -841,16 +909,31 @@ class TransformersEngine:
             reason = "stop"
         return Delta(text=last_piece, finish_reason=reason, prompt_tokens=len(prompt), completion_tokens=completion)
 
+    async def hung(self) -> str | None:
+        """Why the engine counts as hung: a generation thread stalled (see `generate`); None otherwise."""
+        with self._state_lock:
+            stuck = sum(1 for job in self._jobs if job.stalled)
+        if not stuck:
+            return None
+        return (f"{stuck} generation thread(s) made no progress for {self.stall_s:g} s: the engine is hung "
+                "(a Python thread cannot be stopped: the model is loaded again once it returns)")
+
     # ------------------------------------------------------------------ close
 
     async def close(self) -> None:
+        """Stop every generation and unload. A stuck thread is waited for `stall_s` at most, then left
+        (it holds its own references to the model's tensors, freed when it returns; until then the
+        engine refuses to load the model again, so its memory is never held twice)."""
         with self._state_lock:
             jobs = list(self._jobs)
         for job in jobs:
             job.cancel.set()
         for job in jobs:
             if job.thread is not None:
-                await asyncio.to_thread(job.thread.join)
+                await asyncio.to_thread(job.thread.join, None if not job.stalled else self.stall_s)
+                if job.thread.is_alive():
+                    log.warning("model %s: a stuck generation thread is left running; its tensors are freed "
+                                 "when it returns", self.spec.name)
         await asyncio.to_thread(self._close_sync)
 
     def _close_sync(self) -> None:

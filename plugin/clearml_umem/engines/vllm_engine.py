@@ -250,7 +250,7 @@ class VLLMEngine:
         woken; skipped where the router cannot load the model's tokenizer (vLLM checks it then)."""
         if self._prompt_counter is None:
             self._prompt_counter = PromptCounter(self.spec.name, Path(self.spec.weights))
-        tokens = self._prompt_counter.count(request)
+        tokens = self._prompt_counter.count(request, self.plan.max_model_len)
         if tokens is not None:
             check_fits(self.spec.name, self.plan.max_model_len, tokens, request)
         return tokens
@@ -266,6 +266,13 @@ class VLLMEngine:
         if code is None:
             return None
         return f"the vLLM process exited with code {code} while the model was in tier {self._tier.value}"
+
+    async def hung(self) -> str | None:
+        """Why the server counts as hung (no progress on a request and no answer to /health); None while
+        it works, and while a move runs (those have their own timeouts)."""
+        if self._tier is Tier.COLD or (self._lock is not None and self._lock.locked()):
+            return None
+        return await self.process.hung()
 
     def describe(self) -> dict[str, Any]:
         proc = self.process.describe()
@@ -509,6 +516,9 @@ class VLLMEngine:
     async def _restart_if_dead(self, incarnation: int) -> None:
         """Under the move lock, so a restart never runs beside a move (or another restart)."""
         async with self._get_lock():
+            if self._tier is Tier.COLD:
+                # closed under the request (found hung, or dead): the scheduler counts it cold now
+                raise EngineError(f"model {self.spec.name!r}: vLLM was stopped under this request")
             if await self.process.restart_if_dead(incarnation):
                 self._tier = Tier.GPU
 

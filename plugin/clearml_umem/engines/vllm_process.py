@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,13 @@ REQUEST_TIMEOUT_S = 600.0
 
 STOP_GRACE_S = 15.0
 """vLLM shuts its engine core down cleanly on SIGTERM within seconds; SIGKILL after this."""
+
+STALL_TIMEOUT_S = 30.0
+"""A server that sends no byte this long while a request is in flight is asked /health; one that
+does not answer that either is hung (a long prompt's prefill sends nothing, but /health answers)."""
+
+HEALTH_TIMEOUT_S = 5.0
+"""How long a hung-looking server has to answer /health (at most the stall timeout)."""
 
 PROGRESS_EVERY_S = 10.0
 
@@ -289,13 +296,17 @@ class ProcessTimeouts:
     control_s: float = CONTROL_TIMEOUT_S
     request_s: float = REQUEST_TIMEOUT_S
     stop_grace_s: float = STOP_GRACE_S
+    stall_s: float = STALL_TIMEOUT_S
+    health_s: float = HEALTH_TIMEOUT_S
 
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> ProcessTimeouts:
         return cls(start_s=float(opts.get("start_timeout_s", START_TIMEOUT_S)),
                    control_s=float(opts.get("control_timeout_s", CONTROL_TIMEOUT_S)),
                    request_s=float(opts.get("request_timeout_s", REQUEST_TIMEOUT_S)),
-                   stop_grace_s=float(opts.get("stop_grace_s", STOP_GRACE_S)))
+                   stop_grace_s=float(opts.get("stop_grace_s", STOP_GRACE_S)),
+                   stall_s=(stall := float(opts.get("stall_timeout_s", STALL_TIMEOUT_S))),
+                   health_s=float(opts.get("health_timeout_s", min(HEALTH_TIMEOUT_S, stall))))
 
 
 @dataclass(frozen=True)
@@ -344,8 +355,42 @@ class VLLMProcess:
         self._client: httpx.AsyncClient | None = None
         self._client_key: tuple[asyncio.AbstractEventLoop, Endpoint] | None = None
         self._close_epoch = 0
+        self.streams = 0
+        """Answers being streamed from the server now."""
+        self._last_progress = time.monotonic()
         self._log = logging.getLogger(ENGINE_LOGGERS.get(config.label, f"clearml_umem.engines.{config.label}"))
 
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[Callable[[], None]]:
+        """Count one answer in flight while the block runs; call what it yields at every byte received."""
+        if self.streams == 0:
+            self._last_progress = time.monotonic()
+        self.streams += 1
+        try:
+            yield self._progressed
+        finally:
+            self.streams -= 1
+
+    def _progressed(self) -> None:
+        self._last_progress = time.monotonic()
+
+    async def hung(self) -> str | None:
+        """Why the server counts as hung: no byte for `stall_s` while an answer is in flight, and no
+        answer to /health within `health_s`; None while it makes progress or says it is healthy."""
+        if not self.streams or not self.running:
+            return None
+        quiet = time.monotonic() - self._last_progress
+        if quiet < self.config.timeouts.stall_s:
+            return None
+        try:
+            resp = await self.client().get("/health", timeout=self.config.timeouts.health_s)
+            if resp.status_code == 200:
+                return None
+            answer = f"answered /health with {resp.status_code}"
+        except (httpx.HTTPError, EngineError) as exc:
+            answer = f"did not answer /health within {self.config.timeouts.health_s:g} s ({type(exc).__name__})"
+        return (f"the {self.config.label} process {self.pid} sent nothing for {quiet:.0f} s with "
+                f"{self.streams} request(s) in flight and {answer}: it is hung")
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.alive()
@@ -597,6 +642,8 @@ class VLLMProcess:
                 if looks_out_of_memory(tail):
                     raise EngineOutOfMemory(text)
                 raise EngineError(text)
+            if client.is_closed:  # closed under the start (`close()`): the process is being stopped
+                raise EngineError(f"model {name!r}: {self.config.label} was stopped while starting")
             with contextlib.suppress(httpx.HTTPError):
                 resp = await client.get("/health", timeout=2.0)
                 if resp.status_code == 200:

@@ -224,6 +224,11 @@ class CheckpointMismatch(ValueError):
     """The checkpoint does not hold the model's parameters as raw tensors of the right shape."""
 
 
+class ShapeMismatch(CheckpointMismatch):
+    """A parameter's shape on disk is not the one config.json makes: the two describe different
+    models, and no conversion (`from_pretrained`'s) can make them agree."""
+
+
 def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     """The tensor table of a safetensors file and where its data starts; bounded and validated,
     since weights come from a registry and are untrusted."""
@@ -259,7 +264,8 @@ def plan_reads(files: Iterable[Path], layout: FlatLayout) -> tuple[list[_Piece],
                 continue
             shape = torch.Size(info.get("shape", []))
             if shape != slot.shape:
-                raise CheckpointMismatch(f"{name} has shape {tuple(shape)} on disk, {tuple(slot.shape)} in the model")
+                raise ShapeMismatch(f"{name} has shape {tuple(shape)} on disk, {tuple(slot.shape)} in the model "
+                                    "config.json describes")
             begin, end = (int(x) for x in info.get("data_offsets", (0, -1)))
             if not 0 <= begin <= end or data_start + end > file_size:
                 raise CheckpointMismatch(f"{path.name}: {name} lies outside the file")

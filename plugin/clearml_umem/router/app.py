@@ -9,7 +9,6 @@ ever touched from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -43,9 +42,11 @@ from clearml_umem.router.generation import (
     until_disconnect,
     with_model_defaults,
 )
+from clearml_umem.router.keys import Keys
 from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
+from clearml_umem.router.triton_http import TritonErrorShape, triton_routes
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
@@ -65,8 +66,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None = None) -> None:
         self.app = app
-        self._api = api_key.encode() if api_key else None
-        self._admin = admin_key.encode() if admin_key else None
+        self.keys = Keys(api_key, admin_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -76,17 +76,9 @@ class BearerAuth:
         if path in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        admin_route = path.startswith("/admin")
-        accepted = ([self._admin] if admin_route else [self._api, self._admin]) if self._admin else [self._api]
-        keys = [k for k in accepted if k is not None]
-        if keys:
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            given = token.strip().encode()
-            # every key compared, in constant time each, so timing does not say which one was close
-            matches = [hmac.compare_digest(given, k) for k in keys]
-            if scheme.lower() != "bearer" or not any(matches):
-                await unauthorized().response()(scope, receive, send)
-                return
+        if not self.keys.allows(Headers(scope=scope).get("authorization", ""), admin=path.startswith("/admin")):
+            await unauthorized().response()(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -100,11 +92,12 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None,
-               model_log: RouterModelLog | None = None, access_log: bool = True) -> FastAPI:
+               model_log: RouterModelLog | None = None, device: str = "", access_log: bool = True) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     if api_key or admin_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
+    app.add_middleware(TritonErrorShape)  # outermost of ours: it reshapes every /v2 error, the keys' too
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
 
@@ -145,6 +138,8 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _serve(runtime, request, chat=True, max_body_bytes=max_body_bytes, access_log=access_log)
+
+    app.include_router(triton_routes(runtime, read_body, max_body_bytes))
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
@@ -197,6 +192,15 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         return {"object": "status", "models": runtime.admin_view(), "memory": dict(runtime.memory()),
                 "device": getattr(runtime, "device_kind", None),
                 "moves": moves.since(_offset(after, "after") or 0), "ttft_by_tier": metrics.ttft_by_tier()}
+
+    @app.get("/status")
+    async def router_status() -> dict[str, Any]:
+        """What a fleet front needs to pick a router for a model: each model's tier and load, this
+        router's device. Any key reads it (an inference client's too): it says nothing an admin hides."""
+        models = [{"id": row["name"], "tier": row["tier"], "moving_to": row["moving_to"],
+                   "in_flight": row["in_flight"], "waiting": row["waiting"]} for row in runtime.admin_view()]
+        return {"object": "router.status", "device": device, "started": started, "models": models,
+                "memory": dict(runtime.memory())}
 
     @app.get("/")
     @app.get("/ui")

@@ -149,6 +149,21 @@ class Generation:
             self.finish_reason = delta.finish_reason
         return delta
 
+    async def collect(self) -> str:
+        """The whole answer, for a reply sent in one piece: opens, reads every delta (TTFT counted at
+        the first, as for a stream) and closes, whatever the outcome."""
+        await self.open()
+        ok = False
+        pieces: list[str] = []
+        try:
+            while (delta := await self.next_delta()) is not None:
+                self.first_token()
+                pieces.append(delta.text)
+            ok = True
+        finally:
+            await self.close(ok)
+        return "".join(pieces)
+
     def usage(self) -> dict[str, int]:
         """Token counts from the engine; without them, one token per streamed piece is the best guess."""
         prompt = self._prompt_tokens or 0
