@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from clearml_umem.clearml_io.deployment import record_serve_requirements, set_default_container
 from clearml_umem.clearml_io.serve_record import ServeTaskRecord, public_router_url
@@ -117,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[ServeTaskRecord] = []
     try:
         config = ServeConfig.from_mapping(params).validate()
+        public_host = urlsplit(str(params.get("public_url") or "")).hostname
+        if public_host:
+            # clients (clearml-serving's forwarder among them) reach it by that name: its Host header
+            config.allowed_hosts = [*config.allowed_hosts, public_host]
         server = UnifiedMemoryServer(config, build_catalog(config))
         reporter = ClearMLReporter(task.get_logger(), flush_period_s=float(params.get("report_period") or 5.0),
                                    summary_period_s=float(params.get("summary_period") or 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -54,11 +55,17 @@ class RouterProcess:
 
 
 def start_router(manifest: Path, work_dir: Path, *extra: str, env: dict[str, str] | None = None,
-                 timeout: float = 300) -> RouterProcess:
+                 timeout: float = 300, max_descriptors: int | None = None) -> RouterProcess:
+    """`max_descriptors`: the router's RLIMIT_NOFILE, as a small `ulimit -n` would set it."""
     cmd = [sys.executable, "-m", "clearml_umem", "serve", "--manifest", str(manifest), "--port", "0",
            "--work-dir", str(work_dir), *extra]
+
+    def limit() -> None:
+        if max_descriptors is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_descriptors, max_descriptors))
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=limit)
     lines: list[str] = []
     url: list[str] = []
     ready = threading.Event()

@@ -63,6 +63,21 @@ class ServeConfig:
     """Requests each model may queue; one more gets a 429 with Retry-After."""
     max_request_bytes: str = "8MiB"
     """Largest request body accepted; bigger ones get a 413 before anything reads them."""
+    max_messages: int = 10000
+    """Messages one chat request may hold; more get a 400 naming `messages`."""
+    header_timeout: float = 10.0
+    """Seconds a request's headers may take from its first byte (nginx client_header_timeout)."""
+    body_timeout: float = 30.0
+    """Seconds between two reads of a request body before the connection is cut (nginx client_body_timeout)."""
+    idle_timeout: float = 5.0
+    """Seconds a connection may stay open without sending a request (new, or kept alive after one)."""
+    max_connections: int = 0
+    """Connections open at once; 0 = three quarters of the descriptor limit (ulimit -n)."""
+    shutdown_grace: float = 10.0
+    """On SIGTERM, seconds running requests may take to finish before they are ended with an error."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host header values accepted besides the defaults (localhost names, the listen address, the
+    machine's names when listening on all interfaces); `*` accepts any (DNS rebinding then open)."""
     work_dir: str = DEFAULT_WORK_DIR
     catalog_poll_seconds: float = 0.0
     catalog_removal_grace_seconds: float = 30.0
@@ -151,6 +166,16 @@ class ServeConfig:
             raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:
             raise ConfigError("catalog_poll_seconds must be >= 0")
+        if self.max_messages < 1:
+            raise ConfigError(f"max_messages must be at least 1, got {self.max_messages}")
+        for name in ("header_timeout", "body_timeout", "idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.shutdown_grace < 0:
+            raise ConfigError(f"shutdown_grace must be >= 0 seconds, got {self.shutdown_grace}")
+        if self.max_connections < 0:
+            raise ConfigError(f"max_connections must be >= 0 (0 = from the descriptor limit), got "
+                              f"{self.max_connections}")
         if self.engine_stall_seconds <= 0:
             raise ConfigError(f"engine_stall_seconds must be positive, got {self.engine_stall_seconds}")
         if self.catalog_removal_grace_seconds < 0:
@@ -202,6 +227,10 @@ FLOAT_FIELDS = {
                                      "polls in a row and for N seconds (default 30)",
     "engine_stall_seconds": "declare an engine hung after N seconds without progress on a request in flight "
                             "(and, for a server, no answer to /health) (default 30)",
+    "header_timeout": "seconds a request's headers may take from its first byte (default 10)",
+    "body_timeout": "seconds between two reads of a request body (default 30)",
+    "idle_timeout": "seconds a connection may stay open without a request (default 5)",
+    "shutdown_grace": "on SIGTERM, seconds running requests get to finish (default 10)",
 }
 """Fields that are numbers of seconds, with their help."""
 
@@ -215,11 +244,18 @@ def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
     return cfg
 
 
+INT_FIELDS = ("port", "max_waiting", "grpc_port", "max_messages", "max_connections")
+FIELD_HELP = {
+    "max_messages": "messages one chat request may hold",
+    "max_connections": "connections open at once, 0 = 3/4 of ulimit -n",
+    "allowed_hosts": "comma-separated Host names accepted besides localhost and the listen address; * = any",
+}
+"""Integer and list fields with their help (the default is added)."""
 BOOLEANS = ("clearml_published", "strict", "access_log")
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name in ("clearml_tags", "clearml_ids"):
+    if name in ("clearml_tags", "clearml_ids", "allowed_hosts"):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return [str(v) for v in value]
@@ -230,7 +266,7 @@ def _coerce(name: str, value: Any) -> Any:
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return text in ("1", "true", "yes", "on")
-    if name in ("port", "max_waiting", "grpc_port"):
+    if name in INT_FIELDS:
         try:
             return int(value)
         except (TypeError, ValueError):
@@ -256,9 +292,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         if env_value not in (None, ""):
             default = _coerce(f.name, env_value)
         help_text = f"(env {ENV_PREFIX}{f.name.upper()})"
-        if f.name in ("clearml_tags", "clearml_ids"):
+        if f.name in ("clearml_tags", "clearml_ids", "allowed_hosts"):
+            words = FIELD_HELP.get(f.name, "comma-separated")
             parser.add_argument(flag, default=default, type=lambda v: _coerce("clearml_tags", v),
-                                help=f"comma-separated {help_text}")
+                                help=f"{words} {help_text}")
+        elif f.name in FIELD_HELP:
+            kind = int if f.name in INT_FIELDS else float
+            parser.add_argument(flag, default=default, type=kind,
+                                help=f"{FIELD_HELP[f.name]}, default {default} {help_text}")
         elif f.name == "port":
             parser.add_argument(flag, default=default, type=int, help=f"0 picks a free port {help_text}")
         elif f.name == "clearml_published":
@@ -290,13 +331,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
             parser.add_argument(flag, default=default, type=float, help=f"{FLOAT_FIELDS[f.name]} {help_text}")
         else:
             choices = FIELD_CHOICES.get(f.name)
-            words = FIELD_HELP.get(f.name, "")
+            words = TEXT_HELP.get(f.name, "")
             if choices:
                 words += f" ({', '.join(choices)})"
             parser.add_argument(flag, default=default, help=f"{words} {help_text}".strip())
 
 
-FIELD_HELP = {
+TEXT_HELP = {
     "manifest": "YAML/JSON file listing the models (name, weights, engine, keep_alive...)",
     "clearml_project": "serve the ClearML model repository's models of this project",
     "clearml_name": "... whose name matches",

@@ -16,6 +16,9 @@ class ServingError(Exception):
     param: str | None = None
     retry_after: float | None = None
     """Seconds after which a retry may work (sent as `Retry-After`)."""
+    internal: bool = False
+    """The message describes the server's insides (exception text, paths): when the status is a
+    5xx, the client gets a reference to the log line that has it instead."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
                  param: str | None = None) -> None:

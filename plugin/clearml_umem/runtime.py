@@ -72,6 +72,11 @@ class Rejected(ServingError):
         self.retry_after = retry_after
 
 
+def shutting_down() -> Rejected:
+    return Rejected(503, "the server is shutting down; retry shortly (another replica, or this one once it is "
+                    "back)", code="server_shutting_down", retry_after=2.0)
+
+
 @dataclass(frozen=True)
 class Lease:
     engine: Engine
@@ -160,6 +165,8 @@ class Runtime:
         self.progress_period_s = progress_period_s
         self.keep_alive_s = keep_alive_s
         self.device_kind = device_kind or ("cpu" if engine_context.device == "cpu" else "cuda")
+        self._internal_failure = False
+        """True while the scheduler answers an engine's failure: the rejections it makes carry its text."""
         self.unservable: dict[str, str] = {}
         """Catalog models whose engine could not be built, with the reason (retried at the next poll)."""
         self.start_problems: dict[str, str] = {}
@@ -363,7 +370,7 @@ class Runtime:
         """Wait until `model` is hot and hold it there until the block exits; `keep_alive` (seconds, inf:
         never) is how long it may stay unused afterwards, when the request says."""
         if self._closed:
-            raise Rejected(503, "the server is shutting down")
+            raise shutting_down()
         engine = self._served(model).engine
         self._refuse_if_unstartable(model)
         arrived = self._clock()
@@ -492,7 +499,9 @@ class Runtime:
                     if cmd.status == 429:
                         fut.set_exception(Rejected(429, cmd.reason, code="queue_full", retry_after=1.0))
                     else:
-                        fut.set_exception(Rejected(cmd.status, cmd.reason))
+                        rejected = Rejected(cmd.status, cmd.reason)
+                        rejected.internal = self._internal_failure
+                        fut.set_exception(rejected)
             elif isinstance(cmd, Move):
                 task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
                 self._moves.add(task)
@@ -546,7 +555,13 @@ class Runtime:
                 await engine.close()
             except Exception:  # noqa: BLE001
                 log.exception("model %s: closing the engine after a failed move also failed", cmd.model)
-            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
+            # its text can hold paths: the requests it fails answer with a reference to the log
+            # (router/errors.py), while the admin view and placements keep it
+            self._internal_failure = True
+            try:
+                self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
+            finally:
+                self._internal_failure = False
         else:
             seconds = self._clock() - started
             served.moves_done += 1
@@ -560,12 +575,18 @@ class Runtime:
         async with self._changed:
             self._changed.notify_all()
 
-    async def close(self) -> None:
-        """Refuse new work, let moves finish, then release every engine (processes included)."""
+    def stop_admitting(self) -> None:
+        """The server is stopping: every queued request is answered now (503, Retry-After) instead
+        of waiting for a model it would not get, and new ones are refused the same way; requests
+        already running keep their models."""
         self._closed = True
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_exception(Rejected(503, "the server is shutting down"))
+                fut.set_exception(shutting_down())
+
+    async def close(self) -> None:
+        """Refuse new work, let moves finish, then release every engine (processes included)."""
+        self.stop_admitting()
 
         # a move that ends may start another (a placement's load after its eviction): wait for those too
         deadline = asyncio.get_running_loop().time() + 60

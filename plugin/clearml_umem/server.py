@@ -7,6 +7,7 @@ serve the same way.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import threading
@@ -29,6 +30,15 @@ from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
 from clearml_umem.policy import make_policy
 from clearml_umem.router.app import create_app
+from clearml_umem.router.browser_guard import HostNames
+from clearml_umem.router.connections import (
+    ConnectionGate,
+    ConnectionLimits,
+    gated_listener,
+    limited_protocol,
+    quiet_accept_errors,
+)
+from clearml_umem.router.drain import Drain
 from clearml_umem.runtime import EngineFactory, Runtime
 
 log = logging.getLogger(__name__)
@@ -39,11 +49,23 @@ GRPC_PREFIX = "umem: triton grpc on "
 GRPC_GRACE_S = 5.0
 """On stop, gRPC calls in flight get this long to end before they are cancelled."""
 
+STOP_MARGIN_S = 3.0
+"""After the stop's grace, the time streams get to send their closing error event before uvicorn
+cancels what is left."""
+
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises the stop signal as soon as it stops listening, which would kill the
     process before the engines (vLLM processes) are released; we finish cleanup and exit
-    normally instead."""
+    normally instead. A stop first runs `on_stop` (queued requests answered, the grace begun)."""
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_stop()
+        await super().shutdown(sockets)
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -90,11 +112,16 @@ class UnifiedMemoryServer:
                                max_waiting=config.max_waiting, fairness=config.fairness_window != "off",
                                keep_alive_s=parse_keep_alive(config.keep_alive), device_kind=self.budgets.device_kind)
         self.model_log = RouterModelLog()
+        self.drain = Drain()
         self.device = device_label(resolve_device(config.device))
         """Which card this router serves, as the clearml-agent gave it (`host/cuda:0=GPU 3`)."""
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
                               admin_key=config.admin_key, model_log=self.model_log,
-                              device=self.device, access_log=config.access_log)
+                              hosts=HostNames.for_listen_address(config.host, config.allowed_hosts),
+                              max_messages=config.max_messages, drain=self.drain, device=self.device,
+                              access_log=config.access_log)
+        self.limits = ConnectionLimits(header_timeout_s=config.header_timeout, body_timeout_s=config.body_timeout,
+                                       idle_timeout_s=config.idle_timeout, max_connections=config.max_connections)
         self.url: str | None = None
         self.grpc_address: str | None = None
         """host:port of the Triton gRPC listener, once started (`--grpc-port`)."""
@@ -142,7 +169,8 @@ class UnifiedMemoryServer:
         # proto is IPPROTO_TCP, and with it on, every response on a kept-alive connection
         # waits ~40 ms for a delayed ACK, more than the first token of a hot model.
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        gate = ConnectionGate(self.limits.resolved_max_connections())
+        sock = gated_listener(family, gate)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.host, self.config.port))
@@ -162,12 +190,19 @@ class UnifiedMemoryServer:
             first = await self.load_catalog()
             if self.config.grpc_port is not None:
                 await self._start_grpc(host)
+            # what start-up built (libraries, the catalog) lives as long as the process: frozen, a
+            # full collection no longer walks it, and no full collection stalls requests for long
+            gc.freeze()
             log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url, self.grpc_address))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
+            quiet_accept_errors(self._loop)
+            # uvicorn cancels what still runs this long after the stop: the drain ends it cleanly first
             uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                       timeout_graceful_shutdown=10)
-            self._uvicorn = _Server(uv_config)
+                                       http=limited_protocol(self.limits, gate),
+                                       timeout_keep_alive=self.limits.idle_timeout_s,
+                                       timeout_graceful_shutdown=self.config.shutdown_grace + STOP_MARGIN_S)
+            self._uvicorn = _Server(uv_config, on_stop=self._on_stop)
             serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
             watcher = asyncio.create_task(self.runtime.watch_engines(), name="umem-engine-watch")
             expiry = asyncio.create_task(self.runtime.expire_idle(), name="umem-keep-alive")
@@ -205,6 +240,12 @@ class UnifiedMemoryServer:
         except OSError as exc:
             raise ConfigError(str(exc)) from None
         self.grpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _on_stop(self) -> None:
+        log.info("stopping: queued requests answered 503, running ones get %g s to finish",
+                 self.config.shutdown_grace)
+        self.runtime.stop_admitting()
+        self.drain.begin(self.config.shutdown_grace)
 
     def request_stop(self) -> None:
         if self._uvicorn is not None:

@@ -73,6 +73,7 @@ class EngineError(ServingError, RuntimeError):
 
     status = 503
     code = "engine_error"
+    internal = True
 
 
 class InvalidRequest(EngineError):

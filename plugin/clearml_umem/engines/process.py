@@ -41,7 +41,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+
+from clearml_umem.engines.bounded_log import DEFAULT_MAX_BYTES as DEFAULT_LOG_BYTES
+from clearml_umem.engines.bounded_log import BoundedLog
 
 PR_SET_PDEATHSIG = 1
 
@@ -142,13 +144,14 @@ _live_lock = threading.Lock()
 class ManagedProcess:
     """One engine process group with its log file and its watchdog."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path, log_file: IO[bytes],
-                 watchdog: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path, log_file: BoundedLog,
+                 watchdog: subprocess.Popen[bytes] | None, log_pump: threading.Thread | None = None) -> None:
         self.popen = popen
         self.pid = popen.pid
         self.pgid = popen.pid
         self.log_path = log_path
         self._log_file = log_file
+        self._log_pump = log_pump
         self.watchdog = watchdog
         self.started_at = time.monotonic()
 
@@ -202,6 +205,8 @@ class ManagedProcess:
         self._finish()
 
     def log_tail(self, lines: int = 40) -> str:
+        if self._log_pump is not None and not self.alive():
+            self._log_pump.join(timeout=2.0)  # its last words may still be in the pipe
         try:
             with open(self.log_path, "rb") as fh:
                 fh.seek(0, os.SEEK_END)
@@ -222,22 +227,21 @@ class ManagedProcess:
                 self.watchdog.wait(timeout=2.0)
         with _live_lock:
             _live.discard(self)
-        if not self._log_file.closed:
-            self._log_file.close()
+        # the log closes when the pipe ends (its copy thread), so an engine's last lines are kept
 
 
 def launch(cmd: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None,
-           cwd: str | Path | None = None, watchdog: bool = True) -> ManagedProcess:
-    """Start `cmd` in a new process group, output appended to `log_path`, tied to our lifetime."""
+           cwd: str | Path | None = None, watchdog: bool = True,
+           log_max_bytes: int = DEFAULT_LOG_BYTES) -> ManagedProcess:
+    """Start `cmd` in a new process group, output appended to `log_path` (owner-only, rotated
+    past `log_max_bytes`), tied to our lifetime."""
     log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the ManagedProcess, closed on stop
+    log_file = BoundedLog(log_path, log_max_bytes)
     log_file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} umem starting: {' '.join(cmd)}\n".encode())
-    log_file.flush()
 
     def spawn() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes] | None]:
         popen = subprocess.Popen(
-            list(cmd), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
             preexec_fn=pdeathsig_preexec(signal.SIGKILL), close_fds=True,
         )
@@ -255,7 +259,9 @@ def launch(cmd: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None 
     except BaseException:
         log_file.close()
         raise
-    proc = ManagedProcess(popen, log_path, log_file, guard)
+    assert popen.stdout is not None
+    pump = log_file.copy_from(popen.stdout)
+    proc = ManagedProcess(popen, log_path, log_file, guard, pump)
     with _live_lock:
         _live.add(proc)
     return proc

@@ -9,11 +9,14 @@ ever touched from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -25,6 +28,8 @@ from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
 from clearml_umem.router.access_log import AccessRecord
+from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
+from clearml_umem.router.drain import Drain, GraceOver
 from clearml_umem.router.errors import (
     CLIENT_CLOSED,
     UNAVAILABLE,
@@ -42,14 +47,24 @@ from clearml_umem.router.generation import (
     until_disconnect,
     with_model_defaults,
 )
+from clearml_umem.router.head import HeadAsGet
 from clearml_umem.router.keys import Keys
-from clearml_umem.router.schemas import ChatRequest, CompletionRequest, parse_json, to_generation_request, validate
+from clearml_umem.router.schemas import (
+    DEFAULT_MAX_MESSAGES,
+    ChatRequest,
+    CompletionRequest,
+    parse_body,
+    parse_json,
+    to_generation_request,
+    validate_request,
+)
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
 from clearml_umem.router.triton_http import TritonErrorShape, triton_routes
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
+T = TypeVar("T")
 
 
 class BearerAuth:
@@ -90,13 +105,64 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 0.5 MB), far below what would hold a model for seconds of tokenizing."""
 
 
+INLINE_PARSE_BYTES = 64 * 2**10
+"""Bodies up to this size are parsed on the event loop (well under a millisecond: a worker thread
+would cost more than it saves); bigger ones in the parser thread, so that a multi-megabyte body
+never holds up other clients' streams."""
+
+
+class _BigBodies:
+    """One thread parses big bodies, one at a time. Parsing holds the GIL: with a thread per body,
+    four bodies starved the event loop as surely as parsing on it did (each loop pass waited its
+    turn among five threads); with one, the loop waits at most one switch interval (5 ms) for it.
+    Bodies waiting their turn hold only their bytes.
+
+    The cyclic garbage collector is paused while a body is parsed: the hundreds of thousands of
+    objects a big body becomes would trigger full collections, each holding the GIL for a
+    second in a process that holds a model's objects (a JSON body makes no cycles: reference
+    counting frees it)."""
+
+    def __init__(self) -> None:
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="umem-parse")
+        return self._executor
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        def without_collections() -> T:
+            paused = gc.isenabled()
+            gc.disable()
+            try:
+                return fn(*args)
+            finally:
+                if paused:
+                    gc.enable()
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), without_collections)
+
+    def free(self, value: object) -> None:
+        """Let the parser thread drop the last reference to a big parsed body (freeing 200,000
+        objects takes a quarter second, which the event loop would otherwise spend)."""
+        self._pool().submit(lambda held=value: None)
+
+
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None,
-               model_log: RouterModelLog | None = None, device: str = "", access_log: bool = True) -> FastAPI:
+               model_log: RouterModelLog | None = None, hosts: HostNames = DEFAULT_HOSTS,
+               max_messages: int = DEFAULT_MAX_MESSAGES, drain: Drain | None = None, device: str = "",
+               access_log: bool = True) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
+    drain = drain or Drain()
+    app.state.drain = drain
+    # the last added runs first: HEAD becomes GET, then browsers are checked, then keys
     if api_key or admin_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
+    app.add_middleware(BrowserGuard, hosts=hosts, page_paths=PUBLIC_PATHS)
+    app.add_middleware(HeadAsGet)
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), access_log)
     app.add_middleware(TritonErrorShape)  # outermost of ours: it reshapes every /v2 error, the keys' too
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
@@ -133,11 +199,11 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=False, max_body_bytes=max_body_bytes, access_log=access_log)
+        return await _serve(runtime, request, chat=False, options=serve_options)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=True, max_body_bytes=max_body_bytes, access_log=access_log)
+        return await _serve(runtime, request, chat=True, options=serve_options)
 
     app.include_router(triton_routes(runtime, read_body, max_body_bytes))
 
@@ -213,7 +279,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 def _offset(raw: str | None, param: str = "offset") -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # "²".isdigit() is True, and int("²") raises
         raise bad_request(f"Invalid value for '{param}': {raw!r}; expected a whole number >= 0", param=param)
     return int(raw)
 
@@ -249,12 +315,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _serve(runtime: ServingRuntime, request: Request, chat: bool, max_body_bytes: int,
-                 access_log: bool = True) -> Response:
+@dataclass(frozen=True)
+class _ServeOptions:
+    max_body_bytes: int
+    max_messages: int
+    drain: Drain
+    big_bodies: _BigBodies
+    access_log: bool = True
+
+
+async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions) -> Response:
     """Answer one inference request and log its access line (a stream's when it ends)."""
-    access = AccessRecord(request.method, request.url.path, enabled=access_log)
+    access = AccessRecord(request.method, request.url.path, enabled=options.access_log)
     try:
-        response = await _answer(runtime, request, chat, max_body_bytes, access)
+        response = await _answer(runtime, request, chat, options, access)
     except APIError as exc:
         access.done(exc.status, note=exc.code or "")
         raise
@@ -271,34 +345,52 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, max_body
     return response
 
 
-async def _answer(runtime: ServingRuntime, request: Request, chat: bool, max_body_bytes: int,
+async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions,
                   access: AccessRecord) -> Response:
     arrived = time.monotonic()
-    data = parse_json(await read_body(request, max_body_bytes))
+    raw = await read_body(request, options.max_body_bytes)
+    inline = len(raw) <= INLINE_PARSE_BYTES
+    big = options.big_bodies
+    data = parse_body(raw, chat, options.max_messages) if inline else await big.run(
+        parse_body, raw, chat, options.max_messages)
+    del raw
     if isinstance(data.get("model"), str):
         access.model = data["model"]
     model = resolve_model(runtime, data.get("model"))
     if model is not None:
         access.model = model
         data = with_model_defaults({**data, "model": model}, runtime.spec(model))
-    body: ChatRequest | CompletionRequest = validate(ChatRequest if chat else CompletionRequest, data)
+    body: ChatRequest | CompletionRequest
+    try:
+        body = validate_request(data, chat) if inline else await big.run(validate_request, data, chat)
+    except APIError:
+        if not inline:
+            big.free(data)
+            del data
+        raise
     if not runtime.has_model(body.model):
-        raise unknown_model(runtime, body.model)
+        name = body.model
+        if not inline:
+            big.free((data, body))
+            del data, body
+        raise unknown_model(runtime, name)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    gen = Generation(runtime, body.model, to_generation_request(body, spec), request_id, arrived,
-                     keep_alive=body.keep_alive)
+    gen_request = to_generation_request(body, spec) if inline else await options.big_bodies.run(
+        to_generation_request, body, spec)
+    gen = Generation(runtime, body.model, gen_request, request_id, arrived, keep_alive=body.keep_alive)
     access.generation = gen
+    drain = options.drain
     created = int(time.time())
     if body.stream:
         try:
             await until_disconnect(request.receive, gen.open)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage, access),
+        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage, drain, access),
                                    headers=_served_from_header(gen))
     try:
-        content = await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat))
+        content = await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat, drain))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(content, headers=_served_from_header(gen))
@@ -310,15 +402,17 @@ def _served_from_header(gen: Generation) -> dict[str, str]:
     return {SERVED_FROM_HEADER: gen.served_from.value} if gen.served_from is not None else {}
 
 
-async def _complete(gen: Generation, model: str, created: int, chat: bool) -> dict[str, Any]:
+async def _complete(gen: Generation, model: str, created: int, chat: bool, drain: Drain) -> dict[str, Any]:
     await gen.open()
     ok = False
     pieces: list[str] = []
     try:
-        while (delta := await gen.next_delta()) is not None:
+        while (delta := await drain.within_grace(gen.next_delta)) is not None:
             gen.first_token()
             pieces.append(delta.text)
         ok = True
+    except GraceOver as exc:
+        raise exc.error from None
     finally:
         await gen.close(ok)
     text = "".join(pieces)
@@ -335,7 +429,7 @@ async def _complete(gen: Generation, model: str, created: int, chat: bool) -> di
 
 
 async def _stream(gen: Generation, model: str, created: int, chat: bool,
-                  include_usage: bool, access: AccessRecord) -> AsyncGenerator[bytes, None]:
+                  include_usage: bool, drain: Drain, access: AccessRecord) -> AsyncGenerator[bytes, None]:
     """OpenAI's chunk sequence: (chat: a role chunk), content chunks, a finish chunk, (usage), [DONE]."""
     rid = gen.request_id
 
@@ -351,7 +445,7 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
         if chat:
             yield event(chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
                                    include_usage=include_usage))
-        while (delta := await gen.next_delta()) is not None:
+        while (delta := await drain.within_grace(gen.next_delta)) is not None:
             if delta.text:
                 gen.first_token()
                 yield piece(delta.text)
@@ -364,9 +458,10 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
         ok = True
         note = ""
         yield DONE
-    except APIError as exc:
-        note = f"failed mid-stream: {exc.message[:200]}"
-        yield event(exc.body())
+    except (APIError, GraceOver) as exc:
+        error = exc.error if isinstance(exc, GraceOver) else exc
+        note = f"failed mid-stream: {error.message[:200]}"
+        yield event(error.body())
         yield DONE
     finally:
         await gen.close(ok)

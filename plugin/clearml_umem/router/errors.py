@@ -70,9 +70,16 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def api_error(exc: ServingError) -> APIError:
-    """The one mapping from an error raised anywhere below the router to its response."""
+    """The one mapping from an error raised anywhere below the router to its response. A server
+    failure whose text tells of the server's insides (an engine's exception, a weights path) is
+    logged under a reference, and the client gets the reference."""
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-    return APIError(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers)
+    message = exc.message
+    if exc.status >= 500 and exc.internal:
+        reference = uuid.uuid4().hex[:12]
+        log.warning("engine failure answered as %d (reference %s): %s", exc.status, reference, exc.message)
+        message = f"The model's engine failed (reference {reference}); the server log has the details."
+    return APIError(exc.status, message, param=exc.param, code=exc.code, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

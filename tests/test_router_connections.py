@@ -1,0 +1,175 @@
+"""Slow and idle connections against a real router whose descriptor limit is 256, as found.
+
+1000 connections that trickle header bytes or send nothing, reopened as soon as the router
+closes them: /health and a real OpenAI client keep being answered, and the log stays short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import selectors
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from clearml_umem.catalog import write_manifest
+from clearml_umem.spec import spec_from_mapping
+from tests.routerproc import RouterProcess, start_router
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 2.0
+DESCRIPTORS = 256
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def router(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("connections")
+    manifest = work / "models.yaml"
+    write_manifest(manifest, [spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"])})])
+    proc = start_router(manifest, work, "--device", "cpu", "--device-budget", "2GB", "--host-budget", "2GB",
+                        "--header-timeout", str(TIMEOUT_S), "--body-timeout", str(TIMEOUT_S),
+                        "--idle-timeout", str(TIMEOUT_S), "--allowed-hosts", "router.internal",
+                        max_descriptors=DESCRIPTORS)
+    yield proc
+    proc.kill()
+
+
+def _connect(proc: RouterProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", int(proc.url.rsplit(":", 1)[1])), timeout=10)
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:
+    """What the server sent before closing the connection, or None when it is still open after `within` s."""
+    sock.settimeout(within)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_idle_slow_header_and_slow_body_connections_are_closed(router) -> None:
+    idle = _connect(router)
+    trickler = _connect(router)
+    trickler.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    half_body = _connect(router)
+    half_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\":")
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte every half second: each one arrives well within any read timeout
+        while not stop.wait(0.5):
+            with contextlib.suppress(OSError):
+                trickler.sendall(b"X")
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        # generous bounds (the timeouts are 2 s): these connections used to stay open forever
+        assert _closed_by_server(idle, 30) == b""
+        answer = _closed_by_server(trickler, 30)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+        assert _closed_by_server(half_body, 30) is not None
+    finally:
+        stop.set()
+        for s in (idle, trickler, half_body):
+            s.close()
+
+
+def test_a_name_given_with_allowed_hosts_is_accepted(router) -> None:
+    resp = httpx.get(router.url + "/admin/status", headers={"host": "router.internal:8000"}, timeout=30)
+    assert resp.status_code == 200
+    assert httpx.get(router.url + "/admin/status", headers={"host": "other.internal"}, timeout=30).status_code == 403
+
+
+class Flood:
+    """`count` connections, half trickling header bytes, half silent; any the server closes is reopened."""
+
+    def __init__(self, proc: RouterProcess, count: int) -> None:
+        self.port = int(proc.url.rsplit(":", 1)[1])
+        self.count = count
+        self.stop = threading.Event()
+        self.opened = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Flood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        open_: dict[socket.socket, bool] = {}
+        try:
+            while not self.stop.is_set():
+                # a round every quarter second, reopening at most 100: an attacker's pace, not a
+                # benchmark of connect() (any server drowns in connects alone)
+                round_end = time.monotonic() + 0.25
+                for _ in range(min(100, self.count - len(open_))):
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        sock.connect(("127.0.0.1", self.port))
+                    trickles = self.opened % 2 == 0
+                    self.opened += 1
+                    open_[sock] = trickles
+                    selector.register(sock, selectors.EVENT_READ)
+                    if trickles:
+                        with contextlib.suppress(OSError):
+                            sock.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                while (left := round_end - time.monotonic()) > 0:
+                    for key, _ in selector.select(timeout=left):
+                        sock = key.fileobj
+                        assert isinstance(sock, socket.socket)
+                        with contextlib.suppress(OSError):
+                            if sock.recv(4096):
+                                continue
+                        selector.unregister(sock)
+                        open_.pop(sock, None)
+                        sock.close()
+                for sock, trickles in list(open_.items()):
+                    if trickles:
+                        with contextlib.suppress(OSError):
+                            sock.send(b"a")
+        finally:
+            for sock in open_:
+                sock.close()
+            selector.close()
+
+
+def test_a_thousand_slow_connections_do_not_lock_clients_out(router) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", timeout=60)
+    client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2)  # loaded before the flood
+    before = len(router.log)
+    answered = 0
+    with Flood(router, 1000) as flood:
+        time.sleep(2)  # every descriptor the router has is offered to the flood
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            assert httpx.get(router.url + "/health", timeout=20).status_code == 200
+            answered += 1
+            time.sleep(0.2)
+        chat = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2)
+        assert chat.choices[0].message.content is not None
+        assert flood.opened > DESCRIPTORS  # the router's descriptors were all offered
+    assert answered >= 5
+    lines = router.log[before:]
+    assert len(lines) < 20, lines[:40]
+    assert not any("Traceback" in line for line in lines), lines[:40]
