@@ -104,10 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clearml_umem.clearml_io.catalogs import build_catalog
     from clearml_umem.clearml_io.reporter import ClearMLReporter
+    from clearml_umem.log_setup import setup_logging
     from clearml_umem.server import UnifiedMemoryServer
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(str(args.log_level))
     offline = use_offline_unless_configured()
     record_serve_requirements(args.engine, ServeConfig(work_dir=args.work_dir).work_path)
     task = Task.init(project_name=args.task_project, task_name=args.task_name, task_type=Task.TaskTypes.inference,

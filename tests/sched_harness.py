@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -106,7 +107,9 @@ class Harness:
         auto_finish: bool = True,
         backfill: bool = True,
         fairness: bool = True,
+        keep_alive: dict[str, float] | None = None,
     ) -> None:
+        """`keep_alive`: per model, the seconds it may stay unused before it moves down a tier."""
         self.clock = FakeClock()
         self.events: list[Event] = []
         self.sched = Scheduler(device_budget, host_budget, policy=policy, clock=self.clock, emit=self.events.append,
@@ -130,21 +133,26 @@ class Harness:
         self._queue: list[tuple[float, int, Callable[[], object]]] = []
         self._seq = itertools.count()
         for name, fps in (models or {}).items():
-            self.add_model(name, fps, transits=(transits or {}).get(name))
+            self.add_model(name, fps, transits=(transits or {}).get(name),
+                           keep_alive=(keep_alive or {}).get(name, math.inf))
 
     # -- inputs, each followed by the invariant checks -----------------------------------
 
     def add_model(self, name: str, fps: dict[Tier, Footprint], tiers: Iterable[Tier] | None = None,
-                  transits: dict[tuple[Tier, Tier], Tier] | None = None) -> None:
+                  transits: dict[tuple[Tier, Tier], Tier] | None = None, keep_alive: float = math.inf) -> None:
         tier_set = frozenset(tiers if tiers is not None else fps)
-        self.sched.add_model(name, fps, tier_set, transits)
+        self.sched.add_model(name, fps, tier_set, transits, keep_alive=keep_alive)
         self.engines[name] = FakeEngine(name, dict(fps), tier_set, dict(transits or {}))
         self.check()
 
-    def request(self, model: str, request_id: str) -> list[Command]:
+    def request(self, model: str, request_id: str, keep_alive: float | None = None) -> list[Command]:
         assert request_id not in self.requests, f"duplicate request id {request_id}"
         self.requests[request_id] = model
-        return self._handle(self.sched.on_request(model, request_id))
+        return self._handle(self.sched.on_request(model, request_id, keep_alive=keep_alive))
+
+    def tick(self) -> list[Command]:
+        """The runtime's keep-alive timer firing at the current fake time."""
+        return self._handle(self.sched.on_tick())
 
     def cancel(self, model: str, request_id: str) -> list[Command]:
         self.cancelled.add(request_id)

@@ -45,9 +45,9 @@ def test_progress_counts_a_stage_and_says_it_in_one_line() -> None:
     assert snap is not None
     assert (snap["stage"], snap["bytes_done"], snap["bytes_total"], snap["percent"]) == \
         ("reading weights", 4 * 10**9, 16 * 10**9, 25.0)
-    assert describe_progress("m", "cold", "gpu", 12.0, snap) == \
-        "model m: cold -> gpu, 12.0 s: reading weights 4.00 of 16.00 GB (25%)"
-    assert describe_progress("m", "cold", "gpu", 3.0, None) == "model m: cold -> gpu, 3.0 s so far"
+    assert describe_progress("cold", "gpu", 12.0, snap) == \
+        "cold -> gpu, 12.0 s: reading weights 4.00 GB of 16.0 GB (25%)"
+    assert describe_progress("cold", "gpu", 3.0, None) == "cold -> gpu, 3.0 s so far"
     progress.end()
     assert progress.snapshot() is None
 
@@ -78,7 +78,7 @@ def test_a_move_under_way_shows_its_progress_in_the_admin_view_and_logs_it(tmp_p
         assert (move["src"], move["dst"], move["stage"], move["percent"]) == ("cold", "gpu", "reading weights", 25.0)
 
         async def logged() -> None:
-            while not any("reading weights 4.00 of 16.00 GB (25%)" in r.getMessage() for r in caplog.records):
+            while not any("reading weights 4.00 GB of 16.0 GB (25%)" in r.getMessage() for r in caplog.records):
                 await asyncio.sleep(0.01)
 
         await within(logged())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import socket
 import threading
@@ -21,6 +22,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from starlette.testclient import TestClient
 
 from clearml_umem.engines.base import Delta, EngineError, Footprint, GenerationRequest, InvalidRequest
 from clearml_umem.events import Event, EventBus, FirstToken, MoveFinished, RequestArrived, RequestFinished
@@ -104,6 +106,7 @@ class FakeRuntime:
         self.uses = dict.fromkeys(engines, 0)
         self.reject: dict[str, str] = {}
         self.cancelled_waits = 0
+        self.keep_alives: list[float | None] = []
 
     def has_model(self, name: str) -> bool:
         return name in self.engines
@@ -121,10 +124,11 @@ class FakeRuntime:
             raise ModelNotFound(model)
 
     @asynccontextmanager
-    async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:
+    async def lease(self, model: str, request_id: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
         if model not in self.engines:
             raise ModelNotFound(model)
         arrived = time.monotonic()
+        self.keep_alives.append(keep_alive)
         tier = self.tiers[model]
         self.bus.emit(RequestArrived(model=model, t=arrived, request_id=request_id, tier=tier))
         if model in self.reject:
@@ -720,3 +724,74 @@ def test_a_client_that_leaves_during_its_body_costs_nothing_and_logs_no_error(
                                       for r in caplog.records) == 2, 10)
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
     assert served.client().completions.create(model="alpha", prompt="p", max_tokens=1).choices
+
+
+class AccessLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def access_lines() -> Iterator[AccessLines]:
+    handler = AccessLines()
+    logger = logging.getLogger("clearml_umem.access")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+def wait_for_line(handler: AccessLines, needle: str) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = [line for line in handler.lines if needle in line]
+        if found:
+            return found[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"no access line with {needle!r} in {handler.lines}")
+
+
+def test_one_access_line_per_request_with_tier_status_ttft_tokens_and_duration(served: Served,
+                                                                               access_lines: AccessLines) -> None:
+    client = served.client()
+    client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "one two three"}], max_tokens=4,
+                                   extra_body={"keep_alive": "5m"})
+    assert served.runtime.keep_alives[-1] == 300.0, "a request's keep_alive reaches the runtime, in seconds"
+    line = wait_for_line(access_lines, "model=alpha ")
+    assert line.startswith("POST /v1/chat/completions model=alpha status=200 from=")
+    fields = dict(part.split("=", 1) for part in line.split()[2:])
+    assert fields["from"] in ("gpu", "ram", "disk", "cold") and fields["tokens_in"] == "3"
+    assert fields["ttft"].endswith("s") and float(fields["ttft"][:-1]) >= 0
+    assert int(fields["tokens_out"]) >= 1 and float(fields["duration"][:-1]) >= float(fields["ttft"][:-1])
+
+    stream = client.completions.create(model="alpha", prompt="a b", max_tokens=3, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+    streamed = wait_for_line(access_lines, "POST /v1/completions model=alpha ")
+    assert "status=200 from=" in streamed and "tokens_in=2" in streamed
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    refused = wait_for_line(access_lines, "model=nope ")
+    assert "status=404" in refused and "from=- ttft=-" in refused
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"keep_alive": "soon"})
+    assert bad.value.body["param"] == "keep_alive"  # type: ignore[index]
+    assert "status=400" in wait_for_line(access_lines, "status=400")
+
+
+def test_the_access_log_can_be_turned_off(access_lines: AccessLines) -> None:
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "x"}]}
+    for enabled in (True, False):
+        access_lines.lines.clear()
+        runtime = _runtime()
+        app = create_app(runtime, Metrics(runtime.bus), None, access_log=enabled)
+        with TestClient(app, base_url="http://localhost") as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert len(access_lines.lines) == (1 if enabled else 0), access_lines.lines

@@ -7,6 +7,7 @@ requests in flight is moving, and that the scheduler's view matches the engines.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -920,7 +921,9 @@ def test_host_victims_go_cold_when_disk_still_holds_too_much() -> None:
 
 
 def _random_run(seed: int, place_share: float = 0.1, sleep_through_gpu: bool = False,
-                kept_copies: bool = False) -> Harness:
+                kept_copies: bool = False, keep_alives: bool = False) -> Harness:
+    """`keep_alives`: models also expire (keep-alives of 0 to 2 s, or never, from a second random
+    stream so the other runs stay as they were), with the runtime's timer ticking every 0.25 s."""
     rng = random.Random(seed)
     tier_choices = [ALL_TIERS, GPU_COLD_ONLY, (GPU, RAM, COLD), (GPU, DISK, COLD)]
     fps = {f"m{i}": footprints(rng.randint(1, 8) * GB, rng.choice(tier_choices), rng.choice([0, 0, GB // 4]),
@@ -936,10 +939,12 @@ def _random_run(seed: int, place_share: float = 0.1, sleep_through_gpu: bool = F
             return None
         return ("boom", rng.choice([move.src, COLD]), move.dst is GPU and rng.random() < 0.5)
 
+    expiry = random.Random(seed + 10**6)
+    keep_alive = {name: expiry.choice([0.0, 0.5, 2.0, math.inf]) for name in fps} if keep_alives else None
     h = Harness(rng.randint(8, 20) * GB, rng.randint(4, 30) * GB, fps, transits=transits,
                 policy=rng.choice([LRUPolicy(), CostAwarePolicy(60)]),
                 move_seconds=lambda m: rng.uniform(0.05, 3), service_seconds=lambda m, r: rng.uniform(0.05, 3),
-                fail=fail)
+                fail=fail, keep_alive=keep_alive)
     names = list(fps)
     t = 0.0
     for k in range(rng.randint(5, 60)):
@@ -956,7 +961,15 @@ def _random_run(seed: int, place_share: float = 0.1, sleep_through_gpu: bool = F
             h.at(t, lambda name=name, tier=tier: _safe_place(h, name, tier))
         else:
             h.at(t, lambda name=name: _cancel_some(h, name, rng))
+    if keep_alives:
+        for k in range(int((t + 30) * 4)):
+            h.at(k / 4, h.tick)
     h.run()
+    if keep_alives:  # then 15 s of ticks with nothing else going on: every expiry has its time
+        for _ in range(60):
+            h.run(until=h.clock.now + 0.25)
+            h.tick()
+        h.run()
     return h
 
 
@@ -979,7 +992,20 @@ def _cancel_some(h: Harness, name: str, rng: random.Random) -> None:
                          + [(seed, 0.2, True, False) for seed in range(300, 500)]
                          + [(seed, 0.15, False, True) for seed in range(500, 900)])
 def test_random_runs_keep_the_rules(seed: int, place_share: float, through_gpu: bool, kept_copies: bool) -> None:
-    h = _random_run(seed, place_share, through_gpu, kept_copies)
+    check_random_run(_random_run(seed, place_share, through_gpu, kept_copies))
+
+
+@pytest.mark.parametrize("seed", range(900, 980))
+def test_random_runs_with_keep_alives_keep_the_rules(seed: int) -> None:
+    """Expiries never move a model with a request in flight (the harness asserts it at every move)."""
+    h = _random_run(seed, 0.1, seed % 2 == 0, seed % 3 == 0, keep_alives=True)
+    check_random_run(h)
+    for st in h.sched.states():
+        if not math.isinf(st.keep_alive):
+            assert st.tier in (DISK, COLD), f"{st.name} (keep_alive {st.keep_alive} s) stayed in {st.tier}"
+
+
+def check_random_run(h: Harness) -> None:
     # every request is answered (dispatched and finished, or rejected), except cancelled ones
     assert h.unanswered() <= h.cancelled
     assert set(h.dispatched) == h.finished

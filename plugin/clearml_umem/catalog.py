@@ -8,6 +8,7 @@ embedded default (no ClearML server); the ClearML model repository is another ca
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,8 @@ def write_manifest(path: Path, specs: list[ModelSpec]) -> None:
         engine_options = {k: v for k, v in s.extra.items() if k != ENGINE_DECLARED}
         if engine_options:
             entry["engine_options"] = engine_options
+        if s.keep_alive is not None:
+            entry["keep_alive"] = "never" if math.isinf(s.keep_alive) else s.keep_alive
         entries.append(entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     header = f"# yaml-language-server: $schema={SCHEMA_FILE}\n" if path.suffix != ".json" else ""

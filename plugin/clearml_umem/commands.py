@@ -14,6 +14,8 @@ class Move:
     model: str
     src: Tier
     dst: Tier
+    reason: str = ""
+    """Why, when it is not a request or a placement: an expired keep-alive."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.memory import parse_size
 from clearml_umem.policy import POLICIES
 
@@ -94,6 +95,14 @@ class ServeConfig:
     """Refuse to start when a catalog model can be known not to load (no engine, no llama-server,
     over a budget) instead of serving the others and listing it in the banner."""
     log_level: str = "info"
+    access_log: bool = True
+    """One line per request under the `clearml_umem.access` logger (model, tier served from, status,
+    time to first token, tokens in and out, duration); `--no-access-log` turns it off."""
+    keep_alive: str = "never"
+    """How long a model stays on the GPU unused before it moves down a tier (gpu -> ram, then after
+    as long again -> disk), as Ollama's keep_alive and llama-swap's ttl: `never`, or seconds or a
+    duration (`300`, `5m`, `1h`). A manifest's `keep_alive` overrides it per model, a request's
+    `keep_alive` field per request."""
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
     """When set, the admin routes (/admin/...) take this key only; the API key then serves inference alone."""
@@ -149,6 +158,10 @@ class ServeConfig:
                     raise ConfigError(f"{name}: {exc}") from None
         if self.fairness_window not in ("auto", "off"):
             raise ConfigError(f"fairness_window must be auto or off, got {self.fairness_window!r}")
+        try:
+            parse_keep_alive(self.keep_alive)
+        except ValueError as exc:
+            raise ConfigError(f"keep_alive: {exc}") from None
         if self.max_waiting < 1:
             raise ConfigError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.catalog_poll_seconds < 0:
@@ -238,7 +251,7 @@ FIELD_HELP = {
     "allowed_hosts": "comma-separated Host names accepted besides localhost and the listen address; * = any",
 }
 """Integer and list fields with their help (the default is added)."""
-BOOLEANS = ("clearml_published", "strict")
+BOOLEANS = ("clearml_published", "strict", "access_log")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -292,6 +305,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name == "clearml_published":
             parser.add_argument(flag, default=default, action="store_true",
                                 help=f"serve only published registry entries {help_text}")
+        elif f.name == "access_log":
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                help=f"one log line per request {help_text}")
+        elif f.name == "keep_alive":
+            parser.add_argument(flag, default=default,
+                                help="unused this long on the GPU, a model moves down a tier (gpu -> ram, then "
+                                     f"-> disk): never, seconds, or 30s/5m/1h {help_text}")
         elif f.name == "grpc_port":
             parser.add_argument(flag, default=default, type=int,
                                 help="serve Triton's gRPC protocol (tritonclient.grpc) on this port of --host; "
@@ -310,7 +330,50 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name in FLOAT_FIELDS:
             parser.add_argument(flag, default=default, type=float, help=f"{FLOAT_FIELDS[f.name]} {help_text}")
         else:
-            parser.add_argument(flag, default=default, help=help_text)
+            choices = FIELD_CHOICES.get(f.name)
+            words = TEXT_HELP.get(f.name, "")
+            if choices:
+                words += f" ({', '.join(choices)})"
+            parser.add_argument(flag, default=default, help=f"{words} {help_text}".strip())
+
+
+TEXT_HELP = {
+    "manifest": "YAML/JSON file listing the models (name, weights, engine, keep_alive...)",
+    "clearml_project": "serve the ClearML model repository's models of this project",
+    "clearml_name": "... whose name matches",
+    "host": "address to listen on; anything but loopback needs UMEM_API_KEY",
+    "device": "where the top tier runs: auto (CUDA when present), cpu, cuda or cuda:N",
+    "device_budget": "device memory the models may use, e.g. 20GB; unset: detected",
+    "host_budget": "host RAM the RAM tier may use, e.g. 64GB; unset: detected",
+    "policy": "which idle model makes room first",
+    "host_copy": "transformers models: keep a hot model's host copy (keep), copy on eviction (evict), or decide",
+    "fairness_window": "auto: a model that came to the GPU serves its turn before it leaves; off: strict order",
+    "max_request_bytes": "largest request body; bigger ones get a 413",
+    "work_dir": "engine logs, sockets and downloaded weights",
+    "vllm_python": "the Python that runs vLLM engines (default: this one)",
+    "llama_server": "the llama-server binary for GGUF models (default: PATH, then the install cache)",
+    "log_level": "log level",
+}
+FIELD_CHOICES = {
+    "policy": tuple(POLICIES),
+    "host_copy": HOST_COPY_MODES,
+    "fairness_window": ("auto", "off"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+SERVE_ENVIRONMENT = """environment variables (a flag given on the command line wins):
+  UMEM_<FLAG>        every flag above, e.g. UMEM_DEVICE_BUDGET=20GB, UMEM_KEEP_ALIVE=5m, UMEM_ACCESS_LOG=0
+  UMEM_API_KEY       the key clients send as 'Authorization: Bearer KEY' (read from the environment only)
+  UMEM_ADMIN_KEY     when set, the admin routes (/admin, ps, place, logs) take only this key
+  UMEM_LLAMA_SERVER  the llama-server binary, as --llama-server
+  UMEM_VLLM_ALLOW_TCP=1  let a vLLM without --uds listen on 127.0.0.1 with a per-launch key
+
+examples:
+  clearml-umem serve --manifest models.yaml
+  clearml-umem serve --manifest models.yaml --device-budget 20GB --keep-alive 10m
+  UMEM_API_KEY=secret clearml-umem serve --manifest models.yaml --host 0.0.0.0
+  clearml-umem serve --clearml-project llms --clearml-tags chat --clearml-published
+"""
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeConfig:

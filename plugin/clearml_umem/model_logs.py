@@ -3,7 +3,11 @@
 An engine with a process of its own (vLLM) writes a log file: that file is the model's log,
 read from a byte offset. An in-process engine (transformers) has no log of its own, so the
 router keeps the lines it logs about each model ("model NAME: ...") in a bounded buffer,
-numbered so a follower can ask for the lines after the last it saw.
+numbered per model (1, 2, 3...) so a follower can ask for the lines after the last it saw.
+
+Offsets mean one thing per source and always add up: `next_offset - offset` is the number of
+lines returned (router source) or the number of bytes of `text` (file source, which returns
+whole lines only, so a line being written is never split between two reads).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class RouterModelLog(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._kept = kept
         self._lines: dict[str, deque[tuple[int, str]]] = {}
-        self._seq = itertools.count(1)
+        self._seq: dict[str, itertools.count[int]] = {}
         self._guard = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -44,17 +48,26 @@ class RouterModelLog(logging.Handler):
         except Exception:  # noqa: BLE001 - a bad record must not break logging
             return
         with self._guard:
-            self._lines.setdefault(model, deque(maxlen=self._kept)).append((next(self._seq), line))
+            seq = next(self._seq.setdefault(model, itertools.count(1)))
+            self._lines.setdefault(model, deque(maxlen=self._kept)).append((seq, line))
 
     def read(self, model: str, offset: int | None) -> dict[str, Any]:
-        """Lines numbered above `offset` (all kept ones when None); `next_offset` for the next call."""
+        """Lines numbered above `offset` (all kept ones when None); `next_offset` for the next call.
+
+        When older lines fell off, `offset` in the answer is where the returned ones start (the
+        line before the first), so `next_offset - offset` is always the number of lines returned.
+        """
         with self._guard:
             kept = list(self._lines.get(model, ()))
         after = offset or 0
-        lines = [text for seq, text in kept if seq > after]
-        last = kept[-1][0] if kept else after
-        text = "".join(line + "\n" for line in lines)
-        return {"source": "router", "path": None, "offset": after, "next_offset": max(last, after), "text": text}
+        if kept and after > kept[-1][0]:
+            after = 0  # numbered past the last line: a restarted router numbers from 1 again
+        picked = [(seq, text) for seq, text in kept if seq > after]
+        if not picked:
+            return {"source": "router", "path": None, "offset": after, "next_offset": after, "text": ""}
+        text = "".join(line + "\n" for _, line in picked)
+        return {"source": "router", "path": None, "offset": picked[0][0] - 1, "next_offset": picked[-1][0],
+                "text": text, "lines": len(picked)}
 
 
 def read_log_file(path: Path, offset: int | None, tail_bytes: int = DEFAULT_TAIL_BYTES) -> dict[str, Any]:
@@ -73,5 +86,13 @@ def read_log_file(path: Path, offset: int | None, tail_bytes: int = DEFAULT_TAIL
     with path.open("rb") as fh:
         fh.seek(start)
         data = fh.read(min(MAX_READ_BYTES, size - start))
+    if offset is None and start > 0 and b"\n" in data:
+        # a tail starts at the first whole line
+        cut = data.index(b"\n") + 1
+        start, data = start + cut, data[cut:]
+    if b"\n" in data:
+        data = data[:data.rindex(b"\n") + 1]
+    elif len(data) < MAX_READ_BYTES:
+        data = b""  # a line still being written: it comes whole with the next read
     return {"source": "file", "path": str(path), "offset": start, "next_offset": start + len(data),
             "text": data.decode("utf-8", errors="replace")}

@@ -7,6 +7,7 @@ values that are there or not, instead of flags whose meaning depends on each oth
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ class ModelRecord:
     name: str
     footprints: dict[Tier, Footprint]
     tiers: frozenset[Tier]
+    expires_at: float | None = None
+    """Clock time at which, still unused, it moves down a tier (keep-alive); None: it will not."""
+    keep_alive: float = math.inf
     transits: dict[tuple[Tier, Tier], Tier] = field(default_factory=dict)
     tier: Tier = Tier.COLD
     moving_to: Tier | None = None
@@ -58,6 +62,12 @@ class ModelRecord:
     removing: bool = False
     oom_retry: OomRetry | None = None
     swap_in_seconds: dict[Tier, float] = field(default_factory=dict)
+    keep_alive: float = math.inf
+    """Seconds unused before the model moves down a tier, by default (its manifest's, or the router's)."""
+    keep_alive_now: float = math.inf
+    """The keep-alive in force: the last request's `keep_alive` when it gave one, else `keep_alive`."""
+    settled_at: float = 0.0
+    """When the model arrived in its tier: an unused model's keep-alive counts from here or its last use."""
 
     @property
     def placement(self) -> Tier | None:
@@ -91,3 +101,6 @@ class ModelState:
     device_bytes: int
     host_bytes: int
     tiers: frozenset[Tier]
+    expires_at: float | None = None
+    """Clock time at which, still unused, it moves down a tier (keep-alive); None: it will not."""
+    keep_alive: float = math.inf

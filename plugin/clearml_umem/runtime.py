@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -143,7 +144,11 @@ class Runtime:
         max_waiting: int | None = None,
         fairness: bool = True,
         progress_period_s: float = PROGRESS_LOG_PERIOD_S,
+        keep_alive_s: float = math.inf,
+        device_kind: str | None = None,
     ) -> None:
+        """`keep_alive_s`: seconds a model may stay unused before it moves down a tier, for models
+        whose spec gives none (inf: never); `device_kind` ('cuda' or 'cpu') what the top tier runs on."""
         self.bus = bus or EventBus()
         self.engine_context = engine_context
         self._clock = clock
@@ -158,6 +163,8 @@ class Runtime:
         self._placements: dict[str, asyncio.Future[PlacementEnded]] = {}
         self.placement_timeout_s = placement_timeout_s
         self.progress_period_s = progress_period_s
+        self.keep_alive_s = keep_alive_s
+        self.device_kind = device_kind or ("cpu" if engine_context.device == "cpu" else "cuda")
         self._internal_failure = False
         """True while the scheduler answers an engine's failure: the rejections it makes carry its text."""
         self.unservable: dict[str, str] = {}
@@ -178,8 +185,9 @@ class Runtime:
         footprints = {tier: engine.footprint(tier) for tier in ALL_TIERS}
         limits = [n for n in (getattr(engine, "max_concurrency", None), spec.max_concurrency) if n is not None]
         max_in_flight = min(limits) if limits else None
+        keep_alive = spec.keep_alive if spec.keep_alive is not None else self.keep_alive_s
         self.scheduler.add_model(spec.name, footprints, engine.tiers, engine.transits,
-                                 max_in_flight=max_in_flight)
+                                 max_in_flight=max_in_flight, keep_alive=keep_alive)
         self._models[spec.name] = Served(spec, engine, max_concurrency=max_in_flight)
         gpu = footprints[Tier.GPU]
         log.info("model %s: engine %s, tiers %s, needs %s on the device when hot",
@@ -285,6 +293,9 @@ class Runtime:
             if st.uses:
                 last_used = datetime.fromtimestamp(now_wall - (now_mono - st.last_used), tz=timezone.utc).isoformat()
             failure = served.failure
+            expires_at = None
+            if st.expires_at is not None:
+                expires_at = datetime.fromtimestamp(now_wall + (st.expires_at - now_mono), tz=timezone.utc).isoformat()
             rows.append({
                 "name": name,
                 "tier": st.tier.value,
@@ -306,8 +317,19 @@ class Runtime:
                 "last_error": failure[1] if failure else None,
                 "moves": served.moves_done,
                 "move": self.move_progress(name),
+                "keep_alive_s": None if math.isinf(st.keep_alive) else st.keep_alive,
+                "expires_at": expires_at,
+                "processor": self.processor(name, st),
             })
         return rows
+
+    def processor(self, name: str, st: ModelState) -> str | None:
+        """Where the model runs now, named truthfully as `ollama ps` does: `100% GPU` on a GPU,
+        `100% CPU` where the top tier is the host's CPU; None below the top tier."""
+        if st.tier is not Tier.GPU:
+            return None
+        device = str((self._models[name].engine.describe() or {}).get("device") or self.device_kind)
+        return "100% CPU" if device.startswith("cpu") else "100% GPU"
 
     def move_progress(self, name: str) -> dict[str, Any] | None:
         """The move of `name` under way: from, to, seconds so far, and its engine's stage and bytes
@@ -344,8 +366,9 @@ class Runtime:
             await in_abandonable_thread(f"umem-check-{model}", check, request)
 
     @asynccontextmanager
-    async def lease(self, model: str, request_id: str) -> AsyncIterator[Lease]:
-        """Wait until `model` is hot and hold it there until the block exits."""
+    async def lease(self, model: str, request_id: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
+        """Wait until `model` is hot and hold it there until the block exits; `keep_alive` (seconds, inf:
+        never) is how long it may stay unused afterwards, when the request says."""
         if self._closed:
             raise shutting_down()
         engine = self._served(model).engine
@@ -354,7 +377,7 @@ class Runtime:
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = fut
         try:
-            self._apply(self.scheduler.on_request(model, request_id))
+            self._apply(self.scheduler.on_request(model, request_id, keep_alive=keep_alive))
             try:
                 dispatch = await fut
             except (asyncio.CancelledError, Rejected):
@@ -449,6 +472,13 @@ class Runtime:
             except Exception:  # noqa: BLE001 - a failed check must not end the watch for every engine
                 log.exception("checking the engines failed; checking again in %.0f s", period_s)
 
+    async def expire_idle(self, period_s: float = 1.0) -> None:
+        """The keep-alive timer: the scheduler decides which unused models move down, this only
+        lets time pass for it."""
+        while not self._closed:
+            await asyncio.sleep(period_s)
+            self._apply(self.scheduler.on_tick())
+
     def _withdraw(self, model: str, placement_id: str) -> None:
         if model in self.scheduler:
             self._apply(self.scheduler.withdraw(model, placement_id))
@@ -495,13 +525,15 @@ class Runtime:
             row = self.move_progress(cmd.model)
             if row is None:
                 return
-            log.info("%s", describe_progress(cmd.model, cmd.src.value, cmd.dst.value, self._clock() - started, row))
+            log.info("model %s: %s", cmd.model,
+                     describe_progress(cmd.src.value, cmd.dst.value, self._clock() - started, row))
 
     async def _run_move(self, cmd: Move) -> None:
         served = self._models[cmd.model]
         engine = served.engine
         started = self._clock()
-        log.info("model %s: %s -> %s", cmd.model, cmd.src.value, cmd.dst.value)
+        log.info("model %s: %s -> %s%s", cmd.model, cmd.src.value, cmd.dst.value,
+                 f": {cmd.reason}" if cmd.reason else "")
         served.under_way = (cmd, started)
         ticker = asyncio.get_running_loop().create_task(self._log_progress(cmd, started),
                                                         name=f"progress-{cmd.model}")

@@ -24,6 +24,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
@@ -92,12 +93,15 @@ class Scheduler:
 
     def add_model(self, name: str, footprints: dict[Tier, Footprint], tiers: Iterable[Tier],
                   transits: Mapping[tuple[Tier, Tier], Tier] | None = None,
-                  max_in_flight: int | None = None) -> None:
+                  max_in_flight: int | None = None, keep_alive: float = math.inf) -> None:
         """Register a cold model; `footprints` gives its memory per tier, as its engine reports it,
         `transits` the moves that pass through a third tier (src, dst) -> via, `max_in_flight`
-        how many requests its engine may run at once (the others wait in its queue)."""
+        how many requests its engine may run at once (the others wait in its queue), `keep_alive`
+        the seconds it may stay unused before it moves down a tier (inf: never)."""
         if max_in_flight is not None and max_in_flight < 1:
             raise SchedulerError(f"model {name!r}: max_in_flight must be at least 1, got {max_in_flight}")
+        if not keep_alive >= 0:
+            raise SchedulerError(f"model {name!r}: keep_alive must be >= 0, got {keep_alive}")
         tier_set = frozenset(tiers)
         if not {Tier.GPU, Tier.COLD} <= tier_set:
             raise SchedulerError(f"model {name!r}: an engine must support at least the gpu and cold tiers")
@@ -108,9 +112,11 @@ class Scheduler:
             model.removing = False
             model.footprints, model.tiers, model.transits = dict(footprints), tier_set, dict(transits or {})
             model.max_in_flight = max_in_flight
+            model.keep_alive = model.keep_alive_now = keep_alive
             return
         self._models[name] = ModelRecord(name=name, footprints=dict(footprints), tiers=tier_set,
-                                         transits=dict(transits or {}), max_in_flight=max_in_flight)
+                                         transits=dict(transits or {}), max_in_flight=max_in_flight,
+                                         keep_alive=keep_alive, keep_alive_now=keep_alive)
 
     def remove_model(self, name: str) -> list[Command]:
         """Take a model out of service: new requests are refused, the ones already waiting and in
@@ -120,9 +126,14 @@ class Scheduler:
         cmds: list[Command] = end_wish(model, "failed", f"model {name!r} was removed from the catalog")
         return cmds + self._pump()
 
-    def on_request(self, name: str, request_id: str) -> list[Command]:
+    def on_request(self, name: str, request_id: str, keep_alive: float | None = None) -> list[Command]:
+        """A request arrives; `keep_alive` (seconds, inf: never), when it gives one, is how long the
+        model may stay unused after it (Ollama's per-request keep_alive); without one the model's own."""
         model = self._get(name)
         now = self._clock()
+        if keep_alive is not None and not keep_alive >= 0:
+            raise SchedulerError(f"keep_alive must be >= 0, got {keep_alive}")
+        model.keep_alive_now = model.keep_alive if keep_alive is None else keep_alive
         arrival_tier = model.tier
         if model.moving_to is not None and not model.moving_to.hotter_than(model.tier):
             arrival_tier = model.moving_to
@@ -169,6 +180,10 @@ class Scheduler:
             return []
         return self._pump()
 
+    def on_tick(self) -> list[Command]:
+        """Time passed: the runtime's timer calls this so that keep-alives expire without other input."""
+        return self._pump()
+
     def on_move_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int,
                      footprints: Mapping[Tier, Footprint] | None = None,
                      host_copy: str | None = None) -> list[Command]:
@@ -181,6 +196,7 @@ class Scheduler:
         model = self._get(name)
         self._check_move(model, src, dst)
         model.tier, model.moving_to = dst, None
+        model.settled_at = self._clock()
         if footprints:
             model.footprints = {**model.footprints, **footprints}
         if dst is Tier.GPU:
@@ -242,10 +258,22 @@ class Scheduler:
     # -- views ----------------------------------------------------------------------------
 
     def state(self, name: str) -> ModelState:
+        """Memory is what the ledger counts for it: mid-move, the move's peak, so that the rows of an
+        admin view add up to the totals while a move runs."""
         m = self._get(name)
-        fp = footprint(m, m.tier)
+        fp = ledger.reserved(m)
         return ModelState(m.name, m.tier, m.moving_to, len(m.in_flight), len(m.waiting), m.last_used, m.uses,
-                          m.name in self._draining, fp.device_bytes, fp.host_bytes, m.tiers)
+                          m.name in self._draining, fp.device_bytes, fp.host_bytes, m.tiers,
+                          expires_at=self.expires_at(name), keep_alive=m.keep_alive_now)
+
+    def expires_at(self, name: str) -> float | None:
+        """When the model, unused until then, moves down a tier by its keep-alive; None when it will not
+        (busy, moving, placed by hand, already on disk or cold, or kept forever)."""
+        m = self._get(name)
+        if (m.tier not in (Tier.GPU, Tier.RAM) or not m.idle or m.removing or m.wish is not None
+                or math.isinf(m.keep_alive_now) or self._expiry_target(m) is None):
+            return None
+        return max(m.last_used, m.settled_at) + m.keep_alive_now
 
     def states(self) -> list[ModelState]:
         return [self.state(n) for n in self._models]
@@ -278,7 +306,7 @@ class Scheduler:
         cmds += swap_ins + self._dispatch_hot()
         placed, drains = self._placements()
         self._draining |= drains
-        return cmds + placed + self._retire_removed()
+        return cmds + placed + self._retire_removed() + self._expire()
 
     def _dispatch_hot(self) -> list[Command]:
         return dispatch_hot(self._models.values(), self._draining, self._clock(), self._emit)
@@ -340,6 +368,33 @@ class Scheduler:
                 cmds.append(self._start_move(m, Tier.COLD))
         return cmds
 
+    def _expire(self) -> list[Command]:
+        """Models unused for their keep-alive move down one tier: gpu -> ram (disk when the host
+        budget has no room), ram -> disk; each step waits a keep-alive again. Never a model with
+        a request in flight or waiting, one that moves, or one an operator placed."""
+        now = self._clock()
+        cmds: list[Command] = []
+        for m in self._models.values():
+            due = self.expires_at(m.name)
+            if due is None or due > now or m.name in self._draining:
+                continue
+            dst = self._expiry_target(m)
+            if dst is not None and self._ledger().fits(ledger.need(m, dst)):
+                cmds.append(self._start_move(m, dst, reason=f"unused for {now - max(m.last_used, m.settled_at):.0f} s "
+                                                             f"(keep_alive {m.keep_alive_now:g} s)"))
+        return cmds
+
+    def _expiry_target(self, m: ModelRecord) -> Tier | None:
+        """The next tier down that frees memory: ram from the GPU when it fits the host budget, else disk,
+        else cold (an engine without those tiers); None from disk or cold."""
+        if m.tier is Tier.GPU:
+            if Tier.RAM in m.tiers and self._ledger().fits(ledger.need(m, Tier.RAM)):
+                return Tier.RAM
+            return Tier.DISK if Tier.DISK in m.tiers else Tier.COLD
+        if m.tier is Tier.RAM:
+            return Tier.DISK if Tier.DISK in m.tiers else Tier.COLD
+        return None
+
     # -- making room ----------------------------------------------------------------------
 
     def _make_room(self, incoming: ModelRecord, need: Footprint) -> tuple[list[Command], frozenset[str]]:
@@ -385,7 +440,7 @@ class Scheduler:
     def _ledger(self) -> Ledger:
         return Ledger.of(Footprint(self.device_budget, self.host_budget), self._models.values())
 
-    def _start_move(self, m: ModelRecord, dst: Tier) -> Move:
+    def _start_move(self, m: ModelRecord, dst: Tier, reason: str = "") -> Move:
         src = m.tier
         m.moving_to = dst
         if src is Tier.GPU:
@@ -398,7 +453,7 @@ class Scheduler:
                     w.served_from = src
         self._emit(MoveStarted(model=m.name, t=self._clock(), src=src, dst=dst))
         self._emit_memory()
-        return Move(m.name, src, dst)
+        return Move(m.name, src, dst, reason)
 
     def _reject(self, m: ModelRecord, request_id: str, reason: str, status: int) -> Reject:
         self._emit(RequestRejected(model=m.name, t=self._clock(), request_id=request_id, reason=reason))

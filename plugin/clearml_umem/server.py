@@ -24,6 +24,7 @@ from clearml_umem.config import ConfigError, ServeConfig
 from clearml_umem.device_env import device_label
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
+from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.memory import Budgets, detect_budgets, resolve_device
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
@@ -108,7 +109,8 @@ class UnifiedMemoryServer:
                                 host_budget_bytes=self.budgets.host_bytes, log_dir=work / "logs", options=options)
         self.runtime = Runtime(self.budgets.device_bytes, self.budgets.host_bytes, context,
                                policy=make_policy(config.policy), bus=self.bus, engine_factory=engine_factory,
-                               max_waiting=config.max_waiting, fairness=config.fairness_window != "off")
+                               max_waiting=config.max_waiting, fairness=config.fairness_window != "off",
+                               keep_alive_s=parse_keep_alive(config.keep_alive), device_kind=self.budgets.device_kind)
         self.model_log = RouterModelLog()
         self.drain = Drain()
         self.device = device_label(resolve_device(config.device))
@@ -116,7 +118,8 @@ class UnifiedMemoryServer:
         self.app = create_app(self.runtime, self.metrics, config.api_key, max_body_bytes=config.max_request_body,
                               admin_key=config.admin_key, model_log=self.model_log,
                               hosts=HostNames.for_listen_address(config.host, config.allowed_hosts),
-                              max_messages=config.max_messages, drain=self.drain, device=self.device)
+                              max_messages=config.max_messages, drain=self.drain, device=self.device,
+                              access_log=config.access_log)
         self.limits = ConnectionLimits(header_timeout_s=config.header_timeout, body_timeout_s=config.body_timeout,
                                        idle_timeout_s=config.idle_timeout, max_connections=config.max_connections)
         self.url: str | None = None
@@ -180,6 +183,7 @@ class UnifiedMemoryServer:
         if warning:
             log.warning("%s", warning)
         watcher: asyncio.Task[None] | None = None
+        expiry: asyncio.Task[None] | None = None
         package_log = logging.getLogger("clearml_umem")
         package_log.addHandler(self.model_log)
         try:
@@ -201,6 +205,7 @@ class UnifiedMemoryServer:
             self._uvicorn = _Server(uv_config, on_stop=self._on_stop)
             serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
             watcher = asyncio.create_task(self.runtime.watch_engines(), name="umem-engine-watch")
+            expiry = asyncio.create_task(self.runtime.expire_idle(), name="umem-keep-alive")
             while not self._uvicorn.started and not serving.done():
                 await asyncio.sleep(0.02)
             if self._uvicorn.started and ready is not None:
@@ -210,6 +215,8 @@ class UnifiedMemoryServer:
             package_log.removeHandler(self.model_log)
             if watcher is not None:
                 watcher.cancel()
+            if expiry is not None:
+                expiry.cancel()
             if self._grpc is not None:
                 await self._grpc.stop(GRPC_GRACE_S)
             if self._poller is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clearml_umem.gguf_file import GGUFError, GGUFInfo, is_gguf, read_gguf
+from clearml_umem.keep_alive import parse_keep_alive
 
 KNOWN_ENGINES = ("transformers", "vllm", "llamacpp")
 KNOWN_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -56,6 +57,9 @@ class ModelSpec:
     """Other names a request's `model` may use for this model."""
     defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Request settings (temperature, max_tokens...) used when a request leaves them unset."""
+    keep_alive: float | None = None
+    """Seconds unused before the model moves down a tier (`keep_alive.NEVER`: never); None: the
+    router's `--keep-alive`."""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -121,6 +125,9 @@ MANIFEST_FIELDS: tuple[ManifestField, ...] = (
     ManifestField("engine_options", {"type": "object"},
                   "Options for this model's engine, e.g. vLLM's tool_call_parser and vllm_args, llama.cpp's "
                   "llama_args (docs/tools-and-structured-output.md)."),
+    ManifestField("keep_alive", {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "\\S"}]},
+                  "Unused this long, the model moves down a tier (gpu -> ram -> disk): seconds, or 30s/5m/1h, "
+                  "or never; default: the router's --keep-alive."),
 )
 
 MANIFEST_KEYS = tuple(f.name for f in MANIFEST_FIELDS)
@@ -372,6 +379,12 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
             context_length = context_length_from_config(cfg)
     if size is None:
         raise SpecError(label, "size_bytes", "is required when the weights are not local")
+    keep_alive = None
+    if data.get("keep_alive") is not None:
+        try:
+            keep_alive = parse_keep_alive(data["keep_alive"])
+        except ValueError as exc:
+            raise SpecError(label, "keep_alive", str(exc)) from None
     max_concurrency = data.get("max_concurrency")
     if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)
                                         or max_concurrency < 1):
@@ -399,6 +412,7 @@ def spec_from_mapping(data: Mapping[str, Any], *, entry: str | None = None, base
         max_concurrency=max_concurrency,
         aliases=aliases,
         defaults=defaults,
+        keep_alive=keep_alive,
         extra={**engine_options, ENGINE_DECLARED: declared},
     )
 

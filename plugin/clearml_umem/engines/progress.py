@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clearml_umem.units import fmt_bytes
+
 TAIL_BYTES = 4096
 """How much of an engine's log file is read to find its last line: one read, bounded."""
 
@@ -83,16 +85,17 @@ def last_log_line(path: str | Path | None) -> str | None:
     return lines[-1][:200] if lines else None
 
 
-def describe_progress(model: str, src: str, dst: str, elapsed_s: float, progress: dict[str, Any] | None) -> str:
-    """One progress line: 'model m: cold -> gpu, 12.0 s: reading weights 3.20 of 16.00 GB (20%)'."""
-    text = f"model {model}: {src} -> {dst}, {elapsed_s:.1f} s"
+def describe_progress(src: str, dst: str, elapsed_s: float, progress: dict[str, Any] | None) -> str:
+    """One progress line: 'cold -> gpu, 12.0 s: reading weights 3.20 GB of 16.0 GB (20%)' (the caller
+    logs it as "model NAME: ..." so that the model's log keeps it)."""
+    text = f"{src} -> {dst}, {elapsed_s:.1f} s"
     if not progress:
         return text + " so far"
     if progress.get("stage"):
         text += f": {progress['stage']}"
     total = progress.get("bytes_total")
     if total:
-        text += f" {progress['bytes_done'] / 1e9:.2f} of {total / 1e9:.2f} GB ({progress['percent']:.0f}%)"
+        text += f" {fmt_bytes(progress['bytes_done'])} of {fmt_bytes(total)} ({progress['percent']:.0f}%)"
     elif progress.get("bytes_done"):
-        text += f" {progress['bytes_done'] / 1e9:.2f} GB"
+        text += f" {fmt_bytes(progress['bytes_done'])}"
     return text

@@ -74,6 +74,7 @@ from clearml_umem.engines.weight_store import (
     FlatLayout,
     HostBuffer,
     ShapeMismatch,
+    copy_in_chunks,
     plan_reads,
     read_checkpoint,
     safetensors_header,
@@ -704,22 +705,21 @@ class TransformersEngine:
     def _upload(self) -> int:
         """Host buffer -> device buffer in one copy: the swap-in."""
         assert self._layout is not None and self._host is not None
-        self._progress.stage("copying to the device", self._layout.param_bytes)
+        self._progress.stage("copying to the device", self._layout.total_bytes)
         flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
-        flat.copy_(self._host.tensor, non_blocking=self._host.pinned)
+        copy_in_chunks(flat, self._host.tensor, on_bytes=self._progress.add, non_blocking=self._host.pinned)
         self._synchronize()
-        self._progress.add(self._layout.param_bytes)
         self._attach(flat)
         return self._layout.param_bytes
 
     def _download(self) -> int:
         """Device buffer -> a new host buffer: the swap-out when no copy was kept."""
         assert self._layout is not None and self._device_flat is not None
-        self._progress.stage("copying off the device", self._layout.param_bytes)
+        self._progress.stage("allocating host memory", self._layout.total_bytes)
         host = HostBuffer(self._layout.total_bytes, self._pin)
-        host.tensor.copy_(self._device_flat, non_blocking=host.pinned)
+        self._progress.stage("copying off the device", self._layout.total_bytes)
+        copy_in_chunks(host.tensor, self._device_flat, on_bytes=self._progress.add, non_blocking=host.pinned)
         self._synchronize()
-        self._progress.add(self._layout.param_bytes)
         self._host = host
         return self._layout.param_bytes
 

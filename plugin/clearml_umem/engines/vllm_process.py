@@ -43,8 +43,10 @@ from clearml_umem.engines import process
 from clearml_umem.engines.base import EngineError, EngineOutOfMemory
 from clearml_umem.engines.start_gate import StartGate
 
-log = logging.getLogger("clearml_umem.engines.vllm_engine.process")
-"""Under the engine's logger: what an operator sets for vLLM engines covers their processes too."""
+ENGINE_LOGGERS = {"vLLM": "clearml_umem.engines.vllm_engine.process",
+                  "llama-server": "clearml_umem.engines.llamacpp_engine.process"}
+"""Each server's lines under its engine's logger (by `ProcessConfig.label`): what an operator sets
+for one engine covers its processes too, and llama-server's lines never read as vLLM's."""
 
 START_TIMEOUT_S = 600.0
 """A cold start loads weights and, on GPU, captures CUDA graphs: minutes for large models."""
@@ -356,6 +358,7 @@ class VLLMProcess:
         self.streams = 0
         """Answers being streamed from the server now."""
         self._last_progress = time.monotonic()
+        self._log = logging.getLogger(ENGINE_LOGGERS.get(config.label, f"clearml_umem.engines.{config.label}"))
 
     @contextlib.contextmanager
     def streaming(self) -> Iterator[Callable[[], None]]:
@@ -430,7 +433,7 @@ class VLLMProcess:
         if self.running:
             return False
         if self._proc is not None:
-            log.warning("model %s: %s process %s exited (code %s); starting a new one", self.config.name,
+            self._log.warning("model %s: %s process %s exited (code %s); starting a new one", self.config.name,
                         self.config.label, self._proc.pid, self._proc.returncode)
             self.restarts += 1
         await self._start()
@@ -451,8 +454,8 @@ class VLLMProcess:
         if self.incarnation != incarnation and self.running:
             return False
         if self._proc is not None:
-            log.warning("model %s: %s process %d exited (code %s); restarting", self.config.name, self.config.label,
-                        self._proc.pid, self._proc.returncode)
+            self._log.warning("model %s: %s process %d exited (code %s); restarting", self.config.name,
+                              self.config.label, self._proc.pid, self._proc.returncode)
         self.restarts += 1
         await self._start()
         return True
@@ -465,8 +468,8 @@ class VLLMProcess:
         try:
             if proc is not None:
                 code = await asyncio.to_thread(proc.stop, self.config.timeouts.stop_grace_s)
-                log.info("model %s: %s process %d stopped (code %s)", self.config.name, self.config.label, proc.pid,
-                         code)
+                self._log.info("model %s: %s process %d stopped (code %s)", self.config.name, self.config.label,
+                               proc.pid, code)
         finally:
             if endpoint is not None and endpoint.directory is not None:
                 SOCKETS.release(endpoint.directory)
@@ -552,7 +555,8 @@ class VLLMProcess:
             if self._close_epoch != epoch:
                 raise EngineError(f"model {self.config.name!r}: engine closed while {self.config.label} "
                                   "was starting") from exc
-            log.warning("model %s: %s failed to start (%s); trying once more", self.config.name, self.config.label, exc)
+            self._log.warning("model %s: %s failed to start (%s); trying once more", self.config.name,
+                              self.config.label, exc)
             self.restarts += 1
             await self._start_once()
 
@@ -561,7 +565,7 @@ class VLLMProcess:
             await self.stop()
         epoch = self._close_epoch
         if self.gate.busy:
-            log.info("model %s: waiting for another engine to finish starting on %s", self.config.name,
+            self._log.info("model %s: waiting for another engine to finish starting on %s", self.config.name,
                      self.gate.device)
         async with self.gate.turn():
             if self._close_epoch != epoch:
@@ -587,7 +591,7 @@ class VLLMProcess:
                 f"unauthenticated dev endpoints (/sleep, /wake_up, /collective_rpc); refusing to start it. "
                 f"Upgrade vLLM, or accept that with the engine option allow_tcp=true or {ALLOW_TCP_ENV}=1 "
                 f"(log {self.config.log_file})")
-        log.warning("model %s: vLLM has no --uds; listening on 127.0.0.1 with a per-launch API key, as allow_tcp "
+        self._log.warning("model %s: vLLM has no --uds; listening on 127.0.0.1 with a per-launch API key, as allow_tcp "
                     "permits. The key guards only vLLM's /v1 routes: any local user can still call /sleep, "
                     "/wake_up, /collective_rpc, /metrics and the other non-/v1 routes", self.config.name)
         await self._launch_once(Endpoint(port=process.free_port(), api_key=secrets.token_urlsafe(32)))
@@ -609,7 +613,7 @@ class VLLMProcess:
             raise
         self._proc, self._endpoint = proc, endpoint
         self.incarnation += 1
-        log.info("model %s: starting %s (pid %d, on %s, log %s)", self.config.name, self.config.label, proc.pid,
+        self._log.info("model %s: starting %s (pid %d, on %s, log %s)", self.config.name, self.config.label, proc.pid,
                  endpoint.url,
                  self.config.log_file)
         try:
@@ -618,7 +622,7 @@ class VLLMProcess:
             await self.stop()
             raise
         self.last_start_s = time.monotonic() - started
-        log.info("model %s: %s healthy after %.1f s", self.config.name, self.config.label, self.last_start_s)
+        self._log.info("model %s: %s healthy after %.1f s", self.config.name, self.config.label, self.last_start_s)
 
     async def _wait_healthy(self, proc: process.ManagedProcess, started: float, endpoint: Endpoint) -> None:
         name, log_file = self.config.name, self.config.log_file
@@ -652,7 +656,7 @@ class VLLMProcess:
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_S
                 last = proc.log_tail(1).strip()
-                log.info("model %s: waiting for %s to become healthy (%.0f s; last log line: %s)",
+                self._log.info("model %s: waiting for %s to become healthy (%.0f s; last log line: %s)",
                          name, self.config.label, now - started, last[-200:])
             await asyncio.sleep(delay)
             delay = min(0.25, delay * 2)

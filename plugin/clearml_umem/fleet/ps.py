@@ -31,7 +31,7 @@ def add_fleet_to_ps(ps: argparse.ArgumentParser) -> None:
 
 
 def run_fleet_ps(args: argparse.Namespace) -> int:
-    from clearml_umem.ops_cli import EXIT_UNREACHABLE, CommandFailed
+    from clearml_umem.ops_cli import EXIT_UNREACHABLE, CommandFailed, router_base_url
 
     timeout = args.timeout if args.timeout is not None else 10.0
     key = args.admin_key or args.api_key
@@ -39,7 +39,7 @@ def run_fleet_ps(args: argparse.Namespace) -> int:
     if discover is not None:
         status = asyncio.run(probe_once(discover, args.api_key, timeout))
     else:
-        url = args.url.rstrip("/") + "/fleet/status"
+        url = router_base_url(args.url) + "/fleet/status"
         try:
             resp = httpx.get(url, timeout=timeout, trust_env=False,
                              headers={"Authorization": f"Bearer {key}"} if key else {})

@@ -24,9 +24,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clearml_umem.engines.base import Delta
+from clearml_umem.errors import ServingError
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
+from clearml_umem.router.access_log import AccessRecord
 from clearml_umem.router.answer import ToolCallJoin, chat_logprobs, chat_message, completion_logprobs
 from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
 from clearml_umem.router.drain import Drain, GraceOver
@@ -151,7 +153,8 @@ class _BigBodies:
 def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_key: str | None = None,
                model_log: RouterModelLog | None = None, hosts: HostNames = DEFAULT_HOSTS,
-               max_messages: int = DEFAULT_MAX_MESSAGES, drain: Drain | None = None, device: str = "") -> FastAPI:
+               max_messages: int = DEFAULT_MAX_MESSAGES, drain: Drain | None = None, device: str = "",
+               access_log: bool = True) -> FastAPI:
     app = FastAPI(title="clearml-unified-memory", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     drain = drain or Drain()
@@ -161,7 +164,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
     app.add_middleware(BrowserGuard, hosts=hosts, page_paths=PUBLIC_PATHS)
     app.add_middleware(HeadAsGet)
-    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies())
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), access_log)
     app.add_middleware(TritonErrorShape)  # outermost of ours: it reshapes every /v2 error, the keys' too
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
@@ -208,7 +211,8 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
-        return {"object": "list", "data": runtime.admin_view(), "memory": dict(runtime.memory())}
+        return {"object": "list", "data": runtime.admin_view(), "memory": dict(runtime.memory()),
+                "device": getattr(runtime, "device_kind", None)}
 
     @app.post("/admin/models/{name:path}/place")
     async def place(name: str, request: Request) -> dict[str, Any]:
@@ -254,6 +258,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     async def status(after: str | None = None) -> dict[str, Any]:
         """Everything the status page shows, in one poll: models, memory, the last moves, TTFT per tier."""
         return {"object": "status", "models": runtime.admin_view(), "memory": dict(runtime.memory()),
+                "device": getattr(runtime, "device_kind", None),
                 "moves": moves.since(_offset(after, "after") or 0), "ttft_by_tier": metrics.ttft_by_tier()}
 
     @app.get("/status")
@@ -318,9 +323,32 @@ class _ServeOptions:
     max_messages: int
     drain: Drain
     big_bodies: _BigBodies
+    access_log: bool = True
 
 
 async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions) -> Response:
+    """Answer one inference request and log its access line (a stream's when it ends)."""
+    access = AccessRecord(request.method, request.url.path, enabled=options.access_log)
+    try:
+        response = await _answer(runtime, request, chat, options, access)
+    except APIError as exc:
+        access.done(exc.status, note=exc.code or "")
+        raise
+    except ServingError as exc:
+        access.done(exc.status, note=exc.code or "")
+        raise
+    except Exception:
+        access.done(500, note="internal error")
+        raise
+    if response.status_code == CLIENT_CLOSED:
+        access.done(CLIENT_CLOSED, note="client left")
+    elif not isinstance(response, EventStreamResponse):
+        access.done(response.status_code)
+    return response
+
+
+async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions,
+                  access: AccessRecord) -> Response:
     arrived = time.monotonic()
     raw = await read_body(request, options.max_body_bytes)
     inline = len(raw) <= INLINE_PARSE_BYTES
@@ -328,8 +356,11 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
     data = parse_body(raw, chat, options.max_messages) if inline else await big.run(
         parse_body, raw, chat, options.max_messages)
     del raw
+    if isinstance(data.get("model"), str):
+        access.model = data["model"]
     model = resolve_model(runtime, data.get("model"))
     if model is not None:
+        access.model = model
         data = with_model_defaults({**data, "model": model}, runtime.spec(model))
     body: ChatRequest | CompletionRequest
     try:
@@ -349,7 +380,8 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     gen_request = to_generation_request(body, spec) if inline else await options.big_bodies.run(
         to_generation_request, body, spec)
-    gen = Generation(runtime, body.model, gen_request, request_id, arrived)
+    gen = Generation(runtime, body.model, gen_request, request_id, arrived, keep_alive=body.keep_alive)
+    access.generation = gen
     drain = options.drain
     created = int(time.time())
     if body.stream:
@@ -357,7 +389,7 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
             await until_disconnect(request.receive, gen.open)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage, drain),
+        return EventStreamResponse(_stream(gen, body.model, created, chat, body.include_usage, drain, access),
                                    headers=_served_from_header(gen))
     try:
         content = await until_disconnect(request.receive, lambda: _complete(gen, body.model, created, chat, drain))
@@ -406,7 +438,7 @@ async def _complete(gen: Generation, model: str, created: int, chat: bool, drain
 
 
 async def _stream(gen: Generation, model: str, created: int, chat: bool,
-                  include_usage: bool, drain: Drain) -> AsyncGenerator[bytes, None]:
+                  include_usage: bool, drain: Drain, access: AccessRecord) -> AsyncGenerator[bytes, None]:
     """OpenAI's chunk sequence: (chat: a role chunk), content or tool-call chunks, a finish chunk,
     (usage), [DONE]."""
     rid = gen.request_id
@@ -428,6 +460,7 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
                                       logprobs=logprobs))
 
     ok = False
+    note = "client left mid-stream"
     try:
         if chat:
             yield event(chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
@@ -443,10 +476,13 @@ async def _stream(gen: Generation, model: str, created: int, chat: bool,
             maker = chat_chunk if chat else completion_chunk
             yield event(maker(rid, created, model, None, include_usage=True, usage_value=usage))
         ok = True
+        note = ""
         yield DONE
     except (APIError, GraceOver) as exc:
         error = exc.error if isinstance(exc, GraceOver) else exc
+        note = f"failed mid-stream: {error.message[:200]}"
         yield event(error.body())
         yield DONE
     finally:
         await gen.close(ok)
+        access.done(200, note=note)

@@ -44,7 +44,8 @@ class ServingRuntime(Protocol):
 
     async def check_request(self, model: str, request: GenerationRequest) -> None: ...
 
-    def lease(self, model: str, request_id: str) -> AbstractAsyncContextManager[Lease]: ...
+    def lease(self, model: str, request_id: str,
+              keep_alive: float | None = None) -> AbstractAsyncContextManager[Lease]: ...
 
     async def place(self, model: str, tier: Tier) -> Any: ...
 
@@ -78,13 +79,15 @@ def with_model_defaults(data: dict[str, Any], spec: ModelSpec) -> dict[str, Any]
 
 class Generation:
     def __init__(self, runtime: ServingRuntime, model: str, request: GenerationRequest, request_id: str,
-                 arrived: float) -> None:
+                 arrived: float, keep_alive: float | None = None) -> None:
         self.runtime = runtime
         self.model = model
         self.request = request
         self.request_id = request_id
         self.arrived = arrived
+        self.keep_alive = keep_alive
         self.served_from: Tier | None = None
+        self.ttft_s: float | None = None
         self.finish_reason: str | None = None
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
@@ -104,7 +107,8 @@ class Generation:
         """
         try:
             await self.runtime.check_request(self.model, self.request)
-            lease = await self._stack.enter_async_context(self.runtime.lease(self.model, self.request_id))
+            lease = await self._stack.enter_async_context(
+                self.runtime.lease(self.model, self.request_id, keep_alive=self.keep_alive))
         except ServingError as exc:
             raise api_error(exc) from None
         self.served_from = lease.served_from
@@ -172,8 +176,9 @@ class Generation:
             return
         self._first_token_sent = True
         now = time.monotonic()
+        self.ttft_s = now - self.arrived
         self.runtime.bus.emit(FirstToken(model=self.model, t=now, request_id=self.request_id,
-                                         served_from=self.served_from, ttft_s=now - self.arrived))
+                                         served_from=self.served_from, ttft_s=self.ttft_s))
 
     async def close(self, ok: bool) -> None:
         """Stop generation, give the lease back, report the request; idempotent and cancellation-proof."""

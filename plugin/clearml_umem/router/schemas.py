@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from clearml_umem.engines import SAMPLING_OPTIONS
 from clearml_umem.engines.base import GenerationRequest
+from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.router.errors import bad_request
 from clearml_umem.router.tools import chat_options, check_messages, completion_options
 from clearml_umem.spec import ModelSpec
@@ -91,6 +92,9 @@ class _Sampling(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
+    keep_alive: float | None = None
+    """An extension, as Ollama's API has it: how long the model may stay unused after this request
+    before it moves down a tier (seconds or `5m`, `never`/negative: keep it); parsed to seconds."""
     # kept, not dropped: the OpenAI options below are read from the extra fields
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -98,6 +102,11 @@ class _Sampling(_Body):
         if name in type(self).model_fields:
             return getattr(self, name)
         return (self.model_extra or {}).get(name)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive_seconds(cls, value: Any) -> float | None:
+        return None if value is None else parse_keep_alive(value)
 
     @field_validator("logit_bias")
     @classmethod

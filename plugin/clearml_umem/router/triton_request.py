@@ -193,6 +193,9 @@ def build_request(spec: ModelSpec, inputs: Mapping[str, Any], parameters: Mappin
                                    param=name)
         body.pop(name, None)
     body.pop("stream", None)
+    if body.get("logprobs") is not None:
+        raise TritonInputError("'logprobs' cannot be returned over Triton's protocol (its answer is text_output "
+                               "only); leave it unset, or ask the OpenAI route /v1/completions", param="logprobs")
     try:
         generation = to_generation_request(validate(CompletionRequest, body), spec)
     except APIError as exc:
