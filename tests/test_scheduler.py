@@ -416,8 +416,8 @@ def test_model_too_big_for_the_device_is_refused_with_the_sizes() -> None:
     cmds = h.request("huge", "h1")
     assert len(cmds) == 1 and isinstance(cmds[0], Reject)
     assert cmds[0].status == 503 and cmds[0].request_id == "h1"
-    assert "12.00 GB" in cmds[0].reason and "10.00 GB" in cmds[0].reason and "huge" in cmds[0].reason
-    with pytest.raises(SchedulerError, match=r"12\.00 GB.*10\.00 GB"):
+    assert "12.0 GB" in cmds[0].reason and "10.0 GB" in cmds[0].reason and "huge" in cmds[0].reason
+    with pytest.raises(SchedulerError, match=r"12\.0 GB.*10\.0 GB"):
         h.sched.place("huge", GPU)
     assert h.moves == []
     rejected = h.events_of(RequestRejected)
@@ -548,7 +548,7 @@ def test_place_in_a_tier_the_engine_lacks_is_refused() -> None:
 
 def test_place_in_a_tier_over_the_budgets_is_refused() -> None:
     h = Harness(10 * GB, 4 * GB, models("a", size=6 * GB))
-    with pytest.raises(SchedulerError, match=r"6\.00 GB of host memory in tier 'ram'.*4\.00 GB host"):
+    with pytest.raises(SchedulerError, match=r"6\.00 GB of host memory in tier .ram.*4\.00 GB host"):
         h.sched.place("a", RAM)
     assert h.place("a", DISK) == [Move("a", COLD, DISK)]  # disk holds no host memory here
 

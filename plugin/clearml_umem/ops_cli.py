@@ -24,7 +24,7 @@ import httpx
 
 from clearml_umem.config import ServeConfig
 from clearml_umem.tiers import ALL_TIERS
-from clearml_umem.units import fmt_bytes
+from clearml_umem.units import fmt_bytes, fmt_gbps, fmt_seconds
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -280,10 +280,10 @@ def run_ps(args: argparse.Namespace) -> int:
 def format_move(move: dict[str, Any]) -> str:
     if not move["ok"]:
         return f"  {move['model']}: {move['src']} -> {move['dst']} FAILED: {move['error']}"
-    speed = f", {move['gbps']:.2f} GB/s" if move["bytes"] and move["seconds"] else ""
+    speed = f", {fmt_gbps(move['gbps'])}" if move["bytes"] and move["seconds"] else ""
     copy = f", host copy {move['host_copy']}" if move.get("host_copy") else ""
-    return (f"  {move['model']}: {move['src']} -> {move['dst']} in {move['seconds']:.3f} s "
-            f"({move['bytes'] / 1e9:.3f} GB{speed}{copy})")
+    return (f"  {move['model']}: {move['src']} -> {move['dst']} in {fmt_seconds(move['seconds'])} "
+            f"({fmt_bytes(move['bytes'])}{speed}{copy})")
 
 
 def run_place(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from clearml_umem.errors import InvalidInput, SchedulerError
 from clearml_umem.ledger import Ledger, footprint
 from clearml_umem.model_state import ModelRecord, Wish
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
+from clearml_umem.units import fmt_bytes
 
 
 class PlacementRefused(SchedulerError, InvalidInput):
@@ -22,10 +23,6 @@ class PlacementRefused(SchedulerError, InvalidInput):
 
     param = "tier"
     code = "invalid_placement"
-
-
-def gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def refuse_impossible(model: ModelRecord, tier: Tier, ledger_now: Ledger, never_fits: str | None) -> None:
@@ -45,8 +42,9 @@ def refuse_impossible(model: ModelRecord, tier: Tier, ledger_now: Ledger, never_
         way = f" on its way to tier {tier.value!r} (through {via.value})" if via else f" in tier {tier.value!r}"
         budget = ledger_now.budget
         raise PlacementRefused(
-            f"model {name!r} needs {gb(fp.device_bytes)} on the device and {gb(fp.host_bytes)} of host "
-            f"memory{way}, over the budgets ({gb(budget.device_bytes)} device, {gb(budget.host_bytes)} host)")
+            f"model {name!r} needs {fmt_bytes(fp.device_bytes)} on the device and {fmt_bytes(fp.host_bytes)} of "
+            f"host memory{way}, over the budgets ({fmt_bytes(budget.device_bytes)} device, "
+            f"{fmt_bytes(budget.host_bytes)} host)")
 
 
 def end_wish(m: ModelRecord, outcome: str, reason: str = "") -> list[Command]:

@@ -43,11 +43,12 @@ from clearml_umem.events import (
 )
 from clearml_umem.ledger import Ledger, footprint
 from clearml_umem.model_state import ModelRecord, ModelState, OomRetry, Waiting
-from clearml_umem.placements import PlacementRefused, colder_moves, end_wish, gb, make_wish, refuse_impossible, withdraw
+from clearml_umem.placements import PlacementRefused, colder_moves, end_wish, make_wish, refuse_impossible, withdraw
 from clearml_umem.planner import colder_for_host, demotion_target, plan_room
 from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import Footprint, Tier
 from clearml_umem.turns import FAIRNESS_MIN_S, FAIRNESS_MULTIPLE, dispatch_hot, turn_end
+from clearml_umem.units import fmt_bytes
 
 __all__ = ["FAIRNESS_MIN_S", "FAIRNESS_MULTIPLE", "Command", "Dispatch", "ModelState", "Move", "PlacementEnded",
            "PlacementRefused", "Reject", "Release", "Scheduler", "SchedulerError", "UnknownModel"]
@@ -428,11 +429,11 @@ class Scheduler:
     def _never_fits(self, model: ModelRecord) -> str | None:
         fp = footprint(model, Tier.GPU)
         if fp.device_bytes > self.device_budget:
-            return (f"model {model.name!r} needs {gb(fp.device_bytes)} on the device but the device budget is "
-                    f"{gb(self.device_budget)}: it can never be loaded")
+            return (f"model {model.name!r} needs {fmt_bytes(fp.device_bytes)} on the device but the device budget is "
+                    f"{fmt_bytes(self.device_budget)}: it can never be loaded")
         if fp.host_bytes > self.host_budget:
-            return (f"model {model.name!r} needs {gb(fp.host_bytes)} of host memory but the host budget is "
-                    f"{gb(self.host_budget)}: it can never be loaded")
+            return (f"model {model.name!r} needs {fmt_bytes(fp.host_bytes)} of host memory but the host budget is "
+                    f"{fmt_bytes(self.host_budget)}: it can never be loaded")
         return None
 
     # -- helpers --------------------------------------------------------------------------
