@@ -14,7 +14,7 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 # the router's web stack and what it needs that the machine lacks (tests/test_gpu_proof.py checks this list)
 PACKAGES=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection typing-extensions
-          uvicorn opentelemetry-api anyio annotated-doc h11 sniffio)
+          uvicorn opentelemetry-api anyio annotated-doc h11 sniffio orjson)
 
 specs=()
 for name in "${PACKAGES[@]}"; do

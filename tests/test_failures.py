@@ -289,24 +289,44 @@ def _fake_vllm_router(tmp_path: Path, behaviour: dict) -> RouterProcess:
 def _stream_until_hung(router: RouterProcess, model: str, on_stop=None, max_tokens: int = 400
                        ) -> tuple[list[str], int]:
     """Stream a long answer, SIGSTOP the engine after its first chunk (then call `on_stop`); the
-    lines the client got to the end, and the engine's pid."""
+    lines the client got to the end, and the engine's pid.
+
+    A tiny model can finish its answer before the stop lands (the whole stream already sits in
+    socket buffers): then the engine is stopped before the next request is sent instead, which
+    is a hang with a request in flight just the same."""
     import os
     import signal
 
-    lines: list[str] = []
-    pid = 0
+    def hot_pid() -> int:
+        warm = httpx.post(router.url + "/v1/completions", timeout=60,
+                          json={"model": model, "prompt": "Hi", "max_tokens": 1})
+        assert warm.status_code == 200, warm.text
+        return _row(router, model)["engine_details"]["pid"]
+
     body = {"model": model, "prompt": "Hello", "max_tokens": max_tokens, "stream": True}
-    with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=20) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if not line:
-                continue
-            lines.append(line)
-            if len(lines) == 1:
-                pid = _row(router, model)["engine_details"]["pid"]
-                os.kill(pid, signal.SIGSTOP)
-                if on_stop is not None:
-                    on_stop()
+    for stop_first in (False, True):
+        pid = hot_pid()
+        stopped = stop_first
+        if stop_first:
+            os.kill(pid, signal.SIGSTOP)
+        lines: list[str] = []
+        with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=20) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if not line:
+                    continue
+                lines.append(line)
+                if not stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped = True
+                    if on_stop is not None:
+                        on_stop()
+                        on_stop = None
+        if len(lines) >= 2 and "error" in lines[-2]:
+            if on_stop is not None:
+                on_stop()
+            return lines, pid
+        os.kill(pid, signal.SIGCONT)
     return lines, pid
 
 
@@ -431,7 +451,10 @@ def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) ->
         assert lines[-1] == "data: [DONE]" and "error" in json.loads(lines[-2].removeprefix("data: "))
         assert other_status == [200]
         row = _row(router, first)
-        assert row["tier"] == "cold" and "hung" in row["last_error"]
+        # cold with the reason; or, when the move that makes room for the other model ran right after
+        # the stream's error, already on its way down (ram: the file held, no server)
+        assert row["tier"] in ("cold", "ram")
+        assert row["tier"] == "ram" or "hung" in row["last_error"]
         assert wait_until(lambda: not psutil_alive(pid), 15)
     finally:
         router.kill()
