@@ -144,6 +144,10 @@ class _BigBodies:
 
         return await asyncio.get_running_loop().run_in_executor(self._pool(), without_collections)
 
+    async def call(self, inline: bool, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the event loop for a small body, in the parser thread for a big one."""
+        return fn(*args) if inline else await self.run(fn, *args)
+
     def free(self, value: object) -> None:
         """Let the parser thread drop the last reference to a big parsed body (freeing 200,000
         objects takes a quarter second, which the event loop would otherwise spend)."""
@@ -331,10 +335,7 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
     access = AccessRecord(request.method, request.url.path, enabled=options.access_log)
     try:
         response = await _answer(runtime, request, chat, options, access)
-    except APIError as exc:
-        access.done(exc.status, note=exc.code or "")
-        raise
-    except ServingError as exc:
+    except (APIError, ServingError) as exc:
         access.done(exc.status, note=exc.code or "")
         raise
     except Exception:
@@ -353,8 +354,7 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     raw = await read_body(request, options.max_body_bytes)
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
-    data = parse_body(raw, chat, options.max_messages) if inline else await big.run(
-        parse_body, raw, chat, options.max_messages)
+    data = await big.call(inline, parse_body, raw, chat, options.max_messages)
     del raw
     if isinstance(data.get("model"), str):
         access.model = data["model"]
@@ -364,7 +364,7 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
         data = with_model_defaults({**data, "model": model}, runtime.spec(model))
     body: ChatRequest | CompletionRequest
     try:
-        body = validate_request(data, chat) if inline else await big.run(validate_request, data, chat)
+        body = await big.call(inline, validate_request, data, chat)
     except APIError:
         if not inline:
             big.free(data)
@@ -378,8 +378,7 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
         raise unknown_model(runtime, name)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    gen_request = to_generation_request(body, spec) if inline else await options.big_bodies.run(
-        to_generation_request, body, spec)
+    gen_request = await big.call(inline, to_generation_request, body, spec)
     gen = Generation(runtime, body.model, gen_request, request_id, arrived, keep_alive=body.keep_alive)
     access.generation = gen
     drain = options.drain
