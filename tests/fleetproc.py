@@ -5,11 +5,9 @@ where the fleet expects it."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from clearml_umem.catalog import write_manifest
 from clearml_umem.demo import room_for_one
 from clearml_umem.engines import EngineContext
 from clearml_umem.spec import spec_from_mapping
-from tests.routerproc import RouterProcess, start_router
+from tests.routerproc import RouterProcess, launch, start_router
 
 FRONT_READY = "umem: front on "
 
@@ -84,26 +82,8 @@ class FrontProcess:
 
 def start_front(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> FrontProcess:
     cmd = [sys.executable, "-m", "clearml_umem", "front", "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    lines: list[str] = []
-    url: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith(FRONT_READY):
-                url.append(line[len(FRONT_READY):].strip())
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or not url:
-        proc.kill()
-        raise RuntimeError("the front did not start:\n" + "\n".join(lines[-40:]))
-    return FrontProcess(proc, url[0], lines)
+    proc, url, lines = launch(cmd, FRONT_READY, "the front", env=env, timeout=timeout)
+    return FrontProcess(proc, url, lines)
 
 
 def wait_for(check, timeout: float = 20, period: float = 0.1):  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,38 @@ class RouterProcess:
         return wait_gone(pids)
 
 
+def launch(cmd: list[str], ready_prefix: str, what: str, env: dict[str, str] | None = None, timeout: float = 300,
+           preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """Start `cmd` with its output collected line by line; the process, the URL it printed after
+    `ready_prefix`, and its lines so far (the list keeps growing). A process that exits or stays
+    silent for `timeout` s raises with its last lines."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+    lines: list[str] = []
+    url: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith(ready_prefix):
+                url.append(line[len(ready_prefix):].strip())
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.2):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"{what} did not become ready:\n" + "\n".join(lines[-40:]))
+    if not url:
+        proc.wait(timeout=10)
+        raise RuntimeError(f"{what} exited with {proc.returncode}:\n" + "\n".join(lines[-40:]))
+    return proc, url[0], lines
+
+
 def start_router(manifest: Path, work_dir: Path, *extra: str, env: dict[str, str] | None = None,
                  timeout: float = 300, max_descriptors: int | None = None) -> RouterProcess:
     """`max_descriptors`: the router's RLIMIT_NOFILE, as a small `ulimit -n` would set it."""
@@ -64,31 +97,35 @@ def start_router(manifest: Path, work_dir: Path, *extra: str, env: dict[str, str
         if max_descriptors is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_descriptors, max_descriptors))
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, preexec_fn=limit)
-    lines: list[str] = []
-    url: list[str] = []
-    ready = threading.Event()
+    proc, url, lines = launch(cmd, READY_PREFIX, "router", env=env, timeout=timeout, preexec_fn=limit)
+    return RouterProcess(proc, url, lines)
 
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith(READY_PREFIX):
-                url.append(line[len(READY_PREFIX):].strip())
-                ready.set()
-        ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not ready.wait(0.2):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError("router did not become ready:\n" + "\n".join(lines[-40:]))
-    if not url:
-        proc.wait(timeout=10)
-        raise RuntimeError(f"router exited with {proc.returncode}:\n" + "\n".join(lines[-40:]))
-    return RouterProcess(proc, url[0], lines)
+def start_fake_vllm_router(tmp_path: Path, behaviour: dict | None = None,
+                           env: dict[str, str] | None = None) -> RouterProcess:
+    """A router with one model, `fake-vllm`, served by the vLLM stand-in
+    (tests/fixtures/fake_vllm_server.py) run as vLLM is: through a `--vllm-python` that runs it.
+    `behaviour` is the stand-in's behaviour.json (delays, failures)."""
+    import json
+    import stat
+
+    from tests.test_vllm_engine_control import CONFIG, FAKE, WEIGHTS
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    (model / "model.safetensors").write_bytes(b"\0" * WEIGHTS)
+    state = tmp_path / "state"
+    state.mkdir()
+    if behaviour is not None:
+        (state / "behaviour.json").write_text(json.dumps(behaviour))
+    python = tmp_path / "vllm-python"  # stands in for the vLLM venv's python: `-m <module>` runs the fake
+    python.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {FAKE} \"$@\"\n")
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(f"models:\n  - name: fake-vllm\n    weights: {model}\n    engine: vllm\n    dtype: bfloat16\n")
+    return start_router(manifest, tmp_path / "work", "--device", "cpu", "--device-budget", "4GB",
+                        "--vllm-python", str(python), env={"FAKE_VLLM_STATE": str(state), **(env or {})})
 
 
 def start_room_for_one(models: dict[str, Path], work_dir: Path, *extra: str,

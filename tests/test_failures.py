@@ -16,7 +16,7 @@ import pytest
 from clearml_umem.engines.base import GenerationRequest, InvalidRequest
 from clearml_umem.engines.prompt_check import PromptCounter
 from tests.llamacpp_env import SKIP_REASON as LLAMA_SKIP
-from tests.routerproc import RouterProcess, start_router
+from tests.routerproc import RouterProcess, start_fake_vllm_router, start_router
 from tests.waiting import wait_until
 
 STRICT_TEMPLATE = (
@@ -262,28 +262,8 @@ def test_a_catalog_read_short_or_empty_keeps_its_models_and_serves_their_request
 
 
 def _fake_vllm_router(tmp_path: Path, behaviour: dict) -> RouterProcess:
-    """The router with one model served by the vLLM stand-in (tests/fixtures/fake_vllm_server.py),
-    run as vLLM is, and a one-second stall timeout."""
-    import stat
-    import sys
-
-    from tests.test_vllm_engine_control import CONFIG, FAKE, WEIGHTS
-
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(CONFIG))
-    (model / "model.safetensors").write_bytes(b"\0" * WEIGHTS)
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "behaviour.json").write_text(json.dumps(behaviour))
-    python = tmp_path / "vllm-python"  # stands in for the vLLM venv's python: `-m <module>` runs the fake
-    python.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {FAKE} \"$@\"\n")
-    python.chmod(python.stat().st_mode | stat.S_IXUSR)
-    manifest = tmp_path / "models.yaml"
-    manifest.write_text(f"models:\n  - name: fake-vllm\n    weights: {model}\n    engine: vllm\n    dtype: bfloat16\n")
-    return start_router(manifest, tmp_path / "work", "--device", "cpu", "--device-budget", "4GB",
-                        "--vllm-python", str(python),
-                        env={"FAKE_VLLM_STATE": str(state), "UMEM_ENGINE_STALL_SECONDS": "1"})
+    """The vLLM stand-in's router with a one-second stall timeout."""
+    return start_fake_vllm_router(tmp_path, behaviour, env={"UMEM_ENGINE_STALL_SECONDS": "1"})
 
 
 def _stream_until_hung(router: RouterProcess, model: str, on_stop=None, max_tokens: int = 400

@@ -305,27 +305,13 @@ def test_a_killed_engine_is_shown_cold_with_the_reason_and_serves_again(tmp_path
     """kill -9 of an engine process between requests: the router notices within seconds, shows the
     model cold with the exit as last_error, counts the death, and the next request starts it again.
     The engine is the vLLM stand-in (tests/fixtures/fake_vllm_server.py) run as vLLM is."""
-    import json
     import os
     import signal
-    import stat
 
-    from tests.test_vllm_engine_control import CONFIG, FAKE, WEIGHTS
+    from tests.routerproc import start_fake_vllm_router
     from tests.waiting import wait_until
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(CONFIG))
-    (model / "model.safetensors").write_bytes(b"\0" * WEIGHTS)
-    state = tmp_path / "state"
-    state.mkdir()
-    python = tmp_path / "vllm-python"  # stands in for the vLLM venv's python: `-m <module>` runs the fake
-    python.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {FAKE} \"$@\"\n")
-    python.chmod(python.stat().st_mode | stat.S_IXUSR)
-    manifest = tmp_path / "models.yaml"
-    manifest.write_text(f"models:\n  - name: fake-vllm\n    weights: {model}\n    engine: vllm\n    dtype: bfloat16\n")
-    router = start_router(manifest, tmp_path / "work", "--device", "cpu", "--device-budget", "4GB",
-                          "--vllm-python", str(python), env={"FAKE_VLLM_STATE": str(state)})
+    router = start_fake_vllm_router(tmp_path)
     try:
         body = {"model": "fake-vllm", "prompt": "hi", "max_tokens": 2}
         assert httpx.post(router.url + "/v1/completions", json=body, timeout=60).status_code == 200

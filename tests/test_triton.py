@@ -30,6 +30,7 @@ from clearml_umem.router.triton_request import (
 )
 from clearml_umem.spec import ModelSpec, spec_from_mapping
 from tests.routerproc import RouterProcess, start_router
+from tests.test_router_http import metric
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -189,14 +190,7 @@ def _exclude(module) -> object:
 
 
 def _metric(router: RouterProcess, name: str, **labels: str) -> float:
-    text = httpx.get(router.url + "/metrics", headers=AUTH, timeout=30).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) + 1:line.index("}")]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric(httpx.get(router.url + "/metrics", headers=AUTH, timeout=30).text, name, **labels)
 
 
 def _stream(client, model: str, prompt: str, empty_final: bool, **sampling) -> list:
