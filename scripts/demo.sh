@@ -33,4 +33,9 @@ USAGE
   fi
 done
 bash "$ROOT/scripts/setup.sh"
-exec "$VENV/bin/clearml-umem" demo "$@"
+status=0
+"$VENV/bin/clearml-umem" demo "$@" || status=$?
+if [ "$status" = 0 ] && [ "$(command -v clearml-umem || true)" != "$VENV/bin/clearml-umem" ]; then
+  echo "  (the clearml-umem commands above are in $VENV/bin: run 'source $VENV/bin/activate' first)"
+fi
+exit "$status"
