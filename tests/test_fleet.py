@@ -268,25 +268,27 @@ def test_a_killed_router_fails_its_own_requests_only_and_rejoins(fleet: Fleet3, 
     place(b, "tiny-qwen2", "gpu")
     wait_for(lambda: front_sees(front, c, "tiny-mistral", "gpu") and front_sees(front, b, "tiny-qwen2", "gpu")
              and front_sees(front, a, "tiny-mistral", "cold"))
-    # a request that has had no byte of its answer yet (its model loading, or generating a JSON answer)
-    held: list[httpx.Response] = []
-    waiting = threading.Thread(target=lambda: held.append(chat(front, "tiny-mistral", max_tokens=1500)), daemon=True)
-    waiting.start()
-
-    def on_c() -> bool:
-        """the long request is on router C"""
-        rows = httpx.get(c + "/status", timeout=10).json()["models"]
-        return any(m["id"] == "tiny-mistral" and m["in_flight"] + m["waiting"] for m in rows)
-
-    wait_for(on_c)
     stream = {"messages": CHAT, "max_tokens": 60, "stream": True, "temperature": 0}
     url = front.url + "/v1/chat/completions"
+    held: list[httpx.Response] = []
+
+    def load_on_c() -> int:
+        """requests for tiny-mistral on router C, running or queued"""
+        rows = httpx.get(c + "/status", timeout=10).json()["models"]
+        return sum(m["in_flight"] + m["waiting"] for m in rows if m["id"] == "tiny-mistral")
+
     with httpx.Client(timeout=120) as client, \
             client.stream("POST", url, json={**stream, "model": "tiny-qwen2"}) as other, \
-            client.stream("POST", url, json={**stream, "model": "tiny-mistral"}) as victim:
+            client.stream("POST", url, json={**stream, "model": "tiny-mistral", "max_tokens": 1500}) as victim:
         assert victim.headers["x-umem-router"] == c and other.headers["x-umem-router"] == b
         victim_chunks = victim.iter_raw()
         cut = next(victim_chunks).decode()
+        # a request that has had no byte of its answer yet (a JSON answer still being generated, or
+        # queued behind the stream): started while the long stream holds C, so it cannot be done first
+        waiting = threading.Thread(target=lambda: held.append(chat(front, "tiny-mistral", max_tokens=1500)),
+                                   daemon=True)
+        waiting.start()
+        wait_for(lambda: load_on_c() >= 2)
         fleet.routers[2].kill()
         cut += b"".join(victim_chunks).decode()
         whole = other.read().decode()
