@@ -38,8 +38,9 @@ def write_manifest(path: Path, models: dict[str, Path], names: list[str]) -> Pat
 
 def start_serve_task(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[subprocess.Popen[str], str,
                                                                                           list[str]]:
-    proc = subprocess.Popen([sys.executable, "tasks/serve.py", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # a start that hangs dumps every thread's stack on SIGABRT (below), so a failure says where
+    proc = subprocess.Popen([sys.executable, "tasks/serve.py", *args], cwd=REPO, env={**env, "PYTHONFAULTHANDLER": "1"},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     url: list[str] = []
     ready = threading.Event()
@@ -53,10 +54,17 @@ def start_serve_task(args: list[str], env: dict[str, str], timeout: float = 240)
                 ready.set()
         ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     if not ready.wait(timeout) or not url:
-        proc.kill()
-        raise AssertionError("serve task did not become ready:\n" + "\n".join(lines[-60:]))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        reader.join(5)
+        raise AssertionError("serve task did not become ready:\n" + "\n".join(lines[-200:]))
     return proc, url[0], lines
 
 
