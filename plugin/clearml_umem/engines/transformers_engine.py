@@ -34,7 +34,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,15 @@ from clearml_umem.engines.base import (
     GenerationRequest,
     InvalidRequest,
     MoveResult,
+)
+from clearml_umem.engines.batching import (
+    BATCHING_MODES,
+    KV_SHARE_OF_MARGIN,
+    Batcher,
+    BatchingLimits,
+    BatchOutput,
+    kv_bytes_per_token,
+    why_not_batched,
 )
 from clearml_umem.engines.constrained import GuidanceTokenizers
 from clearml_umem.engines.moves import MoveTable
@@ -102,6 +111,10 @@ STALL_TIMEOUT_S = 30.0
 """A generation that makes no step this long (no token, and no layer of the model ends a forward
 pass: a long prefill is progress) is stuck: its client gets an error and the model counts as
 hung (`EngineContext.options["stall_timeout_s"]`)."""
+
+BATCHED_CPU_CONCURRENCY = 32
+"""Requests one model takes at once on a CPU when batching is on: batched ones share each forward pass;
+the others still run at most one per core (`_solo_slots`)."""
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
@@ -352,6 +365,14 @@ class TransformersEngine:
         self._progress = MoveProgress()
         self.stall_s = float(ctx.options.get("stall_timeout_s", STALL_TIMEOUT_S))
         self._last_step = 0.0
+        self.batching = str(ctx.options.get("batching", "auto")).strip().lower()
+        if self.batching not in BATCHING_MODES:
+            raise EngineError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+        self._batcher: Batcher | None = None
+        self._batch_starter: threading.Thread | None = None
+        self._batch_failed = False
+        self._batch_eos: list[int] = []
+        self._solo_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     # ------------------------------------------------------------------ facts
 
@@ -424,23 +445,31 @@ class TransformersEngine:
     def max_concurrency(self) -> int:
         """Requests this model may run at once; the scheduler queues the others.
 
-        Each one is a thread with its own KV cache. On a GPU, as many as the activation margin
-        holds KV caches for (up to 4096 tokens each, at most 64); on a CPU, one per core (more
-        only slow each other down). `EngineContext.options["max_concurrency"]` overrides it.
+        On a GPU, as many as the activation margin holds KV caches for (up to 4096 tokens each,
+        at most 64). On a CPU with batching on, `BATCHED_CPU_CONCURRENCY` (batched requests share
+        forwards; the others still run one per core); with it off, one per core (more only slow
+        each other down). `EngineContext.options["max_concurrency"]` overrides it.
         """
         option = self.ctx.options.get("max_concurrency")
         if option:
             return max(1, int(option))
         if self.device.type == "cpu":
-            return max(1, os.cpu_count() or 1)
-        cfg = self._config
-        layers = int(cfg.get("num_hidden_layers") or 1)
-        heads = int(cfg.get("num_attention_heads") or 1)
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size") or heads) // heads)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_request = 2 * layers * kv_heads * head_dim * itemsize * min(self.context_length or 4096, 4096)
+            return BATCHED_CPU_CONCURRENCY if self.batching != "off" else max(1, os.cpu_count() or 1)
+        per_request = self._kv_bytes_per_token() * min(self.context_length or 4096, 4096)
         return max(1, min(64, int(self.weight_bytes * self._margin // max(per_request, 1))))
+
+    def _kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self._config, torch.empty((), dtype=self.dtype).element_size())
+
+    def _batching_limits(self) -> BatchingLimits:
+        """The paged cache: on a GPU a share of the activation margin (which the footprint budgets), on a
+        CPU room for every request at once up to 1024 tokens each."""
+        requests = self.max_concurrency
+        if self.device.type == "cpu":
+            return BatchingLimits(max_requests=requests, cache_tokens=requests * min(self.context_length or 1024, 1024))
+        budget = self.weight_bytes * self._margin * KV_SHARE_OF_MARGIN
+        return BatchingLimits(max_requests=requests, cache_tokens=int(budget // max(self._kv_bytes_per_token(), 1)),
+                              cuda_graphs=bool(self.ctx.options.get("batching_cuda_graphs", True)))
 
     def footprint(self, tier: Tier) -> Footprint:
         """While hot, the kept host copy counts against the host budget like a model in RAM."""
@@ -466,6 +495,8 @@ class TransformersEngine:
             "host_pinned_by": self._host.pinned_by if self._host is not None else None,
             "active_generations": self.active_generations,
             "max_concurrency": self.max_concurrency,
+            "batching": self.batching,
+            "batching_running": self._batcher is not None and self._batcher.running,
         }
 
     def progress(self) -> dict[str, Any] | None:
@@ -731,6 +762,7 @@ class TransformersEngine:
 
     def _release_device(self) -> None:
         """Point every parameter at an empty tensor so the device buffer can be given back."""
+        self._stop_batching()
         for param in self._params.values():
             param.data = torch.empty(0, dtype=param.dtype, device=self.device)
         self._device_flat = None
@@ -751,6 +783,7 @@ class TransformersEngine:
         return AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype)
 
     def _unload(self) -> int:
+        self._stop_batching()
         self._release_host()
         self._model = None
         self._tokenizer = None
@@ -765,11 +798,150 @@ class TransformersEngine:
     # ------------------------------------------------------------- generation
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream one request from its own thread.
+        """Stream one request: batched with the model's other requests when it can be
+        (`engines.batching`), else from its own thread (`_generate_solo`).
+
+        Errors, InvalidRequest included, surface on the first `__anext__`.
+        """
+        batcher = await self._batcher_for(request)
+        stream = self._generate_batched(request, batcher) if batcher is not None else self._generate_solo(request)
+        async with contextlib.aclosing(stream):
+            async for delta in stream:
+                yield delta
+
+    async def _batcher_for(self, request: GenerationRequest) -> Batcher | None:
+        """The running batcher when this request may use it; starts it on first use (on a GPU in the
+        background, since capturing CUDA graphs takes a while: requests meanwhile run on their own)."""
+        if self.batching == "off" or self._batch_failed or why_not_batched(request) is not None:
+            return None
+        with self._state_lock:
+            if self._tier is not Tier.GPU or self._moving or self._model is None:
+                return None
+            model, tokenizer = self._model, self._tokenizer
+            if self._batcher is None:
+                if not Batcher.supports(model):
+                    return None
+                self._batcher = Batcher(self.spec.name, self._batching_limits())
+            batcher = self._batcher
+        if request.prompt_ids is None:
+            request.prompt_ids = await asyncio.to_thread(self._prompt_ids, request, tokenizer)
+        if len(request.prompt_ids) + request.max_tokens > batcher.limits.cache_tokens:
+            return None
+        if not batcher.running:
+            if self.device.type == "cpu":
+                await asyncio.to_thread(self._start_batching, model)
+            else:
+                self._start_batching_in_background(model)
+        return batcher if batcher.running else None
+
+    def _start_batching(self, model: Any) -> None:
+        """Start the batcher unless a move runs (never waits for one: a move joins a start, not the reverse)."""
+        if not self._move_lock.acquire(blocking=False):
+            return
+        try:
+            with self._state_lock:
+                if self._tier is not Tier.GPU or self._model is not model or self._batcher is None:
+                    return
+                batcher = self._batcher
+            eos = sorted(self._eos_ids(model, self._tokenizer))
+            pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else next(iter(eos), 0)
+            self._batch_eos = eos
+            batcher.start(model, eos, pad)
+        except Exception as exc:  # noqa: BLE001 - every request still has the per-request path
+            log.warning("model %s: continuous batching could not start (%s: %s); each request runs its own "
+                        "generate()", self.spec.name, type(exc).__name__, exc)
+            self._batch_failed = True
+            with contextlib.suppress(Exception):
+                batcher.stop(self.stall_s)
+        finally:
+            self._move_lock.release()
+
+    def _start_batching_in_background(self, model: Any) -> None:
+        with self._state_lock:
+            if self._batch_starter is not None and self._batch_starter.is_alive():
+                return
+            self._batch_starter = threading.Thread(target=self._start_batching, args=(model,), daemon=True,
+                                                   name=f"umem-batching-start-{self.spec.name}")
+            self._batch_starter.start()
+
+    def _stop_batching(self) -> None:
+        """Before the weights leave the device: the paged cache and CUDA graphs belong to this copy."""
+        starter = self._batch_starter
+        if starter is not None and starter is not threading.current_thread():
+            starter.join()
+        if self._batcher is not None:
+            self._batcher.stop(self.stall_s)
+        with self._state_lock:
+            self._jobs = {job for job in self._jobs if job.thread is not None or not job.stalled}
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """The model's continuous batching (None before its first batched request), for tests and benchmarks."""
+        return self._batcher
+
+    async def _generate_batched(self, request: GenerationRequest, batcher: Batcher) -> AsyncIterator[Delta]:
+        """One request's share of the batcher's steps: text assembly and stop strings here, on the loop."""
+        loop = asyncio.get_running_loop()
+        job = _Job(request=request, loop=loop, queue=asyncio.Queue(), done=loop.create_future())
+        prompt = request.prompt_ids or []
+        self._validate(request, len(prompt))
+        shaper = AnswerShaper(request)
+        with self._state_lock:
+            if self._tier is not Tier.GPU or self._moving or self._model is None:
+                state = "moving" if self._moving else f"in tier {self._tier}"
+                raise EngineError(f"model {self.spec.name!r} is {state}; generate needs it on the device")
+            self._jobs.add(job)
+            tokenizer = self._tokenizer
+        eos = self._batch_eos
+        assembler = _TextAssembler(tokenizer, request.stop)
+        request_id: str | None = None
+        over = False
+        try:
+            request_id = batcher.submit(loop, prompt, request.max_tokens, eos, job.queue.put_nowait)
+            last_item = time.monotonic()
+            while True:
+                left = max(last_item, self._last_step, batcher.last_progress) + self.stall_s - time.monotonic()
+                if left <= 0:
+                    job.stalled = True
+                    raise EngineError(f"model {self.spec.name!r}: generation made no progress for {self.stall_s:g} s")
+                try:
+                    out: BatchOutput = await asyncio.wait_for(job.queue.get(), left)
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+                last_item = time.monotonic()
+                over = out.finished
+                if out.error is not None:
+                    raise EngineError(f"model {self.spec.name!r}: generation failed: {out.error}")
+                piece = assembler.add(out.tokens[assembler.token_count:])
+                if piece:
+                    for delta in shaper.piece(piece, None):
+                        yield delta
+                if assembler.stopped or out.finished:
+                    last_piece = assembler.flush()
+                    completion = assembler.token_count
+                    reason = "stop"
+                    if not assembler.stopped and assembler.last_token not in eos and completion >= request.max_tokens:
+                        reason = "length"
+                    for delta in shaper.end(Delta(text=last_piece, finish_reason=reason, prompt_tokens=len(prompt),
+                                                  completion_tokens=completion), None):
+                        yield delta
+                    return
+        finally:
+            if request_id is not None:
+                if not over:
+                    batcher.cancel(request_id)
+                    if not job.stalled:
+                        await _wait_released(batcher, request_id, self.stall_s)
+                batcher.forget(request_id)
+            if not job.stalled:
+                with self._state_lock:
+                    self._jobs.discard(job)
+
+    async def _generate_solo(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream one request from its own thread, through `generate()`.
 
         A dedicated thread rather than the loop's default executor: long generations would
         otherwise occupy its few workers and starve the `to_thread` calls of moves.
-        Errors, InvalidRequest included, surface on the first `__anext__`.
         """
         loop = asyncio.get_running_loop()
         job = _Job(request=request, loop=loop, queue=asyncio.Queue(), done=loop.create_future())
@@ -819,7 +991,8 @@ class TransformersEngine:
         kind: str = "error"
         payload: Any = EngineError("generation ended without a result")
         try:
-            payload = self._generate_sync(job, model, tokenizer)
+            with self._solo_slot(job):
+                payload = self._generate_sync(job, model, tokenizer)
             kind = "end"
         except EngineError as exc:
             payload = exc
@@ -831,6 +1004,21 @@ class TransformersEngine:
             with self._state_lock:
                 self._jobs.discard(job)
             job.finish(kind, payload)
+
+    @contextlib.contextmanager
+    def _solo_slot(self, job: _Job) -> Iterator[None]:
+        """On a CPU, per-request generations run one per core (`max_concurrency` admits more when batching
+        is on: batched requests share forwards, these do not); a cancelled one stops waiting."""
+        if self.device.type != "cpu":
+            yield
+            return
+        while not self._solo_slots.acquire(timeout=0.05):
+            if job.cancel.is_set():
+                raise EngineError(f"model {self.spec.name!r}: generation cancelled")
+        try:
+            yield
+        finally:
+            self._solo_slots.release()
 
     def _prompt_ids(self, request: GenerationRequest, tokenizer: Any) -> list[int]:
         return prompt_ids(self.spec.name, request, tokenizer)
@@ -944,6 +1132,7 @@ class TransformersEngine:
             jobs = list(self._jobs)
         for job in jobs:
             job.cancel.set()
+        await asyncio.to_thread(self._stop_batching)
         for job in jobs:
             if job.thread is not None:
                 await asyncio.to_thread(job.thread.join, None if not job.stalled else self.stall_s)
@@ -956,6 +1145,22 @@ class TransformersEngine:
         with self._move_lock:
             self._unload()
             self._tier = Tier.COLD
+
+
+async def _wait_released(batcher: Batcher, request_id: str, limit_s: float) -> None:
+    """Wait (bounded) until the batcher has dropped a cancelled request, so that "no generation in flight"
+    means its KV blocks are free; like `_wait_through_cancellation`, a cancellation of the caller is held
+    off until then and passed on."""
+    cancelled = False
+    deadline = time.monotonic() + limit_s
+    with anyio.CancelScope(shield=True):
+        while batcher.holds(request_id) and time.monotonic() < deadline:
+            try:
+                await asyncio.sleep(0.001)
+            except asyncio.CancelledError:
+                cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
 
 
 async def _wait_through_cancellation(job: _Job) -> None:
