@@ -370,7 +370,8 @@ def test_a_stuck_transformers_generation_errors_its_client_and_the_model_reloads
         return engine
 
     async def scenario() -> None:
-        ctx = EngineContext(work_dir=tmp_path, device="cpu", options={"stall_timeout_s": 0.5})
+        # the per-request path's thread (a batched request never calls _generate_sync: test_batching)
+        ctx = EngineContext(work_dir=tmp_path, device="cpu", options={"stall_timeout_s": 0.5, "batching": "off"})
         runtime = Runtime(10**9, 10**9, ctx, engine_factory=factory)
         runtime.add_model(spec_from_mapping({"name": "m", "weights": str(tiny_models["tiny-llama"])}))
         request = GenerationRequest(prompt="Hello", max_tokens=2, temperature=0)

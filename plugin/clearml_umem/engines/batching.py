@@ -227,6 +227,14 @@ class Batcher:
         scheduler = processor.scheduler
         return request_id in scheduler.active_requests or request_id in scheduler.waiting_requests
 
+    def in_flight(self) -> int:
+        """Requests the manager holds now (queued, waiting or active)."""
+        manager = self._manager
+        if manager is None or manager.batch_processor is None:
+            return 0
+        scheduler = manager.batch_processor.scheduler
+        return len(scheduler.active_requests) + len(scheduler.waiting_requests) + manager.input_queue.qsize()
+
     def forget(self, request_id: str) -> None:
         with self._lock:
             self._listeners.pop(request_id, None)

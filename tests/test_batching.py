@@ -1,0 +1,223 @@
+"""Concurrent greedy requests for one transformers model share forward passes (transformers' continuous
+batching), with the same answers as the per-request path; everything else still takes that path."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clearml_umem.engines import create_engine
+from clearml_umem.engines.base import Delta, EngineContext, EngineError, GenerationRequest
+from clearml_umem.engines.batching import why_not_batched
+from clearml_umem.engines.transformers_engine import BATCHED_CPU_CONCURRENCY, TransformersEngine
+from clearml_umem.spec import spec_from_mapping
+from clearml_umem.tiers import Tier
+
+PROMPTS = ("The quick brown fox", "hello there", "a b c d e f g", "zz top")
+
+
+def make_engine(weights: Path, **options: Any) -> TransformersEngine:
+    spec = spec_from_mapping({"name": weights.name, "weights": str(weights)})
+    engine = create_engine(spec, EngineContext(work_dir=weights.parent, device="cpu", options=options))
+    assert isinstance(engine, TransformersEngine)
+    asyncio.run(engine.move(Tier.COLD, Tier.GPU))
+    return engine
+
+
+async def collect(engine: TransformersEngine, request: GenerationRequest) -> tuple[str, Delta]:
+    text, deltas = await collect_all(engine, request)
+    return text, deltas[-1]
+
+
+async def collect_all(engine: TransformersEngine, request: GenerationRequest) -> tuple[str, list[Delta]]:
+    deltas = [d async for d in engine.generate(request)]
+    return "".join(d.text for d in deltas), deltas
+
+
+def requests() -> list[GenerationRequest]:
+    out = [GenerationRequest(prompt=p, max_tokens=12, temperature=0.0) for p in PROMPTS[:3]]
+    out.append(GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_models: dict[str, Path]) -> Iterator[TransformersEngine]:
+    engine = make_engine(tiny_models["tiny-llama"])
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_models: dict[str, Path]) -> Iterator[TransformersEngine]:
+    engine = make_engine(tiny_models["tiny-llama"], batching="off")
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def solo_answers(solo: TransformersEngine) -> list[tuple[str, Delta]]:
+    return [asyncio.run(collect(solo, r)) for r in requests()]
+
+
+def test_what_takes_the_per_request_path() -> None:
+    assert why_not_batched(GenerationRequest(prompt="x", temperature=0.0)) is None
+    assert why_not_batched(GenerationRequest(prompt="x", temperature=0.0, stop=["a"], max_tokens=3)) is None
+    assert "sampling" in why_not_batched(GenerationRequest(prompt="x", temperature=0.7, seed=1))
+    for options, why in (({"logprobs": True}, "logprobs"), ({"frequency_penalty": 0.5}, "penalty"),
+                         ({"presence_penalty": 0.5}, "penalty"), ({"logit_bias": {"5": 3}}, "logit_bias"),
+                         ({"response_format": {"type": "json_object"}}, "constrained")):
+        assert why in why_not_batched(GenerationRequest(prompt="x", temperature=0.0, options=options))
+
+
+def test_concurrent_greedy_answers_match_the_per_request_path_and_share_forwards(
+        batched: TransformersEngine, solo: TransformersEngine, solo_answers: list[tuple[str, Delta]]) -> None:
+    before = batched.batcher.steps if batched.batcher else 0
+
+    async def together() -> list[tuple[str, Delta]]:
+        return await asyncio.gather(*[collect(batched, r) for r in requests()])
+
+    answers = asyncio.run(together())
+    assert [a[0] for a in answers] == [s[0] for s in solo_answers]
+    for (_, last), (_, expected) in zip(answers, solo_answers, strict=True):
+        assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
+            expected.finish_reason, expected.prompt_tokens, expected.completion_tokens)
+    batcher = batched.batcher
+    assert batcher is not None and batcher.running
+    tokens = sum(last.completion_tokens for _, last in answers)
+    assert batcher.steps - before < tokens, "every token its own forward: nothing was shared"
+    assert batcher.widest_step >= 2
+    assert solo.batcher is None, "batching off: no manager at all"
+    assert batched.active_generations == 0 and batcher.in_flight() == 0
+
+
+def test_a_request_closed_mid_batch_frees_its_slot_and_the_others_go_on(batched: TransformersEngine) -> None:
+    async def scenario() -> None:
+        streams = [batched.generate(GenerationRequest(prompt=p, max_tokens=400, temperature=0.0))
+                   for p in PROMPTS[:3]]
+        for stream in streams:
+            await stream.__anext__()
+        assert batched.batcher.in_flight() == 3
+        await streams[0].aclose()
+        assert batched.batcher.in_flight() == 2, "the closed request still holds its KV blocks"
+        assert batched.active_generations == 2
+        for stream in streams[1:]:
+            delta = await stream.__anext__()
+            assert delta.finish_reason is None
+            await stream.aclose()
+        assert batched.batcher.in_flight() == 0 and batched.active_generations == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_first_token_does_not_wait_for_a_long_answer(batched: TransformersEngine) -> None:
+    async def scenario() -> None:
+        long = batched.generate(GenerationRequest(prompt=PROMPTS[0], max_tokens=1500, temperature=0.0))
+        await long.__anext__()
+        text, last = await collect(batched, GenerationRequest(prompt=PROMPTS[1], max_tokens=3, temperature=0.0))
+        assert last.completion_tokens == 3
+        assert batched.batcher.in_flight() == 1, "the short answer waited for the long one"
+        assert (await long.__anext__()).finish_reason is None
+        await long.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_stop_strings_end_a_batched_request(batched: TransformersEngine,
+                                            solo_answers: list[tuple[str, Delta]]) -> None:
+    full = solo_answers[0][0]
+    stop = full[5:8]
+    request = GenerationRequest(prompt=PROMPTS[0], max_tokens=12, temperature=0.0, stop=[stop])
+    text, last = asyncio.run(collect(batched, request))
+    assert text == full[:full.index(stop)] and last.finish_reason == "stop"
+    assert batched.batcher.in_flight() == 0 and batched.active_generations == 0
+
+
+def test_requests_with_options_take_the_per_request_path_beside_the_batch(
+        batched: TransformersEngine, solo: TransformersEngine, solo_answers: list[tuple[str, Delta]]) -> None:
+    sampled = GenerationRequest(prompt=PROMPTS[0], max_tokens=10, temperature=1.2, seed=4)
+    with_logprobs = GenerationRequest(prompt=PROMPTS[0], max_tokens=4, temperature=0.0,
+                                      options={"logprobs": True, "top_logprobs": 2})
+    before = batched.batcher.steps
+
+    async def mixed() -> list[Any]:
+        return await asyncio.gather(collect(batched, sampled), collect_all(batched, with_logprobs))
+
+    answers = asyncio.run(mixed())
+    assert batched.batcher.steps == before, "a request with options went through the batch"
+    assert answers[0][0] == asyncio.run(collect(solo, sampled))[0], "a seed reproduces its answer"
+    text, deltas = answers[1]
+    assert text == asyncio.run(collect(solo, with_logprobs))[0]
+    assert len([entry for d in deltas for entry in d.logprobs or ()]) == 4
+
+
+def test_per_request_generations_run_one_per_core_on_a_cpu(batched: TransformersEngine) -> None:
+    assert batched.max_concurrency == BATCHED_CPU_CONCURRENCY
+    real = batched._generate_sync
+    inside, most = 0, 0
+    lock = threading.Lock()
+
+    def counted(*args: Any) -> Any:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                inside -= 1
+
+    batched._generate_sync = counted  # type: ignore[method-assign]
+    batched._solo_slots = threading.BoundedSemaphore(1)
+    try:
+        async def three() -> None:
+            await asyncio.gather(*[collect(batched, GenerationRequest(prompt=p, max_tokens=4, temperature=1.0))
+                                   for p in PROMPTS[:3]])
+
+        asyncio.run(three())
+    finally:
+        del batched._generate_sync
+    assert most == 1
+
+
+def test_leaving_the_device_stops_batching_and_it_restarts(tiny_models: dict[str, Path],
+                                                           solo_answers: list[tuple[str, Delta]]) -> None:
+    engine = make_engine(tiny_models["tiny-llama"], host_copy="keep")
+    try:
+        assert asyncio.run(collect(engine, requests()[0]))[0] == solo_answers[0][0]
+        assert engine.batcher.running
+        asyncio.run(engine.move(Tier.GPU, Tier.RAM))
+        assert not engine.batcher.running
+        asyncio.run(engine.move(Tier.RAM, Tier.GPU))
+        assert asyncio.run(collect(engine, requests()[0]))[0] == solo_answers[0][0]
+        assert engine.batcher.running
+    finally:
+        asyncio.run(engine.close())
+    assert not engine.batcher.running
+
+
+def test_a_stuck_batched_step_errors_its_client_and_counts_as_hung(tiny_models: dict[str, Path]) -> None:
+    engine = make_engine(tiny_models["tiny-llama"], stall_timeout_s=0.5)
+    gate, stuck = threading.Event(), threading.Event()
+    engine.model.model.layers[0].register_forward_pre_hook(lambda *_: gate.wait(30) if stuck.is_set() else None)
+
+    async def scenario() -> None:
+        await collect(engine, GenerationRequest(prompt="Hello", max_tokens=2, temperature=0.0))
+        assert await engine.hung() is None
+        stuck.set()
+        with pytest.raises(EngineError, match="no progress for 0.5 s"):
+            await collect(engine, GenerationRequest(prompt="Hello", max_tokens=2, temperature=0.0))
+        assert "made no progress" in (await engine.hung() or "")
+        gate.set()
+        await engine.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+    assert engine.active_generations == 0
