@@ -94,6 +94,7 @@ class ProofReport:
     runs: int = 0
     device_budget_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    hot_path: dict[str, Any] = field(default_factory=dict)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -265,9 +266,19 @@ def markdown(report: ProofReport) -> str:
                    f"saved in {m['save_s']} s")
     out.append("- phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases_s.items()))
     out.append("- reloads from disk and cold starts read files written in this run, from the page cache")
+    out += _hot_path().markdown(report.hot_path)
     if report.errors:
         out += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(out) + "\n"
+
+
+def _hot_path() -> Any:
+    """The hot-path scenario's module (`benchmarks/` is on the path: scripts/gpu-proof.sh puts the root there)."""
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import proof_hot_path
+
+    return proof_hot_path
 
 
 def write(report: ProofReport, out: Path) -> None:
@@ -327,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.phases_s["benchmark"] = time.perf_counter() - t1
         report.rows = result.rows()
         report.summary = summarize(result, report.models)
+        t2 = time.perf_counter()
+        report.hot_path = _hot_path().run(work / "models", report.models, device)
+        report.phases_s["hot path"] = time.perf_counter() - t2
     except Exception as exc:
         log.exception("the proof stopped early")
         report.errors.append(f"{type(exc).__name__}: {exc}")

@@ -48,6 +48,20 @@ def test_copy_on_eviction_is_reported_as_copied(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [s["host_copy"] for s in report["summary"]] == ["copied"]
     assert report["summary"][0]["swap_out_gbps"] > 0, "a copying swap-out has a speed"
+    hot = report["hot_path"]
+    assert hot["model"] == "cpu-qwen2" and "error" not in hot, hot
+    for path in ("off", "auto"):
+        variant = hot["variants"][path]
+        assert variant["ttft_ms"] > 0
+        assert sorted(variant["by_concurrency"], key=int) == ["1", "8", "32"]
+        for n, row in variant["by_concurrency"].items():
+            assert 0 < row["tokens"] <= int(n) * hot["tokens"] and row["tokens_per_s"] > 0, (path, n, row)
+    measured = sum(row["tokens"] for row in hot["variants"]["auto"]["by_concurrency"].values())
+    assert 0 < hot["variants"]["auto"]["batched_steps"] < measured, "the batched path shared no forward"
+    assert hot["variants"]["off"]["batched_steps"] == 0
+    assert all(r > 0 for r in hot["ratios"]["tokens_per_s_new_over_old"].values())
+    assert "bound_ttft_ms" not in hot, "no weight-read bound without a device"
+    assert "## Hot path: cpu-qwen2" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bad_shape_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
