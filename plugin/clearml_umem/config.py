@@ -20,6 +20,7 @@ from clearml_umem.policy import POLICIES
 
 ENV_PREFIX = "UMEM_"
 HOST_COPY_MODES = ("auto", "keep", "evict")
+BATCHING_MODES = ("auto", "off")
 ENGINE_CHOICES = ("auto", "transformers", "vllm")
 """The serve setting `engine`: the engine of Hugging Face models whose entry names none (a GGUF is
 always llama.cpp's). `auto`: vLLM where it can serve (a CUDA device, vLLM importable or
@@ -55,6 +56,9 @@ class ServeConfig:
     host_copy: str = "auto"
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
+    batching: str = "auto"
+    """Transformers models: `auto` batches concurrent greedy requests without per-token options through
+    transformers' continuous batching (`engines.batching`); `off`: each request runs its own generate()."""
     fairness_window: str = "auto"
     """`auto`: a model that came to the GPU serves its turn (the requests waiting for it, and those
     arriving within 2x the swap-in it took) before it leaves, even when it drains for an older
@@ -145,6 +149,8 @@ class ServeConfig:
             raise ConfigError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.engine not in ENGINE_CHOICES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
+        if self.batching not in BATCHING_MODES:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
         if self.host_copy not in HOST_COPY_MODES:
             raise ConfigError(f"host_copy must be one of {', '.join(HOST_COPY_MODES)}, got {self.host_copy!r}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
@@ -347,6 +353,7 @@ TEXT_HELP = {
     "host_budget": "host RAM the RAM tier may use, e.g. 64GB; unset: detected",
     "policy": "which idle model makes room first",
     "host_copy": "transformers models: keep a hot model's host copy (keep), copy on eviction (evict), or decide",
+    "batching": "transformers models: concurrent greedy requests share forward passes (auto) or not (off)",
     "fairness_window": "auto: a model that came to the GPU serves its turn before it leaves; off: strict order",
     "max_request_bytes": "largest request body; bigger ones get a 413",
     "work_dir": "engine logs, sockets and downloaded weights",
@@ -357,6 +364,7 @@ TEXT_HELP = {
 FIELD_CHOICES = {
     "policy": tuple(POLICIES),
     "host_copy": HOST_COPY_MODES,
+    "batching": BATCHING_MODES,
     "fairness_window": ("auto", "off"),
     "log_level": ("debug", "info", "warning", "error"),
 }

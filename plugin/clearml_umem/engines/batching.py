@@ -36,9 +36,6 @@ from clearml_umem.engines.constrained import constrained_schema
 
 log = logging.getLogger(__name__)
 
-BATCHING_MODES = ("auto", "off")
-"""`auto`: greedy requests without per-token options are batched; `off`: every request runs its own `generate()`."""
-
 PAGE_SIZE = 64
 """Tokens per KV-cache block: small, so a short request holds little cache."""
 

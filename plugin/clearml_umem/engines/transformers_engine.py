@@ -53,7 +53,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from clearml_umem.config import HOST_COPY_MODES
+from clearml_umem.config import BATCHING_MODES, HOST_COPY_MODES
 from clearml_umem.engines.base import (
     Delta,
     EngineContext,
@@ -65,7 +65,6 @@ from clearml_umem.engines.base import (
     MoveResult,
 )
 from clearml_umem.engines.batching import (
-    BATCHING_MODES,
     KV_SHARE_OF_MARGIN,
     Batcher,
     BatchingLimits,
