@@ -155,7 +155,7 @@ class Batcher:
         return self._manager is not None and self._manager.is_running()
 
     def start(self, model: Any, eos: list[int], pad: int) -> None:
-        """Create and start the manager (idempotent). Runs in a worker thread: on CUDA it captures graphs."""
+        """Create and start the manager (idempotent): allocates the paged cache, in a worker thread."""
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -182,8 +182,8 @@ class Batcher:
                     self.last_progress = time.monotonic()
 
                 manager._generation_step = counted_step
-                if limits.cuda_graphs:
-                    manager.warmup()
+                # no warmup: graphs are captured on the first step of each padded shape, in the batching
+                # thread, so a swap-out never waits for a capture of shapes nobody asked for
                 manager.start()
             self._manager = manager
             log.info("model %s: continuous batching started (%d requests, %d cache tokens, cuda graphs %s)",

@@ -810,7 +810,8 @@ class TransformersEngine:
 
     async def _batcher_for(self, request: GenerationRequest) -> Batcher | None:
         """The running batcher when this request may use it; starts it on first use (on a GPU in the
-        background, since capturing CUDA graphs takes a while: requests meanwhile run on their own)."""
+        background, so the first request after a swap-in does not wait for the paged cache: requests
+        meanwhile run on their own)."""
         if self.batching == "off" or self._batch_failed or why_not_batched(request) is not None:
             return None
         with self._state_lock:
