@@ -370,6 +370,7 @@ class TransformersEngine:
         self._batcher: Batcher | None = None
         self._batch_starter: threading.Thread | None = None
         self._batch_failed = False
+        self._batch_start_lock = threading.Lock()
         self._batch_eos: list[int] = []
         self._solo_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
@@ -835,26 +836,28 @@ class TransformersEngine:
         return batcher if batcher.running else None
 
     def _start_batching(self, model: Any) -> None:
-        """Start the batcher unless a move runs (never waits for one: a move joins a start, not the reverse)."""
-        if not self._move_lock.acquire(blocking=False):
-            return
-        try:
-            with self._state_lock:
-                if self._tier is not Tier.GPU or self._model is not model or self._batcher is None:
-                    return
-                batcher = self._batcher
-            eos = sorted(self._eos_ids(model, self._tokenizer))
-            pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else next(iter(eos), 0)
-            self._batch_eos = eos
-            batcher.start(model, eos, pad)
-        except Exception as exc:  # noqa: BLE001 - every request still has the per-request path
-            log.warning("model %s: continuous batching could not start (%s: %s); each request runs its own "
-                        "generate()", self.spec.name, type(exc).__name__, exc)
-            self._batch_failed = True
-            with contextlib.suppress(Exception):
-                batcher.stop(self.stall_s)
-        finally:
-            self._move_lock.release()
+        """Start the batcher unless a move runs (never waits for one: a move joins a start, not the reverse);
+        concurrent first requests wait for the one start, so they are batched too."""
+        with self._batch_start_lock:
+            batcher = self._batcher
+            if batcher is None or batcher.running or not self._move_lock.acquire(blocking=False):
+                return
+            try:
+                with self._state_lock:
+                    if self._tier is not Tier.GPU or self._model is not model:
+                        return
+                eos = sorted(self._eos_ids(model, self._tokenizer))
+                pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else next(iter(eos), 0)
+                self._batch_eos = eos
+                batcher.start(model, eos, pad)
+            except Exception as exc:  # noqa: BLE001 - every request still has the per-request path
+                log.warning("model %s: continuous batching could not start (%s: %s); each request runs its own "
+                            "generate()", self.spec.name, type(exc).__name__, exc)
+                self._batch_failed = True
+                with contextlib.suppress(Exception):
+                    batcher.stop(self.stall_s)
+            finally:
+                self._move_lock.release()
 
     def _start_batching_in_background(self, model: Any) -> None:
         with self._state_lock:
