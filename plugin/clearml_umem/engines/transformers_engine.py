@@ -113,7 +113,7 @@ hung (`EngineContext.options["stall_timeout_s"]`)."""
 
 BATCHED_CPU_CONCURRENCY = 32
 """Requests one model takes at once on a CPU when batching is on: batched ones share each forward pass;
-the others still run at most one per core (`_solo_slots`)."""
+the others still run at most one per core (`_solo_limit`)."""
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
@@ -372,7 +372,7 @@ class TransformersEngine:
         self._batch_failed = False
         self._batch_start_lock = threading.Lock()
         self._batch_eos: list[int] = []
-        self._solo_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self._solo_slots: threading.BoundedSemaphore | None = None
 
     # ------------------------------------------------------------------ facts
 
@@ -445,31 +445,46 @@ class TransformersEngine:
     def max_concurrency(self) -> int:
         """Requests this model may run at once; the scheduler queues the others.
 
-        On a GPU, as many as the activation margin holds KV caches for (up to 4096 tokens each,
-        at most 64). On a CPU with batching on, `BATCHED_CPU_CONCURRENCY` (batched requests share
-        forwards; the others still run one per core); with it off, one per core (more only slow
-        each other down). `EngineContext.options["max_concurrency"]` overrides it.
+        With batching off, as many as run their own `generate()` (`_solo_limit`). With it on,
+        more: batched requests share forwards and the paged cache; on a CPU
+        `BATCHED_CPU_CONCURRENCY`, on a GPU one per 512 tokens of the paged cache (at most 64).
+        Requests that take the per-request path still run at most `_solo_limit` at once.
+        `EngineContext.options["max_concurrency"]` overrides it.
         """
         option = self.ctx.options.get("max_concurrency")
         if option:
             return max(1, int(option))
+        solo = self._solo_limit()
+        if self.batching == "off":
+            return solo
         if self.device.type == "cpu":
-            return BATCHED_CPU_CONCURRENCY if self.batching != "off" else max(1, os.cpu_count() or 1)
+            return max(solo, BATCHED_CPU_CONCURRENCY)
+        return max(solo, min(64, self._paged_cache_tokens() // 512))
+
+    def _solo_limit(self) -> int:
+        """Per-request generations at once: on a CPU one per core (more only slow each other down); on a GPU
+        as many KV caches of up to 4096 tokens as the activation margin holds (the part the paged cache
+        leaves, when batching is on), at most 64."""
+        if self.device.type == "cpu":
+            return max(1, os.cpu_count() or 1)
+        margin = self._margin * (1 - KV_SHARE_OF_MARGIN if self.batching != "off" else 1)
         per_request = self._kv_bytes_per_token() * min(self.context_length or 4096, 4096)
-        return max(1, min(64, int(self.weight_bytes * self._margin // max(per_request, 1))))
+        return max(1, min(64, int(self.weight_bytes * margin // max(per_request, 1))))
+
+    def _paged_cache_tokens(self) -> int:
+        """The paged cache: on a GPU a share of the activation margin (which the footprint budgets), on a
+        CPU room for every request at once up to 1024 tokens each."""
+        if self.device.type == "cpu":
+            return BATCHED_CPU_CONCURRENCY * min(self.context_length or 1024, 1024)
+        return int(self.weight_bytes * self._margin * KV_SHARE_OF_MARGIN // max(self._kv_bytes_per_token(), 1))
 
     def _kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self._config, torch.empty((), dtype=self.dtype).element_size())
 
     def _batching_limits(self) -> BatchingLimits:
-        """The paged cache: on a GPU a share of the activation margin (which the footprint budgets), on a
-        CPU room for every request at once up to 1024 tokens each."""
-        requests = self.max_concurrency
-        if self.device.type == "cpu":
-            return BatchingLimits(max_requests=requests, cache_tokens=requests * min(self.context_length or 1024, 1024))
-        budget = self.weight_bytes * self._margin * KV_SHARE_OF_MARGIN
-        return BatchingLimits(max_requests=requests, cache_tokens=int(budget // max(self._kv_bytes_per_token(), 1)),
-                              cuda_graphs=bool(self.ctx.options.get("batching_cuda_graphs", True)))
+        return BatchingLimits(max_requests=self.max_concurrency, cache_tokens=self._paged_cache_tokens(),
+                              cuda_graphs=self.device.type == "cuda"
+                              and bool(self.ctx.options.get("batching_cuda_graphs", True)))
 
     def footprint(self, tier: Tier) -> Footprint:
         """While hot, the kept host copy counts against the host budget like a model in RAM."""
@@ -1010,18 +1025,20 @@ class TransformersEngine:
 
     @contextlib.contextmanager
     def _solo_slot(self, job: _Job) -> Iterator[None]:
-        """On a CPU, per-request generations run one per core (`max_concurrency` admits more when batching
-        is on: batched requests share forwards, these do not); a cancelled one stops waiting."""
-        if self.device.type != "cpu":
-            yield
-            return
-        while not self._solo_slots.acquire(timeout=0.05):
+        """Per-request generations run at most `_solo_limit` at once (`max_concurrency` admits more when
+        batching is on: batched requests share forwards and the paged cache, these do not); a cancelled
+        one stops waiting."""
+        with self._state_lock:
+            if self._solo_slots is None:
+                self._solo_slots = threading.BoundedSemaphore(self._solo_limit())
+            slots = self._solo_slots
+        while not slots.acquire(timeout=0.05):
             if job.cancel.is_set():
                 raise EngineError(f"model {self.spec.name!r}: generation cancelled")
         try:
             yield
         finally:
-            self._solo_slots.release()
+            slots.release()
 
     def _prompt_ids(self, request: GenerationRequest, tokenizer: Any) -> list[int]:
         return prompt_ids(self.spec.name, request, tokenizer)
