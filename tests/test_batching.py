@@ -221,3 +221,23 @@ def test_a_stuck_batched_step_errors_its_client_and_counts_as_hung(tiny_models: 
     finally:
         gate.set()
     assert engine.active_generations == 0
+
+
+def test_a_batching_failure_answers_from_the_per_request_path(tiny_models: dict[str, Path],
+                                                               solo_answers: list[tuple[str, Delta]]) -> None:
+    engine = make_engine(tiny_models["tiny-llama"])
+
+    def boom(*_: Any) -> None:
+        raise RuntimeError("boom")
+
+    async def scenario() -> None:
+        assert (await collect(engine, requests()[0]))[0] == solo_answers[0][0]
+        engine.batcher._manager.batch_processor._generation_step = boom
+        assert (await collect(engine, requests()[0]))[0] == solo_answers[0][0]
+        assert engine.batcher.broken
+        steps = engine.batcher.steps
+        assert (await collect(engine, requests()[1]))[0] == solo_answers[1][0]
+        assert engine.batcher.steps == steps, "a broken batcher is not used again"
+        await engine.close()
+
+    asyncio.run(scenario())

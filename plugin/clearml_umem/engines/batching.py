@@ -144,6 +144,8 @@ class Batcher:
         """Most requests that got a token from one step."""
         self.last_progress = 0.0
         """Monotonic time of the last step: progress for the stall detection (CUDA graphs run no hooks)."""
+        self._stopping = False
+        self._failure: str | None = None
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -155,6 +157,12 @@ class Batcher:
     def running(self) -> bool:
         return self._manager is not None and self._manager.is_running()
 
+    @property
+    def broken(self) -> bool:
+        """A request failed in the manager for another reason than `stop` (its thread died of an error, which
+        fails every request it held): set before that request's listener hears of it."""
+        return self._failure is not None
+
     def start(self, model: Any, eos: list[int], pad: int) -> None:
         """Create and start the manager (idempotent): allocates the paged cache, in a worker thread."""
         from transformers import GenerationConfig
@@ -163,6 +171,7 @@ class Batcher:
         with self._lock:
             if self.running:
                 return
+            self._stopping = False
             limits = self.limits
             blocks = max(2, -(-limits.cache_tokens // limits.page_size))
             cb_config = ContinuousBatchingConfig(
@@ -248,6 +257,7 @@ class Batcher:
 
         with self._lock:
             manager, self._manager = self._manager, None
+            self._stopping = True
         if manager is None:
             return
         thread = manager._generation_thread
@@ -283,6 +293,8 @@ class Batcher:
                 if entry is None:
                     continue
                 finished = output.status >= RequestStatus.FINISHED
+                if output.error is not None and not self._stopping:
+                    self._failure = output.error
                 if finished:
                     del self._listeners[output.request_id]
                 loop, listener = entry

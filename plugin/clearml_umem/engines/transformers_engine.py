@@ -913,7 +913,7 @@ class TransformersEngine:
         eos = self._batch_eos
         assembler = _TextAssembler(tokenizer, request.stop)
         request_id: str | None = None
-        over = False
+        over = yielded = False
         try:
             request_id = batcher.submit(loop, prompt, request.max_tokens, eos, job.queue.put_nowait)
             last_item = time.monotonic()
@@ -929,9 +929,16 @@ class TransformersEngine:
                 last_item = time.monotonic()
                 over = out.finished
                 if out.error is not None:
+                    if batcher.broken and not self._batch_failed:
+                        self._batch_failed = True
+                        log.warning("model %s: continuous batching failed (%s); each request now runs its own "
+                                    "generate()", self.spec.name, out.error)
+                    if batcher.broken and not yielded:
+                        break  # nothing was sent yet: the answer comes from the per-request path
                     raise EngineError(f"model {self.spec.name!r}: generation failed: {out.error}")
                 piece = assembler.add(out.tokens[assembler.token_count:])
                 if piece:
+                    yielded = True
                     for delta in shaper.piece(piece, None):
                         yield delta
                 if assembler.stopped or out.finished:
@@ -954,6 +961,9 @@ class TransformersEngine:
             if not job.stalled:
                 with self._state_lock:
                     self._jobs.discard(job)
+        async with contextlib.aclosing(self._generate_solo(request)) as stream:
+            async for delta in stream:
+                yield delta
 
     async def _generate_solo(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream one request from its own thread, through `generate()`.
