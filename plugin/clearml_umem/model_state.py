@@ -10,8 +10,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from clearml_umem.tiers import Footprint, Tier
+
+if TYPE_CHECKING:
+    from clearml_umem.turns import Turn
 
 
 @dataclass
@@ -52,8 +56,8 @@ class ModelRecord:
     moving_to: Tier | None = None
     in_flight: set[str] = field(default_factory=set)
     waiting: deque[Waiting] = field(default_factory=deque)
-    turn_until: float | None = None
-    """While on the GPU: requests that arrived up to this time are served even if it drains."""
+    turn: Turn | None = None
+    """While on the GPU (fairness window on): the requests it serves even if it drains."""
     max_in_flight: int | None = None
     """Requests its engine may run at once (memory for their activations and KV cache); None: no limit."""
     last_used: float = 0.0
@@ -62,6 +66,10 @@ class ModelRecord:
     removing: bool = False
     oom_retry: OomRetry | None = None
     swap_in_seconds: dict[Tier, float] = field(default_factory=dict)
+    dispatched_at: dict[str, float] = field(default_factory=dict)
+    """When each request in flight was dispatched: for `service_seconds`."""
+    service_seconds: float | None = None
+    """How long its requests run, a moving average of the finished ones (None before the first)."""
     keep_alive: float = math.inf
     """Seconds unused before the model moves down a tier, by default (its manifest's, or the router's)."""
     keep_alive_now: float = math.inf

@@ -47,7 +47,7 @@ from clearml_umem.placements import PlacementRefused, colder_moves, end_wish, ma
 from clearml_umem.planner import colder_for_host, demotion_target, plan_room
 from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import Footprint, Tier
-from clearml_umem.turns import FAIRNESS_MIN_S, FAIRNESS_MULTIPLE, dispatch_hot, turn_end
+from clearml_umem.turns import FAIRNESS_MIN_S, FAIRNESS_MULTIPLE, dispatch_hot, start_turn
 from clearml_umem.units import fmt_bytes
 
 __all__ = ["FAIRNESS_MIN_S", "FAIRNESS_MULTIPLE", "Command", "Dispatch", "ModelState", "Move", "PlacementEnded",
@@ -160,6 +160,11 @@ class Scheduler:
         model = self._get(name)
         model.in_flight.discard(request_id)
         model.last_used = self._clock()
+        started = model.dispatched_at.pop(request_id, None)
+        if started is not None:
+            ran = model.last_used - started
+            prev = model.service_seconds
+            model.service_seconds = ran if prev is None else 0.8 * prev + 0.2 * ran
         return self._pump()
 
     def place(self, name: str, tier: Tier, placement_id: str | None = None) -> list[Command]:
@@ -205,7 +210,7 @@ class Scheduler:
             prev = model.swap_in_seconds.get(src)
             model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
             if self.fairness:
-                model.turn_until = turn_end(self._clock(), seconds)
+                model.turn = start_turn(model, self._clock())
         ended: list[Command] = []
         if model.placement is dst:
             ended = end_wish(model, "done")
@@ -251,7 +256,7 @@ class Scheduler:
             return []
         lost = model.tier
         model.tier = Tier.COLD
-        model.turn_until = None
+        model.turn = None
         self._emit(EngineLost(model=name, t=self._clock(), tier=lost, reason=reason))
         self._emit_memory()
         return self._pump()
@@ -310,7 +315,7 @@ class Scheduler:
         return cmds + placed + self._retire_removed() + self._expire()
 
     def _dispatch_hot(self) -> list[Command]:
-        return dispatch_hot(self._models.values(), self._draining, self._clock(), self._emit)
+        return dispatch_hot(list(self._models.values()), self._draining, self._clock(), self._emit)
 
     def _swap_in(self) -> tuple[list[Command], frozenset[str]]:
         """Bring waiting models to GPU in the order their oldest request arrived.
@@ -445,7 +450,7 @@ class Scheduler:
         src = m.tier
         m.moving_to = dst
         if src is Tier.GPU:
-            m.turn_until = None
+            m.turn = None
         if dst is Tier.GPU:
             # Requests that arrived while the model was hotter (a draining model about to make
             # room) waited for this load: their first token counts against `src`, not the GPU.
