@@ -8,8 +8,8 @@ requests in flight is moving, and that the scheduler's view matches the engines.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 import random
+from collections.abc import Callable
 
 import pytest
 

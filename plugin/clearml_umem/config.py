@@ -57,8 +57,9 @@ class ServeConfig:
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
     fairness_window: str = "auto"
     """`auto`: a model that came to the GPU serves its turn (the requests waiting for it, and those
-    arriving within 2x the swap-in it took) before it leaves, even when it drains for an older
-    request; `off`: strict arrival order, a draining model serves nothing more."""
+    arriving within 2x its swap-in from RAM) before it leaves, even when it drains for an older
+    request, passing that request over for a bounded time only (turns.py); `off`: strict arrival
+    order, a draining model serves nothing more."""
     max_waiting: int = 256
     """Requests each model may queue; one more gets a 429 with Retry-After."""
     max_request_bytes: str = "8MiB"
