@@ -2,7 +2,8 @@
 
 `ModelRecord` is the scheduler's own, mutable record; `ModelState` the read-only view it
 hands out. An operator's placement is a `Wish`, an out-of-memory retry an `OomRetry`:
-values that are there or not, instead of flags whose meaning depends on each other.
+values that are there or not, instead of flags whose meaning depends on each other; a model's
+turn on the GPU a `Turn` (its rules are in `turns.py`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from clearml_umem.tiers import Footprint, Tier
-
-if TYPE_CHECKING:
-    from clearml_umem.turns import Turn
 
 
 @dataclass
@@ -41,6 +38,18 @@ class OomRetry:
     """A load to the GPU ran out of device memory once; it retries after these models' moves end."""
 
     waiting_for: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A model's turn on the GPU, which began at `start`: requests that arrive up to `until` are
+    served even when it drains, those younger than another model's oldest waiting request only
+    while that one has been passed over (waited since the later of its arrival and `start`) for
+    less than `pass_over_s` or turns.SERVICE_MULTIPLE x the model's service time."""
+
+    start: float
+    until: float
+    pass_over_s: float
 
 
 @dataclass

@@ -13,11 +13,10 @@ swaps fall without lengthening the tail of the waits past strict arrival order's
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 
 from clearml_umem.commands import Command, Dispatch
 from clearml_umem.events import Event, RequestDispatched
-from clearml_umem.model_state import ModelRecord, Waiting
+from clearml_umem.model_state import ModelRecord, Turn, Waiting
 from clearml_umem.tiers import Tier
 
 FAIRNESS_MULTIPLE = 2.0
@@ -29,18 +28,6 @@ SERVICE_MULTIPLE = 2.0
 """A turn passes a request for another model over for at most the larger of the window and
 SERVICE_MULTIPLE x how long the model's requests run: a swap saved is worth a wait about its
 size, and requests already running hold the other model up that long in any order."""
-
-
-@dataclass(frozen=True)
-class Turn:
-    """A model's turn on the GPU, which began at `start`: requests that arrive up to `until` are
-    served even when it drains, those younger than another model's oldest waiting request only
-    while that one has been passed over (waited since the later of its arrival and `start`) for
-    less than `pass_over_s` or SERVICE_MULTIPLE x the model's service time."""
-
-    start: float
-    until: float
-    pass_over_s: float
 
 
 def start_turn(m: ModelRecord, now: float) -> Turn:
