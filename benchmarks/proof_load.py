@@ -173,8 +173,9 @@ def one_server(config: Any, budget: str, plans: dict[str, list[str]], clients: i
                 if problem:
                     run.errors.append(f"{name}: {problem}")
             rows = client.get("/admin/models").raise_for_status().json()["data"]
-            resident[f"{budget}, {mix}"] = [{k: r.get(k) for k in ("name", "tier", "device_bytes", "host_bytes")}
-                                            for r in rows]
+            resident[f"{budget}, {mix}"] = {
+                "models": [{k: r.get(k) for k in ("name", "tier", "device_bytes", "host_bytes")} for r in rows],
+                "device_allocated_bytes": _allocated(config.device)}
             if run.errors:
                 continue
             mark = timeline.mark()
@@ -225,6 +226,16 @@ def run_load(weights: Path, shape: str, work: Path, device: str, host_copy: str,
     result["summary"] = summary(result["runs"])
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _allocated(device: str) -> int | None:
+    """Device memory torch holds in this process (the transformers engine runs in it): four
+    resident models must hold four copies, not one shared."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.memory_allocated())
 
 
 def _free_device(device: str) -> None:
@@ -286,6 +297,10 @@ def markdown(load: dict[str, Any]) -> list[str]:
                    f"{f(s['ceiling_serving_fraction'], '', 3)}), p50 TTFT {f(s['p50_over_ceiling'], 'x', 2)} and "
                    f"p99 {f(s['p99_over_ceiling'], 'x', 2)} the ceiling's, {s['swaps_per_request']:.3f} swaps per "
                    f"request{verdict}")
+    measured = (load["resident"].get(f"{ALL_RESIDENT}, skewed") or {}).get("device_allocated_bytes")
+    if measured is not None:
+        out.append(f"- device memory held with all four resident: {measured / 1e9:.2f} GB (each model counted at "
+                   f"{load['model_device_bytes'] / 1e9:.2f} GB)")
     out.append(f"- scenario time {load.get('seconds', 0):.1f} s")
     out += [f"- error: {e}" for e in load["errors"]]
     return out

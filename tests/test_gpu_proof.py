@@ -51,7 +51,7 @@ def _check_load_scenario(load: dict, md: str) -> None:
         assert r["answered"] == r["requests"] == load["requests"] > 0 and r["errors"] == [], (budget, mix)
         assert 0 < r["serving_fraction"] <= 1 and 0 < r["device_busy_s"] <= r["wall_s"], (budget, mix)
         assert 0 < r["p50_ttft_ms"] <= r["p99_ttft_ms"], (budget, mix)
-        placed = load["resident"][f"{budget}, {mix}"]
+        placed = load["resident"][f"{budget}, {mix}"]["models"]
         on_device = [p for p in placed if p["tier"] == "gpu"]
         assert len(on_device) == (4 if budget == "all resident" else 2), placed
         assert all(p["device_bytes"] == load["model_device_bytes"] > 0 for p in on_device), placed
