@@ -25,10 +25,10 @@ never meets it, while a body of 200,000 one-character messages is refused before
 200,000 objects for it."""
 
 VALUES_PER_MESSAGE = 10
-"""JSON values a body may hold per message the router takes (`--max-messages`): 100,000 by default.
-A chat message is 3 values (`{"role": ..., "content": ...}`), an assistant's tool call about 10, so
-a conversation of `--max-messages` real messages fits; what the parse of a body costs follows its
-number of values (an 8 MB body of 200,000 one-character messages holds 600,000, and costs eight
+"""JSON values (keys included) a body may hold per message the router takes (`--max-messages`):
+100,000 by default. A chat message is 5 (`{"role": ..., "content": ...}`), an assistant's tool call
+about 15, so any real conversation fits; what the parse of a body costs follows its number of values
+more than its bytes (an 8 MB body of 200,000 one-character messages holds a million, and costs ten
 times an 8 MB prompt), so this bounds the cost of any body the router parses itself."""
 
 
@@ -59,9 +59,9 @@ def load_body(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) 
                           "per request (--max-messages)", param="messages", code="too_many_messages")
     limit = max_values(max_messages)
     if total > limit:
-        raise BodyProblem(f"The JSON body holds {total} values, most of them in '{heaviest}'; this server takes at "
-                          f"most {limit} per request ({VALUES_PER_MESSAGE} x --max-messages)", param=heaviest,
-                          code="too_many_values")
+        raise BodyProblem(f"The JSON body holds {total} values (keys included), most of them in '{heaviest}'; "
+                          f"this server takes at most {limit} per request ({VALUES_PER_MESSAGE} x --max-messages)",
+                          param=heaviest, code="too_many_values")
     return data
 
 
@@ -96,24 +96,25 @@ def _parse(raw: bytes) -> tuple[dict[str, Any], int, str]:
 
 
 def _measure(data: dict[str, Any]) -> tuple[int, str]:
-    """Every JSON value in the body (objects, arrays and scalars; keys go with their values), and
-    the top-level field that holds the most of them; nesting beyond `MAX_JSON_DEPTH` is refused on
-    the way. One walk without recursion, before pydantic or anything else walks it recursively."""
+    """Every JSON value in the body (objects, arrays, scalars, and keys: a unique key costs a parse
+    more than a value), and the top-level field that holds the most of them; nesting beyond
+    `MAX_JSON_DEPTH` is refused on the way. One walk without recursion, before pydantic or anything
+    else walks it recursively."""
     total = 1
     heaviest, most = "", -1
     for key, top in data.items():
-        count = 1
+        count = 2
         stack: list[tuple[Any, int]] = [(top, 2)] if isinstance(top, (dict, list)) else []
         while stack:
             value, depth = stack.pop()
             if depth > MAX_JSON_DEPTH:
                 raise BodyProblem(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
             children = value.values() if isinstance(value, dict) else value
-            count += len(children)
+            count += 2 * len(children) if isinstance(value, dict) else len(children)
             stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
         total += count
         if count > most:
-            heaviest, most = str(key), count
+            heaviest, most = str(key)[:100], count
     return total, heaviest
 
 

@@ -360,11 +360,13 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     raw = await read_body(request, options.max_body_bytes)
     inline = len(raw) <= INLINE_PARSE_BYTES
     if not inline:
+        check = functools.partial(options.parsers.check, raw, chat, options.max_messages)
         try:
-            check = functools.partial(options.parsers.check, raw, chat, options.max_messages)
             await until_disconnect(request.receive, check)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
+        finally:
+            del check  # it holds the bytes, which are dropped once parsed
     big = options.big_bodies
     data = await big.call(inline, parse_body, raw, chat, options.max_messages)
     del raw
