@@ -52,11 +52,12 @@ def max_values(max_messages: int) -> int:
 def load_body(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) -> dict[str, Any]:
     """One inference body as a JSON object, refused (`BodyProblem`) when it holds more messages
     than `max_messages` or more values than `max_values(max_messages)`."""
-    data, total, heaviest = _parse(raw)
+    data = _parse(raw)
     messages = data.get("messages")
     if chat and isinstance(messages, list) and len(messages) > max_messages:
         raise BodyProblem(f"'messages' holds {len(messages)} messages; this server takes at most {max_messages} "
                           "per request (--max-messages)", param="messages", code="too_many_messages")
+    total, heaviest = _measure(data)
     limit = max_values(max_messages)
     if total > limit:
         raise BodyProblem(f"The JSON body holds {total} values (keys included), most of them in '{heaviest}'; "
@@ -67,13 +68,15 @@ def load_body(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) 
 
 def load_object(raw: bytes) -> dict[str, Any]:
     """Any other JSON body (an admin call's, a Triton request's): an object, its shape checked."""
-    return _parse(raw)[0]
+    data = _parse(raw)
+    _measure(data)
+    return data
 
 
-def _parse(raw: bytes) -> tuple[dict[str, Any], int, str]:
-    """The body as a JSON object, checked for what would break the layers behind it: nesting
-    beyond `MAX_JSON_DEPTH`, numbers no field can hold, and strings that are not valid Unicode
-    (a lone surrogate, which JSON's escapes allow and every tokenizer refuses).
+def _parse(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, checked for what would break the layers behind it: numbers no
+    field can hold, and strings that are not valid Unicode (a lone surrogate, which JSON's escapes
+    allow and every tokenizer refuses); `_measure` then refuses nesting beyond `MAX_JSON_DEPTH`.
 
     orjson parses several times faster than `json` and refuses, in the parser, what the stdlib
     lets through: lone surrogates, NaN, integers past 64 bits as exact values, nesting past 1024.
@@ -92,7 +95,7 @@ def _parse(raw: bytes) -> tuple[dict[str, Any], int, str]:
         raise BodyProblem(f"We could not parse the JSON body of your request: {reason}") from None
     if not isinstance(data, dict):
         raise BodyProblem(f"The request body must be a JSON object, got {type(data).__name__}")
-    return (data, *_measure(data))
+    return data
 
 
 def _measure(data: dict[str, Any]) -> tuple[int, str]:
