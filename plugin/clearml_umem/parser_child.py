@@ -27,6 +27,10 @@ HEADER = struct.Struct("!IBI")
 
 _PR_SET_PDEATHSIG = 1
 
+NICENESS = 10
+"""Added to this process's nice value: where cores are short, the router's event loop and the
+engines run first, and a big body waits for its check instead (it is refused or passed a little later)."""
+
 
 def die_with(parent: int) -> None:
     """Ask Linux to kill this process when its parent ends; exit at once if it already has."""
@@ -62,6 +66,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 def main(argv: list[str]) -> None:
     die_with(int(argv[0]))
+    os.nice(NICENESS)
     # a terminal's Ctrl-C reaches the whole process group: the router decides when this one ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a parsed body makes no reference cycles (reference counting frees it), and the collections
