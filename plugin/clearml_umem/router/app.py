@@ -216,7 +216,10 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     async def chat_completions(request: Request) -> Response:
         return await _serve(runtime, request, chat=True, options=serve_options)
 
-    app.include_router(triton_routes(runtime, read_body, max_body_bytes))
+    async def parse_triton_body(request: Request, raw: bytes) -> dict[str, Any]:
+        return await parse_request_body(request, raw, False, serve_options)
+
+    app.include_router(triton_routes(runtime, read_body, max_body_bytes, parse_triton_body))
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
@@ -326,6 +329,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def parse_request_body(request: Request, raw: bytes, chat: bool, options: _ServeOptions) -> dict[str, Any]:
+    """An inference body as a JSON object, its shape bounded (`json_body.load_body`): a small one
+    parsed on the event loop; a big one checked in a parser process first, then parsed in the
+    parser thread. Raises the client's 400, a 503 when the parser processes are busy, or
+    ClientGone when the client left while its body waited."""
+    inline = len(raw) <= INLINE_PARSE_BYTES
+    if not inline:
+        check = functools.partial(options.parsers.check, raw, chat, options.max_messages)
+        try:
+            await until_disconnect(request.receive, check)
+        finally:
+            del check  # it holds the bytes, which are dropped once parsed
+    return await options.big_bodies.call(inline, parse_body, raw, chat, options.max_messages)
+
+
 @dataclass(frozen=True)
 class _ServeOptions:
     max_body_bytes: int
@@ -359,16 +377,11 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     arrived = time.monotonic()
     raw = await read_body(request, options.max_body_bytes)
     inline = len(raw) <= INLINE_PARSE_BYTES
-    if not inline:
-        check = functools.partial(options.parsers.check, raw, chat, options.max_messages)
-        try:
-            await until_disconnect(request.receive, check)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        finally:
-            del check  # it holds the bytes, which are dropped once parsed
     big = options.big_bodies
-    data = await big.call(inline, parse_body, raw, chat, options.max_messages)
+    try:
+        data = await parse_request_body(request, raw, chat, options)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
     del raw
     if isinstance(data.get("model"), str):
         access.model = data["model"]
