@@ -80,6 +80,9 @@ class _Slot:
 
 @dataclass
 class ParserPool:
+    """The router's parser processes and the bounded queue of bodies waiting for them; built by
+    `create_app`, used from the event loop only, closed by the server when it stops."""
+
     processes: int = PARSER_PROCESSES
     queue: int = PARSER_QUEUE
     timeout_s: float = CHECK_TIMEOUT_S
