@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from clearml_umem.parser_child import HEADER
 from clearml_umem.router.errors import UNAVAILABLE, APIError
@@ -189,10 +190,18 @@ class ParserPool:
         return verdict
 
 
+def _child_env() -> dict[str, str]:
+    """The child imports this package from where the router did, also when a script put it on
+    sys.path itself rather than installing it."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+
+
 async def _spawn() -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "clearml_umem.parser_child", str(os.getpid()),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20)
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20, env=_child_env())
     assert proc.stdin is not None
     pipe = proc.stdin.get_extra_info("pipe")
     if pipe is not None:
