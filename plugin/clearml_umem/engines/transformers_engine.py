@@ -625,6 +625,9 @@ class TransformersEngine:
         config = AutoConfig.from_pretrained(self.weights)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        # transformers 5.24 leaves tied weights untied on the meta device: the layout would then want
+        # an lm_head the checkpoint does not hold, and the load fall back to from_pretrained (or be refused)
+        model.tie_weights()
         with contextlib.suppress(OSError, ValueError):
             model.generation_config = GenerationConfig.from_pretrained(self.weights)
         if self.device.type != "cpu":
