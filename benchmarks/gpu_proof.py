@@ -94,6 +94,8 @@ class ProofReport:
     runs: int = 0
     device_budget_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    reload: dict[str, Any] = field(default_factory=dict)
+    """Reload from disk beside the storage and link probes (`proof_reload`), on the largest model."""
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -265,6 +267,10 @@ def markdown(report: ProofReport) -> str:
                    f"saved in {m['save_s']} s")
     out.append("- phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases_s.items()))
     out.append("- reloads from disk and cold starts read files written in this run, from the page cache")
+    if report.reload:
+        from benchmarks.proof_reload import reload_markdown
+
+        out += [""] + reload_markdown(report.reload)
     if report.errors:
         out += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(out) + "\n"
@@ -327,6 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.phases_s["benchmark"] = time.perf_counter() - t1
         report.rows = result.rows()
         report.summary = summarize(result, report.models)
+        from benchmarks.proof_reload import measure_reload
+
+        t2 = time.perf_counter()
+        largest = max(report.models, key=lambda m: m["weight_bytes"])["name"]
+        report.reload = measure_reload(work / "models" / largest, device, runs=args.runs)
+        report.phases_s["reload from disk"] = time.perf_counter() - t2
     except Exception as exc:
         log.exception("the proof stopped early")
         report.errors.append(f"{type(exc).__name__}: {exc}")

@@ -139,14 +139,14 @@ def measure_reload(model_dir: Path, device: str, runs: int = 3) -> dict[str, Any
         median = statistics.median(values)
         gbps = weight_bytes / median / 1e9
         against = storage_gbps if name == "disk -> ram" else bound
-        variants.append({"name": name, "s": round(median, 4), "runs": len(values), "gbps": round(gbps, 2),
-                         "bound_gbps": round(against, 2), "over_bound": round(gbps / against, 3)})
+        variants.append({"name": name, "s": round(median, 6), "runs": len(values), "gbps": round(gbps, 4),
+                         "bound_gbps": round(against, 4), "over_bound": round(gbps / against, 3)})
     headline = variants[0]
     return {
         "model": model_dir.name, "device": device, "weight_bytes": weight_bytes, "files": len(files),
-        "threads": READ_THREADS, "source": "page cache", "storage_gbps": round(storage_gbps, 2),
-        "storage_probes_gbps": [round(p.gbps, 2) for p in storage], "link_gbps": round(link.gbps, 2),
-        "link_path": link.path, "bound_gbps": round(bound, 2), "host_alloc_s": round(alloc, 4),
+        "threads": READ_THREADS, "source": "page cache", "storage_gbps": round(storage_gbps, 4),
+        "storage_probes_gbps": [round(p.gbps, 2) for p in storage], "link_gbps": round(link.gbps, 4),
+        "link_path": link.path, "bound_gbps": round(bound, 4), "host_alloc_s": round(alloc, 4),
         "variants": variants, "target": RELOAD_TARGET,
         "target_met": headline["over_bound"] >= RELOAD_TARGET if weight_bytes >= 1e9 else None,
     }
