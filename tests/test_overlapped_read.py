@@ -163,3 +163,19 @@ def test_storage_probe_reads_every_byte_of_the_files(checkpoint: tuple) -> None:
     probe = probe_storage(files, threads=2, piece_bytes=SLOT, repeats=1)
     assert probe.bytes == sum(f.stat().st_size for f in files)
     assert probe.gbps > 0 and probe.threads == 2 and probe.source == "page cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["ring to device", "host and device"])
+def test_on_cuda_the_copies_run_on_their_stream_and_land_whole(checkpoint: tuple, mode: str) -> None:
+    files, layout, named = checkpoint
+    host = torch.zeros(layout.total_bytes, dtype=torch.uint8) if mode == "host and device" else None
+    device = torch.zeros(layout.total_bytes, dtype=torch.uint8, device="cuda")
+    stats = stream_checkpoint(files, layout, host_flat=host, device_flat=device, threads=3, slot_bytes=SLOT,
+                              ring_slots=2)
+    assert_holds(device.cpu(), layout, named)
+    if host is not None:
+        assert_holds(host, layout, named)
+    assert stats.peak_ahead <= (stats.ring_slots or stats.pieces)
+    assert reader_threads() == []
