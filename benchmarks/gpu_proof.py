@@ -337,7 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         t2 = time.perf_counter()
         largest = max(report.models, key=lambda m: m["weight_bytes"])["name"]
-        report.reload = measure_reload(work / "models" / largest, device, runs=args.runs)
+        try:
+            report.reload = measure_reload(work / "models" / largest, device, runs=args.runs)
+        except Exception as exc:  # the scenarios after this one still run
+            log.exception("the reload scenario failed")
+            report.errors.append(f"reload from disk: {type(exc).__name__}: {exc}")
         report.phases_s["reload from disk"] = time.perf_counter() - t2
     except Exception as exc:
         log.exception("the proof stopped early")
