@@ -96,6 +96,8 @@ class ProofReport:
     errors: list[str] = field(default_factory=list)
     load: dict[str, Any] = field(default_factory=dict)
     """Many models under load (benchmarks/proof_load.py)."""
+    reload: dict[str, Any] = field(default_factory=dict)
+    """Reload from disk beside the storage and link probes (`proof_reload`), on the largest model."""
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -270,6 +272,10 @@ def markdown(report: ProofReport) -> str:
     from benchmarks.proof_load import markdown as load_markdown
 
     out += load_markdown(report.load)
+    if report.reload:
+        from benchmarks.proof_reload import reload_markdown
+
+        out += [""] + reload_markdown(report.reload)
     if report.errors:
         out += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(out) + "\n"
@@ -344,10 +350,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not (work / "models" / shape).exists():
                 build_random_model(work / "models" / shape, SHAPES[shape], device)
             t2 = time.perf_counter()
-            report.load = run_load(work / "models" / shape, shape, work, device, args.host_copy,
-                                   requests=load_requests, clients=args.load_clients)
+            try:
+                report.load = run_load(work / "models" / shape, shape, work, device, args.host_copy,
+                                       requests=load_requests, clients=args.load_clients)
+                report.errors += report.load["errors"]
+            except Exception as exc:  # the scenarios after this one still run
+                log.exception("the load scenario failed")
+                report.errors.append(f"load: {type(exc).__name__}: {exc}")
             report.phases_s["load"] = time.perf_counter() - t2
-            report.errors += report.load["errors"]
+        from benchmarks.proof_reload import measure_reload
+
+        t2 = time.perf_counter()
+        largest = max(report.models, key=lambda m: m["weight_bytes"])["name"]
+        try:
+            report.reload = measure_reload(work / "models" / largest, device, runs=args.runs)
+        except Exception as exc:  # the scenarios after this one still run
+            log.exception("the reload scenario failed")
+            report.errors.append(f"reload from disk: {type(exc).__name__}: {exc}")
+        report.phases_s["reload from disk"] = time.perf_counter() - t2
     except Exception as exc:
         log.exception("the proof stopped early")
         report.errors.append(f"{type(exc).__name__}: {exc}")

@@ -81,6 +81,17 @@ def test_copy_on_eviction_is_reported_as_copied(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [s["host_copy"] for s in report["summary"]] == ["copied"]
     assert report["summary"][0]["swap_out_gbps"] > 0, "a copying swap-out has a speed"
+    reload = report["reload"]
+    assert reload["model"] == "cpu-qwen2" and reload["source"] == "page cache"
+    assert reload["bound_gbps"] == min(reload["storage_gbps"], reload["link_gbps"]) > 0
+    assert [v["name"] for v in reload["variants"]] == [
+        "disk -> gpu, host copy kept", "disk -> ram", "disk -> gpu, no host copy (ring)",
+        "sequential reference: read, then upload"]
+    for v in reload["variants"]:
+        gbps = reload["weight_bytes"] / v["s"] / 1e9
+        assert v["s"] > 0 and v["over_bound"] == pytest.approx(gbps / v["bound_gbps"], rel=0.05), v
+    assert reload["target_met"] is None, "no verdict for a model under 1 GB"
+    assert "## Reload from disk" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bad_shape_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -66,17 +66,18 @@ from clearml_umem.engines.base import (
 )
 from clearml_umem.engines.constrained import GuidanceTokenizers
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.overlapped_read import ReadCancelled, stream_checkpoint
 from clearml_umem.engines.progress import MoveProgress
 from clearml_umem.engines.prompt_check import PromptCounter, check_fits, prompt_ids
 from clearml_umem.engines.request_decoding import AnswerShaper, RequestDecoding, check_options
 from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
+    CorruptCheckpoint,
     FlatLayout,
     HostBuffer,
     ShapeMismatch,
     copy_in_chunks,
     plan_reads,
-    read_checkpoint,
     safetensors_header,
 )
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
@@ -346,6 +347,7 @@ class TransformersEngine:
         self._guidance = GuidanceTokenizers()
         self.keep_host_copy = keep_host_copy(ctx)
         self._move_lock = threading.Lock()
+        self._cancel_reads = threading.Event()
         self._state_lock = threading.Lock()
         self._moving = False
         self._jobs: set[_Job] = set()
@@ -535,7 +537,7 @@ class TransformersEngine:
             if self._host is None and not self.keep_host_copy:
                 return self._read_device()
             if self._host is None:
-                self._read_host()
+                return self._read_host_and_upload()
             moved = self._upload()
             if not self.keep_host_copy:
                 self._release_host()
@@ -579,6 +581,8 @@ class TransformersEngine:
             except ShapeMismatch as exc:
                 raise EngineError(f"model {self.spec.name!r}: config.json does not match the checkpoint: "
                                   f"{exc}") from None
+            except CorruptCheckpoint as exc:
+                raise EngineError(f"model {self.spec.name!r}: {exc}") from None
             except CheckpointMismatch as exc:
                 self._refuse_over_count(layout.param_bytes, str(exc))
                 model = None
@@ -621,6 +625,9 @@ class TransformersEngine:
         config = AutoConfig.from_pretrained(self.weights)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        # transformers 5.24 leaves tied weights untied on the meta device: the layout would then want
+        # an lm_head the checkpoint does not hold, and the load fall back to from_pretrained (or be refused)
+        model.tie_weights()
         with contextlib.suppress(OSError, ValueError):
             model.generation_config = GenerationConfig.from_pretrained(self.weights)
         if self.device.type != "cpu":
@@ -659,46 +666,82 @@ class TransformersEngine:
             view.copy_(params[name].data)
         return host
 
-    def _read_host(self) -> int:
-        """Checkpoint -> host buffer (the RAM tier's copy, or the staging of a load)."""
+    def _reads_directly(self, files: list[Path]) -> bool:
+        """Whether the files hold the layout's tensors as raw bytes (else `from_pretrained` converts
+        them); a damaged file is an error naming it, not a fallback."""
         assert self._layout is not None
+        try:
+            plan_reads(files, self._layout)
+        except CorruptCheckpoint as exc:
+            raise EngineError(f"model {self.spec.name!r}: {exc}") from None
+        except CheckpointMismatch:
+            return False
+        return True
+
+    def _stream(self, files: list[Path], host: torch.Tensor | None, device: torch.Tensor | None) -> None:
+        """The checkpoint into the host buffer, the device buffer or both, reads and uploads overlapping
+        (`overlapped_read`); `close` cancels it."""
+        assert self._layout is not None
+        try:
+            stream_checkpoint(files, self._layout, host_flat=host, device_flat=device, on_bytes=self._progress.add,
+                              cancel=self._cancel_reads)
+        except CorruptCheckpoint as exc:
+            raise EngineError(f"model {self.spec.name!r}: {exc}") from None
+        except ReadCancelled:
+            raise EngineError(f"model {self.spec.name!r}: the read from disk was cancelled: the engine is "
+                              "closing") from None
+
+    def _read_host(self) -> int:
+        """Checkpoint -> host buffer (the RAM tier's copy)."""
+        assert self._layout is not None
+        files = checkpoint_files(self.weights)
+        if not self._reads_directly(files):
+            self._host = self._host_from_module(self._load_on_cpu(), self._layout)
+            return self._layout.param_bytes
         self._progress.stage("allocating host memory", self._layout.param_bytes)
         host = HostBuffer(self._layout.total_bytes, self._pin)
         self._progress.stage("reading weights", self._layout.param_bytes)
         try:
-            read_checkpoint(checkpoint_files(self.weights), self._layout, host.tensor, on_bytes=self._progress.add)
-        except CheckpointMismatch:
-            host.close()
-            host = self._host_from_module(self._load_on_cpu(), self._layout)
+            self._stream(files, host.tensor, None)
         except BaseException:
             host.close()
             raise
         self._host = host
         return self._layout.param_bytes
 
-    def _read_device(self) -> int:
-        """Checkpoint -> device buffer one tensor at a time, for when no host copy may be held."""
+    def _read_host_and_upload(self) -> int:
+        """Checkpoint -> host buffer and device buffer at once: each piece read into the host copy
+        (which the hot model keeps) is uploaded from there while the next ones are read."""
         assert self._layout is not None
         files = checkpoint_files(self.weights)
+        if not self._reads_directly(files):
+            self._read_host()
+            return self._upload()
+        self._progress.stage("allocating host memory", self._layout.param_bytes)
+        host = HostBuffer(self._layout.total_bytes, self._pin)
         try:
-            plan_reads(files, self._layout)
-        except CheckpointMismatch:
+            flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
+            self._progress.stage("reading weights to the device", self._layout.param_bytes)
+            self._stream(files, host.tensor, flat)
+        except BaseException:
+            host.close()
+            raise
+        self._attach(flat)
+        self._host = host
+        return self._layout.param_bytes
+
+    def _read_device(self) -> int:
+        """Checkpoint -> device buffer through a small ring of host slots, for when no host copy may be held."""
+        assert self._layout is not None
+        files = checkpoint_files(self.weights)
+        if not self._reads_directly(files):
             self._read_host()
             moved = self._upload()
             self._release_host()
             return moved
-        from safetensors import safe_open
-
         self._progress.stage("reading weights to the device", self._layout.param_bytes)
         flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
-        views = self._layout.views(flat)
-        for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    if name in views:
-                        views[name].copy_(fh.get_tensor(name).to(self._layout.slots[name].dtype))
-                        self._progress.add(self._layout.slots[name].nbytes)
-        self._synchronize()
+        self._stream(files, None, flat)
         self._attach(flat)
         return self._layout.param_bytes
 
@@ -944,6 +987,7 @@ class TransformersEngine:
             jobs = list(self._jobs)
         for job in jobs:
             job.cancel.set()
+        self._cancel_reads.set()  # a reload under way stops at its next piece instead of finishing first
         for job in jobs:
             if job.thread is not None:
                 await asyncio.to_thread(job.thread.join, None if not job.stalled else self.stall_s)
@@ -954,6 +998,7 @@ class TransformersEngine:
 
     def _close_sync(self) -> None:
         with self._move_lock:
+            self._cancel_reads.clear()
             self._unload()
             self._tier = Tier.COLD
 
