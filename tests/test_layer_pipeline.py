@@ -62,6 +62,11 @@ class GatedCopier:
         dst.copy_(src)
         self.landed = i + 1
 
+    def reset(self) -> None:
+        """Close every gate again, for the next swap-in."""
+        self.gates = [threading.Event() for _ in self.gates]
+        self.landed = self._calls = 0
+
     def open(self, upto: int | None = None) -> None:
         for gate in self.gates[:upto]:
             gate.set()
@@ -249,3 +254,71 @@ def test_stages_follow_forward_order_and_a_scrambled_layout_is_refused() -> None
     assert stages[0].start == 0 and stages[-1].end == layout.total_bytes
     assert all(a.end == b.start for a, b in zip(stages, stages[1:], strict=False))
     assert stages[-1].after == (model.layers[2],) and model.head in stages[-1].modules
+
+
+def test_the_scheduler_dispatches_at_once_and_reports_the_swap_when_the_weights_landed() -> None:
+    from clearml_umem.events import MoveFinished
+    from clearml_umem.scheduler import Dispatch, Move, Scheduler
+    from tests.sched_harness import GB, footprints
+
+    clock = [0.0]
+    events: list[Any] = []
+    sched = Scheduler(8 * GB, 100 * GB, clock=lambda: clock[0], emit=events.append)
+    sched.add_model("a", footprints(4 * GB), list(Tier))
+    assert sched.place("a", Tier.RAM, "p1") == [Move("a", Tier.COLD, Tier.RAM)]
+    sched.on_move_done("a", Tier.COLD, Tier.RAM, 1.0, 4 * GB)
+    assert sched.on_request("a", "a1") == [Move("a", Tier.RAM, Tier.GPU)]
+    assert sched.on_move_done("a", Tier.RAM, Tier.GPU, 0.002, 4 * GB, landing=True) == [Dispatch("a", "a1", Tier.RAM)]
+    finished = [e for e in events if isinstance(e, MoveFinished)]
+    assert [(e.src, e.dst) for e in finished] == [(Tier.COLD, Tier.RAM)], "the swap-in is reported once landed"
+    assert Tier.RAM not in sched._models["a"].swap_in_seconds
+    clock[0] = 0.4
+    assert sched.on_move_landed("a", Tier.RAM, 0.4, 4 * GB) == []
+    landed = [e for e in events if isinstance(e, MoveFinished)][-1]
+    assert (landed.src, landed.dst, landed.seconds, landed.bytes_moved) == (Tier.RAM, Tier.GPU, 0.4, 4 * GB)
+    assert sched._models["a"].swap_in_seconds[Tier.RAM] == 0.4
+    assert sched._models["a"].turn_until == 0.8, "the turn is earned by the copy's time"
+    assert sched.on_move_landed("gone", Tier.RAM, 0.1, 1) == []
+
+
+def test_through_the_runtime_a_request_runs_while_the_weights_arrive(in_ram: TransformersEngine, llama_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from clearml_umem.events import MoveFinished
+    from clearml_umem.runtime import Runtime
+
+    copier = gated(monkeypatch, in_ram)
+    asyncio.run(in_ram.close())
+    runtime = Runtime(2**30, 2**30, EngineContext(work_dir=llama_dir.parent, device="cpu",
+                                                  options={"host_copy": "keep"}))
+    events: list[Any] = []
+    runtime.bus.subscribe(events.append)
+    runtime.add_model(spec_from_mapping({"name": "m", "weights": str(llama_dir)}))
+
+    def swap_ins() -> list[MoveFinished]:
+        return [e for e in events if isinstance(e, MoveFinished) and e.dst is Tier.GPU]
+
+    async def scenario() -> str:
+        copier.open()  # the load from disk: every chunk of that swap-in lands at once
+        await runtime.place("m", Tier.GPU)
+        await runtime.place("m", Tier.RAM)
+        copier.reset()
+        before = len(swap_ins())
+        async with runtime.lease("m", "r1") as lease:
+            assert copier.landed == 0, "the request was dispatched before any chunk landed"
+            assert len(swap_ins()) == before, "the swap-in is not reported before its weights landed"
+            copier.open()
+            text = "".join([d.text async for d in lease.engine.generate(GREEDY)])
+        for _ in range(int(WAIT_S / 0.05)):
+            if len(swap_ins()) > before:
+                break
+            await asyncio.sleep(0.05)
+        await runtime.close()
+        return text
+
+    try:
+        text = asyncio.run(scenario())
+    finally:
+        copier.open()
+    swap = swap_ins()[-1]
+    assert swap.src is Tier.RAM and swap.bytes_moved > 0 and swap.seconds > 0
+    assert text

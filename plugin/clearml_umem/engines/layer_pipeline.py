@@ -20,6 +20,7 @@ then copies the sequential way.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -189,6 +190,8 @@ class LayerPipeline:
         self._thread: threading.Thread | None = None
         self._started = 0.0
         self.landed_s: float | None = None
+        self.landing: concurrent.futures.Future[float] = concurrent.futures.Future()
+        """Resolves with `landed_s` once every chunk landed, or with `CopyFailed`."""
 
     # ---------------------------------------------------------------- start
 
@@ -257,6 +260,10 @@ class LayerPipeline:
         self.landed_s = time.perf_counter() - self._started
         self._remove_hooks()
         self._all_landed.set()
+        if self._error is not None:
+            self.landing.set_exception(CopyFailed(f"the copy of the weights to the device failed: {self._error}"))
+        else:
+            self.landing.set_result(self.landed_s)
 
     def _remove_hooks(self) -> None:
         with self._lock:

@@ -388,8 +388,22 @@ class TransformersEngine:
 
     @property
     def model(self) -> Any:
-        """The live module (None when cold), for tests and diagnostics; do not move it behind the engine's back."""
+        """The live module (None when cold), for tests and diagnostics; do not move it behind the engine's back.
+        Its weights are all on the device (`weights_ready`)."""
+        self.weights_ready()
         return self._model
+
+    def weights_ready(self) -> None:
+        """Wait until a pipelined swap-in's weights have all landed: for code that reads them other than
+        through the module's forward (whose layers each wait for their own). Raises EngineError when
+        the copy failed or did not end within the stall timeout."""
+        pipeline = self._landing
+        if pipeline is None:
+            return
+        try:
+            pipeline.wait(self.stall_s)
+        except (CopyFailed, TimeoutError) as exc:
+            raise EngineError(f"model {self.spec.name!r}: swap-in to the device failed: {exc}") from exc
 
     @property
     def host_buffer(self) -> HostBuffer | None:
@@ -519,7 +533,8 @@ class TransformersEngine:
                 for stop, step in MOVES.route(src, dst):
                     moved += self._run_step(lambda step=step: self._step(*step))
                     self._tier = stop
-                return MoveResult(bytes_moved=moved, host_copy=host_copy)
+                landing = self._landing.landing if self._landing is not None else None
+                return MoveResult(bytes_moved=moved, host_copy=host_copy, landing=landing)
             finally:
                 self._progress.end()
                 with self._state_lock:
@@ -745,7 +760,7 @@ class TransformersEngine:
         self._attach(flat)
         return self._layout.param_bytes
 
-    def _settle(self, timeout: float | None = None) -> None:
+    def _settle(self) -> None:
         """Wait for a pipelined swap-in's copies before anything frees or reads the device buffer.
 
         Bounded by the stall timeout; a copy that failed or did not end is this move's error (the
@@ -754,10 +769,7 @@ class TransformersEngine:
         pipeline = self._landing
         if pipeline is None:
             return
-        try:
-            pipeline.wait(self.stall_s if timeout is None else timeout)
-        except (CopyFailed, TimeoutError) as exc:
-            raise EngineError(f"model {self.spec.name!r}: swap-in to the device failed: {exc}") from exc
+        self.weights_ready()
         self._landing = None
         self._last_copy_s = pipeline.landed_s
 
