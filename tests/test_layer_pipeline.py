@@ -31,9 +31,9 @@ WAIT_S = 30.0
 """Bound on every wait for another thread here; only a broken build ever waits that long."""
 
 
-def make_engine(weights: Path, **options: Any) -> TransformersEngine:
+def make_engine(weights: Path, device: str = "cpu", **options: Any) -> TransformersEngine:
     spec = spec_from_mapping({"name": weights.name, "weights": str(weights)})
-    engine = create_engine(spec, EngineContext(work_dir=weights.parent, device="cpu",
+    engine = create_engine(spec, EngineContext(work_dir=weights.parent, device=device,
                                                options={"host_copy": "keep", **options}))
     assert isinstance(engine, TransformersEngine)
     return engine
@@ -322,3 +322,29 @@ def test_through_the_runtime_a_request_runs_while_the_weights_arrive(in_ram: Tra
     swap = swap_ins()[-1]
     assert swap.src is Tier.RAM and swap.bytes_moved > 0 and swap.seconds > 0
     assert text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_cuda_pipelined_swap_in_answers_like_the_sequential_one(tiny_models: dict[str, Path], name: str) -> None:
+    engine = make_engine(tiny_models[name], device="cuda")
+
+    async def scenario() -> tuple[str, str, float]:
+        await engine.move(Tier.COLD, Tier.RAM)
+        await engine.move(Tier.RAM, Tier.GPU)
+        pipeline = engine._landing
+        assert pipeline is not None and pipeline._cuda
+        pipelined = await answer(engine)
+        copy_s = await asyncio.wrap_future(pipeline.landing)
+        assert not pipeline._handles, "the hooks are removed once every chunk landed"
+        await engine.move(Tier.GPU, Tier.RAM)
+        engine.pipelined_swap_in = False
+        await engine.move(Tier.RAM, Tier.GPU)
+        sequential = await answer(engine)
+        await engine.close()
+        return pipelined, sequential, copy_s
+
+    pipelined, sequential, copy_s = asyncio.run(scenario())
+    assert pipelined == sequential and pipelined
+    assert copy_s > 0

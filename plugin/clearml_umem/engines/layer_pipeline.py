@@ -242,7 +242,8 @@ class LayerPipeline:
         try:
             for i, stage in enumerate(self.stages):
                 copy_piece(self._dst[stage.start:stage.end], self._src[stage.start:stage.end])
-                self._land(i)
+                if i < len(self.stages) - 1:  # the last one is released by `_finish`, after `landing`
+                    self._land(i)
         except BaseException as exc:  # noqa: BLE001 - kept, raised to the forward and the next move
             self._fail(exc)
         self._finish()
@@ -257,13 +258,17 @@ class LayerPipeline:
             event.set()
 
     def _finish(self) -> None:
+        """Resolve `landing` before the forward that waits for the last chunk goes on, so the swap-in is
+        reported before that request's answer."""
         self.landed_s = time.perf_counter() - self._started
         self._remove_hooks()
-        self._all_landed.set()
         if self._error is not None:
             self.landing.set_exception(CopyFailed(f"the copy of the weights to the device failed: {self._error}"))
         else:
             self.landing.set_result(self.landed_s)
+        self._all_landed.set()
+        for event in self._landed:
+            event.set()
 
     def _remove_hooks(self) -> None:
         with self._lock:
