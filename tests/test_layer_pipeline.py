@@ -62,10 +62,11 @@ class GatedCopier:
         dst.copy_(src)
         self.landed = i + 1
 
-    def reset(self) -> None:
+    def reset(self, fail_at: int | None = None) -> None:
         """Close every gate again, for the next swap-in."""
         self.gates = [threading.Event() for _ in self.gates]
         self.landed = self._calls = 0
+        self._fail_at = fail_at
 
     def open(self, upto: int | None = None) -> None:
         for gate in self.gates[:upto]:
@@ -205,6 +206,11 @@ def test_a_failed_copy_is_the_generations_error_and_the_next_moves(in_ram: Trans
 
     async def scenario() -> None:
         await engine.move(Tier.RAM, Tier.GPU)
+        pipeline = engine._landing
+        assert pipeline is not None
+        with pytest.raises(EngineError, match="DMA error on chunk 2"):
+            await asyncio.wrap_future(pipeline.landing)
+        # the copy is over, failed: a forward that starts now still meets the error
         with pytest.raises(EngineError, match="DMA error on chunk 2"):
             await answer(engine)
         with pytest.raises(EngineError, match="swap-in to the device failed.*DMA error"):
@@ -322,6 +328,44 @@ def test_through_the_runtime_a_request_runs_while_the_weights_arrive(in_ram: Tra
     swap = swap_ins()[-1]
     assert swap.src is Tier.RAM and swap.bytes_moved > 0 and swap.seconds > 0
     assert text
+
+
+
+def test_through_the_runtime_a_failed_copy_fails_the_request_and_the_model_goes_cold(
+        in_ram: TransformersEngine, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clearml_umem.events import EngineLost
+    from clearml_umem.runtime import Runtime
+
+    copier = gated(monkeypatch, in_ram)
+    asyncio.run(in_ram.close())
+    runtime = Runtime(2**30, 2**30, EngineContext(work_dir=llama_dir.parent, device="cpu",
+                                                  options={"host_copy": "keep"}))
+    events: list[Any] = []
+    runtime.bus.subscribe(events.append)
+    runtime.add_model(spec_from_mapping({"name": "m", "weights": str(llama_dir)}))
+
+    async def scenario() -> Tier:
+        copier.open()
+        await runtime.place("m", Tier.GPU)
+        await runtime.place("m", Tier.RAM)
+        copier.reset(fail_at=2)
+        async with runtime.lease("m", "r1") as lease:
+            copier.open()
+            with pytest.raises(EngineError, match="DMA error on chunk 2"):
+                await answer(lease.engine)
+        for _ in range(int(WAIT_S / 0.05)):
+            if runtime.scheduler.state("m").tier is Tier.COLD:
+                break
+            await asyncio.sleep(0.05)
+        tier = runtime.scheduler.state("m").tier
+        await runtime.close()
+        return tier
+
+    try:
+        assert asyncio.run(scenario()) is Tier.COLD, "a model whose copy failed is closed, to reload when asked"
+    finally:
+        copier.open()
+    assert any(isinstance(e, EngineLost) and "copy" in e.reason for e in events)
 
 
 @pytest.mark.gpu

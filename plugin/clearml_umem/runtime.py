@@ -541,6 +541,11 @@ class Runtime:
                                                         name=f"progress-{cmd.model}")
         try:
             result = await engine.move(cmd.src, cmd.dst)
+            if result.landing is not None and not self.scheduler.state(cmd.model).waiting:
+                # nobody to serve while the weights arrive (a placement, a keep-alive move): the move
+                # ends when they are there, and a copy that failed is its failure
+                await asyncio.wrap_future(result.landing)
+                result = dataclasses.replace(result, landing=None)
         except EngineOutOfMemory as exc:
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)
@@ -591,8 +596,19 @@ class Runtime:
         move fail with that error, and the engine is then closed."""
         try:
             await asyncio.wrap_future(landing)
-        except Exception as exc:  # noqa: BLE001 - the engine raises it to its requests and next move
+        except Exception as exc:  # noqa: BLE001 - any failure: the weights on the device are not the model's
+            # the requests running on it fail with that error; the model goes cold and reloads for the next
             log.error("model %s: the copy of its weights to the device failed: %s", cmd.model, exc)
+            served = self._models.get(cmd.model)
+            if served is None:
+                return
+            served.failure = (self._clock(), f"{type(exc).__name__}: {exc}")
+            try:
+                await served.engine.close()
+            except Exception:  # noqa: BLE001
+                log.exception("model %s: closing the engine after a failed copy also failed", cmd.model)
+            if cmd.model in self.scheduler and self.scheduler.state(cmd.model).moving_to is None:
+                self._apply(self.scheduler.on_engine_lost(cmd.model, f"the copy of its weights failed: {exc}"))
             return
         seconds = self._clock() - started
         log.info("model %s: weights on the device %s after the swap-in began (%s)", cmd.model,

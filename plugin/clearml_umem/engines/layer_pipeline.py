@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
+from clearml_umem.engines.base import EngineError
 from clearml_umem.engines.weight_store import FlatLayout
 
 log = logging.getLogger(__name__)
 
 
-class CopyFailed(RuntimeError):
+class CopyFailed(EngineError):
     """The pipelined copy to the device failed: the weights on the device are not the model's."""
 
 
@@ -261,7 +262,8 @@ class LayerPipeline:
         """Resolve `landing` before the forward that waits for the last chunk goes on, so the swap-in is
         reported before that request's answer."""
         self.landed_s = time.perf_counter() - self._started
-        self._remove_hooks()
+        if self._error is None:
+            self._remove_hooks()  # after a failure they stay, raising it, until the engine drops the module
         if self._error is not None:
             self.landing.set_exception(CopyFailed(f"the copy of the weights to the device failed: {self._error}"))
         else:
