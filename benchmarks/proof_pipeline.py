@@ -63,8 +63,6 @@ async def _measure_one(weights: Path, device: str, runs: int) -> dict[str, Any]:
                     pipelined.append(ttft)
                     engine.weights_ready()
                     landed.append(engine.describe()["last_swap_in_copy_s"] or 0.0)
-                    if engine._landing is not None:
-                        landed[-1] = engine._landing.landed_s or 0.0
                 else:
                     sequential.append(ttft)
                     swap_in.append(moved)

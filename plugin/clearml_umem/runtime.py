@@ -541,7 +541,8 @@ class Runtime:
                                                         name=f"progress-{cmd.model}")
         try:
             result = await engine.move(cmd.src, cmd.dst)
-            if result.landing is not None and not self.scheduler.state(cmd.model).waiting:
+            if result.landing is not None and not (cmd.model in self.scheduler
+                                                   and self.scheduler.state(cmd.model).waiting):
                 # nobody to serve while the weights arrive (a placement, a keep-alive move): the move
                 # ends when they are there, and a copy that failed is its failure
                 await asyncio.wrap_future(result.landing)

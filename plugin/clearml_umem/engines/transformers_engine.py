@@ -492,10 +492,17 @@ class TransformersEngine:
             "host_copy": "kept while hot" if self.keep_host_copy else "copied on eviction",
             "host_pinned_by": self._host.pinned_by if self._host is not None else None,
             "swap_in": "pipelined" if self.pipelined_swap_in and self.keep_host_copy else "sequential",
-            "last_swap_in_copy_s": self._last_copy_s,
+            "last_swap_in_copy_s": self._copy_seconds(),
             "active_generations": self.active_generations,
             "max_concurrency": self.max_concurrency,
         }
+
+    def _copy_seconds(self) -> float | None:
+        """The last swap-in's copy, in seconds (a pipelined one once it landed)."""
+        pipeline = self._landing
+        if pipeline is not None and pipeline.done:
+            return pipeline.landed_s
+        return self._last_copy_s
 
     def progress(self) -> dict[str, Any] | None:
         """The stage of the move under way and its bytes done of the total, or None when none runs."""
