@@ -44,33 +44,44 @@ async def answer(engine: TransformersEngine) -> str:
 
 
 class GatedCopier:
-    """Replaces `layer_pipeline.copy_piece`: chunk i lands only once the test opened gate i."""
+    """Replaces `layer_pipeline.copy_piece`: chunk i of a swap-in lands only once the test opened gate i."""
 
-    def __init__(self, chunks: int, fail_at: int | None = None) -> None:
-        self.gates = [threading.Event() for _ in range(chunks)]
-        self.landed = 0
-        self._calls = 0
+    def __init__(self, fail_at: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self.reset(fail_at)
+
+    def reset(self, fail_at: int | None = None) -> None:
+        """Close every gate again, for the next swap-in."""
+        with self._lock:
+            self._gates: dict[int, threading.Event] = {}
+            self._open_below = 0
+        self.landed = self._calls = 0
         self._fail_at = fail_at
+
+    def _gate(self, i: int) -> threading.Event:
+        with self._lock:
+            gate = self._gates.setdefault(i, threading.Event())
+            if i < self._open_below:
+                gate.set()
+            return gate
 
     def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         i = self._calls
         self._calls += 1
-        if not self.gates[i].wait(WAIT_S):
+        if not self._gate(i).wait(WAIT_S):
             raise TimeoutError(f"gate {i} never opened")
         if i == self._fail_at:
             raise RuntimeError(f"DMA error on chunk {i}")
         dst.copy_(src)
         self.landed = i + 1
 
-    def reset(self, fail_at: int | None = None) -> None:
-        """Close every gate again, for the next swap-in."""
-        self.gates = [threading.Event() for _ in self.gates]
-        self.landed = self._calls = 0
-        self._fail_at = fail_at
-
     def open(self, upto: int | None = None) -> None:
-        for gate in self.gates[:upto]:
-            gate.set()
+        """Open the gates of chunks 0 .. upto - 1 (all of them by default), now or when they come."""
+        with self._lock:
+            self._open_below = 10**9 if upto is None else upto
+            for i, gate in self._gates.items():
+                if i < self._open_below:
+                    gate.set()
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +97,16 @@ def in_ram(llama_dir: Path) -> Iterator[TransformersEngine]:
     asyncio.run(engine.close())
 
 
-def gated(monkeypatch: pytest.MonkeyPatch, engine: TransformersEngine, fail_at: int | None = None) -> GatedCopier:
-    stages = plan_stages(engine.model, engine._layout)
-    assert stages is not None
-    copier = GatedCopier(len(stages), fail_at)
+def gated(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> GatedCopier:
+    copier = GatedCopier(fail_at)
     monkeypatch.setattr(layer_pipeline, "copy_piece", copier)
     return copier
+
+
+def chunks(engine: TransformersEngine) -> int:
+    stages = plan_stages(engine.model, engine._layout)
+    assert stages is not None
+    return len(stages)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
@@ -118,7 +133,7 @@ def test_greedy_answers_are_the_same_pipelined_and_sequential(tiny_models: dict[
 def test_a_layer_runs_only_once_its_chunk_landed_and_the_first_before_the_last_chunk(
         in_ram: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = in_ram
-    copier = gated(monkeypatch, engine)
+    copier = gated(monkeypatch)
     layers = decoder_layers(engine.model)
     assert layers is not None and len(layers) >= 2
     seen: list[tuple[str, int]] = []
@@ -146,10 +161,10 @@ def test_a_layer_runs_only_once_its_chunk_landed_and_the_first_before_the_last_c
     pipelined, landed_at_first = asyncio.run(scenario())
     for handle in handles:
         handle.remove()
-    chunks = len(copier.gates)
-    assert landed_at_first == 2 < chunks, "layer 0 computed while the later chunks were still held back"
+    total = chunks(engine)
+    assert landed_at_first == 2 < total, "layer 0 computed while the later chunks were still held back"
     for name, landed in seen:
-        needed = chunks if name == "head" else int(name.split()[1]) + 2
+        needed = total if name == "head" else int(name.split()[1]) + 2
         assert landed >= needed, f"{name} started with {landed} of the {needed} chunks it needs"
     assert seen[-1][0] == "head"
     assert engine._landing is not None and engine._landing.done
@@ -165,7 +180,8 @@ def test_a_layer_runs_only_once_its_chunk_landed_and_the_first_before_the_last_c
 def test_swap_out_or_close_waits_for_the_copies_in_flight(in_ram: TransformersEngine,
                                                           monkeypatch: pytest.MonkeyPatch, then: str) -> None:
     engine = in_ram
-    copier = gated(monkeypatch, engine)
+    total = chunks(engine)
+    copier = gated(monkeypatch)
     copier.open(1)
 
     async def scenario() -> None:
@@ -181,7 +197,7 @@ def test_swap_out_or_close_waits_for_the_copies_in_flight(in_ram: TransformersEn
         asyncio.run(scenario())
     finally:
         copier.open()
-    assert copier.landed == len(copier.gates)
+    assert copier.landed == total
     assert engine.tier is (Tier.RAM if then == "swap-out" else Tier.COLD)
     assert not [t for t in threading.enumerate() if t.name.startswith("umem-swap-in-")]
 
@@ -189,7 +205,7 @@ def test_swap_out_or_close_waits_for_the_copies_in_flight(in_ram: TransformersEn
 def test_a_copy_that_does_not_end_is_a_bounded_wait(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(llama_dir, stall_timeout_s=0.3)
     asyncio.run(engine.move(Tier.COLD, Tier.RAM))
-    copier = gated(monkeypatch, engine)
+    copier = gated(monkeypatch)
     asyncio.run(engine.move(Tier.RAM, Tier.GPU))
     with pytest.raises(EngineError, match="did not end within"):
         asyncio.run(engine.move(Tier.GPU, Tier.RAM))
@@ -201,7 +217,7 @@ def test_a_copy_that_does_not_end_is_a_bounded_wait(llama_dir: Path, monkeypatch
 def test_a_failed_copy_is_the_generations_error_and_the_next_moves(in_ram: TransformersEngine,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     engine = in_ram
-    copier = gated(monkeypatch, engine, fail_at=2)
+    copier = gated(monkeypatch, fail_at=2)
     copier.open()
 
     async def scenario() -> None:
@@ -287,13 +303,12 @@ def test_the_scheduler_dispatches_at_once_and_reports_the_swap_when_the_weights_
     assert sched.on_move_landed("gone", Tier.RAM, 0.1, 1) == []
 
 
-def test_through_the_runtime_a_request_runs_while_the_weights_arrive(in_ram: TransformersEngine, llama_dir: Path,
+def test_through_the_runtime_a_request_runs_while_the_weights_arrive(llama_dir: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from clearml_umem.events import MoveFinished
     from clearml_umem.runtime import Runtime
 
-    copier = gated(monkeypatch, in_ram)
-    asyncio.run(in_ram.close())
+    copier = gated(monkeypatch)
     runtime = Runtime(2**30, 2**30, EngineContext(work_dir=llama_dir.parent, device="cpu",
                                                   options={"host_copy": "keep"}))
     events: list[Any] = []
@@ -332,12 +347,11 @@ def test_through_the_runtime_a_request_runs_while_the_weights_arrive(in_ram: Tra
 
 
 def test_through_the_runtime_a_failed_copy_fails_the_request_and_the_model_goes_cold(
-        in_ram: TransformersEngine, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from clearml_umem.events import EngineLost
     from clearml_umem.runtime import Runtime
 
-    copier = gated(monkeypatch, in_ram)
-    asyncio.run(in_ram.close())
+    copier = gated(monkeypatch)
     runtime = Runtime(2**30, 2**30, EngineContext(work_dir=llama_dir.parent, device="cpu",
                                                   options={"host_copy": "keep"}))
     events: list[Any] = []
