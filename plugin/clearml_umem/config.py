@@ -68,7 +68,8 @@ class ServeConfig:
     max_request_bytes: str = "8MiB"
     """Largest request body accepted; bigger ones get a 413 before anything reads them."""
     max_messages: int = 10000
-    """Messages one chat request may hold; more get a 400 naming `messages`."""
+    """Messages one chat request may hold; more get a 400 naming `messages`. Any body may hold 10x as
+    many JSON values (`json_body.VALUES_PER_MESSAGE`)."""
     header_timeout: float = 10.0
     """Seconds a request's headers may take from its first byte (nginx client_header_timeout)."""
     body_timeout: float = 30.0
@@ -250,7 +251,7 @@ def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
 
 INT_FIELDS = ("port", "max_waiting", "grpc_port", "max_messages", "max_connections")
 FIELD_HELP = {
-    "max_messages": "messages one chat request may hold",
+    "max_messages": "messages one chat request may hold (any body: 10x as many JSON values)",
     "max_connections": "connections open at once, 0 = 3/4 of ulimit -n",
     "allowed_hosts": "comma-separated Host names accepted besides localhost and the listen address; * = any",
 }

@@ -223,6 +223,7 @@ class UnifiedMemoryServer:
             if self._poller is not None:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)
+            await self.app.state.parsers.close()
             await self.runtime.close()
             sock.close()
 
