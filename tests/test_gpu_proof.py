@@ -39,6 +39,21 @@ def test_proof_runs_end_to_end_through_its_script_and_reports_every_tier(tmp_pat
     assert "| model | weights | hot | swap from RAM | reload from disk | cold start |" in md
     _check_load_scenario(report["load"], md)
     assert not (tmp_path / "work").exists(), "generated models are removed unless --keep-models"
+    check_pipelined_swap_in(report, md, ["cpu-llama", "cpu-qwen2"])
+
+
+def check_pipelined_swap_in(report: dict, md: str, names: list[str]) -> None:
+    """benchmarks/proof_pipeline.py's rows: every figure there, the same answers both ways."""
+    rows = report["pipeline"]
+    assert [r["model"] for r in rows] == names
+    for r in rows:
+        assert "error" not in r, r
+        for key in ("hot_ttft_ms", "ram_ttft_sequential_ms", "ram_ttft_pipelined_ms", "swap_in_s", "pipelined_copy_s"):
+            assert isinstance(r[key], (int, float)) and r[key] > 0, (r["model"], key, r[key])
+        assert r["ram_ttft_sequential_ms"] >= r["swap_in_s"] * 1000, "the sequential TTFT includes its swap-in"
+        assert isinstance(r["goal_ratio"], float) and isinstance(r["goal_met"], bool)
+        assert r["answers_identical"] is True
+    assert "## Pipelined swap-in" in md and "(pipelined - swap-in) / hot" in md
 
 
 def _check_load_scenario(load: dict, md: str) -> None:
@@ -92,6 +107,7 @@ def test_copy_on_eviction_is_reported_as_copied(tmp_path: Path) -> None:
         assert v["s"] > 0 and v["over_bound"] == pytest.approx(gbps / v["bound_gbps"], rel=0.05), v
     assert reload["target_met"] is None, "no verdict for a model under 1 GB"
     assert "## Reload from disk" in (tmp_path / "out" / "report.md").read_text()
+    check_pipelined_swap_in(report, (tmp_path / "out" / "report.md").read_text(), ["cpu-qwen2"])
 
 
 def test_bad_shape_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

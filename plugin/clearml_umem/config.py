@@ -55,6 +55,10 @@ class ServeConfig:
     host_copy: str = "auto"
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
+    pipelined_swap_in: bool = True
+    """Transformers models: a swap-in from RAM lets the first request's forward pass start while the
+    weights are still being copied, each layer waiting for its own (`--no-pipelined-swap-in`: copy
+    everything first). Applies where the host copy is kept while hot."""
     fairness_window: str = "auto"
     """`auto`: a model that came to the GPU serves its turn (the requests waiting for it, and those
     arriving within 2x its swap-in from RAM) before it leaves, even when it drains for an older
@@ -253,7 +257,7 @@ FIELD_HELP = {
     "allowed_hosts": "comma-separated Host names accepted besides localhost and the listen address; * = any",
 }
 """Integer and list fields with their help (the default is added)."""
-BOOLEANS = ("clearml_published", "strict", "access_log")
+BOOLEANS = ("clearml_published", "strict", "access_log", "pipelined_swap_in")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -310,6 +314,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name == "access_log":
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
                                 help=f"one log line per request {help_text}")
+        elif f.name == "pipelined_swap_in":
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                help="transformers models: start a swapped-in model's first forward pass while "
+                                     "its weights are still copied, layer by layer (only where the host copy is "
+                                     f"kept while hot); --no-pipelined-swap-in copies them all first {help_text}")
         elif f.name == "keep_alive":
             parser.add_argument(flag, default=default,
                                 help="unused this long on the GPU, a model moves down a tier (gpu -> ram, then "

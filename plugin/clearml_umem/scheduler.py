@@ -192,9 +192,11 @@ class Scheduler:
 
     def on_move_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int,
                      footprints: Mapping[Tier, Footprint] | None = None,
-                     host_copy: str | None = None) -> list[Command]:
+                     host_copy: str | None = None, landing: bool = False) -> list[Command]:
         """A move ended well; `footprints`, when given, replace the model's (its engine measured them);
         `host_copy` says how a swap-out got its host copy ('kept' or 'copied'), for the metrics.
+        `landing`: a swap-in whose weights still arrive while the model serves (pipelined); the
+        swap's own time and bytes come with `on_move_landed` once its copy ended.
 
         Larger measured footprints can leave a budget overcommitted for a moment; the next
         load that needs room then evicts by the true numbers.
@@ -207,8 +209,8 @@ class Scheduler:
             model.footprints = {**model.footprints, **footprints}
         if dst is Tier.GPU:
             model.oom_retry = None
-            prev = model.swap_in_seconds.get(src)
-            model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
+            if not landing:
+                self._count_swap_in(model, src, seconds)
             if self.fairness:
                 model.turn = start_turn(model, self._clock())
         ended: list[Command] = []
@@ -216,10 +218,32 @@ class Scheduler:
             ended = end_wish(model, "done")
             if dst is Tier.GPU:
                 model.last_used = self._clock()
-        self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
-                                      bytes_moved=bytes_moved, host_copy=host_copy))
+        if not landing:
+            self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
+                                          bytes_moved=bytes_moved, host_copy=host_copy))
         self._emit_memory()
         return ended + self._pump()
+
+    def on_move_landed(self, name: str, src: Tier, seconds: float, bytes_moved: int) -> list[Command]:
+        """A pipelined swap-in's copy ended `seconds` after its move began: that is the swap's time
+        (its miss cost, the turn it earns, the metrics' swap-in), though the model served meanwhile."""
+        model = self._models.get(name)
+        if model is None:
+            return []
+        self._count_swap_in(model, src, seconds)
+        if self.fairness and model.tier is Tier.GPU and model.turn is not None:
+            # the turn began with the swap-in measured before; now the one just taken counts too
+            fresh = start_turn(model, model.turn.start)
+            if fresh.until > model.turn.until:
+                model.turn = fresh
+        self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=Tier.GPU, seconds=seconds,
+                                      bytes_moved=bytes_moved))
+        return self._pump()
+
+    @staticmethod
+    def _count_swap_in(model: ModelRecord, src: Tier, seconds: float) -> None:
+        prev = model.swap_in_seconds.get(src)
+        model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
 
     def on_move_failed(self, name: str, src: Tier, dst: Tier, error: str, now_in: Tier,
                        out_of_memory: bool = False) -> list[Command]:

@@ -65,6 +65,7 @@ from clearml_umem.engines.base import (
     MoveResult,
 )
 from clearml_umem.engines.constrained import GuidanceTokenizers
+from clearml_umem.engines.layer_pipeline import CopyFailed, LayerPipeline, forward_order, plan_stages
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.overlapped_read import ReadCancelled, stream_checkpoint
 from clearml_umem.engines.progress import MoveProgress
@@ -136,6 +137,15 @@ def keep_host_copy(ctx: EngineContext) -> bool:
     if ctx.device_budget_bytes is None or ctx.host_budget_bytes is None:
         return True
     return ctx.host_budget_bytes >= ctx.device_budget_bytes
+
+
+def pipelined_swap_in(ctx: EngineContext) -> bool:
+    """Whether a swap-in lets the first forward start while the weights arrive (`layer_pipeline`): on
+    unless `ctx.options["pipelined_swap_in"]` says otherwise (the serve setting of that name)."""
+    value = ctx.options.get("pipelined_swap_in", True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)
 
 
 def _move_buffers(model: Any, device: torch.device) -> None:
@@ -354,6 +364,9 @@ class TransformersEngine:
         self._progress = MoveProgress()
         self.stall_s = float(ctx.options.get("stall_timeout_s", STALL_TIMEOUT_S))
         self._last_step = 0.0
+        self.pipelined_swap_in = pipelined_swap_in(ctx)
+        self._landing: LayerPipeline | None = None
+        self._last_copy_s: float | None = None
 
     # ------------------------------------------------------------------ facts
 
@@ -377,8 +390,22 @@ class TransformersEngine:
 
     @property
     def model(self) -> Any:
-        """The live module (None when cold), for tests and diagnostics; do not move it behind the engine's back."""
+        """The live module (None when cold), for tests and diagnostics; do not move it behind the engine's back.
+        Its weights are all on the device (`weights_ready`)."""
+        self.weights_ready()
         return self._model
+
+    def weights_ready(self) -> None:
+        """Wait until a pipelined swap-in's weights have all landed: for code that reads them other than
+        through the module's forward (whose layers each wait for their own). Raises EngineError when
+        the copy failed or did not end within the stall timeout."""
+        pipeline = self._landing
+        if pipeline is None:
+            return
+        try:
+            pipeline.wait(self.stall_s)
+        except (CopyFailed, TimeoutError) as exc:
+            raise EngineError(f"model {self.spec.name!r}: swap-in to the device failed: {exc}") from exc
 
     @property
     def host_buffer(self) -> HostBuffer | None:
@@ -466,9 +493,18 @@ class TransformersEngine:
             "pinned_host_memory": self._pin,
             "host_copy": "kept while hot" if self.keep_host_copy else "copied on eviction",
             "host_pinned_by": self._host.pinned_by if self._host is not None else None,
+            "swap_in": "pipelined" if self.pipelined_swap_in and self.keep_host_copy else "sequential",
+            "last_swap_in_copy_s": self._copy_seconds(),
             "active_generations": self.active_generations,
             "max_concurrency": self.max_concurrency,
         }
+
+    def _copy_seconds(self) -> float | None:
+        """The last swap-in's copy, in seconds (a pipelined one once it landed)."""
+        pipeline = self._landing
+        if pipeline is not None and pipeline.done:
+            return pipeline.landed_s
+        return self._last_copy_s
 
     def progress(self) -> dict[str, Any] | None:
         """The stage of the move under way and its bytes done of the total, or None when none runs."""
@@ -484,6 +520,7 @@ class TransformersEngine:
 
     def _move_sync(self, src: Tier, dst: Tier) -> MoveResult:
         with self._move_lock:
+            self._settle()
             with self._state_lock:
                 if self._tier is not src:
                     raise EngineError(f"model {self.spec.name!r} is in tier {self._tier}, not {src}")
@@ -505,7 +542,8 @@ class TransformersEngine:
                 for stop, step in MOVES.route(src, dst):
                     moved += self._run_step(lambda step=step: self._step(*step))
                     self._tier = stop
-                return MoveResult(bytes_moved=moved, host_copy=host_copy)
+                landing = self._landing.landing if self._landing is not None else None
+                return MoveResult(bytes_moved=moved, host_copy=host_copy, landing=landing)
             finally:
                 self._progress.end()
                 with self._state_lock:
@@ -538,7 +576,8 @@ class TransformersEngine:
                 return self._read_device()
             if self._host is None:
                 return self._read_host_and_upload()
-            moved = self._upload()
+            # a kept host copy outlives the move, so the copy may still run when the move ends
+            moved = self._upload(pipelined=self.keep_host_copy and self.pipelined_swap_in)
             if not self.keep_host_copy:
                 self._release_host()
             return moved
@@ -575,7 +614,7 @@ class TransformersEngine:
         files = checkpoint_files(self.weights)
         model = self._empty_model()
         if model is not None:
-            layout = FlatLayout.of_module(model)
+            layout = forward_order(model)
             try:
                 plan_reads(files, layout)
             except ShapeMismatch as exc:
@@ -652,7 +691,7 @@ class TransformersEngine:
 
     def _adopt_loaded(self, model: Any) -> None:
         """A module loaded by `from_pretrained` on the CPU: its weights become the host buffer."""
-        layout = FlatLayout.of_module(model)
+        layout = forward_order(model)
         host = self._host_from_module(model, layout)
         if self.device.type != "cpu":
             _move_buffers(model, self.device)
@@ -745,15 +784,44 @@ class TransformersEngine:
         self._attach(flat)
         return self._layout.param_bytes
 
-    def _upload(self) -> int:
-        """Host buffer -> device buffer in one copy: the swap-in."""
+    def _upload(self, pipelined: bool = False) -> int:
+        """Host buffer -> device buffer: the swap-in.
+
+        Pipelined, the copies are only queued (`layer_pipeline`): the move ends at once, with the
+        device memory allocated and counted, and each layer's forward waits for its own weights.
+        The host buffer must then outlive the copy: the caller keeps it.
+        """
         assert self._layout is not None and self._host is not None
-        self._progress.stage("copying to the device", self._layout.total_bytes)
         flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
+        stages = plan_stages(self._model, self._layout) if pipelined else None
+        if stages is not None:
+            self._progress.stage("queueing the copy to the device")
+            pipeline = LayerPipeline(stages, flat, self._host.tensor, non_blocking=self._host.pinned,
+                                     name=self.spec.name)
+            self._attach(flat)
+            pipeline.start()
+            self._landing = pipeline
+            return self._layout.param_bytes
+        self._progress.stage("copying to the device", self._layout.total_bytes)
+        started = time.perf_counter()
         copy_in_chunks(flat, self._host.tensor, on_bytes=self._progress.add, non_blocking=self._host.pinned)
         self._synchronize()
+        self._last_copy_s = time.perf_counter() - started
         self._attach(flat)
         return self._layout.param_bytes
+
+    def _settle(self) -> None:
+        """Wait for a pipelined swap-in's copies before anything frees or reads the device buffer.
+
+        Bounded by the stall timeout; a copy that failed or did not end is this move's error (the
+        runtime then closes the engine: the weights on the device are not the model's).
+        """
+        pipeline = self._landing
+        if pipeline is None:
+            return
+        self.weights_ready()
+        self._landing = None
+        self._last_copy_s = pipeline.landed_s
 
     def _download(self) -> int:
         """Device buffer -> a new host buffer: the swap-out when no copy was kept."""
@@ -999,6 +1067,11 @@ class TransformersEngine:
     def _close_sync(self) -> None:
         with self._move_lock:
             self._cancel_reads.clear()
+            try:
+                self._settle()
+            except EngineError as exc:
+                log.warning("%s; closing anyway", exc)
+                self._landing = None
             self._unload()
             self._tier = Tier.COLD
 
