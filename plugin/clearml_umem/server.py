@@ -101,7 +101,7 @@ class UnifiedMemoryServer:
         self.metrics = Metrics(self.bus)
         work = config.work_path
         options: dict[str, object] = {"host_copy": config.host_copy, "stall_timeout_s": config.engine_stall_seconds,
-                                      "batching": config.batching}
+                                      "pipelined_swap_in": config.pipelined_swap_in, "batching": config.batching}
         if config.vllm_python:
             options["vllm_python"] = config.vllm_python
         if config.llama_server:
@@ -223,6 +223,7 @@ class UnifiedMemoryServer:
             if self._poller is not None:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)
+            await self.app.state.parsers.close()
             await self.runtime.close()
             sock.close()
 
