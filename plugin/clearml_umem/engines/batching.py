@@ -44,6 +44,10 @@ MAX_BATCH_TOKENS = 512
 """Most tokens one step computes: a longer prompt is prefilled in chunks of this size, between which the
 other requests' decoding steps run (their tokens keep flowing while a long prompt is read)."""
 
+KV_PADDING_TOKENS = 1024
+"""With CUDA graphs, the KV length a step reads is padded up to a multiple of this (one graph per multiple):
+transformers' preset, 16384 tokens, would make every short request attend over the whole cache."""
+
 KV_SHARE_OF_MARGIN = 0.5
 """Part of the device bytes budgeted on top of the weights (the activation margin) given to the paged KV
 cache; the rest stays for activations and the per-request path's caches."""
@@ -177,7 +181,8 @@ class Batcher:
             cb_config = ContinuousBatchingConfig(
                 page_size=limits.page_size, num_blocks=blocks, max_batch_tokens=limits.max_batch_tokens,
                 max_requests_per_batch=limits.max_requests, auto_switch_to_flash=False,
-                use_cuda_graph=limits.cuda_graphs, allow_block_sharing=False)
+                use_cuda_graph=limits.cuda_graphs, allow_block_sharing=False,
+                kv_padding_interval_size=KV_PADDING_TOKENS if limits.cuda_graphs else 0)
             generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos or -1,
                                           pad_token_id=pad)
             with torch.inference_mode():
