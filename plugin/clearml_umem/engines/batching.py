@@ -6,8 +6,10 @@ tokens of all its requests (a new request's prompt is prefilled in the same step
 decoding, in chunks of at most `max_batch_tokens`), so a request's first token never waits for
 other requests' whole answers, and on a GPU, where a short forward is bound by reading the
 weights, N requests decode for about the price of one. It also removes the per-request cost of
-`generate()` (config validation, processor lists, a thread per request): on the CPU a one-token
-answer of a tiny model took 77 ms through `generate()` and 7 ms through the manager.
+`generate()`: profiled on the CPU (tiny-llama), a one-token answer took 12.7 ms through it against
+a 7.6 ms forward (config validation and copies, `inspect.signature` of model kwargs, processor and
+stopping-criteria lists, a thread start); a manager step costs what a plain decoding forward
+does (6.9 ms), with 0.3 ms of batch preparation and 0.14 ms of update around it.
 
 Only what the manager honours exactly goes through it (`why_not_batched`): greedy requests with
 no per-token option. Sampling draws from the request's own seeded generator and logprobs,
