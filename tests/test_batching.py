@@ -195,6 +195,8 @@ def test_leaving_the_device_stops_batching_and_it_restarts(tiny_models: dict[str
         assert not engine.batcher.running
         asyncio.run(engine.move(Tier.RAM, Tier.GPU))
         assert asyncio.run(collect(engine, requests()[0]))[0] == solo_answers[0][0]
+        engine.weights_ready()  # while a pipelined swap-in lands, requests take the per-request path
+        assert asyncio.run(collect(engine, requests()[0]))[0] == solo_answers[0][0]
         assert engine.batcher.running
     finally:
         asyncio.run(engine.close())
