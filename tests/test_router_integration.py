@@ -274,7 +274,8 @@ def test_a_full_queue_answers_429_with_retry_after_and_bounds_the_work(tiny_mode
     spec = spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"])})
     manifest = tmp_path / "models.yaml"
     write_manifest(manifest, [spec])
-    router = start_router(manifest, tmp_path / "work", "--device", "cpu", "--max-waiting", "2")
+    # batching off: one request per core on this CPU, so 16 clients overflow the queue (batched, 32 fit)
+    router = start_router(manifest, tmp_path / "work", "--device", "cpu", "--max-waiting", "2", "--batching", "off")
     try:
         peak = [0]
         over: list[dict] = []
