@@ -137,16 +137,21 @@ async def stream_answer(process: VLLMProcess, path: str, body: dict[str, Any], c
     """One streamed answer from the server; closing the iterator closes the HTTP stream, which
     makes the server stop generating. Every line received counts as progress (`VLLMProcess.hung`)."""
     decoder = SSEDecoder(chat=chat, label=label, top_logprobs=top_logprobs)
+    # Read to the end, even past [DONE]: the connection then goes back to the pool, and no reader
+    # generator is left for the loop's finalizer (each costs a wake-up of the loop). A server that
+    # closes the connection after every stream is told so up front (`closes_streams`), so that no
+    # request is ever sent on a connection it is closing.
+    headers = {"connection": "close"} if process.config.closes_streams else None
     with process.streaming() as progressed:
-        async with process.client().stream("POST", path, json=body) as resp:
+        async with process.client().stream("POST", path, json=body, headers=headers) as resp:
             if resp.status_code != 200:
                 raise refuse(resp.status_code, error_message(await resp.aread()))
             async for line in resp.aiter_lines():
                 progressed()
+                if decoder.done:
+                    continue
                 for delta in decoder.feed(line):
                     yield delta
-                if decoder.done:
-                    break
     yield decoder.finish()
 
 
