@@ -225,7 +225,7 @@ class LlamaCppEngine:
                 ProcessConfig(name=self.spec.name, log_file=self.log_file, command=self.command,
                               environment=self.environment, timeouts=self._timeouts, program=(self.binary,),
                               label="llama-server", unix_socket=self._abilities.unix_socket,
-                              key_env="LLAMA_API_KEY", allow_tcp=True, closes_streams=True),
+                              key_env="LLAMA_API_KEY", allow_tcp=True),
                 START_GATES.for_device(self.ctx.device))
         return self._process
 

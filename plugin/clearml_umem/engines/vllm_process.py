@@ -334,9 +334,6 @@ class ProcessConfig:
     key_env: str | None = None
     """Environment variable that hands the server its per-launch key (off the command line,
     which every local user can read in /proc); None: vLLM's VLLM_API_KEY."""
-    closes_streams: bool = False
-    """The server closes the connection after every streamed answer, without saying so (llama-server
-    0.3.36 does): streams ask for `Connection: close`, so none is sent on a connection being closed."""
 
 
 class VLLMProcess:
