@@ -259,8 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Router overhead, {report['pairs']} alternating pairs, streaming chat, max_tokens {report['max_tokens']}, "
-             f"{report['device']}:", "",
+    lines = [f"Router overhead, {report['pairs']} alternating pairs, streaming chat, "
+             f"max_tokens {report['max_tokens']}, {report['device']}:", "",
              "| engine | peer | router TTFT median / p90 | peer TTFT median / p90 | added (median of pairs) | "
              "router / peer |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -282,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models-dir", default=None,
                         help="where to build (or reuse) the tiny transformers model (default: a temporary folder)")
     parser.add_argument("--router-arg", dest="router_args", action="append", default=[],
-                        help="one more argument for `clearml-umem serve` (repeatable), e.g. --router-arg=--no-access-log")
+                        help="one more argument for `clearml-umem serve` (repeatable), "
+                        "e.g. --router-arg=--no-access-log")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
