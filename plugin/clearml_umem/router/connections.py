@@ -147,8 +147,8 @@ class CoalescedWrites:
     body separately, each a send and, on the client's side, a wake-up: a streamed answer's headers
     and first token took two, its last piece and end two more. Here they wait in a list until the
     loop has run what is ready (a `call_soon`), so what a handler sends without waiting in between
-    leaves together; a piece sent after an await still leaves on the next pass, microseconds later.
-    Everything else is the real transport's.
+    leaves together; a piece sent after an await still leaves on the next pass, microseconds later,
+    and a complete response at once (`on_response_complete`). Everything else is the real transport's.
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
@@ -264,6 +264,8 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             self._track()
 
         def on_response_complete(self) -> None:
+            if isinstance(self.transport, CoalescedWrites):
+                self.transport.flush()  # a whole answer leaves now, before the handler's cleanup runs
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._waiting_since = time.monotonic()
