@@ -14,6 +14,7 @@ hot: a GGUF model on the llama.cpp engine and a Hugging Face model on the transf
 
 TTFT is measured by the client, from sending the request to the first chunk that carries text
 (or ends the answer). Each pair swaps which goes first, so drift and order effects hit both;
+`--baseline DIR` adds a second router on another checkout's code to the same rotation;
 the figures are medians and p90 of each side and the median of the paired differences
 (router minus peer), in ms and as a ratio to the peer's median.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -110,32 +112,29 @@ def _timed_stream(client: httpx.Client, url: str, body: dict[str, Any]) -> float
     return ttft
 
 
-def alternate(pairs: int, warmup: int, router: Callable[[], float],
-              peer: Callable[[], float]) -> tuple[list[float], list[float]]:
-    """`pairs` timed pairs after `warmup` untimed ones; odd pairs send the peer's request first."""
-    for _ in range(warmup):
-        router()
-        peer()
-    router_s: list[float] = []
-    peer_s: list[float] = []
-    for i in range(pairs):
-        if i % 2:
-            p = peer()
-            r = router()
-        else:
-            r = router()
-            p = peer()
-        router_s.append(r)
-        peer_s.append(p)
-    return router_s, peer_s
+def rotate(sides: dict[str, Callable[[], float]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Each side once per round, `rounds` timed rounds after `warmup` untimed ones; round i starts
+    at side i (mod the number of sides), so that no side always goes first."""
+    names = list(sides)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        got = {name: sides[name]() for name in order}
+        if i >= warmup:
+            for name in names:
+                times[name].append(got[name])
+    return times
 
 
-def start_router(manifest: Path, work: Path, device: str, extra: Sequence[str] = (),
-                 timeout: float = 300) -> tuple[subprocess.Popen[str], str, list[str]]:
+def start_router(manifest: Path, work: Path, device: str, extra: Sequence[str] = (), timeout: float = 300,
+                 pythonpath: str | None = None) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """The CLI's router; `pythonpath` runs another checkout's code (`--baseline`)."""
     cmd = [sys.executable, "-m", "clearml_umem", "serve", "--manifest", str(manifest), "--port", "0",
            "--work-dir", str(work), "--device", device, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "UMEM_API_KEY": "", "UMEM_ADMIN_KEY": ""})
+    env = {**os.environ, "UMEM_API_KEY": "", "UMEM_ADMIN_KEY": ""}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     found: list[str] = []
     ready = threading.Event()
@@ -172,14 +171,20 @@ def chat_body(model: str, max_tokens: int) -> dict[str, Any]:
     return {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": True}
 
 
-def bench_llamacpp(router: httpx.Client, model: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench_llamacpp(routers: dict[str, httpx.Client], model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per router (this one, and `--baseline`'s), each against its own llama-server; all
+    sides rotate in one loop."""
     body = chat_body(model, args.max_tokens)
-    with httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(router, model)), base_url="http://localhost",
-                      trust_env=False, timeout=60) as direct:
-        router_s, peer_s = alternate(args.pairs, args.warmup,
-                                     lambda: first_text_seconds(router, "/v1/chat/completions", body),
-                                     lambda: first_text_seconds(direct, "/v1/chat/completions", body))
-    return {"engine": "llamacpp", "peer": "llama-server on its socket", **summary(router_s, peer_s)}
+    sides: dict[str, Callable[[], float]] = {}
+    with contextlib.ExitStack() as stack:
+        for label, router in routers.items():
+            direct = stack.enter_context(httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(router, model)),
+                                                      base_url="http://localhost", trust_env=False, timeout=60))
+            sides[f"{label} router"] = lambda c=router: first_text_seconds(c, "/v1/chat/completions", body)
+            sides[f"{label} direct"] = lambda c=direct: first_text_seconds(c, "/v1/chat/completions", body)
+        times = rotate(sides, args.pairs, args.warmup)
+    return [{"engine": "llamacpp" if label == "this" else f"llamacpp ({label})", "peer": "llama-server on its socket",
+             **summary(times[f"{label} router"], times[f"{label} direct"])} for label in routers]
 
 
 def bench_transformers(router: httpx.Client, model: str, weights: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -204,13 +209,12 @@ def bench_transformers(router: httpx.Client, model: str, weights: Path, args: ar
 
     try:
         loop.run_until_complete(engine.move(Tier.COLD, Tier.GPU))
-        router_s, peer_s = alternate(args.pairs, args.warmup,
-                                     lambda: first_text_seconds(router, "/v1/chat/completions", body),
-                                     lambda: loop.run_until_complete(in_process()))
+        times = rotate({"router": lambda: first_text_seconds(router, "/v1/chat/completions", body),
+                        "peer": lambda: loop.run_until_complete(in_process())}, args.pairs, args.warmup)
     finally:
         loop.run_until_complete(engine.close())
         loop.close()
-    return {"engine": "transformers", "peer": "the engine in-process", **summary(router_s, peer_s)}
+    return {"engine": "transformers", "peer": "the engine in-process", **summary(times["router"], times["peer"])}
 
 
 def prepare_models(args: argparse.Namespace) -> dict[str, tuple[str, Path, str]]:
@@ -235,27 +239,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest.write_text("models:\n" + "".join(f"  - name: {name}\n    weights: {weights}\n{more}"
                                                for name, weights, more in models.values()))
     extra = ["--llama-server", args.llama_server] if "llamacpp" in models else []
-    proc, url, log_lines = start_router(manifest, args.work / "router", args.device, [*extra, *args.router_args])
     results: list[dict[str, Any]] = []
+    procs: list[tuple[subprocess.Popen[str], list[str]]] = []
     try:
-        with httpx.Client(base_url=url, trust_env=False, timeout=300) as router:
+        proc, url, log_lines = start_router(manifest, args.work / "router", args.device, [*extra, *args.router_args])
+        procs.append((proc, log_lines))
+        urls = {"this": url}
+        if args.baseline and "llamacpp" in models:
+            base_manifest = args.work / "baseline.yaml"
+            name, weights, more = models["llamacpp"]
+            base_manifest.write_text(f"models:\n  - name: {name}\n    weights: {weights}\n{more}")
+            proc, urls["baseline"], log_lines = start_router(base_manifest, args.work / "baseline", args.device,
+                                                             [*extra, *args.router_args], pythonpath=args.baseline)
+            procs.append((proc, log_lines))
+        with contextlib.ExitStack() as stack:
+            routers = {label: stack.enter_context(httpx.Client(base_url=u, trust_env=False, timeout=300))
+                       for label, u in urls.items()}
             for engine, (name, weights, _) in models.items():
-                first_text_seconds(router, "/v1/chat/completions", chat_body(name, 1))  # load it: cold -> gpu
+                for router in routers.values() if engine == "llamacpp" else [routers["this"]]:
+                    first_text_seconds(router, "/v1/chat/completions", chat_body(name, 1))  # load it: cold -> gpu
                 if engine == "llamacpp":
-                    results.append(bench_llamacpp(router, name, args))
+                    results.extend(bench_llamacpp(routers, name, args))
                 else:
-                    results.append(bench_transformers(router, name, weights, args))
+                    results.append(bench_transformers(routers["this"], name, weights, args))
     except Exception:
-        print("\n".join(log_lines[-30:]), file=sys.stderr)
+        for _, lines in procs:
+            print("\n".join(lines[-30:]), file=sys.stderr)
         raise
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc, _ in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return {"device": args.device, "max_tokens": args.max_tokens, "pairs": args.pairs, "warmup": args.warmup,
-            "router_args": list(args.router_args), "results": results}
+            "router_args": list(args.router_args), "baseline": args.baseline, "results": results}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -284,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--router-arg", dest="router_args", action="append", default=[],
                         help="one more argument for `clearml-umem serve` (repeatable), "
                         "e.g. --router-arg=--no-access-log")
+    parser.add_argument("--baseline", default=None, metavar="PYTHONPATH",
+                        help="also run a router from another checkout's code (its plugin folder, e.g. the code "
+                             "before a change): for llamacpp its router and llama-server join the rotation, one "
+                             "more row in the same run")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
