@@ -1,22 +1,30 @@
 """Another client's time to first token while big request bodies arrive, against a real router.
 
 A streaming client asks a hot tiny model for a few tokens, one request after another, and its
-TTFT is measured twice in one run: alone, then while `--senders` threads keep posting ~6.8 MB
-chat bodies (200,000 one-character messages each) for a model that is not served, so only
-parsing and validation run for them. On the default settings they are refused (400: more
-messages than `--max-messages` allows) once parsed; with `--accept-all` the router is started
-to take that many, so each is also validated in full (and answered 404). Reported: p50 and p99
-TTFT of each phase and their ratios (1.0 = big bodies cost other clients nothing), plus the
-worst /health latency seen in each phase.
+TTFT is measured twice in one run: alone, then while `--senders` processes keep posting big chat
+bodies for a model that is not served, so only checking, parsing and validation run for them.
+`--shape tiny` (the default): ~6.8 MB of 200,000 one-character messages, which the router's parser
+processes refuse (400: more messages than `--max-messages` allows) without the router parsing
+them; with `--accept-all` the router is started to take that many (`--max-messages 200000`), so
+the router parses and validates each in full (and answers 404). `--shape long`: ~8 MB of 10,000
+messages of 800 characters, valid on the default settings, so the router parses and validates
+each after its parser process passed it (404). Reported: p50 and p99 TTFT of each phase and their
+ratios (1.0 = big bodies cost other clients nothing), the worst /health latency of each phase, and
+(`--parse-costs`) what the router's own parse of the costliest bodies that pass the default
+bounds takes, measured in this process.
 
     python benchmarks/big_bodies.py                 # about a minute on 2 cores
+    python benchmarks/big_bodies.py --shape long
     python benchmarks/big_bodies.py --accept-all --requests 200 --senders 8
+    python benchmarks/big_bodies.py --parse-costs   # no router: the in-process parse alone
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -26,15 +34,71 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 
 from clearml_umem.catalog import write_manifest
+from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, load_body, max_values
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tinymodels import DEMO_MODELS, ensure_tiny_models
 
 READY = "umem: serving on "
 MESSAGES = 200_000
+LONG_CHARS = 800
+BODY_LIMIT = 8 * 2**20
+
+
+def big_body(shape: str) -> bytes:
+    if shape == "tiny":
+        messages = [{"role": "user", "content": "x"}] * MESSAGES
+    else:
+        messages = [{"role": "user", "content": "y" * LONG_CHARS}] * DEFAULT_MAX_MESSAGES
+    return json.dumps({"model": "not-served", "messages": messages}).encode()
+
+
+def costliest_bodies() -> dict[str, bytes]:
+    """Bodies of at most 8 MiB that pass the default bounds, each the worst of its kind for a parse."""
+    room = BODY_LIMIT - 200
+    values = max_values(DEFAULT_MAX_MESSAGES) - 10
+    keys = values // 2 - 2
+    key_len = room // keys - 8  # "key": 0,
+    return {
+        "8 MiB prompt of \\u escapes": json.dumps({"model": "m", "prompt": "\u00e9" * (room // 6)}).encode(),
+        "8 MiB prompt of UTF-8 text": json.dumps({"model": "m", "prompt": "\u00e9" * (room // 2)},
+                                                  ensure_ascii=False).encode(),
+        "10,000 messages, 8 MiB in all": json.dumps({"model": "m", "messages": [
+            {"role": "user", "content": "\u00e9" * ((room // DEFAULT_MAX_MESSAGES - 40) // 6)}
+        ] * DEFAULT_MAX_MESSAGES}).encode(),
+        f"{values:,} one-character strings": json.dumps({"model": "m", "extra": ["x"] * (values - 4)}).encode(),
+        f"{keys:,} unique {key_len}-byte keys": json.dumps({"model": "m", "extra": {
+            f"{i:0{key_len}d}": 0 for i in range(keys)}}).encode(),
+    }
+
+
+def parse_costs(repeats: int = 5) -> dict[str, dict[str, float]]:
+    """The router's own parse of each body, in CPU milliseconds (best of `repeats`; CPU time, not
+    wall time, so that other load on the machine does not inflate it): `orjson` is the one call
+    that holds the GIL throughout, so it is what other clients may wait for; `walk` counts the
+    values and depth in Python, which lets other threads in every 5 ms. The garbage collector is
+    paused, as the router's parser thread has it."""
+    costs: dict[str, dict[str, float]] = {}
+    for label, raw in costliest_bodies().items():
+        assert len(raw) <= BODY_LIMIT, (label, len(raw))
+        parse = walk = float("inf")
+        for _ in range(repeats):
+            gc.disable()
+            started = time.thread_time()
+            data = orjson.loads(raw)
+            parsed = time.thread_time()
+            del data
+            load_body(raw, chat=False)
+            both = time.thread_time() - parsed
+            parse, walk = min(parse, parsed - started), min(walk, both - (parsed - started))
+            gc.enable()
+        costs[label] = {"orjson_ms": parse * 1e3, "walk_ms": max(0.0, walk) * 1e3}
+    return costs
 
 
 def start_router(manifest: Path, work: Path, accept_all: bool) -> tuple[subprocess.Popen[str], str]:
@@ -69,53 +133,74 @@ def p(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def phase(url: str, model: str, requests: int, senders: int, body: bytes) -> dict[str, float]:
-    stop = threading.Event()
-    posted = [0]
-    health: list[float] = []
+def send(url: str, body: bytes, stop: Any, posted: Any) -> None:
+    """One sender, in a process of its own: in the measuring process its work on 8 MB bodies would
+    hold that process's GIL and show up in the TTFT it measures."""
+    with httpx.Client(base_url=url, timeout=300) as c:
+        while not stop.is_set():
+            resp = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            # 400: refused for its shape; 404: passed and validated in full, for a model not served
+            assert resp.status_code in (400, 404), resp.text[:200]
+            with posted.get_lock():
+                posted.value += 1
 
-    def send() -> None:
-        with httpx.Client(base_url=url, timeout=300) as c:
-            while not stop.is_set():
-                resp = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
-                # 400: over the messages cap; 404: valid, validated in full, for a model not served
-                assert resp.status_code in (400, 404), resp.text[:200]
-                posted[0] += 1
+
+def phase(url: str, model: str, requests: int, senders: int, body: bytes) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    posted = context.Value("i", 0)
+    health: list[float] = []
+    polling = threading.Event()
 
     def poll() -> None:
         with httpx.Client(base_url=url, timeout=300) as c:
-            while not stop.is_set():
+            while not polling.is_set():
                 started = time.perf_counter()
                 c.get("/health").raise_for_status()
                 health.append(time.perf_counter() - started)
                 time.sleep(0.02)
 
-    threads = [threading.Thread(target=send, daemon=True) for _ in range(senders)]
-    threads.append(threading.Thread(target=poll, daemon=True))
-    for t in threads:
-        t.start()
+    processes = [context.Process(target=send, args=(url, body, stop, posted), daemon=True) for _ in range(senders)]
+    for proc in processes:
+        proc.start()
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     if senders:
-        time.sleep(1.0)  # the bodies are arriving
+        time.sleep(2.0)  # the bodies are arriving
     times: list[float] = []
     with httpx.Client(base_url=url, timeout=300) as client:
         for _ in range(requests):
             times.append(ttft(client, model))
     stop.set()
-    for t in threads:
-        t.join(300)
+    polling.set()
+    poller.join(300)
+    for proc in processes:
+        proc.join(300)
     return {"ttft_p50_s": statistics.median(times), "ttft_p99_s": p(times, 0.99),
-            "health_max_s": max(health) if health else float("nan"), "big_bodies_answered": posted[0]}
+            "health_max_s": max(health) if health else float("nan"), "big_bodies_answered": posted.value}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=60, help="TTFT samples per phase (default 60)")
-    parser.add_argument("--senders", type=int, default=4, help="threads posting big bodies (default 4)")
+    parser.add_argument("--senders", type=int, default=4, help="processes posting big bodies (default 4)")
     parser.add_argument("--models", default=os.environ.get("UMEM_TEST_MODELS"),
                         help="folder of the tiny demo models (env UMEM_TEST_MODELS; default: built in a temp dir)")
     parser.add_argument("--accept-all", action="store_true",
                         help=f"start the router with --max-messages {MESSAGES}, so the bodies are validated in full")
+    parser.add_argument("--shape", choices=("tiny", "long"), default="tiny",
+                        help=f"tiny: {MESSAGES:,} one-character messages (default); long: {DEFAULT_MAX_MESSAGES:,} "
+                             f"messages of {LONG_CHARS} characters")
+    parser.add_argument("--parse-costs", action="store_true",
+                        help="only time the router's own parse of the costliest bodies that pass the default bounds")
     args = parser.parse_args(argv)
+    if args.parse_costs:
+        costs = parse_costs()
+        print(f"  {'body':<40} {'orjson':>9} {'walk':>9}   (CPU ms)")
+        for label, row in costs.items():
+            print(f"  {label:<40} {row['orjson_ms']:9.1f} {row['walk_ms']:9.1f}")
+        print(json.dumps({"parse_ms": costs}))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.models) if args.models else Path(tmp) / "models"
         models = ensure_tiny_models(root, DEMO_MODELS[:1])
@@ -124,20 +209,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_manifest(manifest, [spec_from_mapping({"name": name, "weights": str(weights)})])
         proc, url = start_router(manifest, Path(tmp) / "work", args.accept_all)
         try:
-            body = json.dumps({"model": "not-served", "messages": [{"role": "user", "content": "x"}] * MESSAGES})
+            body = big_body(args.shape)
             with httpx.Client(base_url=url, timeout=300) as client:
                 ttft(client, name)  # the model is hot before anything is measured
             quiet = phase(url, name, args.requests, 0, b"")
-            loaded = phase(url, name, args.requests, args.senders, body.encode())
+            loaded = phase(url, name, args.requests, args.senders, body)
         finally:
             proc.terminate()
             proc.wait(60)
-    result = {"body_bytes": len(body), "senders": args.senders, "accept_all": args.accept_all, "quiet": quiet,
+    result = {"body_bytes": len(body), "shape": args.shape, "senders": args.senders, "accept_all": args.accept_all,
+              "quiet": quiet,
               "big_bodies": loaded,
               "ttft_p50_ratio": loaded["ttft_p50_s"] / quiet["ttft_p50_s"],
               "ttft_p99_ratio": loaded["ttft_p99_s"] / quiet["ttft_p99_s"]}
-    print(f"body {len(body) / 1e6:.1f} MB x {args.senders} senders ({loaded['big_bodies_answered']} answered, "
-          f"{'validated in full' if args.accept_all else 'refused over the messages cap'})")
+    fate = ("refused by the parser processes" if args.shape == "tiny" and not args.accept_all
+            else "passed, then parsed and validated by the router")
+    print(f"body {len(body) / 1e6:.1f} MB ({args.shape}) x {args.senders} senders "
+          f"({loaded['big_bodies_answered']} answered, {fate})")
     for label, row in (("quiet", quiet), ("big bodies", loaded)):
         print(f"  {label:<11} TTFT p50 {row['ttft_p50_s'] * 1e3:7.1f} ms  p99 {row['ttft_p99_s'] * 1e3:7.1f} ms  "
               f"/health max {row['health_max_s'] * 1e3:7.1f} ms")

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("umem.gpu_proof")
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the scenario modules beside this one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SWAP_IN_TARGET = 0.8
 """The issue's bar: swap-in at 0.8 of the same-size probe or better, for models of 1 GB and up."""
@@ -94,6 +96,12 @@ class ProofReport:
     runs: int = 0
     device_budget_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    pipeline: list[dict[str, Any]] = field(default_factory=list)
+    """TTFT from RAM, pipelined swap-in against sequential (benchmarks/proof_pipeline.py)."""
+    reload: dict[str, Any] = field(default_factory=dict)
+    """Reload from disk beside the storage and link probes (`proof_reload`), on the largest model."""
+    load: dict[str, Any] = field(default_factory=dict)
+    """Many models under load (benchmarks/proof_load.py)."""
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -265,6 +273,16 @@ def markdown(report: ProofReport) -> str:
                    f"saved in {m['save_s']} s")
     out.append("- phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases_s.items()))
     out.append("- reloads from disk and cold starts read files written in this run, from the page cache")
+    from benchmarks import proof_pipeline
+
+    out += proof_pipeline.markdown(report.pipeline)
+    if report.reload:
+        from benchmarks.proof_reload import reload_markdown
+
+        out += [""] + reload_markdown(report.reload)
+    from benchmarks.proof_load import markdown as load_markdown
+
+    out += load_markdown(report.load)
     if report.errors:
         out += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(out) + "\n"
@@ -285,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="", help="where models are written (default: a folder under /tmp)")
     parser.add_argument("--host-copy", default="auto", choices=("auto", "keep", "evict"))
     parser.add_argument("--keep-models", action="store_true", help="leave the generated models on disk")
+    parser.add_argument("--load-requests", type=int, default=None,
+                        help="requests per mix of the load scenario (default 128 on a GPU, 32 on the CPU; 0: skip)")
+    parser.add_argument("--load-clients", type=int, default=32, help="concurrent clients of the load scenario")
+    parser.add_argument("--load-shape", default="", help="shape of its four models (default llama-3-8b, cpu-llama)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -300,11 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     names = [n.strip() for n in args.shapes.split(",") if n.strip()] or list(
         DEFAULT_GPU_SHAPES if device.startswith("cuda") else DEFAULT_CPU_SHAPES)
-    unknown = [n for n in names if n not in SHAPES]
+    unknown = [n for n in [*names, *([args.load_shape] if args.load_shape else [])] if n not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    if args.runs < 1 or args.load_clients < 1:
+        parser.error("--runs and --load-clients must be at least 1")
     out = Path(args.out)
     work = Path(args.work_dir or f"/tmp/umem-gpu-proof-{os.getpid()}")
     env = environment(device)
@@ -327,6 +349,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.phases_s["benchmark"] = time.perf_counter() - t1
         report.rows = result.rows()
         report.summary = summarize(result, report.models)
+        from benchmarks import proof_pipeline
+
+        t2 = time.perf_counter()
+        try:
+            report.pipeline = proof_pipeline.measure(work / "models", [m["name"] for m in report.models], device,
+                                                     args.runs)
+        except Exception as exc:  # the scenarios after this one still run
+            log.exception("the pipelined swap-in scenario failed")
+            report.errors.append(f"pipelined swap-in: {type(exc).__name__}: {exc}")
+        report.phases_s["pipelined swap-in"] = time.perf_counter() - t2
+        from benchmarks.proof_reload import measure_reload
+
+        t2 = time.perf_counter()
+        largest = max(report.models, key=lambda m: m["weight_bytes"])["name"]
+        try:
+            report.reload = measure_reload(work / "models" / largest, device, runs=args.runs)
+        except Exception as exc:  # the scenarios after this one still run
+            log.exception("the reload scenario failed")
+            report.errors.append(f"reload from disk: {type(exc).__name__}: {exc}")
+        report.phases_s["reload from disk"] = time.perf_counter() - t2
+        load_requests = args.load_requests if args.load_requests is not None else 128 if device != "cpu" else 32
+        if load_requests > 0:  # many models under load: benchmarks/proof_load.py
+            from benchmarks.proof_load import run_load
+
+            shape = args.load_shape or ("llama-3-8b" if device != "cpu" else "cpu-llama")
+            if not (work / "models" / shape).exists():
+                build_random_model(work / "models" / shape, SHAPES[shape], device)
+            t2 = time.perf_counter()
+            try:
+                report.load = run_load(work / "models" / shape, shape, work, device, args.host_copy,
+                                       requests=load_requests, clients=args.load_clients)
+                report.errors += report.load["errors"]
+            except Exception as exc:  # the scenarios after this one still run
+                log.exception("the load scenario failed")
+                report.errors.append(f"load: {type(exc).__name__}: {exc}")
+            report.phases_s["load"] = time.perf_counter() - t2
     except Exception as exc:
         log.exception("the proof stopped early")
         report.errors.append(f"{type(exc).__name__}: {exc}")

@@ -1,13 +1,15 @@
 """Mixed load on the real router: swaps per request and waits, with and without the fairness window.
 
 Many clients send requests spread at random over the demo's three tiny models, with a
-device budget that holds one of them: every switch between models is a swap. The same
-seeded traffic runs twice in one process, once with the fairness window (the default) and
-once with strict arrival order (`--fairness-window off`), and the table reports each as a
-ratio to strict order from the same run. Real router on loopback, real transformers
-engine on the CPU (or the GPU), an HTTP client per request; bounded by --requests.
+device budget that holds one of them, all three loaded in RAM and asked once before the
+traffic starts: every switch between models is a swap from RAM. The same seeded traffic runs with the
+fairness window (the default) and with strict arrival order (`--fairness-window off`), in
+one process, and the table reports each as a ratio to strict order from the same run.
+With --rounds 2 (the default) the order is A B B A, so that the machine's load changing
+over the run weighs on both alike. Real router on loopback, real transformers engine on
+the CPU (or the GPU), an HTTP client per request; bounded by --requests.
 
-    python benchmarks/load_bench.py                      # 32 clients, 300 requests, about a minute
+    python benchmarks/load_bench.py                      # 32 clients, 2 x 300 requests per variant, 2-4 minutes
     python benchmarks/load_bench.py --clients 8 --requests 40
 """
 
@@ -71,6 +73,17 @@ def one_run(name: str, fairness: str, manifest: Path, budgets: tuple[int, int], 
     rng = random.Random(seed)
     plan = [rng.choice(names) for _ in range(requests)]
     with server.run_in_thread() as url, httpx.Client(base_url=url, timeout=300) as client:
+        # Every model starts in RAM: the traffic measures swaps, not engine starts (the first
+        # server of the process would also pay for the imports and the first kernels) ...
+        for name in names:
+            client.post(f"/admin/models/{name}/place", json={"tier": "ram"}).raise_for_status()
+        # and has answered once: first requests pay one-time costs (kernels, caches) that are not the scheduler's
+        for name in names:
+            client.post("/v1/chat/completions", json={"model": name, "max_tokens": 1,
+                                                      "messages": [{"role": "user", "content": "hi"}]}
+                        ).raise_for_status()
+        with lock:
+            run.swap_ins = 0
 
         def ask(model: str) -> None:
             body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
@@ -115,11 +128,13 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds per variant, in alternating order (seed + round: the same traffic for both)")
     parser.add_argument("--models-dir", default=str(Path.home() / ".cache" / "clearml-umem" / "demo"))
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.requests < 1:
-        parser.error("--clients and --requests must be at least 1")
+    if args.clients < 1 or args.requests < 1 or args.rounds < 1:
+        parser.error("--clients, --requests and --rounds must be at least 1")
     from clearml_umem.demo import room_for_one
 
     paths = ensure_tiny_models(args.models_dir)
@@ -129,11 +144,23 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         manifest = work / "models.yaml"
         write_manifest(manifest, specs)
         device, host, _ = room_for_one(specs, EngineContext(work_dir=work, device="cpu"))
-        runs = [one_run(name, fairness, manifest, (device, host), work / name.split()[0], args.clients,
-                        args.requests, args.seed, args.max_tokens) for name, fairness in VARIANTS]
-    print(f"{args.clients} clients, {args.requests} requests over {len(specs)} models (room for one), "
-          f"{args.max_tokens} tokens each, seed {args.seed}; wait = time to first token at the client")
-    print(table(runs, args.requests))
+        runs = [Run(name) for name, _ in VARIANTS]
+        for i in range(args.rounds):
+            # ABBA...: a variant that runs first in one round runs last in the next, so that a change
+            # in the machine's load over the run weighs on both alike
+            for k in (range(len(VARIANTS)) if i % 2 == 0 else reversed(range(len(VARIANTS)))):
+                name, fairness = VARIANTS[k]
+                one = one_run(name, fairness, manifest, (device, host), work / f"{name.split()[0]}-{i}",
+                              args.clients, args.requests, args.seed + i, args.max_tokens)
+                runs[k].waits += one.waits
+                runs[k].hits += one.hits
+                runs[k].swap_ins += one.swap_ins
+                runs[k].errors += one.errors
+    requests = args.requests * args.rounds
+    print(f"{args.clients} clients, {args.requests} requests over {len(specs)} models (room for one) in each of "
+          f"{args.rounds} rounds per variant (alternating order), {args.max_tokens} tokens each, seed {args.seed}; "
+          "wait = time to first token at the client")
+    print(table(runs, requests))
     for r in runs:
         if r.errors:
             print(f"{r.name}: {len(r.errors)} errors, e.g. {r.errors[0]}", file=sys.stderr)

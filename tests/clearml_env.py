@@ -14,11 +14,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 SDK_CONFIG = """
+# the SDK's defaults: what our scripts must work with on a user's machine (they choose the
+# reporter thread themselves: clearml_io.session.use_reporter_thread)
 sdk {
-  development {
-    # The forked metrics reporter makes Task.close() wait ~10 s in offline mode.
-    report_use_subprocess: false
-  }
 }
 """
 

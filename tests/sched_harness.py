@@ -108,8 +108,10 @@ class Harness:
         backfill: bool = True,
         fairness: bool = True,
         keep_alive: dict[str, float] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
-        """`keep_alive`: per model, the seconds it may stay unused before it moves down a tier."""
+        """`keep_alive`: per model, the seconds it may stay unused before it moves down a tier;
+        `max_in_flight`: how many requests each model's engine runs at once."""
         self.clock = FakeClock()
         self.events: list[Event] = []
         self.sched = Scheduler(device_budget, host_budget, policy=policy, clock=self.clock, emit=self.events.append,
@@ -132,6 +134,7 @@ class Harness:
         self.max_host_used = 0
         self._queue: list[tuple[float, int, Callable[[], object]]] = []
         self._seq = itertools.count()
+        self.max_in_flight = max_in_flight
         for name, fps in (models or {}).items():
             self.add_model(name, fps, transits=(transits or {}).get(name),
                            keep_alive=(keep_alive or {}).get(name, math.inf))
@@ -141,7 +144,7 @@ class Harness:
     def add_model(self, name: str, fps: dict[Tier, Footprint], tiers: Iterable[Tier] | None = None,
                   transits: dict[tuple[Tier, Tier], Tier] | None = None, keep_alive: float = math.inf) -> None:
         tier_set = frozenset(tiers if tiers is not None else fps)
-        self.sched.add_model(name, fps, tier_set, transits, keep_alive=keep_alive)
+        self.sched.add_model(name, fps, tier_set, transits, max_in_flight=self.max_in_flight, keep_alive=keep_alive)
         self.engines[name] = FakeEngine(name, dict(fps), tier_set, dict(transits or {}))
         self.check()
 
@@ -289,3 +292,30 @@ class Harness:
 
     def events_of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]
+
+
+def closed_loop(h: Harness, clients: int, plan: list[str]) -> dict[str, float]:
+    """Play `clients` clients that each send their next request of `plan` (model names, in order)
+    when their last one finishes, as load benchmarks do; returns each request's arrival time.
+    Requests are named r0, r1, ... in plan order."""
+    arrived: dict[str, float] = {}
+    pending = iter(enumerate(plan))
+    finish = h.finish
+
+    def send() -> None:
+        nxt = next(pending, None)
+        if nxt is not None:
+            rid = f"r{nxt[0]}"
+            arrived[rid] = h.clock.now
+            h.request(nxt[1], rid)
+
+    def finish_and_send(model: str, request_id: str) -> list[Command]:
+        cmds = finish(model, request_id)
+        send()
+        return cmds
+
+    h.finish = finish_and_send  # type: ignore[method-assign]
+    for _ in range(clients):
+        h.at(h.clock.now, send)
+    h.run()
+    return arrived

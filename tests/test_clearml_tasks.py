@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,11 +37,21 @@ def write_manifest(path: Path, models: dict[str, Path], names: list[str]) -> Pat
     return path
 
 
+def thread_stacks(pid: int) -> str:
+    """Every thread's stack of a process that hangs, so a failure says where (py-spy, from the
+    test extra; the SDK's own signal handlers keep faulthandler from doing it)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"\n(no stacks: {exc})"
+    return f"\n--- py-spy dump\n{dump.stdout}{dump.stderr}"
+
+
 def start_serve_task(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[subprocess.Popen[str], str,
                                                                                           list[str]]:
-    # a start that hangs dumps every thread's stack on SIGABRT (below), so a failure says where
-    proc = subprocess.Popen([sys.executable, "tasks/serve.py", *args], cwd=REPO, env={**env, "PYTHONFAULTHANDLER": "1"},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "tasks/serve.py", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     url: list[str] = []
     ready = threading.Event()
@@ -57,14 +68,10 @@ def start_serve_task(args: list[str], env: dict[str, str], timeout: float = 240)
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     if not ready.wait(timeout) or not url:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGABRT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stacks = thread_stacks(proc.pid) if proc.poll() is None else ""
+        proc.kill()
         reader.join(5)
-        raise AssertionError("serve task did not become ready:\n" + "\n".join(lines[-200:]))
+        raise AssertionError("serve task did not become ready:\n" + "\n".join(lines[-200:]) + stacks)
     return proc, url[0], lines
 
 

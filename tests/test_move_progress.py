@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from clearml_umem.engines.overlapped_read import read_checkpoint
 from clearml_umem.engines.progress import MoveProgress, describe_progress, last_log_line
-from clearml_umem.engines.weight_store import READ_CHUNK, FlatLayout, read_checkpoint
+from clearml_umem.engines.weight_store import READ_CHUNK, FlatLayout
 from clearml_umem.tiers import Tier
 from tests.test_runtime import World, run, within
 

@@ -177,6 +177,11 @@ def test_stop_and_kill_leave_no_process_behind(served, tiny_models: dict[str, Pa
                               "--host-budget", "1GB")
         client = _client(router)
         assert client.chat.completions.create(model=specs[0].name, messages=CHAT, max_tokens=2).choices
+        # a body over 64 KiB starts the parser processes: they end with the router too
+        with pytest.raises(openai.BadRequestError, match="at most 10000"):
+            client.chat.completions.create(model=specs[0].name, messages=[{"role": "user", "content": "x"}] * 20_000)
+        parsers = [p for p in router.descendants() if "clearml_umem.parser_child" in " ".join(p.cmdline())]
+        assert parsers
         assert router.end_leaving(how) == []
     assert served_router.proc.poll() is None
 

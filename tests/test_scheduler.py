@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -24,7 +25,7 @@ from clearml_umem.events import (
 from clearml_umem.policy import CostAwarePolicy, LRUPolicy
 from clearml_umem.scheduler import FAIRNESS_MIN_S, Dispatch, Move, Reject, Release, Scheduler, SchedulerError
 from clearml_umem.tiers import ALL_TIERS, Footprint, Tier
-from tests.sched_harness import GB, Harness, default_move_seconds, footprints
+from tests.sched_harness import GB, Harness, closed_loop, default_move_seconds, footprints
 
 GPU, RAM, DISK, COLD = Tier.GPU, Tier.RAM, Tier.DISK, Tier.COLD
 GPU_COLD_ONLY = (GPU, COLD)
@@ -1076,11 +1077,23 @@ def test_a_model_runs_at_most_max_in_flight_requests_and_queues_the_rest() -> No
 # -- the fairness window ------------------------------------------------------------------
 
 
+def _a_from_ram(service_seconds: Callable[[str, str], float]) -> Harness:
+    """a waits in RAM at time 0 (placed there at no cost) and comes to the GPU in 5 s: its turns
+    last 2 x 5 s, the swap a turn saves; b starts cold (5 s)."""
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=service_seconds,
+                move_seconds=lambda m: 0.0 if (m.src, m.dst) == (COLD, RAM) else
+                5.0 if (m.src, m.dst) == (RAM, GPU) else default_move_seconds(m))
+    h.place("a", RAM)
+    h.run()
+    assert h.clock.now == 0.0 and h.sched.state("a").tier is RAM
+    return h
+
+
 def test_a_draining_model_serves_its_turn_and_the_waiting_model_is_not_delayed() -> None:
     """As the strict test above, with the turn window: a's requests that arrive within its turn
     (10 s after a 5 s load) are served while a1 still runs, as hits; b comes in exactly when it
     would have in strict order, and a needs no second swap."""
-    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 10.0 if r == "a1" else 1.0)
+    h = _a_from_ram(lambda m, r: 10.0 if r == "a1" else 1.0)
     request_at(h, 0, "a", "a1")  # hot at 5, busy until 15
     request_at(h, 6, "b", "b1")
     for i in range(5):
@@ -1090,12 +1103,12 @@ def test_a_draining_model_serves_its_turn_and_the_waiting_model_is_not_delayed()
     assert {h.dispatched[f"a{i + 2}"].served_from for i in range(5)} == {GPU}, "hits"
     assert all(h.dispatch_time[f"a{i + 2}"] == 7 + i for i in range(5))
     assert h.dispatch_time["b1"] == pytest.approx(15 + 0.25 + 5), "b waits for a1 alone, as in strict order"
-    assert [(m.model, m.dst) for m in h.moves] == [("a", GPU), ("a", RAM), ("b", GPU)]
+    assert [(m.model, m.dst) for m in h.moves] == [("a", RAM), ("a", GPU), ("a", RAM), ("b", GPU)]
 
 
 def test_requests_after_the_turn_wait_for_the_next_one() -> None:
     """The turn is bounded: a request for the draining model that arrives after it waits."""
-    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 20.0 if r == "a1" else 1.0)
+    h = _a_from_ram(lambda m, r: 20.0 if r == "a1" else 1.0)
     request_at(h, 0, "a", "a1")  # hot at 5 (turn until 15), busy until 25
     request_at(h, 6, "b", "b1")
     request_at(h, 16, "a", "late")
@@ -1105,7 +1118,108 @@ def test_requests_after_the_turn_wait_for_the_next_one() -> None:
 
 
 def test_turn_window_is_at_least_the_minimum_and_grows_with_the_swap() -> None:
-    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 5.0 if r == "a1" else 0.1)
+    h = _a_from_ram(lambda m, r: 5.0 if r == "a1" else 0.1)
     request_at(h, 0, "a", "a1")
     h.run(until=5.0)
-    assert h.sched._models["a"].turn_until == pytest.approx(5.0 + max(FAIRNESS_MIN_S, 2 * 5.0))
+    assert h.sched._models["a"].turn.until == pytest.approx(5.0 + max(FAIRNESS_MIN_S, 2 * 5.0))
+
+
+def test_a_cold_start_does_not_lengthen_the_turn() -> None:
+    """A turn saves a swap back from RAM, not an engine start: after a 5 s cold start the window
+    is the minimum (no swap from RAM measured yet), so b is not held up for 10 s."""
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=lambda m, r: 10.0 if r == "a1" else 1.0)
+    request_at(h, 0, "a", "a1")  # cold start: hot at 5, busy until 15
+    request_at(h, 6, "b", "b1")
+    request_at(h, 7, "a", "a2")
+    h.run(until=5.0)
+    assert h.sched._models["a"].turn.until == pytest.approx(5.0 + FAIRNESS_MIN_S)
+    h.run()
+    assert h.dispatch_time["b1"] < h.dispatch_time["a2"]
+
+
+def test_a_turn_passes_a_waiting_request_over_for_at_most_its_cap() -> None:
+    """a's turn (0.5 s swap: window 1 s; 1 s requests: cap 2 s) serves a1 and a2, younger than b1,
+    while b1 has waited less than 2 s, then lets b in; a3, of the turn too, waits for a's next one."""
+    h = Harness(10 * GB, 100 * GB, models("a", "b"), service_seconds=1.0, max_in_flight=1,
+                move_seconds=lambda m: 0.0 if (m.src, m.dst) == (COLD, RAM) else 0.5 if m.dst is GPU else 0.25)
+    h.place("a", RAM)
+    request_at(h, 0, "a", "a0")  # a hot at 0.5 (turn until 1.5), runs a0 until 1.5
+    request_at(h, 0.6, "b", "b1")
+    for i, t in enumerate((0.7, 0.8, 0.9)):
+        request_at(h, t, "a", f"a{i + 1}")
+    h.run()
+    assert h.sched._models["a"].service_seconds == pytest.approx(1.0)
+    assert [h.dispatch_time[r] for r in ("a1", "a2")] == pytest.approx([1.5, 2.5])
+    assert h.dispatch_time["b1"] == pytest.approx(3.5 + 0.25 + 0.5), "b1 passed over for 2.9 s, not 3.9 s"
+    assert h.dispatch_time["a3"] > h.dispatch_time["b1"]
+
+
+def test_a_draining_model_serves_requests_older_than_every_other_waiting_one() -> None:
+    """Arrival order first: a's requests queued before b1 (one engine slot) are served after a's turn
+    window, though a drains; strict order strands them, and a comes back for each one."""
+    for fairness in (True, False):
+        h = Harness(10 * GB, 100 * GB, models("a", "b"), move_seconds=lambda m: 0.5 if m.dst is GPU else 0.25,
+                    service_seconds=1.0, max_in_flight=1, fairness=fairness)
+        request_at(h, 0, "a", "a0")
+        h.run(until=1.6)
+        for i in range(1, 5):
+            request_at(h, 2.0 + i / 10, "a", f"a{i}")
+        request_at(h, 2.6, "b", "b1")
+        h.run()
+        loads = [m.model for m in h.loads()]
+        if fairness:
+            assert [h.dispatch_time[f"a{i}"] for i in range(1, 5)] == pytest.approx([2.1, 3.1, 4.1, 5.1])
+            assert loads == ["a", "b"]
+        else:
+            assert loads == ["a", "a", "a", "a", "b"], "a leaves and comes back for each stranded request"
+
+
+def _passed_over_beyond(h: Harness, cap: float) -> list[str]:
+    """Replays the events: each dispatch of a request younger than one waiting for a model that is
+    neither on the GPU nor on its way there, longer than `cap` after the later of that request's
+    arrival and the dispatching model's arrival on the GPU."""
+    tier: dict[str, Tier] = {}
+    moving: dict[str, Tier | None] = {}
+    on_gpu_since: dict[str, float] = {}
+    waiting: dict[str, tuple[str, float]] = {}
+    beyond = []
+    for e in h.events:
+        if isinstance(e, MoveStarted):
+            moving[e.model] = e.dst
+        elif isinstance(e, MoveFinished):
+            tier[e.model], moving[e.model] = e.dst, None
+            if e.dst is GPU:
+                on_gpu_since[e.model] = e.t
+        elif isinstance(e, RequestArrived):
+            waiting[e.request_id] = (e.model, e.t)
+        elif isinstance(e, RequestDispatched):
+            _, arrived = waiting.pop(e.request_id)
+            for rid, (model, t) in waiting.items():
+                held_up = tier.get(model) is not GPU and moving.get(model) is not GPU
+                if model != e.model and held_up and t < arrived and e.t - max(t, on_gpu_since[e.model]) >= cap:
+                    beyond.append(f"{e.request_id} ({e.model}) passed {rid} ({model}) over at {e.t:.2f}")
+    return beyond
+
+
+@pytest.mark.parametrize("swap,service", [(0.03, 0.13), (0.3, 0.2)])
+def test_turns_bound_the_passing_over_and_cut_swaps_without_a_longer_tail(swap: float, service: float) -> None:
+    """Closed-loop traffic as in benchmarks/load_bench.py (16 clients, three models, room for one,
+    two requests at a time): no request is passed over beyond the cap (2x the swap, 2x the
+    longest request), swaps fall well below strict order's, and neither the median nor the p99
+    wait is longer."""
+    rng = random.Random(7)
+    plan = [rng.choice("abc") for _ in range(200)]
+    service_of = {f"r{i}": service * rng.uniform(0.5, 1.5) for i in range(len(plan))}
+    results = {}
+    for fairness in (True, False):
+        h = Harness(10 * GB, 100 * GB, models("a", "b", "c"), fairness=fairness, max_in_flight=2,
+                    move_seconds=lambda m: swap if m.dst is GPU else swap / 2,
+                    service_seconds=lambda m, r: service_of[r])
+        arrived = closed_loop(h, 16, plan)
+        assert not h.unanswered()
+        waits = sorted(h.dispatch_time[r] - arrived[r] for r in arrived)
+        results[fairness] = (len(h.loads()), waits[len(waits) // 2], waits[int(0.99 * len(waits))], h)
+    turns, strict = results[True], results[False]
+    assert _passed_over_beyond(turns[3], max(FAIRNESS_MIN_S, 2 * swap, 2 * 1.5 * service)) == []
+    assert turns[0] <= 0.5 * strict[0], f"swaps {turns[0]} vs strict {strict[0]}"
+    assert turns[1] <= strict[1] and turns[2] <= strict[2], f"p50/p99 {turns[1:3]} vs strict {strict[1:3]}"

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from clearml_umem.bandwidth import probe_bandwidth
+from clearml_umem.engines.overlapped_read import read_checkpoint
 from clearml_umem.engines.weight_store import (
     ALIGNMENT,
     CheckpointMismatch,
     FlatLayout,
     HostBuffer,
-    read_checkpoint,
 )
 
 

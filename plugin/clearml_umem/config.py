@@ -55,16 +55,22 @@ class ServeConfig:
     host_copy: str = "auto"
     """Transformers models: keep the host copy of a hot model (swap-out frees device memory
     only), copy on eviction instead (`evict`), or decide from the budgets (`auto`)."""
+    pipelined_swap_in: bool = True
+    """Transformers models: a swap-in from RAM lets the first request's forward pass start while the
+    weights are still being copied, each layer waiting for its own (`--no-pipelined-swap-in`: copy
+    everything first). Applies where the host copy is kept while hot."""
     fairness_window: str = "auto"
     """`auto`: a model that came to the GPU serves its turn (the requests waiting for it, and those
-    arriving within 2x the swap-in it took) before it leaves, even when it drains for an older
-    request; `off`: strict arrival order, a draining model serves nothing more."""
+    arriving within 2x its swap-in from RAM) before it leaves, even when it drains for an older
+    request, passing that request over for a bounded time only (turns.py); `off`: strict arrival
+    order, a draining model serves nothing more."""
     max_waiting: int = 256
     """Requests each model may queue; one more gets a 429 with Retry-After."""
     max_request_bytes: str = "8MiB"
     """Largest request body accepted; bigger ones get a 413 before anything reads them."""
     max_messages: int = 10000
-    """Messages one chat request may hold; more get a 400 naming `messages`."""
+    """Messages one chat request may hold; more get a 400 naming `messages`. Any body may hold 10x as
+    many JSON values (`json_body.VALUES_PER_MESSAGE`)."""
     header_timeout: float = 10.0
     """Seconds a request's headers may take from its first byte (nginx client_header_timeout)."""
     body_timeout: float = 30.0
@@ -246,12 +252,12 @@ def _with_secrets(cfg: ServeConfig, env: Mapping[str, str]) -> ServeConfig:
 
 INT_FIELDS = ("port", "max_waiting", "grpc_port", "max_messages", "max_connections")
 FIELD_HELP = {
-    "max_messages": "messages one chat request may hold",
+    "max_messages": "messages one chat request may hold (any body: 10x as many JSON values)",
     "max_connections": "connections open at once, 0 = 3/4 of ulimit -n",
     "allowed_hosts": "comma-separated Host names accepted besides localhost and the listen address; * = any",
 }
 """Integer and list fields with their help (the default is added)."""
-BOOLEANS = ("clearml_published", "strict", "access_log")
+BOOLEANS = ("clearml_published", "strict", "access_log", "pipelined_swap_in")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -308,6 +314,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         elif f.name == "access_log":
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
                                 help=f"one log line per request {help_text}")
+        elif f.name == "pipelined_swap_in":
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                help="transformers models: start a swapped-in model's first forward pass while "
+                                     "its weights are still copied, layer by layer (only where the host copy is "
+                                     f"kept while hot); --no-pipelined-swap-in copies them all first {help_text}")
         elif f.name == "keep_alive":
             parser.add_argument(flag, default=default,
                                 help="unused this long on the GPU, a model moves down a tier (gpu -> ram, then "

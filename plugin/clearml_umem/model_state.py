@@ -2,7 +2,8 @@
 
 `ModelRecord` is the scheduler's own, mutable record; `ModelState` the read-only view it
 hands out. An operator's placement is a `Wish`, an out-of-memory retry an `OomRetry`:
-values that are there or not, instead of flags whose meaning depends on each other.
+values that are there or not, instead of flags whose meaning depends on each other; a model's
+turn on the GPU a `Turn` (its rules are in `turns.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ class OomRetry:
     waiting_for: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class Turn:
+    """A model's turn on the GPU, which began at `start`: requests that arrive up to `until` are
+    served even when it drains, those younger than another model's oldest waiting request only
+    while that one has been passed over (waited since the later of its arrival and `start`) for
+    less than `pass_over_s` or turns.SERVICE_MULTIPLE x the model's service time."""
+
+    start: float
+    until: float
+    pass_over_s: float
+
+
 @dataclass
 class ModelRecord:
     name: str
@@ -52,8 +65,8 @@ class ModelRecord:
     moving_to: Tier | None = None
     in_flight: set[str] = field(default_factory=set)
     waiting: deque[Waiting] = field(default_factory=deque)
-    turn_until: float | None = None
-    """While on the GPU: requests that arrived up to this time are served even if it drains."""
+    turn: Turn | None = None
+    """While on the GPU (fairness window on): the requests it serves even if it drains."""
     max_in_flight: int | None = None
     """Requests its engine may run at once (memory for their activations and KV cache); None: no limit."""
     last_used: float = 0.0
@@ -62,6 +75,10 @@ class ModelRecord:
     removing: bool = False
     oom_retry: OomRetry | None = None
     swap_in_seconds: dict[Tier, float] = field(default_factory=dict)
+    dispatched_at: dict[str, float] = field(default_factory=dict)
+    """When each request in flight was dispatched: for `service_seconds`."""
+    service_seconds: float | None = None
+    """How long its requests run, a moving average of the finished ones (None before the first)."""
     keep_alive: float = math.inf
     """Seconds unused before the model moves down a tier, by default (its manifest's, or the router's)."""
     keep_alive_now: float = math.inf

@@ -9,6 +9,7 @@ scheduler calls happen on the loop's thread, so the scheduler needs no locks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -158,6 +159,7 @@ class Runtime:
         self._models: dict[str, Served] = {}
         self._waiters: dict[str, asyncio.Future[Dispatch]] = {}
         self._moves: set[asyncio.Task[None]] = set()
+        self._landings: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._closed = False
         self._placements: dict[str, asyncio.Future[PlacementEnded]] = {}
@@ -547,6 +549,12 @@ class Runtime:
                                                         name=f"progress-{cmd.model}")
         try:
             result = await engine.move(cmd.src, cmd.dst)
+            if result.landing is not None and not (cmd.model in self.scheduler
+                                                   and self.scheduler.state(cmd.model).waiting):
+                # nobody to serve while the weights arrive (a placement, a keep-alive move): the move
+                # ends when they are there, and a copy that failed is its failure
+                await asyncio.wrap_future(result.landing)
+                result = dataclasses.replace(result, landing=None)
         except EngineOutOfMemory as exc:
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)
@@ -575,13 +583,47 @@ class Runtime:
             served.moves_done += 1
             log.info("model %s: %s -> %s in %s (%s)", cmd.model, cmd.src.value, cmd.dst.value, fmt_seconds(seconds),
                      fmt_bytes(result.bytes_moved))
+            landing = result.landing
             self._apply(self.scheduler.on_move_done(cmd.model, cmd.src, cmd.dst, seconds, result.bytes_moved,
-                                                       footprints=result.footprints, host_copy=result.host_copy))
+                                                       footprints=result.footprints, host_copy=result.host_copy,
+                                                       landing=landing is not None))
+            if landing is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._report_landing(cmd, started, result.bytes_moved, landing), name=f"landing-{cmd.model}")
+                self._landings.add(task)
+                task.add_done_callback(self._landings.discard)
         finally:
             ticker.cancel()
             served.under_way = None
         async with self._changed:
             self._changed.notify_all()
+
+    async def _report_landing(self, cmd: Move, started: float, bytes_moved: int,
+                              landing: concurrent.futures.Future[float]) -> None:
+        """A pipelined swap-in served before its weights all arrived: its time is reported once they did.
+        A copy that failed is not reported here: the requests that ran on it and the model's next
+        move fail with that error, and the engine is then closed."""
+        try:
+            await asyncio.wrap_future(landing)
+        except Exception as exc:  # noqa: BLE001 - any failure: the weights on the device are not the model's
+            # the requests running on it fail with that error; the model goes cold and reloads for the next
+            log.error("model %s: the copy of its weights to the device failed: %s", cmd.model, exc)
+            served = self._models.get(cmd.model)
+            if served is None:
+                return
+            served.failure = (self._clock(), f"{type(exc).__name__}: {exc}")
+            try:
+                await served.engine.close()
+            except Exception:  # noqa: BLE001
+                log.exception("model %s: closing the engine after a failed copy also failed", cmd.model)
+            if cmd.model in self.scheduler and self.scheduler.state(cmd.model).moving_to is None:
+                self._apply(self.scheduler.on_engine_lost(cmd.model, f"the copy of its weights failed: {exc}"))
+            return
+        seconds = self._clock() - started
+        log.info("model %s: weights on the device %s after the swap-in began (%s)", cmd.model,
+                 fmt_seconds(seconds), fmt_bytes(bytes_moved))
+        if cmd.model in self._models:
+            self._apply(self.scheduler.on_move_landed(cmd.model, cmd.src, seconds, bytes_moved))
 
     def stop_admitting(self) -> None:
         """The server is stopping: every queued request is answered now (503, Retry-After) instead

@@ -47,7 +47,7 @@ from clearml_umem.placements import PlacementRefused, colder_moves, end_wish, ma
 from clearml_umem.planner import colder_for_host, demotion_target, plan_room
 from clearml_umem.policy import LRUPolicy, Policy
 from clearml_umem.tiers import Footprint, Tier
-from clearml_umem.turns import FAIRNESS_MIN_S, FAIRNESS_MULTIPLE, dispatch_hot, turn_end
+from clearml_umem.turns import FAIRNESS_MIN_S, FAIRNESS_MULTIPLE, dispatch_hot, start_turn
 from clearml_umem.units import fmt_bytes
 
 __all__ = ["FAIRNESS_MIN_S", "FAIRNESS_MULTIPLE", "Command", "Dispatch", "ModelState", "Move", "PlacementEnded",
@@ -160,6 +160,11 @@ class Scheduler:
         model = self._get(name)
         model.in_flight.discard(request_id)
         model.last_used = self._clock()
+        started = model.dispatched_at.pop(request_id, None)
+        if started is not None:
+            ran = model.last_used - started
+            prev = model.service_seconds
+            model.service_seconds = ran if prev is None else 0.8 * prev + 0.2 * ran
         return self._pump()
 
     def place(self, name: str, tier: Tier, placement_id: str | None = None) -> list[Command]:
@@ -187,9 +192,11 @@ class Scheduler:
 
     def on_move_done(self, name: str, src: Tier, dst: Tier, seconds: float, bytes_moved: int,
                      footprints: Mapping[Tier, Footprint] | None = None,
-                     host_copy: str | None = None) -> list[Command]:
+                     host_copy: str | None = None, landing: bool = False) -> list[Command]:
         """A move ended well; `footprints`, when given, replace the model's (its engine measured them);
         `host_copy` says how a swap-out got its host copy ('kept' or 'copied'), for the metrics.
+        `landing`: a swap-in whose weights still arrive while the model serves (pipelined); the
+        swap's own time and bytes come with `on_move_landed` once its copy ended.
 
         Larger measured footprints can leave a budget overcommitted for a moment; the next
         load that needs room then evicts by the true numbers.
@@ -202,19 +209,41 @@ class Scheduler:
             model.footprints = {**model.footprints, **footprints}
         if dst is Tier.GPU:
             model.oom_retry = None
-            prev = model.swap_in_seconds.get(src)
-            model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
+            if not landing:
+                self._count_swap_in(model, src, seconds)
             if self.fairness:
-                model.turn_until = turn_end(self._clock(), seconds)
+                model.turn = start_turn(model, self._clock())
         ended: list[Command] = []
         if model.placement is dst:
             ended = end_wish(model, "done")
             if dst is Tier.GPU:
                 model.last_used = self._clock()
-        self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
-                                      bytes_moved=bytes_moved, host_copy=host_copy))
+        if not landing:
+            self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=dst, seconds=seconds,
+                                          bytes_moved=bytes_moved, host_copy=host_copy))
         self._emit_memory()
         return ended + self._pump()
+
+    def on_move_landed(self, name: str, src: Tier, seconds: float, bytes_moved: int) -> list[Command]:
+        """A pipelined swap-in's copy ended `seconds` after its move began: that is the swap's time
+        (its miss cost, the turn it earns, the metrics' swap-in), though the model served meanwhile."""
+        model = self._models.get(name)
+        if model is None:
+            return []
+        self._count_swap_in(model, src, seconds)
+        if self.fairness and model.tier is Tier.GPU and model.turn is not None:
+            # the turn began with the swap-in measured before; now the one just taken counts too
+            fresh = start_turn(model, model.turn.start)
+            if fresh.until > model.turn.until:
+                model.turn = fresh
+        self._emit(MoveFinished(model=name, t=self._clock(), src=src, dst=Tier.GPU, seconds=seconds,
+                                      bytes_moved=bytes_moved))
+        return self._pump()
+
+    @staticmethod
+    def _count_swap_in(model: ModelRecord, src: Tier, seconds: float) -> None:
+        prev = model.swap_in_seconds.get(src)
+        model.swap_in_seconds[src] = seconds if prev is None else 0.7 * prev + 0.3 * seconds
 
     def on_move_failed(self, name: str, src: Tier, dst: Tier, error: str, now_in: Tier,
                        out_of_memory: bool = False) -> list[Command]:
@@ -251,7 +280,7 @@ class Scheduler:
             return []
         lost = model.tier
         model.tier = Tier.COLD
-        model.turn_until = None
+        model.turn = None
         self._emit(EngineLost(model=name, t=self._clock(), tier=lost, reason=reason))
         self._emit_memory()
         return self._pump()
@@ -310,7 +339,7 @@ class Scheduler:
         return cmds + placed + self._retire_removed() + self._expire()
 
     def _dispatch_hot(self) -> list[Command]:
-        return dispatch_hot(self._models.values(), self._draining, self._clock(), self._emit)
+        return dispatch_hot(list(self._models.values()), self._draining, self._clock(), self._emit)
 
     def _swap_in(self) -> tuple[list[Command], frozenset[str]]:
         """Bring waiting models to GPU in the order their oldest request arrived.
@@ -445,7 +474,7 @@ class Scheduler:
         src = m.tier
         m.moving_to = dst
         if src is Tier.GPU:
-            m.turn_until = None
+            m.turn = None
         if dst is Tier.GPU:
             # Requests that arrived while the model was hotter (a draining model about to make
             # room) waited for this load: their first token counts against `src`, not the GPU.

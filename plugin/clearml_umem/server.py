@@ -100,7 +100,8 @@ class UnifiedMemoryServer:
         self.bus = EventBus()
         self.metrics = Metrics(self.bus)
         work = config.work_path
-        options: dict[str, object] = {"host_copy": config.host_copy, "stall_timeout_s": config.engine_stall_seconds}
+        options: dict[str, object] = {"host_copy": config.host_copy, "stall_timeout_s": config.engine_stall_seconds,
+                                      "pipelined_swap_in": config.pipelined_swap_in}
         if config.vllm_python:
             options["vllm_python"] = config.vllm_python
         if config.llama_server:
@@ -222,6 +223,7 @@ class UnifiedMemoryServer:
             if self._poller is not None:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)
+            await self.app.state.parsers.close()
             await self.runtime.close()
             sock.close()
 

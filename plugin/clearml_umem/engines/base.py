@@ -7,6 +7,7 @@ process, an in-process transformers model) stays behind this protocol.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,10 @@ class MoveResult:
     host_copy: str | None = None
     """For a swap-out (GPU -> RAM): 'kept' when the host copy was already there and only device
     memory was freed, 'copied' when the weights were copied off the device."""
+    landing: concurrent.futures.Future[float] | None = None
+    """A swap-in that ended with its copy still running (the transformers engine's pipelined swap-in):
+    the model takes requests at once, each layer waiting for its own weights. Resolves (with the
+    copy's seconds) once every weight is on the device, or with the copy's error."""
 
 
 class EngineError(ServingError, RuntimeError):

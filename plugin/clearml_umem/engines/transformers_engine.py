@@ -65,18 +65,20 @@ from clearml_umem.engines.base import (
     MoveResult,
 )
 from clearml_umem.engines.constrained import GuidanceTokenizers
+from clearml_umem.engines.layer_pipeline import CopyFailed, LayerPipeline, forward_order, plan_stages
 from clearml_umem.engines.moves import MoveTable
+from clearml_umem.engines.overlapped_read import ReadCancelled, stream_checkpoint
 from clearml_umem.engines.progress import MoveProgress
 from clearml_umem.engines.prompt_check import PromptCounter, check_fits, prompt_ids
 from clearml_umem.engines.request_decoding import AnswerShaper, RequestDecoding, check_options
 from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
+    CorruptCheckpoint,
     FlatLayout,
     HostBuffer,
     ShapeMismatch,
     copy_in_chunks,
     plan_reads,
-    read_checkpoint,
     safetensors_header,
 )
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
@@ -135,6 +137,15 @@ def keep_host_copy(ctx: EngineContext) -> bool:
     if ctx.device_budget_bytes is None or ctx.host_budget_bytes is None:
         return True
     return ctx.host_budget_bytes >= ctx.device_budget_bytes
+
+
+def pipelined_swap_in(ctx: EngineContext) -> bool:
+    """Whether a swap-in lets the first forward start while the weights arrive (`layer_pipeline`): on
+    unless `ctx.options["pipelined_swap_in"]` says otherwise (the serve setting of that name)."""
+    value = ctx.options.get("pipelined_swap_in", True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)
 
 
 def _move_buffers(model: Any, device: torch.device) -> None:
@@ -346,12 +357,16 @@ class TransformersEngine:
         self._guidance = GuidanceTokenizers()
         self.keep_host_copy = keep_host_copy(ctx)
         self._move_lock = threading.Lock()
+        self._cancel_reads = threading.Event()
         self._state_lock = threading.Lock()
         self._moving = False
         self._jobs: set[_Job] = set()
         self._progress = MoveProgress()
         self.stall_s = float(ctx.options.get("stall_timeout_s", STALL_TIMEOUT_S))
         self._last_step = 0.0
+        self.pipelined_swap_in = pipelined_swap_in(ctx)
+        self._landing: LayerPipeline | None = None
+        self._last_copy_s: float | None = None
 
     # ------------------------------------------------------------------ facts
 
@@ -375,8 +390,22 @@ class TransformersEngine:
 
     @property
     def model(self) -> Any:
-        """The live module (None when cold), for tests and diagnostics; do not move it behind the engine's back."""
+        """The live module (None when cold), for tests and diagnostics; do not move it behind the engine's back.
+        Its weights are all on the device (`weights_ready`)."""
+        self.weights_ready()
         return self._model
+
+    def weights_ready(self) -> None:
+        """Wait until a pipelined swap-in's weights have all landed: for code that reads them other than
+        through the module's forward (whose layers each wait for their own). Raises EngineError when
+        the copy failed or did not end within the stall timeout."""
+        pipeline = self._landing
+        if pipeline is None:
+            return
+        try:
+            pipeline.wait(self.stall_s)
+        except (CopyFailed, TimeoutError) as exc:
+            raise EngineError(f"model {self.spec.name!r}: swap-in to the device failed: {exc}") from exc
 
     @property
     def host_buffer(self) -> HostBuffer | None:
@@ -464,9 +493,18 @@ class TransformersEngine:
             "pinned_host_memory": self._pin,
             "host_copy": "kept while hot" if self.keep_host_copy else "copied on eviction",
             "host_pinned_by": self._host.pinned_by if self._host is not None else None,
+            "swap_in": "pipelined" if self.pipelined_swap_in and self.keep_host_copy else "sequential",
+            "last_swap_in_copy_s": self._copy_seconds(),
             "active_generations": self.active_generations,
             "max_concurrency": self.max_concurrency,
         }
+
+    def _copy_seconds(self) -> float | None:
+        """The last swap-in's copy, in seconds (a pipelined one once it landed)."""
+        pipeline = self._landing
+        if pipeline is not None and pipeline.done:
+            return pipeline.landed_s
+        return self._last_copy_s
 
     def progress(self) -> dict[str, Any] | None:
         """The stage of the move under way and its bytes done of the total, or None when none runs."""
@@ -482,6 +520,7 @@ class TransformersEngine:
 
     def _move_sync(self, src: Tier, dst: Tier) -> MoveResult:
         with self._move_lock:
+            self._settle()
             with self._state_lock:
                 if self._tier is not src:
                     raise EngineError(f"model {self.spec.name!r} is in tier {self._tier}, not {src}")
@@ -503,7 +542,8 @@ class TransformersEngine:
                 for stop, step in MOVES.route(src, dst):
                     moved += self._run_step(lambda step=step: self._step(*step))
                     self._tier = stop
-                return MoveResult(bytes_moved=moved, host_copy=host_copy)
+                landing = self._landing.landing if self._landing is not None else None
+                return MoveResult(bytes_moved=moved, host_copy=host_copy, landing=landing)
             finally:
                 self._progress.end()
                 with self._state_lock:
@@ -535,8 +575,9 @@ class TransformersEngine:
             if self._host is None and not self.keep_host_copy:
                 return self._read_device()
             if self._host is None:
-                self._read_host()
-            moved = self._upload()
+                return self._read_host_and_upload()
+            # a kept host copy outlives the move, so the copy may still run when the move ends
+            moved = self._upload(pipelined=self.keep_host_copy and self.pipelined_swap_in)
             if not self.keep_host_copy:
                 self._release_host()
             return moved
@@ -573,12 +614,14 @@ class TransformersEngine:
         files = checkpoint_files(self.weights)
         model = self._empty_model()
         if model is not None:
-            layout = FlatLayout.of_module(model)
+            layout = forward_order(model)
             try:
                 plan_reads(files, layout)
             except ShapeMismatch as exc:
                 raise EngineError(f"model {self.spec.name!r}: config.json does not match the checkpoint: "
                                   f"{exc}") from None
+            except CorruptCheckpoint as exc:
+                raise EngineError(f"model {self.spec.name!r}: {exc}") from None
             except CheckpointMismatch as exc:
                 self._refuse_over_count(layout.param_bytes, str(exc))
                 model = None
@@ -621,6 +664,9 @@ class TransformersEngine:
         config = AutoConfig.from_pretrained(self.weights)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        # transformers 5.24 leaves tied weights untied on the meta device: the layout would then want
+        # an lm_head the checkpoint does not hold, and the load fall back to from_pretrained (or be refused)
+        model.tie_weights()
         with contextlib.suppress(OSError, ValueError):
             model.generation_config = GenerationConfig.from_pretrained(self.weights)
         if self.device.type != "cpu":
@@ -645,7 +691,7 @@ class TransformersEngine:
 
     def _adopt_loaded(self, model: Any) -> None:
         """A module loaded by `from_pretrained` on the CPU: its weights become the host buffer."""
-        layout = FlatLayout.of_module(model)
+        layout = forward_order(model)
         host = self._host_from_module(model, layout)
         if self.device.type != "cpu":
             _move_buffers(model, self.device)
@@ -659,58 +705,123 @@ class TransformersEngine:
             view.copy_(params[name].data)
         return host
 
-    def _read_host(self) -> int:
-        """Checkpoint -> host buffer (the RAM tier's copy, or the staging of a load)."""
+    def _reads_directly(self, files: list[Path]) -> bool:
+        """Whether the files hold the layout's tensors as raw bytes (else `from_pretrained` converts
+        them); a damaged file is an error naming it, not a fallback."""
         assert self._layout is not None
+        try:
+            plan_reads(files, self._layout)
+        except CorruptCheckpoint as exc:
+            raise EngineError(f"model {self.spec.name!r}: {exc}") from None
+        except CheckpointMismatch:
+            return False
+        return True
+
+    def _stream(self, files: list[Path], host: torch.Tensor | None, device: torch.Tensor | None) -> None:
+        """The checkpoint into the host buffer, the device buffer or both, reads and uploads overlapping
+        (`overlapped_read`); `close` cancels it."""
+        assert self._layout is not None
+        try:
+            stream_checkpoint(files, self._layout, host_flat=host, device_flat=device, on_bytes=self._progress.add,
+                              cancel=self._cancel_reads)
+        except CorruptCheckpoint as exc:
+            raise EngineError(f"model {self.spec.name!r}: {exc}") from None
+        except ReadCancelled:
+            raise EngineError(f"model {self.spec.name!r}: the read from disk was cancelled: the engine is "
+                              "closing") from None
+
+    def _read_host(self) -> int:
+        """Checkpoint -> host buffer (the RAM tier's copy)."""
+        assert self._layout is not None
+        files = checkpoint_files(self.weights)
+        if not self._reads_directly(files):
+            self._host = self._host_from_module(self._load_on_cpu(), self._layout)
+            return self._layout.param_bytes
         self._progress.stage("allocating host memory", self._layout.param_bytes)
         host = HostBuffer(self._layout.total_bytes, self._pin)
         self._progress.stage("reading weights", self._layout.param_bytes)
         try:
-            read_checkpoint(checkpoint_files(self.weights), self._layout, host.tensor, on_bytes=self._progress.add)
-        except CheckpointMismatch:
-            host.close()
-            host = self._host_from_module(self._load_on_cpu(), self._layout)
+            self._stream(files, host.tensor, None)
         except BaseException:
             host.close()
             raise
         self._host = host
         return self._layout.param_bytes
 
-    def _read_device(self) -> int:
-        """Checkpoint -> device buffer one tensor at a time, for when no host copy may be held."""
+    def _read_host_and_upload(self) -> int:
+        """Checkpoint -> host buffer and device buffer at once: each piece read into the host copy
+        (which the hot model keeps) is uploaded from there while the next ones are read."""
         assert self._layout is not None
         files = checkpoint_files(self.weights)
+        if not self._reads_directly(files):
+            self._read_host()
+            return self._upload()
+        self._progress.stage("allocating host memory", self._layout.param_bytes)
+        host = HostBuffer(self._layout.total_bytes, self._pin)
         try:
-            plan_reads(files, self._layout)
-        except CheckpointMismatch:
+            flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
+            self._progress.stage("reading weights to the device", self._layout.param_bytes)
+            self._stream(files, host.tensor, flat)
+        except BaseException:
+            host.close()
+            raise
+        self._attach(flat)
+        self._host = host
+        return self._layout.param_bytes
+
+    def _read_device(self) -> int:
+        """Checkpoint -> device buffer through a small ring of host slots, for when no host copy may be held."""
+        assert self._layout is not None
+        files = checkpoint_files(self.weights)
+        if not self._reads_directly(files):
             self._read_host()
             moved = self._upload()
             self._release_host()
             return moved
-        from safetensors import safe_open
-
         self._progress.stage("reading weights to the device", self._layout.param_bytes)
         flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
-        views = self._layout.views(flat)
-        for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    if name in views:
-                        views[name].copy_(fh.get_tensor(name).to(self._layout.slots[name].dtype))
-                        self._progress.add(self._layout.slots[name].nbytes)
-        self._synchronize()
+        self._stream(files, None, flat)
         self._attach(flat)
         return self._layout.param_bytes
 
-    def _upload(self) -> int:
-        """Host buffer -> device buffer in one copy: the swap-in."""
+    def _upload(self, pipelined: bool = False) -> int:
+        """Host buffer -> device buffer: the swap-in.
+
+        Pipelined, the copies are only queued (`layer_pipeline`): the move ends at once, with the
+        device memory allocated and counted, and each layer's forward waits for its own weights.
+        The host buffer must then outlive the copy: the caller keeps it.
+        """
         assert self._layout is not None and self._host is not None
-        self._progress.stage("copying to the device", self._layout.total_bytes)
         flat = torch.empty(self._layout.total_bytes, dtype=torch.uint8, device=self.device)
+        stages = plan_stages(self._model, self._layout) if pipelined else None
+        if stages is not None:
+            self._progress.stage("queueing the copy to the device")
+            pipeline = LayerPipeline(stages, flat, self._host.tensor, non_blocking=self._host.pinned,
+                                     name=self.spec.name)
+            self._attach(flat)
+            pipeline.start()
+            self._landing = pipeline
+            return self._layout.param_bytes
+        self._progress.stage("copying to the device", self._layout.total_bytes)
+        started = time.perf_counter()
         copy_in_chunks(flat, self._host.tensor, on_bytes=self._progress.add, non_blocking=self._host.pinned)
         self._synchronize()
+        self._last_copy_s = time.perf_counter() - started
         self._attach(flat)
         return self._layout.param_bytes
+
+    def _settle(self) -> None:
+        """Wait for a pipelined swap-in's copies before anything frees or reads the device buffer.
+
+        Bounded by the stall timeout; a copy that failed or did not end is this move's error (the
+        runtime then closes the engine: the weights on the device are not the model's).
+        """
+        pipeline = self._landing
+        if pipeline is None:
+            return
+        self.weights_ready()
+        self._landing = None
+        self._last_copy_s = pipeline.landed_s
 
     def _download(self) -> int:
         """Device buffer -> a new host buffer: the swap-out when no copy was kept."""
@@ -944,6 +1055,7 @@ class TransformersEngine:
             jobs = list(self._jobs)
         for job in jobs:
             job.cancel.set()
+        self._cancel_reads.set()  # a reload under way stops at its next piece instead of finishing first
         for job in jobs:
             if job.thread is not None:
                 await asyncio.to_thread(job.thread.join, None if not job.stalled else self.stall_s)
@@ -954,6 +1066,12 @@ class TransformersEngine:
 
     def _close_sync(self) -> None:
         with self._move_lock:
+            self._cancel_reads.clear()
+            try:
+                self._settle()
+            except EngineError as exc:
+                log.warning("%s; closing anyway", exc)
+                self._landing = None
             self._unload()
             self._tier = Tier.COLD
 

@@ -10,8 +10,8 @@ a power of two (a 17 GB model would pin 34 GB) and keeps freed blocks cached, so
 budget would be off by up to 2x. Here the host buffer is an ordinary allocation of the
 exact size, page-locked with `cudaHostRegister` and unlocked when it is closed.
 
-Reading a checkpoint goes straight from the safetensors file into the host buffer with
-positional reads on a few threads: one copy from the page cache, no intermediate tensors.
+Reading a checkpoint (`overlapped_read`) goes straight from the safetensors files into the
+host buffer, or through a small ring to the device, with positional reads on a few threads.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +97,7 @@ class HostBuffer:
     """
 
     def __init__(self, nbytes: int, pin: bool) -> None:
-        _wait_for_releases()
+        wait_for_releases()
         self.nbytes = nbytes
         self.pinned_by = "none"
         self._registered = False
@@ -157,7 +155,9 @@ _releases: list[threading.Thread] = []
 _releases_lock = threading.Lock()
 
 
-def _wait_for_releases() -> None:
+def wait_for_releases() -> None:
+    """Wait until every host buffer closed in the background is given back (benchmarks call it
+    so that one move's release is not timed as part of the next)."""
     with _releases_lock:
         pending = list(_releases)
         _releases.clear()
@@ -224,6 +224,12 @@ class CheckpointMismatch(ValueError):
     """The checkpoint does not hold the model's parameters as raw tensors of the right shape."""
 
 
+class CorruptCheckpoint(CheckpointMismatch):
+    """A damaged file (truncated, or a header that is not a valid tensor table), not a layout
+    another loader could convert: reported by the file's name instead of falling back to
+    `from_pretrained`, which could not read it either."""
+
+
 class ShapeMismatch(CheckpointMismatch):
     """A parameter's shape on disk is not the one config.json makes: the two describe different
     models, and no conversion (`from_pretrained`'s) can make them agree."""
@@ -236,15 +242,31 @@ def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     with path.open("rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
-            raise CheckpointMismatch(f"{path.name}: not a safetensors file (too short)")
+            raise CorruptCheckpoint(f"{path}: not a safetensors file (too short)")
         (length,) = struct.unpack("<Q", raw)
         if length > min(size - 8, 100 * 2**20):
-            raise CheckpointMismatch(f"{path.name}: safetensors header of {length} bytes is implausible")
-        header = json.loads(fh.read(length))
+            raise CorruptCheckpoint(f"{path}: safetensors header of {length} bytes is implausible")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError as exc:
+            raise CorruptCheckpoint(f"{path}: safetensors header is not JSON: {exc}") from None
     if not isinstance(header, dict):
-        raise CheckpointMismatch(f"{path.name}: safetensors header is not a table")
+        raise CorruptCheckpoint(f"{path}: safetensors header is not a table")
     header.pop("__metadata__", None)
     return header, 8 + length
+
+
+def _entry(path: Path, name: str, info: object) -> tuple[torch.Size, int, int, str]:
+    """Shape, data offsets and dtype of one header entry, checked to be what the format says."""
+    try:
+        if not isinstance(info, dict):
+            raise TypeError("not a table")
+        shape = torch.Size(int(x) for x in info.get("shape", []))
+        begin, end = (int(x) for x in info.get("data_offsets", (0, -1)))
+        dtype = str(info.get("dtype", ""))
+    except (TypeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{path}: entry {name!r} of the safetensors header is malformed: {exc}") from None
+    return shape, begin, end, dtype
 
 
 def plan_reads(files: Iterable[Path], layout: FlatLayout) -> tuple[list[_Piece], list[tuple[Path, str]]]:
@@ -262,15 +284,15 @@ def plan_reads(files: Iterable[Path], layout: FlatLayout) -> tuple[list[_Piece],
             slot = layout.slots.get(name)
             if slot is None or name in found:
                 continue
-            shape = torch.Size(info.get("shape", []))
+            shape, begin, end, dtype = _entry(path, name, info)
             if shape != slot.shape:
                 raise ShapeMismatch(f"{name} has shape {tuple(shape)} on disk, {tuple(slot.shape)} in the model "
                                     "config.json describes")
-            begin, end = (int(x) for x in info.get("data_offsets", (0, -1)))
             if not 0 <= begin <= end or data_start + end > file_size:
-                raise CheckpointMismatch(f"{path.name}: {name} lies outside the file")
+                raise CorruptCheckpoint(f"{path}: {name} lies outside the file (bytes {data_start + begin}-"
+                                        f"{data_start + end} of a {file_size}-byte file): truncated or corrupt")
             found.add(name)
-            if _SAFETENSORS_DTYPES.get(info.get("dtype", "")) == slot.dtype and end - begin == slot.nbytes:
+            if _SAFETENSORS_DTYPES.get(dtype) == slot.dtype and end - begin == slot.nbytes:
                 for start in range(0, slot.nbytes, READ_CHUNK):
                     n = min(READ_CHUNK, slot.nbytes - start)
                     pieces.append(_Piece(path, data_start + begin + start, n, slot.offset + start))
@@ -280,57 +302,3 @@ def plan_reads(files: Iterable[Path], layout: FlatLayout) -> tuple[list[_Piece],
     if missing:
         raise CheckpointMismatch(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
     return pieces, convert
-
-
-def read_checkpoint(files: Iterable[Path], layout: FlatLayout, flat: torch.Tensor,
-                    on_bytes: Callable[[int], None] | None = None) -> int:
-    """Fill `flat` (host, uint8, `layout.total_bytes`) from safetensors files; returns the bytes read.
-
-    `on_bytes(n)` is called from the reading threads as each piece (at most `READ_CHUNK`)
-    lands, so a load of many GB can report its progress while it runs.
-    """
-    pieces, convert = plan_reads(list(files), layout)
-    dest = flat.numpy()
-    handles: dict[Path, int] = {}
-    lock = threading.Lock()
-
-    def fd(path: Path) -> int:
-        with lock:
-            if path not in handles:
-                handles[path] = os.open(path, os.O_RDONLY)
-            return handles[path]
-
-    def read(piece: _Piece) -> None:
-        view = memoryview(dest[piece.dest_offset:piece.dest_offset + piece.nbytes])
-        done = 0
-        handle = fd(piece.path)
-        while done < piece.nbytes:
-            n = os.preadv(handle, [view[done:]], piece.file_offset + done)
-            if n <= 0:
-                raise CheckpointMismatch(f"{piece.path.name}: file ended early")
-            done += n
-        if on_bytes is not None:
-            on_bytes(piece.nbytes)
-
-    try:
-        if pieces:
-            with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pieces)),
-                                    thread_name_prefix="umem-read") as pool:
-                list(pool.map(read, pieces))
-    finally:
-        for handle in handles.values():
-            os.close(handle)
-    if convert:
-        from safetensors import safe_open
-
-        views = layout.views(flat)
-        by_file: dict[Path, list[str]] = {}
-        for path, name in convert:
-            by_file.setdefault(path, []).append(name)
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for name in names:
-                    views[name].copy_(fh.get_tensor(name).to(layout.slots[name].dtype))
-                    if on_bytes is not None:
-                        on_bytes(layout.slots[name].nbytes)
-    return layout.param_bytes

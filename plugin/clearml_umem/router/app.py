@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import time
 import uuid
@@ -51,6 +52,7 @@ from clearml_umem.router.generation import (
 )
 from clearml_umem.router.head import HeadAsGet
 from clearml_umem.router.keys import Keys
+from clearml_umem.router.parser_pool import ParserPool
 from clearml_umem.router.schemas import (
     DEFAULT_MAX_MESSAGES,
     ChatRequest,
@@ -109,20 +111,21 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 INLINE_PARSE_BYTES = 64 * 2**10
 """Bodies up to this size are parsed on the event loop (well under a millisecond: a worker thread
-would cost more than it saves); bigger ones in the parser thread, so that a multi-megabyte body
-never holds up other clients' streams."""
+would cost more than it saves); bigger ones are checked in a parser process first
+(`parser_pool.ParserPool`), then parsed in the parser thread, so that a multi-megabyte body never
+holds up other clients' streams."""
 
 
 class _BigBodies:
-    """One thread parses big bodies, one at a time. Parsing holds the GIL: with a thread per body,
-    four bodies starved the event loop as surely as parsing on it did (each loop pass waited its
-    turn among five threads); with one, the loop waits at most one switch interval (5 ms) for it.
-    Bodies waiting their turn hold only their bytes.
+    """One thread parses, validates and converts the big bodies that passed the parser process's
+    check, one at a time. Their shape is bounded by then (messages, JSON values), so each step is
+    short; parsing holds the GIL, and with a thread per body several bodies starved the event loop
+    (each loop pass waited its turn among five threads); with one, the loop waits at most one
+    switch interval (5 ms) or one bounded parse for it. Bodies waiting their turn hold only their bytes.
 
-    The cyclic garbage collector is paused while a body is parsed: the hundreds of thousands of
-    objects a big body becomes would trigger full collections, each holding the GIL for a
-    second in a process that holds a model's objects (a JSON body makes no cycles: reference
-    counting frees it)."""
+    The cyclic garbage collector is paused while a body is parsed: the objects a big body becomes
+    would trigger full collections, each holding the GIL for a second in a process that holds a
+    model's objects (a JSON body makes no cycles: reference counting frees it)."""
 
     def __init__(self) -> None:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -168,7 +171,9 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
     app.add_middleware(BrowserGuard, hosts=hosts, page_paths=PUBLIC_PATHS)
     app.add_middleware(HeadAsGet)
-    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), access_log)
+    parsers = ParserPool()
+    app.state.parsers = parsers
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), parsers, access_log)
     app.add_middleware(TritonErrorShape)  # outermost of ours: it reshapes every /v2 error, the keys' too
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
@@ -211,7 +216,10 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     async def chat_completions(request: Request) -> Response:
         return await _serve(runtime, request, chat=True, options=serve_options)
 
-    app.include_router(triton_routes(runtime, read_body, max_body_bytes))
+    async def parse_triton_body(request: Request, raw: bytes) -> dict[str, Any]:
+        return await parse_request_body(request, raw, False, serve_options)
+
+    app.include_router(triton_routes(runtime, read_body, max_body_bytes, parse_triton_body))
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
@@ -321,12 +329,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def parse_request_body(request: Request, raw: bytes, chat: bool, options: _ServeOptions) -> dict[str, Any]:
+    """An inference body as a JSON object, its shape bounded (`json_body.load_body`): a small one
+    parsed on the event loop; a big one checked in a parser process first, then parsed in the
+    parser thread. Raises the client's 400, a 503 when the parser processes are busy, or
+    ClientGone when the client left while its body waited."""
+    inline = len(raw) <= INLINE_PARSE_BYTES
+    if not inline:
+        check = functools.partial(options.parsers.check, raw, chat, options.max_messages)
+        try:
+            await until_disconnect(request.receive, check)
+        finally:
+            del check  # it holds the bytes, which are dropped once parsed
+    return await options.big_bodies.call(inline, parse_body, raw, chat, options.max_messages)
+
+
 @dataclass(frozen=True)
 class _ServeOptions:
     max_body_bytes: int
     max_messages: int
     drain: Drain
     big_bodies: _BigBodies
+    parsers: ParserPool
     access_log: bool = True
 
 
@@ -354,7 +378,10 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     raw = await read_body(request, options.max_body_bytes)
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
-    data = await big.call(inline, parse_body, raw, chat, options.max_messages)
+    try:
+        data = await parse_request_body(request, raw, chat, options)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
     del raw
     if isinstance(data.get("model"), str):
         access.model = data["model"]

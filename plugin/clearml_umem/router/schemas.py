@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from clearml_umem.engines import SAMPLING_OPTIONS
 from clearml_umem.engines.base import GenerationRequest
+from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, BodyProblem, load_body, load_object
 from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.router.errors import bad_request
 from clearml_umem.router.tools import chat_options, check_messages, completion_options
@@ -257,88 +257,25 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-MAX_JSON_DEPTH = 32
-"""Deeper than any OpenAI request (content parts are 4 levels); deeper bodies are refused before
-anything walks them recursively (Python's json and pydantic would hit the recursion limit: a 500)."""
-
-DEFAULT_MAX_MESSAGES = 10000
-"""Messages per chat request: far more than any context window holds turns of (a 128k context
-is ~30k four-token turns, and each message costs template tokens too), so a real conversation
-never meets it, while a body of 200,000 one-character messages is refused before pydantic builds
-200,000 objects for it."""
-
 GREEDY_BELOW = 1e-5
 """Temperatures this small sample greedily, as vLLM does: 1e-39 would overflow the logits into NaNs."""
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, checked for what would break the layers behind it: nesting
-    beyond `MAX_JSON_DEPTH`, numbers no field can hold, and strings that are not valid Unicode
-    (a lone surrogate, which JSON's escapes allow and every tokenizer refuses). Each is a 400.
-
-    orjson parses several times faster than `json` and refuses, in the parser, what the stdlib
-    lets through: lone surrogates, NaN, integers past 64 bits as exact values, nesting past 1024.
-    The stdlib only re-reads a body orjson refused for a surrogate, to name the field."""
+    """Any JSON body as an object, its shape checked (`json_body.load_object`); a problem is a 400."""
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        reason = str(exc)
-        if "surrogate" in reason:
-            _name_bad_string(raw)
-        if "recursion" in reason:
-            raise bad_request(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
-        if reason.startswith("number"):
-            raise bad_request(f"A number in the JSON body is out of range ({reason}); integers must fit in 64 bits"
-                              ) from None
-        raise bad_request(f"We could not parse the JSON body of your request: {reason}") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"The request body must be a JSON object, got {type(data).__name__}")
-    _check_depth(data)
-    return data
-
-
-def _check_depth(data: dict[str, Any]) -> None:
-    """Nesting measured without recursion, before pydantic or anything else walks it recursively."""
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise bad_request(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-
-
-def _name_bad_string(raw: bytes) -> None:
-    """A 400 naming the field whose text holds a lone surrogate (orjson only gives a position)."""
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return
-    stack: list[tuple[Any, str]] = [(data, "")]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, dict):
-            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
-            bad_key = next((k for k in value if isinstance(k, str) and not _is_unicode(k)), None)
-            if bad_key is not None:
-                raise bad_request(f"A key in '{path or 'the body'}' is not valid Unicode (a lone surrogate)",
-                                  param=path or None)
-        elif isinstance(value, list):
-            stack.extend((v, f"{path}.{i}") for i, v in enumerate(value))
-        elif isinstance(value, str) and not _is_unicode(value):
-            raise bad_request(f"Invalid value for '{path}': the text is not valid Unicode (a lone surrogate such as "
-                              "\\ud800 without its pair)", param=path)
+        return load_object(raw)
+    except BodyProblem as problem:
+        raise bad_request(problem.message, param=problem.param, code=problem.code) from None
 
 
 def parse_body(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) -> dict[str, Any]:
-    """Parse one inference body; the number of messages is bounded before anything builds an
-    object per message."""
-    data = parse_json(raw)
-    messages = data.get("messages")
-    if chat and isinstance(messages, list) and len(messages) > max_messages:
-        raise bad_request(f"'messages' holds {len(messages)} messages; this server takes at most {max_messages} "
-                          "per request (--max-messages)", param="messages", code="too_many_messages")
-    return data
+    """Parse one inference body; its messages and values are counted before anything builds an
+    object per message (`json_body.load_body`)."""
+    try:
+        return load_body(raw, chat, max_messages)
+    except BodyProblem as problem:
+        raise bad_request(problem.message, param=problem.param, code=problem.code) from None
 
 
 def validate_request(data: dict[str, Any], chat: bool) -> ChatRequest | CompletionRequest:
@@ -351,14 +288,6 @@ def validate_request(data: dict[str, Any], chat: bool) -> ChatRequest | Completi
 
 def parse_request(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) -> ChatRequest | CompletionRequest:
     return validate_request(parse_body(raw, chat, max_messages), chat)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:

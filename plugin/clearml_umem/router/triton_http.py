@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clearml_umem import __version__
 from clearml_umem.router.errors import CLIENT_CLOSED, APIError, bad_request
 from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, resolve_model, until_disconnect
-from clearml_umem.router.schemas import parse_json
 from clearml_umem.router.sse import EventStreamResponse, event
 from clearml_umem.router.triton_request import (
     INPUTS,
@@ -51,6 +50,8 @@ SERVED_FROM_HEADER = "x-umem-served-from"
 """The same header as the OpenAI routes' (router/app.py), named here: that module imports this one."""
 
 ReadBody = Callable[[Request, int], Awaitable[bytes]]
+ParseBody = Callable[[Request, bytes], Awaitable[dict[str, Any]]]
+"""The router's parse of a body (`app.parse_request_body`): a big one never parsed on the event loop."""
 
 
 class TritonErrorShape:
@@ -106,7 +107,8 @@ def split_version(path: str) -> tuple[str, str]:
     return (name, version) if sep and version and "/" not in version else (path, "")
 
 
-def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: int) -> APIRouter:
+def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: int,
+                  parse_body: ParseBody) -> APIRouter:
     routes = APIRouter()
 
     def model(path: str) -> ModelSpec:
@@ -155,15 +157,17 @@ def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: 
 
     @routes.post("/v2/models/{path:path}/generate")
     async def generate(path: str, request: Request) -> Response:
-        return await _generate(runtime, model(path), request, await read_body(request, max_body_bytes), stream=False)
+        raw = await read_body(request, max_body_bytes)
+        return await _generate(runtime, model(path), request, await parse_body(request, raw), stream=False)
 
     @routes.post("/v2/models/{path:path}/generate_stream")
     async def generate_stream(path: str, request: Request) -> Response:
-        return await _generate(runtime, model(path), request, await read_body(request, max_body_bytes), stream=True)
+        raw = await read_body(request, max_body_bytes)
+        return await _generate(runtime, model(path), request, await parse_body(request, raw), stream=True)
 
     @routes.post("/v2/models/{path:path}/infer")
     async def infer(path: str, request: Request) -> Response:
-        return await _infer(runtime, model(path), request, await read_body(request, max_body_bytes))
+        return await _infer(runtime, model(path), request, await read_body(request, max_body_bytes), parse_body)
 
     @routes.get("/v2/models/{path:path}")
     async def metadata(path: str) -> Response:
@@ -198,10 +202,10 @@ def _generate_inputs(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return inputs, parameters
 
 
-async def _generate(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw: bytes,
+async def _generate(runtime: ServingRuntime, spec: ModelSpec, request: Request, data: dict[str, Any],
                     stream: bool) -> Response:
     arrived = time.monotonic()
-    inputs, parameters = _generate_inputs(parse_json(raw))
+    inputs, parameters = _generate_inputs(data)
     triton = build_request(spec, inputs, parameters, stream=stream)
     gen = Generation(runtime, spec.name, triton.generation, f"triton-{uuid.uuid4().hex}", arrived)
     if stream:
@@ -319,7 +323,8 @@ def _validate_outputs(data: dict[str, Any], triton: TritonRequest) -> None:
     _requested_outputs(data, output_values(triton, "", None, {}))
 
 
-async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw: bytes) -> Response:
+async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw: bytes,
+                 parse_body: ParseBody) -> Response:
     arrived = time.monotonic()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
@@ -333,7 +338,7 @@ async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw
         head, binary = raw[:int(declared)], raw[int(declared):]
     else:
         head, binary = raw, b""
-    data = parse_json(head)
+    data = await parse_body(request, head)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad_request("'parameters' must be a JSON object", param="parameters")

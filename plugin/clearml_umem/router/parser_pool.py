@@ -1,0 +1,230 @@
+"""Big request bodies are checked in parser processes before the router parses them itself.
+
+orjson holds the GIL for the whole parse of a body: in the router's process (even in a thread of
+its own) a 6.8 MB body of 200,000 one-character messages held up every other client for a tenth
+of a second, and each value of a body costs its parse as much as a few bytes of text. So a body
+over `INLINE_PARSE_BYTES` is first parsed in a parser process (`clearml_umem.parser_child`), which
+answers only whether its shape passes `json_body.load_body` (messages, values, nesting, numbers,
+Unicode) or the client's 400. Only a body that passed is parsed again in the router, and its shape
+is then bounded, so that parse is bounded too (docs/limits.md has the worst case measured).
+
+The processes are started at the first big body, fed through pipes by one task each (so that the
+event loop only moves bytes), and end with the router: they read EOF when it exits, die with it
+through PR_SET_PDEATHSIG when it is killed, and are closed by `close()` on a clean stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clearml_umem.parser_child import HEADER
+from clearml_umem.router.errors import UNAVAILABLE, APIError
+
+log = logging.getLogger(__name__)
+
+PARSER_PROCESSES = 2
+"""Bodies checked at once. Two keep a second body moving while one is parsed, and leave the
+other cores (and the router's own) to the engines."""
+
+PARSER_QUEUE = 16
+"""Big bodies that may wait for a parser process beyond those being checked; each waits as its
+bytes only (at most `--max-request-bytes`, 8 MiB by default, so 128 MiB in all by default).
+One more gets a 503 with Retry-After: the server is busy, not the client over a quota of its own
+(a 429 says that), and OpenAI's SDKs wait and retry either."""
+
+CHECK_TIMEOUT_S = 30.0
+"""The longest one check may take (the worst 8 MiB body takes about a second on a busy core); a
+parser process that takes longer is killed and replaced, and its client gets a 503."""
+
+BUSY_RETRY_AFTER_S = 1
+
+_PIPE_BYTES = 2**20
+"""Pipe buffer asked of Linux (F_SETPIPE_SZ; 1 MiB is what any user may ask): an 8 MiB body then
+crosses in 8 writes, not 128."""
+
+_F_SETPIPE_SZ = 1031
+
+
+def busy(pending: int) -> APIError:
+    return APIError(503, f"The server is checking {pending} large request bodies already; retry shortly",
+                    UNAVAILABLE, code="server_busy", headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
+
+
+def check_failed() -> APIError:
+    return APIError(503, "The server could not check the request body; retry shortly", UNAVAILABLE,
+                    code="body_check_failed", headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
+
+
+@dataclass(eq=False)
+class _Job:
+    raw: bytes | None
+    chat: bool
+    max_messages: int
+    verdict: asyncio.Future[dict[str, object]]
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One parser process and the task that feeds it."""
+
+    proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class ParserPool:
+    """The router's parser processes and the bounded queue of bodies waiting for them; built by
+    `create_app`, used from the event loop only, closed by the server when it stops."""
+
+    processes: int = PARSER_PROCESSES
+    queue: int = PARSER_QUEUE
+    timeout_s: float = CHECK_TIMEOUT_S
+    checked: int = 0
+    """Bodies a parser process answered."""
+    skipped: int = 0
+    """Bodies whose client left before a parser process took them: never sent to one."""
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    _jobs: asyncio.Queue[_Job] | None = field(default=None, repr=False)
+    _live: set[_Job] = field(default_factory=set, repr=False)
+    _slots: list[_Slot] = field(default_factory=list, repr=False)
+
+    async def check(self, raw: bytes, chat: bool, max_messages: int) -> None:
+        """Return when the body's shape passes; raise its 400 when not, a 503 when the pool is full
+        or the check failed. Cancelled (the client left), the body is dropped at once and never
+        sent to a parser process if none has taken it yet."""
+        if len(self._live) >= self.processes + self.queue:
+            raise busy(len(self._live))
+        jobs = self._started()
+        job = _Job(raw, chat, max_messages, asyncio.get_running_loop().create_future())
+        del raw
+        self._live.add(job)
+        jobs.put_nowait(job)
+        try:
+            verdict = await job.verdict
+        finally:
+            job.raw = None
+            self._live.discard(job)
+            job.verdict.cancel()
+        if verdict.get("ok"):
+            return
+        if "failed" in verdict:
+            log.error("a parser process failed on a request body: %s", verdict["failed"])
+            raise check_failed()
+        raise APIError(400, str(verdict.get("message")), param=_text(verdict.get("param")),
+                       code=_text(verdict.get("code")))
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.proc.pid for s in self._slots if s.proc is not None and s.proc.returncode is None]
+
+    async def close(self) -> None:
+        """End the parser processes: stdin closed (they exit at its end), killed if they linger."""
+        slots, self._slots, self._jobs, self._loop = self._slots, [], None, None
+        for slot in slots:
+            if slot.task is not None:
+                slot.task.cancel()
+        for slot in slots:
+            await _stop(slot.proc)
+        for job in list(self._live):
+            job.verdict.cancel()
+
+    def _started(self) -> asyncio.Queue[_Job]:
+        loop = asyncio.get_running_loop()
+        if self._jobs is None or self._loop is not loop:
+            # a new loop (a test client's): the old one's tasks and pipes went with it
+            self._loop, self._jobs, self._live = loop, asyncio.Queue(), set()
+            self._slots = [_Slot() for _ in range(self.processes)]
+            for i, slot in enumerate(self._slots):
+                slot.task = loop.create_task(self._feed(slot, self._jobs), name=f"umem-parser-{i}")
+        return self._jobs
+
+    async def _feed(self, slot: _Slot, jobs: asyncio.Queue[_Job]) -> None:
+        while True:
+            job = await jobs.get()
+            raw, job.raw = job.raw, None
+            if job.verdict.done() or raw is None:
+                self.skipped += 1
+                continue
+            verdict = await self._verdict(slot, raw, job.chat, job.max_messages)
+            del raw
+            if not job.verdict.done():
+                job.verdict.set_result(verdict)
+
+    async def _verdict(self, slot: _Slot, raw: bytes, chat: bool, max_messages: int) -> dict[str, object]:
+        """The parser process's answer; a process found dead is replaced and asked again, once."""
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(self._ask(slot, raw, chat, max_messages), self.timeout_s)
+            except (asyncio.TimeoutError, OSError, EOFError, ValueError) as exc:
+                log.error("parser process %s failed (%s: %s); starting another", slot.proc and slot.proc.pid,
+                          type(exc).__name__, exc)
+                await _stop(slot.proc, grace_s=0)
+                slot.proc = None
+                if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
+                    return {"failed": f"{type(exc).__name__}: {exc}"}
+        raise AssertionError("unreachable")
+
+    async def _ask(self, slot: _Slot, raw: bytes, chat: bool, max_messages: int) -> dict[str, object]:
+        proc = slot.proc
+        if proc is None or proc.returncode is not None:
+            proc = slot.proc = await _spawn()
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(HEADER.pack(len(raw), int(chat), max_messages))
+        proc.stdin.write(raw)
+        await proc.stdin.drain()
+        line = await proc.stdout.readline()
+        if not line.endswith(b"\n"):
+            raise EOFError("the parser process ended")
+        self.checked += 1
+        verdict = json.loads(line)
+        if not isinstance(verdict, dict):
+            raise ValueError(f"unexpected answer {line[:200]!r}")
+        return verdict
+
+
+def _child_env() -> dict[str, str]:
+    """The child imports this package from where the router did, also when a script put it on
+    sys.path itself rather than installing it."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+
+
+async def _spawn() -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clearml_umem.parser_child", str(os.getpid()),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20, env=_child_env())
+    assert proc.stdin is not None
+    pipe = proc.stdin.get_extra_info("pipe")
+    if pipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+    return proc
+
+
+async def _stop(proc: asyncio.subprocess.Process | None, grace_s: float = 2.0) -> None:
+    """Close its stdin (it exits at the end of it), kill it after `grace_s` (0: at once)."""
+    if proc is None or proc.returncode is not None:
+        return
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        if grace_s <= 0:
+            raise asyncio.TimeoutError
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
