@@ -120,7 +120,7 @@ class FakeRuntime:
     def model_names(self) -> list[str]:
         return sorted(self.engines)
 
-    async def check_request(self, model: str, request: GenerationRequest) -> None:
+    async def check_request(self, model: str, request: GenerationRequest, small: bool = False) -> None:
         if model not in self.engines:
             raise ModelNotFound(model)
 
