@@ -26,6 +26,7 @@ from starlette.testclient import TestClient
 
 from clearml_umem.engines.base import Delta, EngineError, Footprint, GenerationRequest, InvalidRequest
 from clearml_umem.events import Event, EventBus, FirstToken, MoveFinished, RequestArrived, RequestFinished
+from clearml_umem.log_setup import UVICORN_LOGGING
 from clearml_umem.metrics import Metrics
 from clearml_umem.router import create_app
 from clearml_umem.runtime import Lease, ModelNotFound, Rejected
@@ -119,7 +120,7 @@ class FakeRuntime:
     def model_names(self) -> list[str]:
         return sorted(self.engines)
 
-    async def check_request(self, model: str, request: GenerationRequest) -> None:
+    async def check_request(self, model: str, request: GenerationRequest, small: bool = False) -> None:
         if model not in self.engines:
             raise ModelNotFound(model)
 
@@ -188,7 +189,7 @@ def _serve(runtime: FakeRuntime, api_key: str | None, admin_key: str | None = No
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, **UVICORN_LOGGING, lifespan="off"))  # type: ignore[arg-type]
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -10,6 +10,7 @@ stalling the suite.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -576,4 +577,30 @@ def test_an_engine_that_died_is_noticed_counted_cold_and_shown(tmp_path: Path) -
         (await engine.next_gate(Tier.COLD, Tier.GPU)).open()
         await within(waiting.task)
         assert waiting.served_from is Tier.COLD, "the next request starts it again"
+    run(scenario)
+
+
+# -- the check before a request waits --------------------------------------------------------
+
+
+def test_a_small_request_is_checked_on_the_loop_only_by_an_engine_whose_check_is_quick(tmp_path: Path) -> None:
+    """A thread per request cost a hot first token about a millisecond; a tokenizer still never runs on the loop."""
+    async def scenario() -> None:
+        world = World(tmp_path, "a")
+        engine = world.engines["a"]
+        threads: list[str] = []
+
+        def check(request: GenerationRequest) -> None:
+            threads.append(threading.current_thread().name)
+
+        engine.check_request = check  # type: ignore[attr-defined]
+        request = GenerationRequest(prompt="hi")
+        await within(world.runtime.check_request("a", request, small=True))
+        engine.quick_check = True  # type: ignore[attr-defined]
+        await within(world.runtime.check_request("a", request, small=False))
+        await within(world.runtime.check_request("a", request, small=True))
+        main = threading.current_thread().name
+        assert threads[0] != main and threads[1] != main, "without quick_check, or for a big request: a thread"
+        assert threads[2] == main
+
     run(scenario)

@@ -20,6 +20,14 @@ def setup_logging(level: str) -> None:
     quiet_internal_http(level)
 
 
+UVICORN_LOGGING: dict[str, object] = {"log_config": None, "log_level": "warning", "access_log": False}
+"""What `uvicorn.Config` gets for logging. Its default `log_config` runs `logging.config.dictConfig`,
+which closes every handler of the process while it holds logging's lock: ClearML's TaskHandler
+among them, whose close joins its sender thread, which waits for that lock to log an HTTP call.
+A serve task then hung after its start banner (and, when it did not, had stopped sending its log
+to ClearML). With `log_config=None` uvicorn only sets its loggers' levels; its lines go to ours."""
+
+
 def quiet_internal_http(level: str) -> None:
     """Internal HTTP calls at WARNING unless the level is debug."""
     internal = logging.DEBUG if level.lower() == "debug" else logging.WARNING

@@ -358,14 +358,22 @@ class Runtime:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def check_request(self, model: str, request: GenerationRequest) -> None:
+    async def check_request(self, model: str, request: GenerationRequest, small: bool = False) -> None:
         """Refuse what the model can never serve (a prompt over its context window) before the
         request waits for it or moves anything. Engines that can tell without being loaded do
-        (`check_request`, in a thread of its own that is abandoned when the client leaves)."""
-        check = getattr(self._served(model).engine, "check_request", None)
+        (`check_request`, in a thread of its own that is abandoned when the client leaves). A
+        `small` request (its body was parsed on the event loop) is checked there by an engine whose
+        check reads no tokenizer (`quick_check`): starting a thread costs more than such a check,
+        a millisecond of a hot first token on a busy machine."""
+        engine = self._served(model).engine
+        check = getattr(engine, "check_request", None)
         self._refuse_if_unstartable(model)
-        if check is not None:
-            await in_abandonable_thread(f"umem-check-{model}", check, request)
+        if check is None:
+            return
+        if small and getattr(engine, "quick_check", False):
+            check(request)
+            return
+        await in_abandonable_thread(f"umem-check-{model}", check, request)
 
     @asynccontextmanager
     async def lease(self, model: str, request_id: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:

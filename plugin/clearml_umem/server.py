@@ -25,6 +25,7 @@ from clearml_umem.device_env import device_label
 from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
 from clearml_umem.keep_alive import parse_keep_alive
+from clearml_umem.log_setup import UVICORN_LOGGING
 from clearml_umem.memory import Budgets, detect_budgets, resolve_device
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
@@ -199,7 +200,7 @@ class UnifiedMemoryServer:
                 self._poller = self._start_poller(first, self._loop)
             quiet_accept_errors(self._loop)
             # uvicorn cancels what still runs this long after the stop: the drain ends it cleanly first
-            uv_config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+            uv_config = uvicorn.Config(self.app, **UVICORN_LOGGING, lifespan="off",  # type: ignore[arg-type]
                                        http=limited_protocol(self.limits, gate),
                                        timeout_keep_alive=self.limits.idle_timeout_s,
                                        timeout_graceful_shutdown=self.config.shutdown_grace + STOP_MARGIN_S)

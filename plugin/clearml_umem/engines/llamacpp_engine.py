@@ -276,6 +276,9 @@ class LlamaCppEngine:
     def transits(self) -> dict[tuple[Tier, Tier], Tier]:
         return LLAMACPP_MOVES.transits
 
+    quick_check = True
+    """`check_request` counts bytes, no tokenizer: the runtime runs it on the event loop for a small request."""
+
     @property
     def max_concurrency(self) -> int:
         """One request per server slot (`-np`): more would only queue inside llama-server."""

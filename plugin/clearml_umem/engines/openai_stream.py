@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from clearml_umem.engines.base import Delta, EngineError, GenerationRequest
+from clearml_umem.engines.engine_http import post_stream
 from clearml_umem.engines.vllm_process import VLLMProcess, error_message
 
 log = logging.getLogger(__name__)
@@ -137,16 +138,20 @@ async def stream_answer(process: VLLMProcess, path: str, body: dict[str, Any], c
     """One streamed answer from the server; closing the iterator closes the HTTP stream, which
     makes the server stop generating. Every line received counts as progress (`VLLMProcess.hung`)."""
     decoder = SSEDecoder(chat=chat, label=label, top_logprobs=top_logprobs)
+    endpoint = process.endpoint
+    socket = str(endpoint.socket) if endpoint.socket is not None else None
     with process.streaming() as progressed:
-        async with process.client().stream("POST", path, json=body) as resp:
+        async with post_stream(socket, endpoint.port, path, body, api_key=endpoint.api_key,
+                               read_timeout_s=process.config.timeouts.request_s) as resp:
             if resp.status_code != 200:
                 raise refuse(resp.status_code, error_message(await resp.aread()))
-            async for line in resp.aiter_lines():
-                progressed()
-                for delta in decoder.feed(line):
-                    yield delta
-                if decoder.done:
-                    break
+            async with contextlib.aclosing(resp.aiter_lines()) as lines:  # closed here, not by the loop's finalizer
+                async for line in lines:
+                    progressed()
+                    for delta in decoder.feed(line):
+                        yield delta
+                    if decoder.done:
+                        break
     yield decoder.finish()
 
 

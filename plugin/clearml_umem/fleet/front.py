@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from clearml_umem.fleet.choose import TIER_ORDER, models_served, rank
 from clearml_umem.fleet.probe import Discover, Fleet
 from clearml_umem.fleet.relay import Chooser, NoRouter, RouterGone, error_body, send
+from clearml_umem.log_setup import UVICORN_LOGGING
 from clearml_umem.router.app import BearerAuth
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ async def serve_front(discover: Discover, host: str, port: int, probe_s: float, 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         bound_host, bound_port = sock.getsockname()[:2]
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        server = uvicorn.Server(uvicorn.Config(app, **UVICORN_LOGGING, lifespan="off"))  # type: ignore[arg-type]
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         try:
             while not server.started and not serving.done():

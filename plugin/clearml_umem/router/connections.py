@@ -136,6 +136,66 @@ def gated_listener(family: int, gate: ConnectionGate) -> GatedListener:
     return sock
 
 
+COALESCE_BYTES = 64 * 1024
+"""Writes pending past this size leave at once: coalescing is for a response's small pieces."""
+
+
+class CoalescedWrites:
+    """A transport whose writes made in one pass of the event loop leave in one send.
+
+    uvicorn writes a response's status line and headers, each body piece and the end of a chunked
+    body separately, each a send and, on the client's side, a wake-up: a streamed answer's headers
+    and first token took two, its last piece and end two more. Here they wait in a list until the
+    loop has run what is ready (a `call_soon`), so what a handler sends without waiting in between
+    leaves together; a piece sent after an await still leaves on the next pass, microseconds later,
+    and a complete response at once (`on_response_complete`). Everything else is the real transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(bytes(data))
+        self._size += len(data)
+        if self._size >= COALESCE_BYTES:
+            self.flush()
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        self._size = 0
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._size + self._transport.get_write_buffer_size()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._size = 0
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = None) -> type[H11Protocol]:
     """uvicorn's h11 protocol with `limits` (pass as `uvicorn.Config(http=...)`); `gate`, when the
     listener is a `GatedListener`, is told of each close."""
@@ -153,7 +213,7 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             self._body_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
             if len(self.connections) > cap and not self._make_room():
                 refusals.warning("%d connections open, the most this server keeps (--max-connections): refusing "
                                  "new ones with 503 while every one is busy with a request", cap)
@@ -204,6 +264,8 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             self._track()
 
         def on_response_complete(self) -> None:
+            if isinstance(self.transport, CoalescedWrites):
+                self.transport.flush()  # a whole answer leaves now, before the handler's cleanup runs
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._waiting_since = time.monotonic()

@@ -42,7 +42,7 @@ class ServingRuntime(Protocol):
 
     def model_names(self) -> list[str]: ...
 
-    async def check_request(self, model: str, request: GenerationRequest) -> None: ...
+    async def check_request(self, model: str, request: GenerationRequest, small: bool = False) -> None: ...
 
     def lease(self, model: str, request_id: str,
               keep_alive: float | None = None) -> AbstractAsyncContextManager[Lease]: ...
@@ -79,8 +79,10 @@ def with_model_defaults(data: dict[str, Any], spec: ModelSpec) -> dict[str, Any]
 
 class Generation:
     def __init__(self, runtime: ServingRuntime, model: str, request: GenerationRequest, request_id: str,
-                 arrived: float, keep_alive: float | None = None) -> None:
+                 arrived: float, keep_alive: float | None = None, small: bool = False) -> None:
         self.runtime = runtime
+        self.small = small
+        """The request's body was small enough to parse on the event loop (router/app.py): so is its check."""
         self.model = model
         self.request = request
         self.request_id = request_id
@@ -106,7 +108,7 @@ class Generation:
         context...) still be a proper HTTP error instead of an error in the middle of a stream.
         """
         try:
-            await self.runtime.check_request(self.model, self.request)
+            await self.runtime.check_request(self.model, self.request, small=self.small)
             lease = await self._stack.enter_async_context(
                 self.runtime.lease(self.model, self.request_id, keep_alive=self.keep_alive))
         except ServingError as exc:

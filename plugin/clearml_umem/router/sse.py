@@ -88,10 +88,15 @@ class EventStreamResponse(Response):
             await self.background()
 
     async def _pump(self, send: Send) -> None:
+        """The events as they come; the one that ends with [DONE] ends the response too, before the
+        generator's cleanup (the lease, the access log) runs: the client has its whole answer first."""
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last = chunk.endswith(DONE)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             return  # ASGI 2.4 servers report a client that left as a failed send
