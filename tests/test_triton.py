@@ -156,7 +156,9 @@ def test_the_base_install_does_not_load_grpc() -> None:
 def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("triton")
     specs = [spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"]),
-                                "aliases": [ALIAS], "defaults": {"max_tokens": ALIAS_MAX_TOKENS}}),
+                                "aliases": [ALIAS], "defaults": {"max_tokens": ALIAS_MAX_TOKENS},
+                                # batched, this CPU would run 32 at once: two keep the full-queue test's burst full
+                                "max_concurrency": 2}),
              spec_from_mapping({"name": "tiny-qwen2", "weights": str(tiny_models["tiny-qwen2"])})]
     write_manifest(work / "models.yaml", specs)
     device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=work, device="cpu"))
