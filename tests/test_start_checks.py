@@ -154,3 +154,18 @@ def test_a_binary_that_is_not_llama_server_is_known_at_start(setup, tmp_path):
     fake.chmod(0o644)
     engine = LlamaCppEngine(spec, EngineContext(work_dir=tmp_path, device="cpu", options={"llama_server": str(fake)}))
     assert engine.start_problem() == f"llama-server {fake} is not an executable file"
+
+
+@pytest.mark.parametrize(("variable", "value"), [("UMEM_STRICT", "maybe"), ("UMEM_PIPELINED_SWAP_IN", "yess"),
+                                                  ("UMEM_PORT", "80a")])
+def test_a_bad_environment_value_is_one_line_naming_the_variable(monkeypatch, capsys, variable, value):
+    """The flags' defaults are read from UMEM_* while the parser is built, before any command runs:
+    a typo there was a traceback."""
+    from clearml_umem.cli import main
+
+    monkeypatch.setenv(variable, value)
+    code = main(["serve", "--manifest", "models.yaml"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"clearml-umem: error: {variable}={value!r}: "), err
+    assert "Traceback" not in err

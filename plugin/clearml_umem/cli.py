@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # a bad UMEM_* value is found while the flags are built
         return int(args.func(args))
     except (ConfigError, ManifestError, SpecError, SchedulerError, FleetUsage) as exc:
         print(f"clearml-umem: error: {exc}", file=sys.stderr)

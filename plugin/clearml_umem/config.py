@@ -302,7 +302,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         env_value = env.get(ENV_PREFIX + f.name.upper())
         default = getattr(defaults, f.name)
         if env_value not in (None, ""):
-            default = _coerce(f.name, env_value)
+            try:
+                default = _coerce(f.name, env_value)
+            except ConfigError as exc:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={env_value!r}: {exc}") from None
         help_text = f"(env {ENV_PREFIX}{f.name.upper()})"
         if f.name in ("clearml_tags", "clearml_ids", "allowed_hosts"):
             words = FIELD_HELP.get(f.name, "comma-separated")
