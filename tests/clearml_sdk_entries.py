@@ -20,6 +20,11 @@ def main() -> None:
     project, model_dir, store = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     from clearml import OutputModel, Task
 
+    from clearml_umem.clearml_io.session import use_reporter_thread
+
+    # a user's training script, doing what docs/clearml.md advises: with the SDK's default forked
+    # reporter, Task.close() can wait 300 s for a repository detection the fork left half done
+    use_reporter_thread()
     store.mkdir(parents=True, exist_ok=True)
     task = Task.init(project_name=project, task_name="train", output_uri=store.as_uri(),
                      auto_connect_frameworks=False, auto_resource_monitoring=False, auto_connect_arg_parser=False)
