@@ -1010,6 +1010,15 @@ class TransformersEngine:
         """The model's continuous batching (None before its first batched request), for tests and benchmarks."""
         return self._batcher
 
+    def _admit(self, job: _Job) -> tuple[Any, Any]:
+        """Count the job in flight if the model is on the device and still; its model and tokenizer."""
+        with self._state_lock:
+            if self._tier is not Tier.GPU or self._moving or self._model is None:
+                state = "moving" if self._moving else f"in tier {self._tier}"
+                raise EngineError(f"model {self.spec.name!r} is {state}; generate needs it on the device")
+            self._jobs.add(job)
+            return self._model, self._tokenizer
+
     async def _generate_batched(self, request: GenerationRequest, batcher: Batcher) -> AsyncIterator[Delta]:
         """One request's share of the batcher's steps: text assembly and stop strings here, on the loop."""
         loop = asyncio.get_running_loop()
@@ -1017,12 +1026,7 @@ class TransformersEngine:
         prompt = request.prompt_ids or []
         self._validate(request, len(prompt))
         shaper = AnswerShaper(request)
-        with self._state_lock:
-            if self._tier is not Tier.GPU or self._moving or self._model is None:
-                state = "moving" if self._moving else f"in tier {self._tier}"
-                raise EngineError(f"model {self.spec.name!r} is {state}; generate needs it on the device")
-            self._jobs.add(job)
-            tokenizer = self._tokenizer
+        _, tokenizer = self._admit(job)
         eos = self._batch_eos
         assembler = _TextAssembler(tokenizer, request.stop)
         request_id: str | None = None
@@ -1087,12 +1091,7 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         job = _Job(request=request, loop=loop, queue=asyncio.Queue(), done=loop.create_future())
         shaper = AnswerShaper(request)
-        with self._state_lock:
-            if self._tier is not Tier.GPU or self._moving or self._model is None:
-                state = "moving" if self._moving else f"in tier {self._tier}"
-                raise EngineError(f"model {self.spec.name!r} is {state}; generate needs it on the device")
-            self._jobs.add(job)
-            model, tokenizer = self._model, self._tokenizer
+        model, tokenizer = self._admit(job)
         job.thread = threading.Thread(target=self._run_job, args=(job, model, tokenizer),
                                       name=f"umem-generate-{self.spec.name}", daemon=True)
         try:
