@@ -2,16 +2,16 @@
 
 A streaming client asks a hot tiny model for a few tokens, one request after another, and its
 TTFT is measured twice in one run: alone, then while `--senders` processes keep posting big chat
-bodies for a model that is not served, so only checking, parsing and validation run for them.
-`--shape tiny` (the default): ~6.8 MB of 200,000 one-character messages, which the router's parser
-processes refuse (400: more messages than `--max-messages` allows) without the router parsing
-them; with `--accept-all` the router is started to take that many (`--max-messages 200000`), so
-the router parses and validates each in full (and answers 404). `--shape long`: ~8 MB of 10,000
-messages of 800 characters, valid on the default settings, so the router parses and validates
-each after its parser process passed it (404). Reported: p50 and p99 TTFT of each phase and their
-ratios (1.0 = big bodies cost other clients nothing), the worst /health latency of each phase, and
-(`--parse-costs`) what the router's own parse of the costliest bodies that pass the default
-bounds takes, measured in this process.
+bodies (for the same model, or with `--to unknown` for one not served). `--shape tiny` (the
+default): ~6.8 MB of 200,000 one-character messages, which the router's parser processes refuse
+(400: more messages than `--max-messages` allows); with `--accept-all` the router is started to
+take that many (`--max-messages 200000`), so each is prepared in full and unpickled by the router.
+`--shape long`: ~8 MB of 10,000 messages of 800 characters, valid on the default settings: each is
+parsed and validated in a parser process, unpickled by the router, and refused by the model's
+engine from its byte length (longer than the context; 404 with `--to unknown`). Reported: p50 and
+p99 TTFT of each phase and their ratios (1.0 = big bodies cost other clients nothing), the worst
+/health latency of each phase, and (`--parse-costs`) what the costliest bodies that pass the
+default bounds cost a parser process and the router, measured in this process.
 
     python benchmarks/big_bodies.py                 # about a minute on 2 cores
     python benchmarks/big_bodies.py --shape long
@@ -26,6 +26,8 @@ import gc
 import json
 import multiprocessing
 import os
+import pickle
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from clearml_umem.catalog import write_manifest
-from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, load_body, max_values
+from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, max_values
+from clearml_umem.router.schemas import prepare_body
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tinymodels import DEMO_MODELS, ensure_tiny_models
 
@@ -50,12 +52,12 @@ LONG_CHARS = 800
 BODY_LIMIT = 8 * 2**20
 
 
-def big_body(shape: str) -> bytes:
+def big_body(shape: str, model: str = "not-served") -> bytes:
     if shape == "tiny":
         messages = [{"role": "user", "content": "x"}] * MESSAGES
     else:
         messages = [{"role": "user", "content": "y" * LONG_CHARS}] * DEFAULT_MAX_MESSAGES
-    return json.dumps({"model": "not-served", "messages": messages}).encode()
+    return json.dumps({"model": model, "messages": messages}).encode()
 
 
 def costliest_bodies() -> dict[str, bytes]:
@@ -78,26 +80,26 @@ def costliest_bodies() -> dict[str, bytes]:
 
 
 def parse_costs(repeats: int = 5) -> dict[str, dict[str, float]]:
-    """The router's own parse of each body, in CPU milliseconds (best of `repeats`; CPU time, not
-    wall time, so that other load on the machine does not inflate it): `orjson` is the one call
-    that holds the GIL throughout, so it is what other clients may wait for; `walk` counts the
-    values and depth in Python, which lets other threads in every 5 ms. The garbage collector is
-    paused, as the router's parser thread has it."""
+    """What each body costs, in CPU milliseconds (best of `repeats`; CPU time, not wall time, so
+    that other load on the machine does not inflate it): `prepare`, the parse and validation a
+    parser process does (`schemas.prepare_body`, never in the router's process), and `unpickle`,
+    the one call the router makes for it in its parser thread, holding the GIL throughout: what
+    other clients may wait for. The garbage collector is paused, as both processes have it."""
     costs: dict[str, dict[str, float]] = {}
     for label, raw in costliest_bodies().items():
         assert len(raw) <= BODY_LIMIT, (label, len(raw))
-        parse = walk = float("inf")
+        kind = "chat" if b'"messages"' in raw[:40] else "completion" if b'"prompt"' in raw[:40] else "object"
+        prepare = unpickle = float("inf")
         for _ in range(repeats):
             gc.disable()
             started = time.thread_time()
-            data = orjson.loads(raw)
-            parsed = time.thread_time()
-            del data
-            load_body(raw, chat=False)
-            both = time.thread_time() - parsed
-            parse, walk = min(parse, parsed - started), min(walk, both - (parsed - started))
+            payload = pickle.dumps(prepare_body(raw, kind), protocol=pickle.HIGHEST_PROTOCOL)
+            prepared = time.thread_time()
+            pickle.loads(payload)
+            loaded = time.thread_time()
+            prepare, unpickle = min(prepare, prepared - started), min(unpickle, loaded - prepared)
             gc.enable()
-        costs[label] = {"orjson_ms": parse * 1e3, "walk_ms": max(0.0, walk) * 1e3}
+        costs[label] = {"prepare_ms": prepare * 1e3, "unpickle_ms": unpickle * 1e3}
     return costs
 
 
@@ -134,15 +136,27 @@ def p(values: Sequence[float], q: float) -> float:
 
 
 def send(url: str, body: bytes, stop: Any, posted: Any) -> None:
-    """One sender, in a process of its own: in the measuring process its work on 8 MB bodies would
-    hold that process's GIL and show up in the TTFT it measures."""
-    with httpx.Client(base_url=url, timeout=300) as c:
-        while not stop.is_set():
-            resp = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
-            # 400: refused for its shape; 404: passed and validated in full, for a model not served
-            assert resp.status_code in (400, 404), resp.text[:200]
-            with posted.get_lock():
-                posted.value += 1
+    """One sender, in a process of its own (in the measuring process its work on 8 MB bodies would
+    hold that process's GIL and show up in the TTFT it measures), on a plain socket: the request is
+    built once and each post is one `sendall`, so that on a machine of few cores the senders take
+    little of the CPU the router needs (clients of a real router run on other machines)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    while not stop.is_set():
+        with socket.create_connection((host, int(port)), timeout=300) as sock, sock.makefile("rb") as answer:
+            sock.sendall(request)
+            status = int(answer.readline().split()[1])
+            length = 0
+            while (line := answer.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            text = answer.read(length)
+        # 400: refused (its shape, or a prompt longer than the context); 404: a model not served
+        assert status in (400, 404), text[:200]
+        with posted.get_lock():
+            posted.value += 1
 
 
 def phase(url: str, model: str, requests: int, senders: int, body: bytes) -> dict[str, float]:
@@ -191,14 +205,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", choices=("tiny", "long"), default="tiny",
                         help=f"tiny: {MESSAGES:,} one-character messages (default); long: {DEFAULT_MAX_MESSAGES:,} "
                              f"messages of {LONG_CHARS} characters")
+    parser.add_argument("--to", choices=("served", "unknown"), default="served",
+                        help="the model the big bodies name: the hot one (default; a long body is then refused "
+                             "by its engine for the context, from its byte length) or one not served (404)")
     parser.add_argument("--parse-costs", action="store_true",
                         help="only time the router's own parse of the costliest bodies that pass the default bounds")
     args = parser.parse_args(argv)
     if args.parse_costs:
         costs = parse_costs()
-        print(f"  {'body':<40} {'orjson':>9} {'walk':>9}   (CPU ms)")
+        print(f"  {'body':<40} {'prepare':>9} {'unpickle':>9}   (CPU ms; prepare in a parser process)")
         for label, row in costs.items():
-            print(f"  {label:<40} {row['orjson_ms']:9.1f} {row['walk_ms']:9.1f}")
+            print(f"  {label:<40} {row['prepare_ms']:9.1f} {row['unpickle_ms']:9.1f}")
         print(json.dumps({"parse_ms": costs}))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_manifest(manifest, [spec_from_mapping({"name": name, "weights": str(weights)})])
         proc, url = start_router(manifest, Path(tmp) / "work", args.accept_all)
         try:
-            body = big_body(args.shape)
+            body = big_body(args.shape, name if args.to == "served" else "not-served")
             with httpx.Client(base_url=url, timeout=300) as client:
                 ttft(client, name)  # the model is hot before anything is measured
             quiet = phase(url, name, args.requests, 0, b"")
@@ -217,13 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(60)
-    result = {"body_bytes": len(body), "shape": args.shape, "senders": args.senders, "accept_all": args.accept_all,
+    result = {"body_bytes": len(body), "shape": args.shape, "to": args.to, "senders": args.senders,
+              "accept_all": args.accept_all,
               "quiet": quiet,
               "big_bodies": loaded,
               "ttft_p50_ratio": loaded["ttft_p50_s"] / quiet["ttft_p50_s"],
               "ttft_p99_ratio": loaded["ttft_p99_s"] / quiet["ttft_p99_s"]}
     fate = ("refused by the parser processes" if args.shape == "tiny" and not args.accept_all
-            else "passed, then parsed and validated by the router")
+            else "prepared by the parser processes, then refused by the router or the engine")
     print(f"body {len(body) / 1e6:.1f} MB ({args.shape}) x {args.senders} senders "
           f"({loaded['big_bodies_answered']} answered, {fate})")
     for label, row in (("quiet", quiet), ("big bodies", loaded)):

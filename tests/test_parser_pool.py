@@ -1,12 +1,13 @@
-"""The parser processes that check big bodies for the router (`router/parser_pool.py`), real ones:
-verdicts come from another process, the queue is bounded, a client that left costs no parse, and
-no parser process outlives the process that started it, even one killed with SIGKILL."""
+"""The parser processes that prepare big bodies for the router (`router/parser_pool.py`), real ones:
+bodies are parsed and validated in another process, the queue is bounded, a client that left costs
+no parse, and no parser process outlives the process that started it, even one killed with SIGKILL."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,41 +18,74 @@ import pytest
 
 from clearml_umem.router.errors import APIError
 from clearml_umem.router.parser_pool import ParserPool
+from clearml_umem.router.schemas import PreparedBody
 from tests.routerproc import wait_gone
 
 BIG = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}] * 200_000}).encode()
 FINE = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 500}] * 200}).encode()
 
 
-def test_verdicts_come_from_a_parser_process() -> None:
-    async def run() -> tuple[APIError, list[int], int, str]:
+def test_bodies_are_prepared_in_a_parser_process() -> None:
+    async def run() -> tuple[bytes, APIError, list[int], int, str]:
         pool = ParserPool(processes=1)
         try:
-            await pool.check(FINE, chat=True, max_messages=10000)
+            prepared = await pool.prepare(FINE, "chat", max_messages=10000)
             with pytest.raises(APIError) as caught:
-                await pool.check(BIG, chat=True, max_messages=10000)
-            return caught.value, pool.pids, pool.checked, " ".join(psutil.Process(pool.pids[0]).cmdline())
+                await pool.prepare(BIG, "chat", max_messages=10000)
+            return prepared, caught.value, pool.pids, pool.checked, " ".join(psutil.Process(pool.pids[0]).cmdline())
         finally:
             await pool.close()
 
-    error, pids, checked, cmdline = asyncio.run(run())
+    payload, error, pids, checked, cmdline = asyncio.run(run())
+    prepared = pickle.loads(payload)
+    assert isinstance(prepared, PreparedBody)
+    # the conversation comes apart from the settings, as the engine takes it
+    assert prepared.data == {"model": "m"}
+    assert prepared.messages == [{"role": "user", "content": "x" * 500}] * 200
     assert error.status == 400 and error.param == "messages" and error.code == "too_many_messages"
     assert checked == 2 and len(pids) == 1 and pids[0] != os.getpid()
     assert "clearml_umem.parser_child" in cmdline
     assert wait_gone(pids, timeout=10) == []  # close() ended it
 
 
+def test_a_parser_process_validates_as_the_router_would_and_names_the_field() -> None:
+    bad_role = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 500}] * 150
+                           + [{"role": "robot", "content": "hi"}]}).encode()
+    bad_setting = json.dumps({"model": "m", "temperature": "hot", "prompt": "y" * 100_000}).encode()
+    parts = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a" * 40_000}, {"type": "text", "text": "b" * 40_000}]}]}).encode()
+    triton = json.dumps({"inputs": [{"name": "text_input", "data": ["z" * 100_000]}]}).encode()
+
+    async def run() -> tuple[list[object], list[bytes]]:
+        pool = ParserPool(processes=1)
+        try:
+            refused = await asyncio.gather(pool.prepare(bad_role, "chat", 10000),
+                                           pool.prepare(bad_setting, "completion", 10000),
+                                           return_exceptions=True)
+            prepared = [await pool.prepare(parts, "chat", 10000), await pool.prepare(triton, "object", 10000)]
+            return refused, prepared
+        finally:
+            await pool.close()
+
+    (role, setting), (joined, triton_body) = asyncio.run(run())
+    assert isinstance(role, APIError) and role.status == 400 and role.param == "messages.150.role"
+    assert isinstance(setting, APIError) and setting.status == 400 and setting.param == "temperature"
+    # content parts are joined into the engine's text, as the router's own path does
+    assert pickle.loads(joined).messages == [{"role": "user", "content": "a" * 40_000 + "\n" + "b" * 40_000}]
+    assert pickle.loads(triton_body) == PreparedBody(json.loads(triton))  # any other object: parsed only
+
+
 def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_left_costs_no_parse() -> None:
     async def run() -> tuple[list[object], int, int]:
         pool = ParserPool(processes=1, queue=2)
         try:
-            first = asyncio.create_task(pool.check(BIG, True, 10000))  # in the parser process
+            first = asyncio.create_task(pool.prepare(BIG, "chat", 10000))  # in the parser process
             await asyncio.sleep(0)
-            gone = asyncio.create_task(pool.check(BIG, True, 10000))  # waits, then its client leaves
-            waiting = asyncio.create_task(pool.check(FINE, True, 10000))
+            gone = asyncio.create_task(pool.prepare(BIG, "chat", 10000))  # waits, then its client leaves
+            waiting = asyncio.create_task(pool.prepare(FINE, "chat", 10000))
             await asyncio.sleep(0)
             with pytest.raises(APIError) as full:
-                await pool.check(FINE, True, 10000)
+                await pool.prepare(FINE, "chat", 10000)
             gone.cancel()
             outcomes = await asyncio.gather(first, gone, waiting, return_exceptions=True)
             assert full.value.status == 503 and full.value.headers == {"Retry-After": "1"}
@@ -62,7 +96,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_left_costs_no_
     (first, gone, waiting), checked, skipped = asyncio.run(run())
     assert isinstance(first, APIError) and first.status == 400
     assert isinstance(gone, asyncio.CancelledError)
-    assert waiting is None
+    assert isinstance(waiting, bytes) and pickle.loads(waiting).messages[0] == {"role": "user", "content": "x" * 500}
     assert (checked, skipped) == (2, 1)  # the body whose client left never reached the parser process
 
 
@@ -73,7 +107,7 @@ HOLDER = textwrap.dedent("""
     async def main():
         pool = ParserPool(processes=2)
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}] * 20000}).encode()
-        await asyncio.gather(pool.check(body, True, 100000), pool.check(body, True, 100000))
+        await asyncio.gather(pool.prepare(body, "chat", 100000), pool.prepare(body, "chat", 100000))
         print(" ".join(map(str, pool.pids)), flush=True)
         await asyncio.sleep(600)
 

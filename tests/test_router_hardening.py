@@ -149,9 +149,8 @@ def test_big_bodies_are_refused_in_a_parser_process_while_others_are_served(rout
 
 
 def test_a_maximal_chat_is_templated_and_tokenized_off_the_event_loop(router) -> None:
-    """10,000 messages (the default cap): checked in a parser process, then parsed, validated,
-    templated and tokenized by the router (the answer counts its tokens) while /health and a
-    stream are answered."""
+    """10,000 messages (the default cap): parsed and validated in a parser process, then templated
+    and tokenized by the router (the answer counts its tokens) while /health and a stream are answered."""
     proc, _ = router
     body = _many_messages(MAX_MESSAGES, content="")
     with _Probes(proc.url) as probes:
@@ -163,6 +162,26 @@ def test_a_maximal_chat_is_templated_and_tokenized_off_the_event_loop(router) ->
     assert tokens > MAX_MESSAGES  # the template ran over every message, and its text was tokenized
     assert probes.streams and set(probes.streams) == {200}, probes.streams
     assert len(probes.health) >= 5 and max(probes.health) < HEALTH_BOUND_S, max(probes.health)
+
+
+def test_a_big_body_prepared_in_a_parser_process_gets_the_same_answer(router) -> None:
+    """A chat over 64 KiB (a long `user` field pads it) is prepared in a parser process and its
+    conversation reaches the engine as a small body's does: greedy answers match, the model's
+    defaults still apply, and a bad setting is named whichever path the body takes."""
+    proc, _ = router
+    client = openai.OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
+        {"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    answers = []
+    for user in ("small", "u" * 100_000):
+        done = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
+                                              user=user)
+        answers.append((done.choices[0].message.content, done.usage.prompt_tokens if done.usage else None))
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, top_p=7, user=user)
+        assert bad.value.body["param"] == "top_p", bad.value.body  # type: ignore[index]
+    assert answers[0] == answers[1] and answers[0][0]
+    assert any("clearml_umem.parser_child" in " ".join(c.cmdline()) for c in proc.descendants())
 
 
 def test_too_many_json_values_is_a_400_naming_the_field(router) -> None:

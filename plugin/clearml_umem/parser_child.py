@@ -1,11 +1,11 @@
-"""The parser process: checks big request bodies for the router, so that their parse never holds
-the router's GIL (`router/parser_pool.py` starts and feeds it; `json_body.py` is the check).
+"""The parser process: prepares big request bodies for the router, so that their parse and
+validation never hold the router's GIL (`router/parser_pool.py` starts and feeds it;
+`router/schemas.prepare_body` is the work).
 
-Run as `python -m clearml_umem.parser_child PARENT_PID`. It reads checks from stdin, each a
-header (`HEADER`: body length, chat flag, the messages cap) and the body, and answers each with
-one JSON line: `{"ok": true}`, or the client's 400 as `{"message", "param", "code"}`, or
-`{"failed": reason}` for a fault of its own. It ends when stdin closes (the router exited or
-closed it) and, through PR_SET_PDEATHSIG, when the router dies mid-check (kill -9 included).
+Run as `python -m clearml_umem.parser_child PARENT_PID`. It reads bodies from stdin and answers
+each with its outcome (`router/parser_wire.py`: the pickled `PreparedBody`, the client's error,
+or a fault of its own). It ends when stdin closes (the router exited or closed it)
+and, through PR_SET_PDEATHSIG, when the router dies mid-body (kill -9 included).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import ctypes
 import gc
 import json
 import os
+import pickle
 import signal
-import struct
 import sys
 from typing import BinaryIO
 
-from clearml_umem.json_body import BodyProblem, load_body
-
-HEADER = struct.Struct("!IBI")
-"""Body length in bytes, chat (1) or not (0), the messages cap."""
+from clearml_umem.router.errors import APIError
+from clearml_umem.router.parser_wire import ANSWER, FAILED, HEADER, KINDS, PREPARED, REFUSED, BodyKind
+from clearml_umem.router.schemas import prepare_body
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,14 +39,15 @@ def die_with(parent: int) -> None:
         raise SystemExit(0)
 
 
-def answer(raw: bytes, chat: bool, max_messages: int) -> dict[str, object]:
+def answer(raw: bytes, kind: BodyKind, max_messages: int) -> tuple[int, bytes]:
     try:
-        load_body(raw, chat, max_messages)
-    except BodyProblem as problem:
-        return dict(problem.as_dict())
+        prepared = prepare_body(raw, kind, max_messages)
+    except APIError as error:
+        return REFUSED, json.dumps({"status": error.status, "message": error.message, "param": error.param,
+                                    "code": error.code}).encode()
     except Exception as exc:  # noqa: BLE001 - told to the router, which logs it; this process lives on
-        return {"failed": f"{type(exc).__name__}: {exc}"}
-    return {"ok": True}
+        return FAILED, f"{type(exc).__name__}: {exc}".encode()
+    return PREPARED, pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
@@ -55,13 +55,16 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         header = inp.read(HEADER.size)
         if len(header) < HEADER.size:
             return
-        length, chat, max_messages = HEADER.unpack(header)
+        length, kind, max_messages = HEADER.unpack(header)
         raw = inp.read(length)
         if len(raw) < length:
             return
-        out.write(json.dumps(answer(raw, bool(chat), max_messages)).encode() + b"\n")
-        out.flush()
+        outcome, payload = answer(raw, KINDS[kind], max_messages)
         del raw
+        out.write(ANSWER.pack(outcome, len(payload)))
+        out.write(payload)
+        out.flush()
+        del payload
 
 
 def main(argv: list[str]) -> None:

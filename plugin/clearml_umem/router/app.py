@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
+import pickle
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -53,14 +54,17 @@ from clearml_umem.router.generation import (
 from clearml_umem.router.head import HeadAsGet
 from clearml_umem.router.keys import Keys
 from clearml_umem.router.parser_pool import ParserPool
+from clearml_umem.router.parser_wire import BodyKind
 from clearml_umem.router.schemas import (
     DEFAULT_MAX_MESSAGES,
-    ChatRequest,
+    ChatSettings,
     CompletionRequest,
+    PreparedBody,
     parse_body,
     parse_json,
     to_generation_request,
     validate_request,
+    validate_settings,
 )
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
@@ -111,9 +115,9 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 INLINE_PARSE_BYTES = 64 * 2**10
 """Bodies up to this size are parsed on the event loop (well under a millisecond: a worker thread
-would cost more than it saves); bigger ones are checked in a parser process first
-(`parser_pool.ParserPool`), then parsed in the parser thread, so that a multi-megabyte body never
-holds up other clients' streams."""
+would cost more than it saves); bigger ones are parsed and validated in a parser process
+(`parser_pool.ParserPool`), then unpickled in the parser thread, so that a multi-megabyte body
+never holds up other clients' streams."""
 
 
 class _BigBodies:
@@ -217,7 +221,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         return await _serve(runtime, request, chat=True, options=serve_options)
 
     async def parse_triton_body(request: Request, raw: bytes) -> dict[str, Any]:
-        return await parse_request_body(request, raw, False, serve_options)
+        return (await parse_request_body(request, raw, "object", serve_options)).data
 
     app.include_router(triton_routes(runtime, read_body, max_body_bytes, parse_triton_body))
 
@@ -329,19 +333,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_request_body(request: Request, raw: bytes, chat: bool, options: _ServeOptions) -> dict[str, Any]:
-    """An inference body as a JSON object, its shape bounded (`json_body.load_body`): a small one
-    parsed on the event loop; a big one checked in a parser process first, then parsed in the
-    parser thread. Raises the client's 400, a 503 when the parser processes are busy, or
-    ClientGone when the client left while its body waited."""
-    inline = len(raw) <= INLINE_PARSE_BYTES
-    if not inline:
-        check = functools.partial(options.parsers.check, raw, chat, options.max_messages)
-        try:
-            await until_disconnect(request.receive, check)
-        finally:
-            del check  # it holds the bytes, which are dropped once parsed
-    return await options.big_bodies.call(inline, parse_body, raw, chat, options.max_messages)
+async def parse_request_body(request: Request, raw: bytes, kind: BodyKind, options: _ServeOptions) -> PreparedBody:
+    """A body as far as it goes without its model: a small one parsed on the event loop (its
+    validation comes after the model's defaults); a big one parsed and validated as sent in a parser
+    process, then unpickled in the parser thread. Raises the client's 4xx, a 503 when the parser
+    processes are busy, or ClientGone when the client left while its body waited."""
+    if len(raw) <= INLINE_PARSE_BYTES:
+        return PreparedBody(parse_body(raw, kind == "chat", options.max_messages))
+    prepare = functools.partial(options.parsers.prepare, raw, kind, options.max_messages)
+    try:
+        payload = await until_disconnect(request.receive, prepare)
+    finally:
+        del prepare  # it holds the bytes, which are dropped once prepared
+    prepared: PreparedBody = await options.big_bodies.run(pickle.loads, payload)
+    return prepared
 
 
 @dataclass(frozen=True)
@@ -379,33 +384,37 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
     try:
-        data = await parse_request_body(request, raw, chat, options)
+        prepared = await parse_request_body(request, raw, "chat" if chat else "completion", options)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     del raw
+    data = prepared.data
     if isinstance(data.get("model"), str):
         access.model = data["model"]
     model = resolve_model(runtime, data.get("model"))
     if model is not None:
         access.model = model
         data = with_model_defaults({**data, "model": model}, runtime.spec(model))
-    body: ChatRequest | CompletionRequest
+    body: ChatSettings | CompletionRequest
     try:
-        body = await big.call(inline, validate_request, data, chat)
+        if prepared.messages is not None:
+            body = validate_settings(data)  # the conversation was validated in a parser process
+        else:
+            body = await big.call(inline, validate_request, data, chat)
     except APIError:
         if not inline:
-            big.free(data)
-            del data
+            big.free((data, prepared))
+            del data, prepared
         raise
     if not runtime.has_model(body.model):
         name = body.model
         if not inline:
-            big.free((data, body))
-            del data, body
+            big.free((data, body, prepared))
+            del data, body, prepared
         raise unknown_model(runtime, name)
     spec = runtime.spec(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    gen_request = await big.call(inline, to_generation_request, body, spec)
+    gen_request = await big.call(inline, to_generation_request, body, spec, prepared.messages)
     gen = Generation(runtime, body.model, gen_request, request_id, arrived, keep_alive=body.keep_alive, small=inline)
     access.generation = gen
     drain = options.drain

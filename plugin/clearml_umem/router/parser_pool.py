@@ -1,12 +1,13 @@
-"""Big request bodies are checked in parser processes before the router parses them itself.
+"""Big request bodies are parsed and validated in parser processes, never in the router's.
 
-orjson holds the GIL for the whole parse of a body: in the router's process (even in a thread of
-its own) a 6.8 MB body of 200,000 one-character messages held up every other client for a tenth
-of a second, and each value of a body costs its parse as much as a few bytes of text. So a body
-over `INLINE_PARSE_BYTES` is first parsed in a parser process (`clearml_umem.parser_child`), which
-answers only whether its shape passes `json_body.load_body` (messages, values, nesting, numbers,
-Unicode) or the client's 400. Only a body that passed is parsed again in the router, and its shape
-is then bounded, so that parse is bounded too (docs/limits.md has the worst case measured).
+orjson and pydantic hold the GIL for the whole of each call: in the router's process (even in a
+thread of its own) a 6.8 MB body of 200,000 one-character messages held up every other client for
+a tenth of a second, and an 8 MB conversation that passes every bound still cost 40 ms of parse,
+count and validation in slices, each slice a wait for the event loop. So a body over
+`INLINE_PARSE_BYTES` goes to a parser process (`clearml_umem.parser_child`), which does all of
+that (`schemas.prepare_body`) and answers with the prepared body, pickled, or the client's 4xx.
+The router only unpickles it (one call, a few milliseconds for 8 MB, in its parser thread) and
+validates the few settings that depend on the model's defaults.
 
 The processes are started at the first big body, fed through pipes by one task each (so that the
 event loop only moves bytes), and end with the router: they read EOF when it exits, die with it
@@ -25,8 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clearml_umem.parser_child import HEADER
 from clearml_umem.router.errors import UNAVAILABLE, APIError
+from clearml_umem.router.parser_wire import ANSWER, FAILED, HEADER, KINDS, PREPARED, REFUSED, BodyKind
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ One more gets a 503 with Retry-After: the server is busy, not the client over a 
 (a 429 says that), and OpenAI's SDKs wait and retry either."""
 
 CHECK_TIMEOUT_S = 30.0
-"""The longest one check may take (the worst 8 MiB body takes about a second on a busy core); a
+"""The longest one body may take (the worst 8 MiB body takes about a second on a busy core); a
 parser process that takes longer is killed and replaced, and its client gets a 503."""
 
 BUSY_RETRY_AFTER_S = 1
@@ -63,12 +64,18 @@ def check_failed() -> APIError:
                     code="body_check_failed", headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
 
 
+@dataclass(frozen=True)
+class _Answer:
+    outcome: int
+    payload: bytes
+
+
 @dataclass(eq=False)
 class _Job:
     raw: bytes | None
-    chat: bool
+    kind: BodyKind
     max_messages: int
-    verdict: asyncio.Future[dict[str, object]]
+    verdict: asyncio.Future[_Answer]
 
 
 @dataclass(eq=False)
@@ -96,14 +103,15 @@ class ParserPool:
     _live: set[_Job] = field(default_factory=set, repr=False)
     _slots: list[_Slot] = field(default_factory=list, repr=False)
 
-    async def check(self, raw: bytes, chat: bool, max_messages: int) -> None:
-        """Return when the body's shape passes; raise its 400 when not, a 503 when the pool is full
-        or the check failed. Cancelled (the client left), the body is dropped at once and never
-        sent to a parser process if none has taken it yet."""
+    async def prepare(self, raw: bytes, kind: BodyKind, max_messages: int) -> bytes:
+        """The prepared body, pickled (`schemas.PreparedBody`, for `pickle.loads`); raises the
+        client's 4xx, or a 503 when the pool is full or the parser process failed. Cancelled (the
+        client left), the body is dropped at once and never sent to a parser process if none has
+        taken it yet."""
         if len(self._live) >= self.processes + self.queue:
             raise busy(len(self._live))
         jobs = self._started()
-        job = _Job(raw, chat, max_messages, asyncio.get_running_loop().create_future())
+        job = _Job(raw, kind, max_messages, asyncio.get_running_loop().create_future())
         del raw
         self._live.add(job)
         jobs.put_nowait(job)
@@ -113,13 +121,14 @@ class ParserPool:
             job.raw = None
             self._live.discard(job)
             job.verdict.cancel()
-        if verdict.get("ok"):
-            return
-        if "failed" in verdict:
-            log.error("a parser process failed on a request body: %s", verdict["failed"])
+        if verdict.outcome == REFUSED:
+            error = json.loads(verdict.payload)
+            raise APIError(int(error.get("status") or 400), str(error.get("message")), param=_text(error.get("param")),
+                           code=_text(error.get("code")))
+        if verdict.outcome == FAILED:
+            log.error("a parser process failed on a request body: %s", verdict.payload.decode(errors="replace"))
             raise check_failed()
-        raise APIError(400, str(verdict.get("message")), param=_text(verdict.get("param")),
-                       code=_text(verdict.get("code")))
+        return verdict.payload
 
     @property
     def pids(self) -> list[int]:
@@ -153,41 +162,42 @@ class ParserPool:
             if job.verdict.done() or raw is None:
                 self.skipped += 1
                 continue
-            verdict = await self._verdict(slot, raw, job.chat, job.max_messages)
+            verdict = await self._verdict(slot, raw, job.kind, job.max_messages)
             del raw
             if not job.verdict.done():
                 job.verdict.set_result(verdict)
 
-    async def _verdict(self, slot: _Slot, raw: bytes, chat: bool, max_messages: int) -> dict[str, object]:
+    async def _verdict(self, slot: _Slot, raw: bytes, kind: BodyKind, max_messages: int) -> _Answer:
         """The parser process's answer; a process found dead is replaced and asked again, once."""
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(self._ask(slot, raw, chat, max_messages), self.timeout_s)
+                return await asyncio.wait_for(self._ask(slot, raw, kind, max_messages), self.timeout_s)
             except (asyncio.TimeoutError, OSError, EOFError, ValueError) as exc:
                 log.error("parser process %s failed (%s: %s); starting another", slot.proc and slot.proc.pid,
                           type(exc).__name__, exc)
                 await _stop(slot.proc, grace_s=0)
                 slot.proc = None
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
-                    return {"failed": f"{type(exc).__name__}: {exc}"}
+                    return _Answer(FAILED, f"{type(exc).__name__}: {exc}".encode())
         raise AssertionError("unreachable")
 
-    async def _ask(self, slot: _Slot, raw: bytes, chat: bool, max_messages: int) -> dict[str, object]:
+    async def _ask(self, slot: _Slot, raw: bytes, kind: BodyKind, max_messages: int) -> _Answer:
         proc = slot.proc
         if proc is None or proc.returncode is not None:
             proc = slot.proc = await _spawn()
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(HEADER.pack(len(raw), int(chat), max_messages))
+        proc.stdin.write(HEADER.pack(len(raw), KINDS.index(kind), max_messages))
         proc.stdin.write(raw)
         await proc.stdin.drain()
-        line = await proc.stdout.readline()
-        if not line.endswith(b"\n"):
-            raise EOFError("the parser process ended")
+        try:
+            outcome, length = ANSWER.unpack(await proc.stdout.readexactly(ANSWER.size))
+            payload = await proc.stdout.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise EOFError("the parser process ended") from None
+        if outcome not in (PREPARED, REFUSED, FAILED):
+            raise ValueError(f"unexpected outcome {outcome}")
         self.checked += 1
-        verdict = json.loads(line)
-        if not isinstance(verdict, dict):
-            raise ValueError(f"unexpected answer {line[:200]!r}")
-        return verdict
+        return _Answer(outcome, payload)
 
 
 def _child_env() -> dict[str, str]:

@@ -11,6 +11,7 @@ options that only some engines honour (penalties, logit_bias with vLLM) pass to 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -21,6 +22,7 @@ from clearml_umem.engines.base import GenerationRequest
 from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, BodyProblem, load_body, load_object
 from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.router.errors import bad_request
+from clearml_umem.router.parser_wire import BodyKind
 from clearml_umem.router.tools import chat_options, check_messages, completion_options
 from clearml_umem.spec import ModelSpec
 
@@ -227,14 +229,27 @@ class CompletionRequest(_Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+class ChatSettings(_Sampling):
+    """A chat request but its conversation: what the router validates itself of a big body whose
+    conversation a parser process validated (`prepare_body`), once the model's defaults are in."""
+
     max_completion_tokens: int | None = Field(default=None, ge=1)
     refused_options: ClassVar[tuple[str, ...]] = REFUSED_OPTIONS
 
     def api_options(self) -> dict[str, Any]:
-        check_messages([m.model_dump(exclude_none=True) for m in self.messages])
         return chat_options(self.model_extra or {})
+
+    def requested_max_tokens(self) -> int | None:
+        """OpenAI's newer name wins over the deprecated one when both are sent."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatRequest(ChatSettings):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def api_options(self) -> dict[str, Any]:
+        check_messages([m.model_dump(exclude_none=True) for m in self.messages])
+        return super().api_options()
 
     def engine_messages(self) -> list[dict[str, Any]]:
         """The conversation as the engine gets it: text content, plus tool calls and the ids tool
@@ -251,10 +266,6 @@ class ChatRequest(_Sampling):
                 message["name"] = m.name
             out.append(message)
         return out
-
-    def requested_max_tokens(self) -> int | None:
-        """OpenAI's newer name wins over the deprecated one when both are sent."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 GREEDY_BELOW = 1e-5
@@ -286,8 +297,37 @@ def validate_request(data: dict[str, Any], chat: bool) -> ChatRequest | Completi
     return validate(ChatRequest if chat else CompletionRequest, data)
 
 
+def validate_settings(data: dict[str, Any]) -> ChatSettings:
+    """A prepared chat body's settings (`PreparedBody.data`, its conversation taken out)."""
+    return validate(ChatSettings, data)  # type: ignore[no-any-return]
+
+
 def parse_request(raw: bytes, chat: bool, max_messages: int = DEFAULT_MAX_MESSAGES) -> ChatRequest | CompletionRequest:
     return validate_request(parse_body(raw, chat, max_messages), chat)
+
+
+@dataclass(frozen=True)
+class PreparedBody:
+    """A body as far as it can be taken without knowing the model: parsed with its shape bounded
+    and, for a chat or completion request, validated as sent. A big body is prepared in a parser
+    process (`router/parser_pool.py`), so that the router only unpickles it; its chat conversation
+    then comes apart from the settings (`messages`, as the engine takes it), which the router
+    validates again once the model's defaults are filled in (`ChatSettings`)."""
+
+    data: dict[str, Any]
+    messages: list[dict[str, Any]] | None = None
+
+
+def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MESSAGES) -> PreparedBody:
+    """What a parser process does with a big body; a client's mistake raises its `APIError`."""
+    data = parse_body(raw, kind == "chat", max_messages)
+    if kind == "object":
+        return PreparedBody(data)
+    body = validate_request(data, kind == "chat")
+    body.api_options()
+    if isinstance(body, ChatRequest):
+        return PreparedBody({k: v for k, v in data.items() if k != "messages"}, body.engine_messages())
+    return PreparedBody(data)
 
 
 def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:
@@ -337,7 +377,7 @@ def _validated_messages(messages: list[Any]) -> list[ChatMessage]:
 def resolve_max_tokens(body: _Sampling, spec: ModelSpec, chat: bool) -> int:
     """The budget the engine gets; one that can never fit the model's context is a 400 at once."""
     asked = body.requested_max_tokens()
-    param = "max_completion_tokens" if isinstance(body, ChatRequest) and body.max_completion_tokens else "max_tokens"
+    param = "max_completion_tokens" if isinstance(body, ChatSettings) and body.max_completion_tokens else "max_tokens"
     context = spec.context_length
     if asked is not None:
         if context is not None and asked > context:
@@ -349,8 +389,10 @@ def resolve_max_tokens(body: _Sampling, spec: ModelSpec, chat: bool) -> int:
     return DEFAULT_CHAT_MAX_TOKENS if context is None else max(1, min(DEFAULT_CHAT_MAX_TOKENS, context // 2))
 
 
-def to_generation_request(body: CompletionRequest | ChatRequest, spec: ModelSpec) -> GenerationRequest:
-    chat = isinstance(body, ChatRequest)
+def to_generation_request(body: CompletionRequest | ChatSettings, spec: ModelSpec,
+                          messages: list[dict[str, Any]] | None = None) -> GenerationRequest:
+    """`messages`: a prepared conversation (`PreparedBody.messages`), for settings without one."""
+    chat = isinstance(body, ChatSettings)
     common: dict[str, Any] = {
         "max_tokens": resolve_max_tokens(body, spec, chat),
         "temperature": 1.0 if body.temperature is None else 0.0 if body.temperature < GREEDY_BELOW
@@ -360,7 +402,11 @@ def to_generation_request(body: CompletionRequest | ChatRequest, spec: ModelSpec
         "seed": body.seed,
         "options": body.engine_options(spec),
     }
-    if isinstance(body, ChatRequest):
-        return GenerationRequest(messages=body.engine_messages(), **common)
+    if isinstance(body, ChatSettings):
+        if messages is None:
+            if not isinstance(body, ChatRequest):
+                raise TypeError("chat settings need their prepared conversation")
+            messages = body.engine_messages()
+        return GenerationRequest(messages=messages, **common)
     return GenerationRequest(prompt=body.prompt_text(), **common)
 
