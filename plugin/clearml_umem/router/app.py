@@ -33,6 +33,7 @@ from clearml_umem.move_history import MoveHistory
 from clearml_umem.router.access_log import AccessRecord
 from clearml_umem.router.answer import ToolCallJoin, chat_logprobs, chat_message, completion_logprobs
 from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
+from clearml_umem.router.disconnect import ClientGone, until_disconnect
 from clearml_umem.router.drain import Drain, GraceOver
 from clearml_umem.router.errors import (
     CLIENT_CLOSED,
@@ -44,11 +45,9 @@ from clearml_umem.router.errors import (
     unauthorized,
 )
 from clearml_umem.router.generation import (
-    ClientGone,
     Generation,
     ServingRuntime,
     resolve_model,
-    until_disconnect,
     with_model_defaults,
 )
 from clearml_umem.router.head import HeadAsGet

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any, Protocol, TypeVar
 
 import anyio
-from starlette.types import Receive
 
 from clearml_umem.engines.base import Delta, GenerationRequest
 from clearml_umem.errors import ServingError
@@ -205,35 +204,3 @@ class Generation:
                                                   served_from=self.served_from, ok=ok,
                                                   completion_tokens=self.usage()["completion_tokens"],
                                                   duration_s=now - self.arrived))
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready; nobody is left to answer."""
-
-
-async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work`, cancelling it if the client disconnects first (then raise ClientGone).
-
-    Waiting for a cold model can take minutes; a client that gave up must not keep its
-    place in the queue, nor make the scheduler load a model for nobody.
-    """
-    outcome: list[T] = []
-    failure: list[Exception] = []
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch)
-        try:
-            outcome.append(await work())
-        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group's wrapping
-            failure.append(exc)
-        group.cancel_scope.cancel()
-    if failure:
-        raise failure[0]
-    if not outcome:
-        raise ClientGone()
-    return outcome[0]

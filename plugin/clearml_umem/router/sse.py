@@ -17,6 +17,8 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from clearml_umem.router.disconnect import ClientGone, until_disconnect
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -71,16 +73,9 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with anyio.create_task_group() as group:
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    group.cancel_scope.cancel()
-
-                group.start_soon(watch_disconnect)
-                await self._pump(send)
-                group.cancel_scope.cancel()
+            await until_disconnect(receive, lambda: self._pump(send))
+        except ClientGone:
+            pass
         finally:
             with anyio.CancelScope(shield=True):
                 await self.events.aclose()

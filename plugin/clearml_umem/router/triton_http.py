@@ -22,8 +22,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clearml_umem import __version__
+from clearml_umem.router.disconnect import ClientGone, until_disconnect
 from clearml_umem.router.errors import CLIENT_CLOSED, APIError, bad_request
-from clearml_umem.router.generation import ClientGone, Generation, ServingRuntime, resolve_model, until_disconnect
+from clearml_umem.router.generation import Generation, ServingRuntime, resolve_model
 from clearml_umem.router.sse import EventStreamResponse, event
 from clearml_umem.router.triton_request import (
     INPUTS,
