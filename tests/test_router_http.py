@@ -471,6 +471,16 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(served: Served, p
     assert all(n == 0 for n in served.runtime.in_flight.values()), "an error must not keep a lease"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_inference_routes_take_post_only(served: Served, path: str) -> None:
+    """They are answered before FastAPI's routing (router/fast_routes.py), which would say the same."""
+    for method in ("GET", "PUT", "DELETE"):
+        resp = httpx.request(method, served.url + path, timeout=30)
+        assert resp.status_code == 405 and resp.headers["allow"] == "POST", (method, resp.text)
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.head(served.url + path, timeout=30).status_code == 405
+
+
 def test_tiny_temperatures_sample_greedily(served: Served) -> None:
     """1e-39 would overflow the logits into NaNs: like vLLM, anything under 1e-5 is greedy."""
     served.client().completions.create(model="alpha", prompt="p", max_tokens=2, temperature=1e-39)

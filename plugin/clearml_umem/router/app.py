@@ -44,6 +44,7 @@ from clearml_umem.router.errors import (
     model_not_found,
     unauthorized,
 )
+from clearml_umem.router.fast_routes import FastRoutes
 from clearml_umem.router.generation import (
     Generation,
     ServingRuntime,
@@ -169,14 +170,23 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     install_error_handlers(app)
     drain = drain or Drain()
     app.state.drain = drain
-    # the last added runs first: HEAD becomes GET, then browsers are checked, then keys
+    parsers = ParserPool()
+    app.state.parsers = parsers
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), parsers, access_log)
+
+    async def completions(request: Request) -> Response:
+        return await _serve(runtime, request, chat=False, options=serve_options)
+
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(runtime, request, chat=True, options=serve_options)
+
+    # the last added runs first: HEAD becomes GET, then browsers are checked, then keys, then the
+    # inference routes are answered
+    app.add_middleware(FastRoutes, routes={"/v1/completions": completions, "/v1/chat/completions": chat_completions})
     if api_key or admin_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
     app.add_middleware(BrowserGuard, hosts=hosts, page_paths=PUBLIC_PATHS)
     app.add_middleware(HeadAsGet)
-    parsers = ParserPool()
-    app.state.parsers = parsers
-    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), parsers, access_log)
     app.add_middleware(TritonErrorShape)  # outermost of ours: it reshapes every /v2 error, the keys' too
     started = int(time.time())
     moves = MoveHistory(runtime.bus)
@@ -210,14 +220,6 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         if model is None:
             raise unknown_model(runtime, name)
         return model_card(model, tiers_now().get(model))
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=False, options=serve_options)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await _serve(runtime, request, chat=True, options=serve_options)
 
     async def parse_triton_body(request: Request, raw: bytes) -> dict[str, Any]:
         return (await parse_request_body(request, raw, "object", serve_options)).data

@@ -96,39 +96,34 @@ def unauthorized() -> APIError:
                     None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route-level errors (404 route, 405 method) and bugs also answer in OpenAI's shape."""
-
-    async def on_api_error(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, APIError)
+def error_response(request: Request, exc: Exception) -> Response:
+    """The one answer to an exception a route raised, in OpenAI's shape: route-level errors (404
+    route, 405 method) and bugs too. Used by FastAPI's handlers (`install_error_handlers`) and by
+    the routes answered before FastAPI's routing (`fast_routes.py`)."""
+    if isinstance(exc, APIError):
         return exc.response()
-
-    async def on_serving_error(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ServingError)
+    if isinstance(exc, ServingError):
         return api_error(exc).response()
-
-    async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc, ClientDisconnect):
+        # the client hung up while sending its body: nobody to answer, and nothing went wrong here
+        log.debug("client left during its request body: %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED)
+    if isinstance(exc, StarletteHTTPException):
         message = str(exc.detail) if exc.detail else "error"
         if exc.status_code == 404:
             message = "No such route; this server serves /v1/models, /v1/completions and /v1/chat/completions."
         return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+    # internal exception text can hold paths and secrets: it goes to the log, the client gets a reference
+    reference = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", reference, request.method, request.url.path,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return APIError(500, f"Internal server error (reference {reference}); the server log has the details.",
+                    SERVER_ERROR).response()
 
-    async def on_client_gone(request: Request, _exc: Exception) -> Response:
-        # the client hung up while sending its body: nobody to answer, and nothing went wrong here
-        log.debug("client left during its request body: %s %s", request.method, request.url.path)
-        return Response(status_code=CLIENT_CLOSED)
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # internal exception text can hold paths and secrets: it goes to the log, the client gets a reference
-        reference = uuid.uuid4().hex[:12]
-        log.error("internal error %s on %s %s", reference, request.method, request.url.path,
-                  exc_info=(type(exc), exc, exc.__traceback__))
-        return APIError(500, f"Internal server error (reference {reference}); the server log has the details.",
-                        SERVER_ERROR).response()
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return error_response(request, exc)
 
-    app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(ServingError, on_serving_error)
-    app.add_exception_handler(ClientDisconnect, on_client_gone)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+    for kind in (APIError, ServingError, ClientDisconnect, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, on_error)
