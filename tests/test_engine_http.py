@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clearml_umem.engines.engine_http import parse_head, post_stream, request_bytes
+from clearml_umem.engines.engine_http import drop_spare, parse_head, post_stream, request_bytes
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -186,3 +186,59 @@ def test_request_bytes_carry_the_length_of_the_encoded_body() -> None:
     assert f"Content-Length: {len(body)}".encode() in head and json.loads(body) == {"s": "日本"}
     with pytest.raises(ValueError):
         request_bytes("localhost", "/p", {"x": float("nan")})  # as httpx: no NaN in JSON
+
+
+class Counted:
+    """A server script that answers every request with one line, numbering its connections."""
+
+    def __init__(self, hang_up_on: frozenset[int] = frozenset()) -> None:
+        self.accepted: list[float] = []
+        self.served_on: list[int] = []
+        self.ended: list[int] = []
+        self.hang_up_on = hang_up_on
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = len(self.accepted)
+        self.accepted.append(asyncio.get_running_loop().time())
+        try:
+            await read_request(reader)
+        except asyncio.IncompleteReadError:
+            self.ended.append(number)  # closed by the client without a request
+            return
+        if number in self.hang_up_on:
+            writer.close()  # as a server that went away just as the request came
+            return
+        self.served_on.append(number)
+        writer.write(HEAD + chunked(b"data: %d\n" % number))
+        await writer.drain()
+        writer.close()
+
+
+def test_the_next_request_goes_out_on_a_connection_opened_after_the_last_answer() -> None:
+    server = Counted()
+
+    async def scenario(path: str) -> None:
+        assert await lines_of(path) == ["data: 0"]
+        await asyncio.sleep(0.2)  # the spare connection opens between requests
+        assert len(server.accepted) == 2
+        started = asyncio.get_running_loop().time()
+        assert await lines_of(path) == ["data: 1"]
+        assert server.accepted[1] < started  # it was open before the request began
+        await asyncio.sleep(0.2)
+        drop_spare(path, None)  # as an engine that stops does first
+        await asyncio.sleep(0.2)
+
+    serve(server, scenario)
+    assert server.served_on == [0, 1] and server.ended == [2]
+
+
+def test_a_spare_connection_the_server_dropped_is_replaced_not_reported() -> None:
+    server = Counted(hang_up_on=frozenset({1}))
+
+    async def scenario(path: str) -> None:
+        assert await lines_of(path) == ["data: 0"]
+        await asyncio.sleep(0.2)
+        assert await lines_of(path) == ["data: 2"]  # the spare (1) hung up; a new connection answered
+
+    serve(server, scenario)
+    assert server.served_on == [0, 2]

@@ -41,6 +41,7 @@ import httpx
 
 from clearml_umem.engines import process
 from clearml_umem.engines.base import EngineError, EngineOutOfMemory
+from clearml_umem.engines.engine_http import drop_spare
 from clearml_umem.engines.start_gate import StartGate
 
 ENGINE_LOGGERS = {"vLLM": "clearml_umem.engines.vllm_engine.process",
@@ -465,6 +466,9 @@ class VLLMProcess:
         proc, self._proc = self._proc, None
         endpoint, self._endpoint = self._endpoint, None
         await self._drop_client()
+        if endpoint is not None:
+            # first: a server's HTTP thread waits on an idle connection, and may hold its stop up
+            drop_spare(str(endpoint.socket) if endpoint.socket is not None else None, endpoint.port)
         try:
             if proc is not None:
                 code = await asyncio.to_thread(proc.stop, self.config.timeouts.stop_grace_s)
