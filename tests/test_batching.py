@@ -1,5 +1,6 @@
-"""Concurrent greedy requests for one transformers model share forward passes (transformers' continuous
-batching), with the same answers as the per-request path; everything else still takes that path."""
+"""Concurrent requests for one transformers model share forward passes (transformers' continuous
+batching): greedy ones with the same answers as the per-request path, sampled ones each with its own
+temperature and top-p; a seed or a per-token option still takes that path."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from clearml_umem.engines import create_engine
 from clearml_umem.engines.base import Delta, EngineContext, EngineError, GenerationRequest
-from clearml_umem.engines.batching import why_not_batched
+from clearml_umem.engines.batching import ANY_TOP_K, samples_per_row, why_not_batched
 from clearml_umem.engines.transformers_engine import BATCHED_CPU_CONCURRENCY, TransformersEngine
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
@@ -67,7 +68,9 @@ def solo_answers(solo: TransformersEngine) -> list[tuple[str, Delta]]:
 def test_what_takes_the_per_request_path() -> None:
     assert why_not_batched(GenerationRequest(prompt="x", temperature=0.0)) is None
     assert why_not_batched(GenerationRequest(prompt="x", temperature=0.0, stop=["a"], max_tokens=3)) is None
-    assert "sampling" in why_not_batched(GenerationRequest(prompt="x", temperature=0.7, seed=1))
+    assert "seed" in why_not_batched(GenerationRequest(prompt="x", temperature=0.7, seed=1))
+    assert samples_per_row()  # transformers 5.24 has per-request warpers: sampled requests share forwards
+    assert why_not_batched(GenerationRequest(prompt="x", temperature=0.7, top_p=0.9)) is None
     for options, why in (({"logprobs": True}, "logprobs"), ({"frequency_penalty": 0.5}, "penalty"),
                          ({"presence_penalty": 0.5}, "penalty"), ({"logit_bias": {"5": 3}}, "logit_bias"),
                          ({"response_format": {"type": "json_object"}}, "constrained")):
@@ -93,6 +96,46 @@ def test_concurrent_greedy_answers_match_the_per_request_path_and_share_forwards
     assert batcher.widest_step >= 2
     assert solo.batcher is None, "batching off: no manager at all"
     assert batched.active_generations == 0 and batcher.in_flight() == 0
+
+
+def test_sampled_requests_share_forwards_each_with_its_own_settings(batched: TransformersEngine) -> None:
+    """One batch of rows that sample and rows that do not, each row's settings passed to the manager's
+    per-request warpers. (Greedy answers are not compared with the per-request path here: with a
+    random tiny model's near-equal logits, which requests share a step decides some argmaxes, as in
+    any batched engine; the test above keeps its batch the same each run.)"""
+    greedy = requests()
+    hot = [GenerationRequest(prompt=PROMPTS[0], max_tokens=12, temperature=1.8, top_p=0.95) for _ in range(2)]
+    narrow = GenerationRequest(prompt=PROMPTS[1], max_tokens=12, temperature=1.5, top_p=1e-6)
+    asyncio.run(collect(batched, greedy[0]))  # the manager is running
+    manager = batched.batcher._manager if batched.batcher else None
+    assert manager is not None
+    rows: list[dict[str, Any]] = []
+    real_add = manager.add_request
+
+    def add_request(*args: Any, **kwargs: Any) -> Any:
+        rows.append({k: kwargs[k] for k in ("temperature", "top_k", "top_p")})
+        return real_add(*args, **kwargs)
+
+    manager.add_request = add_request
+    before = batched.batcher.steps
+    try:
+        async def together() -> list[tuple[str, Delta]]:
+            return await asyncio.gather(*[collect(batched, r) for r in [*greedy, *hot, narrow]])
+
+        answers = asyncio.run(together())
+    finally:
+        del manager.add_request
+    assert sorted(map(str, rows)) == sorted(map(str, [
+        *[{"temperature": 1.0, "top_k": 1, "top_p": 1.0}] * len(greedy),
+        *[{"temperature": 1.8, "top_k": ANY_TOP_K, "top_p": 0.95}] * 2,
+        {"temperature": 1.5, "top_k": ANY_TOP_K, "top_p": 1e-6}]))
+    assert all(last.completion_tokens > 0 for _, last in answers)
+    # two rows of one prompt at temperature 1.8 over a random model's vocabulary: the same twelve
+    # tokens twice would mean they did not draw at all
+    assert answers[len(greedy)][0] != answers[len(greedy) + 1][0]
+    tokens = sum(last.completion_tokens for _, last in answers)
+    assert batched.batcher.steps - before < tokens, "sampled requests took the per-request path"
+    assert batched.active_generations == 0 and batched.batcher.in_flight() == 0
 
 
 def test_a_request_closed_mid_batch_frees_its_slot_and_the_others_go_on(batched: TransformersEngine) -> None:
@@ -176,8 +219,8 @@ def test_per_request_generations_run_one_per_core_on_a_cpu(batched: Transformers
     batched._solo_slots = threading.BoundedSemaphore(1)
     try:
         async def three() -> None:
-            await asyncio.gather(*[collect(batched, GenerationRequest(prompt=p, max_tokens=4, temperature=1.0))
-                                   for p in PROMPTS[:3]])
+            await asyncio.gather(*[collect(batched, GenerationRequest(prompt=p, max_tokens=4, temperature=1.0, seed=i))
+                                   for i, p in enumerate(PROMPTS[:3])])
 
         asyncio.run(three())
     finally:

@@ -11,10 +11,13 @@ a 7.6 ms forward (config validation and copies, `inspect.signature` of model kwa
 stopping-criteria lists, a thread start); a manager step costs what a plain decoding forward
 does (6.9 ms), with 0.3 ms of batch preparation and 0.14 ms of update around it.
 
-Only what the manager honours exactly goes through it (`why_not_batched`): greedy requests with
-no per-token option. Sampling draws from the request's own seeded generator and logprobs,
-penalties, `logit_bias` and grammars are per-request logits processors, which the manager cannot
-run per row: those requests take the engine's per-request path.
+Only what the manager honours exactly goes through it (`why_not_batched`): greedy requests, and
+sampled ones without a seed (OpenAI's default temperature is 1: most requests sample), with no
+other per-token option. Each row carries its own temperature and top-p through the manager's
+per-request warpers (transformers' `per_request_processors`), and a greedy row is top-k 1 among
+them; where the installed transformers lacks those, the manager is greedy-only. A seed needs the
+request's own generator, and logprobs, penalties, `logit_bias` and grammars are per-request logits
+processors the manager cannot run per row: those requests take the engine's per-request path.
 
 Tokens come back through the manager's output router, replaced here so that each step hands its
 outputs to each event loop in one call (not one call per request); text assembly, stop strings
@@ -57,10 +60,25 @@ cache; the rest stays for activations and the per-request path's caches."""
 _BATCHABLE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "paged|eager")
 
 
+ANY_TOP_K = 2**31 - 1
+"""A sampled row's top-k: every token (the warper clamps it to the vocabulary)."""
+
+
+@functools.cache
+def samples_per_row() -> bool:
+    """Whether the installed transformers runs temperature and top-p per request in its batching."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    return "per_request_processors" in getattr(ContinuousBatchingConfig, "__dataclass_fields__", {})
+
+
 def why_not_batched(request: GenerationRequest) -> str | None:
     """Why this request cannot share forwards (it takes the per-request path), or None when it can."""
     if request.temperature > 0:
-        return "sampling (temperature > 0) draws from the request's own seeded generator"
+        if request.seed is not None:
+            return "a seed: sampling draws from the request's own seeded generator, to reproduce its answer"
+        if not samples_per_row():
+            return "sampling (temperature > 0): this transformers' batching has no per-request temperature"
     options = request.options
     logprobs = options.get("logprobs")
     if logprobs is not None and logprobs is not False:
@@ -152,6 +170,8 @@ class Batcher:
         """Monotonic time of the last step: progress for the stall detection (CUDA graphs run no hooks)."""
         self._stopping = False
         self._failure: str | None = None
+        self._samples = False
+        """The running manager samples per row (else it is greedy only)."""
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -180,13 +200,20 @@ class Batcher:
             self._stopping = False
             limits = self.limits
             blocks = max(2, -(-limits.cache_tokens // limits.page_size))
+            sampling = samples_per_row()
             cb_config = ContinuousBatchingConfig(
+                **({"per_request_processors": True} if sampling else {}),
                 page_size=limits.page_size, num_blocks=blocks, max_batch_tokens=limits.max_batch_tokens,
                 max_requests_per_batch=limits.max_requests, auto_switch_to_flash=False,
                 use_cuda_graph=limits.cuda_graphs, allow_block_sharing=False,
                 kv_padding_interval_size=KV_PADDING_TOKENS if limits.cuda_graphs else 0)
-            generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos or -1,
-                                          pad_token_id=pad)
+            if sampling:
+                # any values other than the neutral ones, so that the three warpers exist; each request sets its own
+                generation = GenerationConfig(do_sample=True, temperature=0.5, top_k=1, top_p=0.5, max_new_tokens=16,
+                                              eos_token_id=eos or -1, pad_token_id=pad)
+            else:
+                generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos or -1,
+                                              pad_token_id=pad)
             with torch.inference_mode():
                 manager = model.init_continuous_batching(generation_config=generation,
                                                          continuous_batching_config=cb_config)
@@ -203,10 +230,12 @@ class Batcher:
                 # thread, so a swap-out never waits for a capture of shapes nobody asked for
                 manager.start()
             self._manager = manager
+            self._samples = sampling
             log.info("model %s: continuous batching started (%d requests, %d cache tokens, cuda graphs %s)",
                      self.name, limits.max_requests, blocks * limits.page_size, limits.cuda_graphs)
 
-    def submit(self, loop: Any, prompt: list[int], max_tokens: int, eos: list[int], listener: Listener) -> str:
+    def submit(self, loop: Any, prompt: list[int], max_tokens: int, eos: list[int], listener: Listener,
+               temperature: float = 0.0, top_p: float = 1.0) -> str:
         """Queue one request; `listener` is called on `loop` with each step's output for it."""
         manager = self._manager
         if manager is None or not manager.is_running():
@@ -215,8 +244,14 @@ class Batcher:
             self._counter += 1
             request_id = f"umem-{self._counter}"
             self._listeners[request_id] = (loop, listener)
+        row: dict[str, Any] = {}
+        if self._samples:
+            row = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if temperature <= 0 else
+                   {"temperature": float(temperature), "top_k": ANY_TOP_K, "top_p": float(top_p)})
+        elif temperature > 0:
+            raise EngineError(f"model {self.name!r}: this batching is greedy only")
         added = manager.add_request(prompt, request_id=request_id, max_new_tokens=max_tokens, streaming=True,
-                                    eos_token_id=eos or -1)
+                                    eos_token_id=eos or -1, **row)
         if added is None:
             self.forget(request_id)
             raise EngineError(f"model {self.name!r}: continuous batching refused the request (it is stopping)")

@@ -1032,7 +1032,8 @@ class TransformersEngine:
         request_id: str | None = None
         over = yielded = False
         try:
-            request_id = batcher.submit(loop, prompt, request.max_tokens, eos, job.queue.put_nowait)
+            request_id = batcher.submit(loop, prompt, request.max_tokens, eos, job.queue.put_nowait,
+                                        temperature=request.temperature, top_p=request.top_p)
             last_item = time.monotonic()
             while True:
                 left = max(last_item, self._last_step, batcher.last_progress) + self.stall_s - time.monotonic()
