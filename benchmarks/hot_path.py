@@ -53,11 +53,11 @@ def bandwidth_probe(device: str, nbytes: int, runs: int = 5) -> float | None:
     return 2 * nbytes / statistics.median(times)
 
 
-async def _one(engine: Any, prompt_ids: list[int], tokens: int) -> tuple[float, int, float]:
-    """(time to first token, completion tokens, total seconds) of one greedy streaming request."""
+async def _one(engine: Any, prompt_ids: list[int], tokens: int, temperature: float) -> tuple[float, int, float]:
+    """(time to first token, completion tokens, total seconds) of one streaming request."""
     from clearml_umem.engines.base import GenerationRequest
 
-    request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0.0)
+    request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=temperature)
     request.prompt_ids = list(prompt_ids)
     started = time.perf_counter()
     first = None
@@ -83,33 +83,36 @@ async def _load(weights: Path, device: str, batching: str, max_concurrency: int)
     return engine
 
 
-async def _warm(engine: Any, prompt_ids: list[int], concurrency: Sequence[int], ready_s: float) -> None:
+async def _warm(engine: Any, prompt_ids: list[int], concurrency: Sequence[int], ready_s: float,
+                temperature: float) -> None:
     """Untimed: the first requests (on a GPU they start the batcher's graph capture, in the background),
     then one pass per batch size (CUDA graphs of its shapes)."""
-    await _one(engine, prompt_ids, 2)
+    await _one(engine, prompt_ids, 2, temperature)
     deadline = time.monotonic() + ready_s
     while engine.batching != "off" and not (engine.batcher and engine.batcher.running) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        await _one(engine, prompt_ids, 1)
+        await _one(engine, prompt_ids, 1, temperature)
     for n in concurrency:
-        await asyncio.gather(*[_one(engine, prompt_ids, 2) for _ in range(n)])
+        await asyncio.gather(*[_one(engine, prompt_ids, 2, temperature) for _ in range(n)])
 
 
 async def _compare(weights: Path, device: str, concurrency: Sequence[int], tokens: int, runs: int,
-                   repeats: int, ready_s: float) -> dict[str, Any]:
+                   repeats: int, ready_s: float, temperature: float) -> dict[str, Any]:
     """Both paths loaded side by side and measured in alternation (a busy machine slows both alike)."""
     engines: dict[str, Any] = {}
     try:
         for batching in VARIANTS:
-            engines[batching] = await _load(weights, device, batching, max(concurrency))
+            # sampled requests are batched by `auto` on a GPU; `all` batches them on a CPU as well
+            mode = "all" if batching == "auto" and temperature > 0 else batching
+            engines[batching] = await _load(weights, device, mode, max(concurrency))
         prompt_ids = engines["off"]._prompt_counter.ids(_request())
         for engine in engines.values():
-            await _warm(engine, prompt_ids, concurrency, ready_s)
+            await _warm(engine, prompt_ids, concurrency, ready_s, temperature)
         steps = {b: e.batcher.steps if e.batcher else 0 for b, e in engines.items()}
         ttft: dict[str, list[float]] = {b: [] for b in engines}
         for _ in range(runs):
             for batching, engine in engines.items():
-                ttft[batching].append((await _one(engine, prompt_ids, 1))[0])
+                ttft[batching].append((await _one(engine, prompt_ids, 1, temperature))[0])
         out: dict[str, Any] = {b: {"ttft_ms": round(statistics.median(ttft[b]) * 1000, 2), "by_concurrency": {}}
                                for b in engines}
         for n in concurrency:
@@ -117,7 +120,7 @@ async def _compare(weights: Path, device: str, concurrency: Sequence[int], token
             for _ in range(repeats):
                 for batching, engine in engines.items():
                     started = time.perf_counter()
-                    results = await asyncio.gather(*[_one(engine, prompt_ids, tokens) for _ in range(n)])
+                    results = await asyncio.gather(*[_one(engine, prompt_ids, tokens, temperature) for _ in range(n)])
                     wall = time.perf_counter() - started
                     produced = sum(r[1] for r in results)
                     rounds[batching].append({
@@ -144,12 +147,13 @@ def _request() -> Any:
 
 
 def run_hot_path(weights: Path, device: str = "cpu", concurrency: Sequence[int] = (1, 8, 32), tokens: int = 32,
-                 runs: int = 5, repeats: int = 3, ready_s: float = 120.0) -> dict[str, Any]:
+                 runs: int = 5, repeats: int = 3, ready_s: float = 120.0, temperature: float = 0.0) -> dict[str, Any]:
     """Both variants on one model, the bandwidth probe, and the ratios (batched / per-request; to the bound)."""
     report: dict[str, Any] = {"weights": str(weights), "device": device, "tokens": tokens, "runs": runs,
-                              "repeats": repeats,
+                              "repeats": repeats, "temperature": temperature,
                               "concurrency": list(concurrency)}
-    report["variants"] = asyncio.run(_compare(weights, device, concurrency, tokens, runs, repeats, ready_s))
+    report["variants"] = asyncio.run(_compare(weights, device, concurrency, tokens, runs, repeats, ready_s,
+                                                      temperature))
     old, new = report["variants"]["off"], report["variants"]["auto"]
     weight_bytes = new["weight_bytes"]
     ratios: dict[str, Any] = {
@@ -208,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="single requests per path timed for TTFT (default 5)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds per concurrency and path, alternating; the median is kept (default 3)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="the requests' temperature (default 0: greedy; 1 is OpenAI's default, sampled)")
     parser.add_argument("--json", default="", help="also write the report here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -218,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         weights = ensure_tiny_models(args.models_dir)["tiny-llama"]
     concurrency = [int(n) for n in args.concurrency.split(",") if n.strip()]
-    report = run_hot_path(weights, args.device, concurrency, args.tokens, args.runs, args.repeats)
+    report = run_hot_path(weights, args.device, concurrency, args.tokens, args.runs, args.repeats,
+                          temperature=args.temperature)
     print("\n".join(markdown(report)))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

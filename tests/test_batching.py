@@ -54,6 +54,14 @@ def batched(tiny_models: dict[str, Path]) -> Iterator[TransformersEngine]:
 
 
 @pytest.fixture(scope="module")
+def sampling(tiny_models: dict[str, Path]) -> Iterator[TransformersEngine]:
+    """Sampled requests batched on the CPU too (`auto` batches them on a GPU only)."""
+    engine = make_engine(tiny_models["tiny-llama"], batching="all")
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="module")
 def solo(tiny_models: dict[str, Path]) -> Iterator[TransformersEngine]:
     engine = make_engine(tiny_models["tiny-llama"], batching="off")
     yield engine
@@ -71,6 +79,7 @@ def test_what_takes_the_per_request_path() -> None:
     assert "seed" in why_not_batched(GenerationRequest(prompt="x", temperature=0.7, seed=1))
     assert samples_per_row()  # transformers 5.24 has per-request warpers: sampled requests share forwards
     assert why_not_batched(GenerationRequest(prompt="x", temperature=0.7, top_p=0.9)) is None
+    assert "--batching all" in why_not_batched(GenerationRequest(prompt="x", temperature=0.7), sampled=False)
     for options, why in (({"logprobs": True}, "logprobs"), ({"frequency_penalty": 0.5}, "penalty"),
                          ({"presence_penalty": 0.5}, "penalty"), ({"logit_bias": {"5": 3}}, "logit_bias"),
                          ({"response_format": {"type": "json_object"}}, "constrained")):
@@ -98,7 +107,7 @@ def test_concurrent_greedy_answers_match_the_per_request_path_and_share_forwards
     assert batched.active_generations == 0 and batcher.in_flight() == 0
 
 
-def test_sampled_requests_share_forwards_each_with_its_own_settings(batched: TransformersEngine) -> None:
+def test_sampled_requests_share_forwards_each_with_its_own_settings(sampling: TransformersEngine) -> None:
     """One batch of rows that sample and rows that do not, each row's settings passed to the manager's
     per-request warpers. (Greedy answers are not compared with the per-request path here: with a
     random tiny model's near-equal logits, which requests share a step decides some argmaxes, as in
@@ -106,8 +115,8 @@ def test_sampled_requests_share_forwards_each_with_its_own_settings(batched: Tra
     greedy = requests()
     hot = [GenerationRequest(prompt=PROMPTS[0], max_tokens=12, temperature=1.8, top_p=0.95) for _ in range(2)]
     narrow = GenerationRequest(prompt=PROMPTS[1], max_tokens=12, temperature=1.5, top_p=1e-6)
-    asyncio.run(collect(batched, greedy[0]))  # the manager is running
-    manager = batched.batcher._manager if batched.batcher else None
+    asyncio.run(collect(sampling, greedy[0]))  # the manager is running
+    manager = sampling.batcher._manager if sampling.batcher else None
     assert manager is not None
     rows: list[dict[str, Any]] = []
     real_add = manager.add_request
@@ -117,10 +126,10 @@ def test_sampled_requests_share_forwards_each_with_its_own_settings(batched: Tra
         return real_add(*args, **kwargs)
 
     manager.add_request = add_request
-    before = batched.batcher.steps
+    before = sampling.batcher.steps
     try:
         async def together() -> list[tuple[str, Delta]]:
-            return await asyncio.gather(*[collect(batched, r) for r in [*greedy, *hot, narrow]])
+            return await asyncio.gather(*[collect(sampling, r) for r in [*greedy, *hot, narrow]])
 
         answers = asyncio.run(together())
     finally:
@@ -134,8 +143,8 @@ def test_sampled_requests_share_forwards_each_with_its_own_settings(batched: Tra
     # tokens twice would mean they did not draw at all
     assert answers[len(greedy)][0] != answers[len(greedy) + 1][0]
     tokens = sum(last.completion_tokens for _, last in answers)
-    assert batched.batcher.steps - before < tokens, "sampled requests took the per-request path"
-    assert batched.active_generations == 0 and batched.batcher.in_flight() == 0
+    assert sampling.batcher.steps - before < tokens, "sampled requests took the per-request path"
+    assert sampling.active_generations == 0 and sampling.batcher.in_flight() == 0
 
 
 def test_a_request_closed_mid_batch_frees_its_slot_and_the_others_go_on(batched: TransformersEngine) -> None:
@@ -182,15 +191,19 @@ def test_stop_strings_end_a_batched_request(batched: TransformersEngine,
 
 def test_requests_with_options_take_the_per_request_path_beside_the_batch(
         batched: TransformersEngine, solo: TransformersEngine, solo_answers: list[tuple[str, Delta]]) -> None:
+    """On a CPU with `auto`, a sampled request too (a seed takes that path anywhere)."""
     sampled = GenerationRequest(prompt=PROMPTS[0], max_tokens=10, temperature=1.2, seed=4)
+    unseeded = GenerationRequest(prompt=PROMPTS[1], max_tokens=6, temperature=1.2)
     with_logprobs = GenerationRequest(prompt=PROMPTS[0], max_tokens=4, temperature=0.0,
                                       options={"logprobs": True, "top_logprobs": 2})
     before = batched.batcher.steps
 
     async def mixed() -> list[Any]:
-        return await asyncio.gather(collect(batched, sampled), collect_all(batched, with_logprobs))
+        return await asyncio.gather(collect(batched, sampled), collect_all(batched, with_logprobs),
+                                    collect(batched, unseeded))
 
     answers = asyncio.run(mixed())
+    assert answers[2][1].completion_tokens == 6
     assert batched.batcher.steps == before, "a request with options went through the batch"
     assert answers[0][0] == asyncio.run(collect(solo, sampled))[0], "a seed reproduces its answer"
     text, deltas = answers[1]
@@ -219,8 +232,8 @@ def test_per_request_generations_run_one_per_core_on_a_cpu(batched: Transformers
     batched._solo_slots = threading.BoundedSemaphore(1)
     try:
         async def three() -> None:
-            await asyncio.gather(*[collect(batched, GenerationRequest(prompt=p, max_tokens=4, temperature=1.0, seed=i))
-                                   for i, p in enumerate(PROMPTS[:3])])
+            await asyncio.gather(*[collect(batched, GenerationRequest(prompt=p, max_tokens=4, temperature=1.0))
+                                   for p in PROMPTS[:3]])
 
         asyncio.run(three())
     finally:

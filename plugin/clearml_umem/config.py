@@ -20,7 +20,7 @@ from clearml_umem.policy import POLICIES
 
 ENV_PREFIX = "UMEM_"
 HOST_COPY_MODES = ("auto", "keep", "evict")
-BATCHING_MODES = ("auto", "off")
+BATCHING_MODES = ("auto", "all", "greedy", "off")
 ENGINE_CHOICES = ("auto", "transformers", "vllm")
 """The serve setting `engine`: the engine of Hugging Face models whose entry names none (a GGUF is
 always llama.cpp's). `auto`: vLLM where it can serve (a CUDA device, vLLM importable or
@@ -61,8 +61,10 @@ class ServeConfig:
     weights are still being copied, each layer waiting for its own (`--no-pipelined-swap-in`: copy
     everything first). Applies where the host copy is kept while hot."""
     batching: str = "auto"
-    """Transformers models: `auto` batches concurrent greedy requests without per-token options through
-    transformers' continuous batching (`engines.batching`); `off`: each request runs its own generate()."""
+    """Transformers models: concurrent requests without per-token options share forwards through
+    transformers' continuous batching (`engines.batching`): `auto` greedy ones, and sampled ones
+    without a seed on a GPU; `all` both on any device; `greedy` greedy ones only; `off`: each request
+    runs its own generate()."""
     fairness_window: str = "auto"
     """`auto`: a model that came to the GPU serves its turn (the requests waiting for it, and those
     arriving within 2x its swap-in from RAM) before it leaves, even when it drains for an older
@@ -367,7 +369,8 @@ TEXT_HELP = {
     "host_budget": "host RAM the RAM tier may use, e.g. 64GB; unset: detected",
     "policy": "which idle model makes room first",
     "host_copy": "transformers models: keep a hot model's host copy (keep), copy on eviction (evict), or decide",
-    "batching": "transformers models: concurrent greedy requests share forward passes (auto) or not (off)",
+    "batching": "transformers models: which concurrent requests share forward passes: greedy ones, and sampled ones "
+                "on a GPU (auto); greedy and sampled anywhere (all); greedy only; none (off)",
     "fairness_window": "auto: a model that came to the GPU serves its turn before it leaves; off: strict order",
     "max_request_bytes": "largest request body; bigger ones get a 413",
     "work_dir": "engine logs, sockets and downloaded weights",

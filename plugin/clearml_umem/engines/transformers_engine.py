@@ -382,6 +382,8 @@ class TransformersEngine:
         self.batching = str(ctx.options.get("batching", "auto")).strip().lower()
         if self.batching not in BATCHING_MODES:
             raise EngineError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+        self._batch_sampled = self.batching == "all" or (self.batching == "auto" and self.device.type != "cpu")
+        """Sampled requests are batched too (`batching.Batcher.sampled`)."""
         self._batcher: Batcher | None = None
         self._batch_starter: threading.Thread | None = None
         self._batch_failed = False
@@ -939,7 +941,7 @@ class TransformersEngine:
         """The running batcher when this request may use it; starts it on first use (on a GPU in the
         background, so the first request after a swap-in does not wait for the paged cache: requests
         meanwhile run on their own)."""
-        if self.batching == "off" or self._batch_failed or why_not_batched(request) is not None:
+        if self.batching == "off" or self._batch_failed or why_not_batched(request, self._batch_sampled) is not None:
             return None
         with self._state_lock:
             if self._tier is not Tier.GPU or self._moving or self._model is None:
@@ -950,7 +952,7 @@ class TransformersEngine:
             if self._batcher is None:
                 if not Batcher.supports(model):
                     return None
-                self._batcher = Batcher(self.spec.name, self._batching_limits())
+                self._batcher = Batcher(self.spec.name, self._batching_limits(), self._batch_sampled)
             batcher = self._batcher
         if request.prompt_ids is None:
             request.prompt_ids = await asyncio.to_thread(self._prompt_ids, request, tokenizer)
