@@ -122,6 +122,11 @@ def test_copy_on_eviction_is_reported_as_copied(tmp_path: Path) -> None:
     assert all(r > 0 for r in hot["ratios"]["tokens_per_s_new_over_old"].values())
     assert "bound_ttft_ms" not in hot, "no weight-read bound without a device"
     assert "## Hot path: cpu-qwen2" in (tmp_path / "out" / "report.md").read_text()
+    sampled = hot["sampled"]
+    assert "error" not in sampled and sampled["temperature"] == 1.0, sampled
+    sampled_tokens = sum(row["tokens"] for row in sampled["variants"]["auto"]["by_concurrency"].values())
+    assert 0 < sampled["variants"]["auto"]["batched_steps"] < sampled_tokens, "sampled requests shared no forward"
+    assert "Sampled requests (temperature 1" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bad_shape_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
