@@ -1,10 +1,9 @@
 """A request body's JSON, parsed with its shape bounded: the one place that decides whether a body
 is an object the layers behind the router can take, and what a client is told when it is not.
 
-It imports nothing but the standard library and orjson, so that the parser process
-(`parser_child.py`) starts in a tenth of a second: the router checks every big body there first
-(`router/parser_pool.py`), and parses again in its own process only bodies whose shape passed,
-so that the parse the router does is bounded by these limits whatever a client sends.
+The router parses small bodies with it on its event loop; big ones are parsed with it in a parser
+process (`parser_child.py`, `router/schemas.prepare_body`), so that what a client sends never costs
+the router more than these limits allow.
 """
 
 from __future__ import annotations

@@ -177,8 +177,11 @@ class Batcher:
         """Monotonic time of the last step: progress for the stall detection (CUDA graphs run no hooks)."""
         self._stopping = False
         self._failure: str | None = None
-        self._samples = False
-        """The running manager samples per row (else it is greedy only)."""
+
+    @property
+    def sampling(self) -> bool:
+        """The manager samples per row (else it is greedy only)."""
+        return self.sampled and samples_per_row()
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -207,7 +210,7 @@ class Batcher:
             self._stopping = False
             limits = self.limits
             blocks = max(2, -(-limits.cache_tokens // limits.page_size))
-            sampling = self.sampled and samples_per_row()
+            sampling = self.sampling
             cb_config = ContinuousBatchingConfig(
                 **({"per_request_processors": True} if sampling else {}),
                 page_size=limits.page_size, num_blocks=blocks, max_batch_tokens=limits.max_batch_tokens,
@@ -237,7 +240,6 @@ class Batcher:
                 # thread, so a swap-out never waits for a capture of shapes nobody asked for
                 manager.start()
             self._manager = manager
-            self._samples = sampling
             log.info("model %s: continuous batching started (%d requests, %d cache tokens, cuda graphs %s)",
                      self.name, limits.max_requests, blocks * limits.page_size, limits.cuda_graphs)
 
@@ -252,7 +254,7 @@ class Batcher:
             request_id = f"umem-{self._counter}"
             self._listeners[request_id] = (loop, listener)
         row: dict[str, Any] = {}
-        if self._samples:
+        if self.sampling:
             row = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if temperature <= 0 else
                    {"temperature": float(temperature), "top_k": ANY_TOP_K, "top_p": float(top_p)})
         elif temperature > 0:

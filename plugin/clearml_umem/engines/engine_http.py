@@ -261,25 +261,22 @@ async def post_stream(socket_path: str | None, port: int | None, path: str, body
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
                 break
-            except asyncio.IncompleteReadError as exc:
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                dropped = isinstance(exc, ConnectionError) or not exc.partial
+                if connection is spare and dropped and not stall.fired:
+                    stall.cancel()
+                    writer.transport.abort()
+                    continue
+                if isinstance(exc, ConnectionError):
+                    raise httpx.ReadError(f"the engine closed the connection: {exc}") from exc
                 if stall.fired:
                     raise httpx.ReadTimeout(f"no answer from the engine for {read_timeout_s:g} s") from None
                 if not exc.partial:
-                    if connection is spare:
-                        stall.cancel()
-                        writer.transport.abort()
-                        continue
                     raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from None
                 raise httpx.RemoteProtocolError("the engine's answer broke off in its headers") from exc
             except asyncio.LimitOverrunError:
                 raise httpx.RemoteProtocolError(f"the engine's answer has more than {MAX_HEAD_BYTES} bytes of "
                                                 "headers") from None
-            except ConnectionError as exc:
-                if connection is spare:
-                    stall.cancel()
-                    writer.transport.abort()
-                    continue
-                raise httpx.ReadError(f"the engine closed the connection: {exc}") from exc
         stall.progressed()
         status, headers = parse_head(head[:-4])
         yield EngineResponse(reader, stall, status, headers)

@@ -121,15 +121,15 @@ never holds up other clients' streams."""
 
 
 class _BigBodies:
-    """One thread parses, validates and converts the big bodies that passed the parser process's
-    check, one at a time. Their shape is bounded by then (messages, JSON values), so each step is
-    short; parsing holds the GIL, and with a thread per body several bodies starved the event loop
-    (each loop pass waited its turn among five threads); with one, the loop waits at most one
-    switch interval (5 ms) or one bounded parse for it. Bodies waiting their turn hold only their bytes.
+    """One thread unpickles the big bodies a parser process prepared, validates what depends on the
+    model and converts them, one at a time. Their shape is bounded by then (messages, JSON values),
+    so each step is short; each holds the GIL, and with a thread per body several bodies starved the
+    event loop (each loop pass waited its turn among five threads); with one, the loop waits at most
+    one switch interval (5 ms) or one bounded step for it. Bodies waiting their turn hold only their bytes.
 
-    The cyclic garbage collector is paused while a body is parsed: the objects a big body becomes
-    would trigger full collections, each holding the GIL for a second in a process that holds a
-    model's objects (a JSON body makes no cycles: reference counting frees it)."""
+    The cyclic garbage collector is paused during each step: the objects a big body becomes would
+    trigger full collections, each holding the GIL for a second in a process that holds a model's
+    objects (a body makes no cycles: reference counting frees it)."""
 
     def __init__(self) -> None:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

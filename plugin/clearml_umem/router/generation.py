@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import anyio
 
@@ -27,7 +27,6 @@ from clearml_umem.tiers import Tier
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 
 class ServingRuntime(Protocol):
