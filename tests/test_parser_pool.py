@@ -16,8 +16,10 @@ import textwrap
 import psutil
 import pytest
 
+from clearml_umem.engines.prompt_check import PromptBound
 from clearml_umem.router.errors import APIError
 from clearml_umem.router.parser_pool import ParserPool
+from clearml_umem.router.parser_wire import encode_bounds
 from clearml_umem.router.schemas import PreparedBody
 from tests.routerproc import wait_gone
 
@@ -75,6 +77,44 @@ def test_a_parser_process_validates_as_the_router_would_and_names_the_field() ->
     assert pickle.loads(triton_body) == PreparedBody(json.loads(triton))  # any other object: parsed only
 
 
+def test_a_prompt_that_cannot_fit_its_model_is_refused_where_it_was_parsed() -> None:
+    """With the models' prompt bounds, a prompt whose fewest possible tokens (its bytes over the
+    most bytes a token covers) and max_tokens exceed the context is a 400 from the parser process,
+    under the model's name or an alias; one that may fit, or names a model of no known bound, is
+    prepared as before."""
+    bounds = encode_bounds({"m": PromptBound(2048, 16), "alias-of-m": PromptBound(2048, 16)})
+
+    def body(**fields: object) -> bytes:
+        return json.dumps({"model": "m", **fields}).encode()
+
+    chat = json.dumps({"model": "alias-of-m", "messages": [{"role": "user", "content": "x" * 40_000}] * 2}).encode()
+    completion = body(prompt="y" * 100_000)
+    with_max_tokens = body(prompt="y" * 16 * 2000, max_tokens=100)  # at least 2,000 tokens, + 100 > 2,048
+    fits = body(prompt="y" * 16 * 2000, max_tokens=40)
+    unbounded = json.dumps({"model": "other", "prompt": "y" * 100_000}).encode()
+
+    async def run() -> tuple[list[object], list[bytes]]:
+        pool = ParserPool(processes=1)
+        try:
+            refused = await asyncio.gather(*(pool.prepare(b, kind, 10000, bounds) for b, kind in (
+                (chat, "chat"), (completion, "completion"), (with_max_tokens, "completion"))), return_exceptions=True)
+            prepared = [await pool.prepare(fits, "completion", 10000, bounds),
+                        await pool.prepare(unbounded, "completion", 10000, bounds),
+                        await pool.prepare(completion, "completion", 10000)]
+            return refused, prepared
+        finally:
+            await pool.close()
+
+    (chat_error, completion_error, max_tokens_error), prepared = asyncio.run(run())
+    for error, param in ((chat_error, "messages"), (completion_error, "prompt"), (max_tokens_error, "prompt")):
+        assert isinstance(error, APIError), error
+        assert (error.status, error.param, error.code) == (400, param, "context_length_exceeded"), error.message
+    assert isinstance(chat_error, APIError) and "'alias-of-m'" in chat_error.message
+    assert "at least 5000 tokens" in chat_error.message  # 80,000 bytes of content / 16
+    assert isinstance(max_tokens_error, APIError) and "max_tokens=100" in max_tokens_error.message
+    assert [pickle.loads(p).data["model"] for p in prepared] == ["m", "other", "m"]
+
+
 def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_left_costs_no_parse() -> None:
     async def run() -> tuple[list[object], int, int]:
         pool = ParserPool(processes=1, queue=2)
@@ -102,7 +142,9 @@ def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_left_costs_no_
 
 HOLDER = textwrap.dedent("""
     import asyncio, json, sys
-    from clearml_umem.router.parser_pool import ParserPool
+    from clearml_umem.engines.prompt_check import PromptBound
+from clearml_umem.router.parser_pool import ParserPool
+from clearml_umem.router.parser_wire import encode_bounds
 
     async def main():
         pool = ParserPool(processes=2)

@@ -185,6 +185,35 @@ def test_a_big_body_prepared_in_a_parser_process_gets_the_same_answer(router) ->
     assert any("clearml_umem.parser_child" in " ".join(c.cmdline()) for c in proc.descendants())
 
 
+def _big_bodies_counted(url: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("umem_big_request_bodies_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_a_prompt_that_cannot_fit_is_refused_by_the_parser_process_and_never_comes_back(router) -> None:
+    """An 8 MB conversation that passes every bound of its shape, for a model whose context it cannot
+    fit: the parser process refuses it from its byte length (the model's bound, known once its
+    tokenizer loaded), so the router never unpickles it; /metrics counts it as refused, not prepared."""
+    proc, _ = router
+    httpx.post(proc.url + "/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT, "max_tokens": 2},
+               timeout=120).raise_for_status()  # its tokenizer is loaded, so its bound is known
+    body = _many_messages(MAX_MESSAGES, content="y" * 800)
+    assert 8_000_000 < len(body) < 8 * 2**20
+    before = _big_bodies_counted(proc.url)
+    [answer] = _post_all(proc.url, [body])
+    assert answer.status_code == 400, answer.text[:300]
+    error = answer.json()["error"]
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded"), error
+    assert "at least" in error["message"] and "'tiny-llama'" in error["message"], error["message"]
+    after = _big_bodies_counted(proc.url)
+    assert after.get("refused", 0) - before.get("refused", 0) == 1, (before, after)
+    assert after.get("prepared", 0) == before.get("prepared", 0), (before, after)
+
+
 def test_too_many_json_values_is_a_400_naming_the_field(router) -> None:
     proc, _ = router
     body = json.dumps({"model": "tiny-llama", "messages": CHAT, "metadata": {"junk": [0] * 100_000}}).encode()

@@ -25,6 +25,7 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from clearml_umem.engines.base import Delta, EngineError, Footprint, GenerationRequest, InvalidRequest
+from clearml_umem.engines.prompt_check import PromptBound
 from clearml_umem.events import Event, EventBus, FirstToken, MoveFinished, RequestArrived, RequestFinished
 from clearml_umem.log_setup import UVICORN_LOGGING
 from clearml_umem.metrics import Metrics
@@ -108,6 +109,7 @@ class FakeRuntime:
         self.reject: dict[str, str] = {}
         self.cancelled_waits = 0
         self.keep_alives: list[float | None] = []
+        self.bounds: dict[str, PromptBound] = {}
 
     def has_model(self, name: str) -> bool:
         return name in self.engines
@@ -119,6 +121,9 @@ class FakeRuntime:
 
     def model_names(self) -> list[str]:
         return sorted(self.engines)
+
+    def prompt_bounds(self) -> dict[str, PromptBound]:
+        return dict(self.bounds)
 
     async def check_request(self, model: str, request: GenerationRequest, small: bool = False) -> None:
         if model not in self.engines:

@@ -26,6 +26,7 @@ from clearml_umem.engines.base import (
     GenerationRequest,
     MoveResult,
 )
+from clearml_umem.engines.prompt_check import PromptBound
 from clearml_umem.events import Event, RequestDispatched
 from clearml_umem.runtime import Rejected, Runtime
 from clearml_umem.spec import ModelSpec, spec_from_mapping
@@ -602,5 +603,22 @@ def test_a_small_request_is_checked_on_the_loop_only_by_an_engine_whose_check_is
         main = threading.current_thread().name
         assert threads[0] != main and threads[1] != main, "without quick_check, or for a big request: a thread"
         assert threads[2] == main
+
+    run(scenario)
+
+
+def test_prompt_bounds_are_listed_under_each_name_a_request_may_use(tmp_path: Path) -> None:
+    """The parser processes look a body's `model` up as sent: aliases map to their model's bound, a
+    model's own name wins over another model's alias of it, and an engine that knows none is left out."""
+    async def scenario() -> None:
+        world = World(tmp_path)
+        for name, aliases in (("a", ["short", "b"]), ("b", []), ("c", ["see"])):
+            world.runtime.add_model(spec_from_mapping({"name": name, "weights": str(tmp_path), "size_bytes": SIZE,
+                                                       "aliases": aliases}))
+        world.engines["a"].prompt_bound = lambda: PromptBound(2048, 16)  # type: ignore[attr-defined]
+        world.engines["b"].prompt_bound = lambda: PromptBound(4096, 13)  # type: ignore[attr-defined]
+        world.engines["c"].prompt_bound = lambda: None  # type: ignore[attr-defined]
+        assert world.runtime.prompt_bounds() == {"a": PromptBound(2048, 16), "short": PromptBound(2048, 16),
+                                                 "b": PromptBound(4096, 13)}
 
     run(scenario)

@@ -111,6 +111,11 @@ class Metrics:
                                 ["model", "tier"], registry=r)
         self.queue_wait = Histogram("umem_queue_wait_seconds", "Time a request waited for its model to be hot",
                                     ["model", "tier"], buckets=QUEUE_BUCKETS, registry=r)
+        self.big_bodies = Counter(
+            "umem_big_request_bodies", "Request bodies over 64 KiB, by what the parser processes made of them: "
+            "prepared (passed on to the router), refused (the client's 4xx: a bad field, a prompt that cannot fit "
+            "its model's context), busy (503: too many waiting), failed (503: the parser process failed), "
+            "abandoned (the client left first)", ["outcome"], registry=r)
 
         self._lock = threading.Lock()
         self._ttft_samples: dict[tuple[str, Tier], deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES_KEPT))

@@ -21,7 +21,7 @@ import sys
 from typing import BinaryIO
 
 from clearml_umem.router.errors import APIError
-from clearml_umem.router.parser_wire import ANSWER, FAILED, HEADER, KINDS, PREPARED, REFUSED, BodyKind
+from clearml_umem.router.parser_wire import ANSWER, FAILED, HEADER, KINDS, PREPARED, REFUSED, BodyKind, decode_bounds
 from clearml_umem.router.schemas import prepare_body
 
 _PR_SET_PDEATHSIG = 1
@@ -39,9 +39,9 @@ def die_with(parent: int) -> None:
         raise SystemExit(0)
 
 
-def answer(raw: bytes, kind: BodyKind, max_messages: int) -> tuple[int, bytes]:
+def answer(raw: bytes, kind: BodyKind, max_messages: int, bounds: bytes = b"{}") -> tuple[int, bytes]:
     try:
-        prepared = prepare_body(raw, kind, max_messages)
+        prepared = prepare_body(raw, kind, max_messages, decode_bounds(bounds))
     except APIError as error:
         return REFUSED, json.dumps({"status": error.status, "message": error.message, "param": error.param,
                                     "code": error.code}).encode()
@@ -55,11 +55,12 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         header = inp.read(HEADER.size)
         if len(header) < HEADER.size:
             return
-        length, kind, max_messages = HEADER.unpack(header)
+        length, kind, max_messages, bounds_length = HEADER.unpack(header)
+        bounds = inp.read(bounds_length)
         raw = inp.read(length)
-        if len(raw) < length:
+        if len(raw) < length or len(bounds) < bounds_length:
             return
-        outcome, payload = answer(raw, KINDS[kind], max_messages)
+        outcome, payload = answer(raw, KINDS[kind], max_messages, bounds)
         del raw
         out.write(ANSWER.pack(outcome, len(payload)))
         out.write(payload)

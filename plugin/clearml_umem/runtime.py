@@ -34,6 +34,7 @@ from clearml_umem.engines import (
     create_engine,
 )
 from clearml_umem.engines.progress import describe_progress
+from clearml_umem.engines.prompt_check import PromptBound
 from clearml_umem.errors import NotFound, ServingError
 from clearml_umem.events import EventBus
 from clearml_umem.policy import Policy
@@ -279,6 +280,23 @@ class Runtime:
 
     def engine(self, name: str) -> Engine:
         return self._served(name).engine
+
+    def prompt_bounds(self) -> dict[str, PromptBound]:
+        """The byte bound of each model's prompts that its engine knows (`prompt_check.PromptBound`),
+        under its name and its aliases, as `resolve_model` reads a request's `model`."""
+        names = self.model_names()
+        known: dict[str, PromptBound] = {}
+        for name in names:
+            bound_of = getattr(self._models[name].engine, "prompt_bound", None)
+            bound = bound_of() if bound_of is not None else None
+            if bound is not None:
+                known[name] = bound
+        bounds = dict(known)
+        for name, bound in known.items():
+            for alias in self._models[name].spec.aliases:
+                if alias not in names:
+                    bounds.setdefault(alias, bound)
+        return bounds
 
     def state(self, name: str) -> ModelState:
         self._served(name)

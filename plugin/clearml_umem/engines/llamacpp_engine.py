@@ -53,6 +53,7 @@ from clearml_umem.engines.llamacpp_api import adapt_body, check_options, templat
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.openai_stream import generate_restarting_once, openai_body, stream_answer
 from clearml_umem.engines.progress import last_log_line
+from clearml_umem.engines.prompt_check import PromptBound, prompt_text, refuse_if_cannot_fit
 from clearml_umem.engines.request_decoding import shaped
 from clearml_umem.engines.resident_file import ResidentFile, cached_bytes, drop_from_page_cache
 from clearml_umem.engines.start_gate import START_GATES
@@ -307,19 +308,15 @@ class LlamaCppEngine:
         if request.max_tokens > self.n_ctx:
             raise InvalidRequest(f"model {self.spec.name!r} is served with a context of {self.n_ctx} tokens; "
                                  f"max_tokens={request.max_tokens} can never fit", param="max_tokens")
+        bound = self.prompt_bound()
+        if bound is not None:
+            refuse_if_cannot_fit(self.spec.name, bound, len(prompt_text(request).encode("utf-8")),
+                                 request.max_tokens, param)
+
+    def prompt_bound(self) -> PromptBound | None:
+        """The served context and the vocabulary's longest token, from the GGUF file alone."""
         longest = self.gguf.max_token_bytes
-        if not longest:
-            return
-        if request.is_chat:
-            text = "".join(str(m.get("content") or "") for m in request.messages or ())
-        else:
-            text = request.prompt or ""
-        at_least = -(-len(text.encode("utf-8")) // longest)
-        if at_least + request.max_tokens > self.n_ctx:
-            raise InvalidRequest(
-                f"model {self.spec.name!r} is served with a context of {self.n_ctx} tokens; the prompt has at "
-                f"least {at_least} tokens and the request asks for max_tokens={request.max_tokens}. Shorten the "
-                f"prompt or lower max_tokens.", param=param, code="context_length_exceeded")
+        return PromptBound(self.n_ctx, longest) if longest else None
 
     def died(self) -> str | None:
         """Why the server is gone though the model is on the GPU and no move runs; None while well."""

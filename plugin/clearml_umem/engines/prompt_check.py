@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,31 @@ def prompt_text(request: GenerationRequest) -> str:
     return request.prompt or ""
 
 
-def tokens_at_least(request: GenerationRequest, longest_token_bytes: int, slack: int = 1) -> int:
-    """A lower bound of the prompt's tokens from its bytes alone (no tokenizing)."""
-    return -(-len(prompt_text(request).encode("utf-8")) // (longest_token_bytes * slack))
+@dataclass(frozen=True)
+class PromptBound:
+    """How long a model's prompts may be in bytes, known without its tokenizer: the router hands
+    these to its parser processes, so that a multi-megabyte prompt that cannot fit is refused
+    where it was parsed and never comes back into the router's process."""
+
+    context_length: int
+    bytes_per_token: int
+    """The most bytes of a prompt one token may cover: the longest token's bytes, times the
+    normalizer's slack where one may shrink text."""
+
+    def tokens_at_least(self, text_bytes: int) -> int:
+        """A lower bound of a prompt's tokens from its bytes alone (no tokenizing)."""
+        return -(-text_bytes // self.bytes_per_token)
+
+
+def refuse_if_cannot_fit(name: str, bound: PromptBound, text_bytes: int, max_tokens: int, param: str) -> None:
+    """A 400 naming the prompt's field when even its fewest possible tokens and `max_tokens`
+    cannot fit the context window."""
+    at_least = bound.tokens_at_least(text_bytes)
+    if at_least + max_tokens > bound.context_length:
+        raise InvalidRequest(
+            f"model {name!r} has a context length of {bound.context_length} tokens; the prompt has at least "
+            f"{at_least} tokens and the request asks for max_tokens={max_tokens}. Shorten the prompt "
+            f"or lower max_tokens.", param=param, code="context_length_exceeded")
 
 
 def refuse_by_length(name: str, context_length: int | None, request: GenerationRequest,
@@ -55,13 +78,9 @@ def refuse_by_length(name: str, context_length: int | None, request: GenerationR
     """A 400 naming the prompt when even its fewest possible tokens cannot fit the context window."""
     if not context_length or not longest_token_bytes:
         return
-    at_least = tokens_at_least(request, longest_token_bytes, slack)
-    if at_least + request.max_tokens > context_length:
-        raise InvalidRequest(
-            f"model {name!r} has a context length of {context_length} tokens; the prompt has at least "
-            f"{at_least} tokens and the request asks for max_tokens={request.max_tokens}. Shorten the prompt "
-            f"or lower max_tokens.", param="messages" if request.is_chat else "prompt",
-            code="context_length_exceeded")
+    refuse_if_cannot_fit(name, PromptBound(context_length, longest_token_bytes * slack),
+                         len(prompt_text(request).encode("utf-8")), request.max_tokens,
+                         "messages" if request.is_chat else "prompt")
 
 
 def byte_bound(tokenizer: Any) -> tuple[int, int] | None:
@@ -146,6 +165,14 @@ class PromptCounter:
     def count(self, request: GenerationRequest, context_length: int | None = None) -> int | None:
         ids = self.ids(request, context_length)
         return None if ids is None else len(ids)
+
+    def bound(self, context_length: int | None) -> PromptBound | None:
+        """The byte bound of this model's prompts, once its first tokenizer was loaded (None before,
+        or for a tokenizer whose tokens may stand for unbounded text)."""
+        if not context_length or self._bound is None:
+            return None
+        longest, slack = self._bound
+        return PromptBound(context_length, longest * slack)
 
     @property
     def tokenizers(self) -> int:

@@ -77,7 +77,7 @@ from clearml_umem.engines.layer_pipeline import CopyFailed, LayerPipeline, forwa
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.overlapped_read import ReadCancelled, stream_checkpoint
 from clearml_umem.engines.progress import MoveProgress
-from clearml_umem.engines.prompt_check import PromptCounter, check_fits, prompt_ids
+from clearml_umem.engines.prompt_check import PromptBound, PromptCounter, check_fits, prompt_ids
 from clearml_umem.engines.request_decoding import AnswerShaper, RequestDecoding, check_options
 from clearml_umem.engines.weight_store import (
     CheckpointMismatch,
@@ -1196,6 +1196,10 @@ class TransformersEngine:
         self._validate(request, len(ids))
         request.prompt_ids = ids  # the same tokenizer files as generation's: not tokenized twice
         return len(ids)
+
+    def prompt_bound(self) -> PromptBound | None:
+        """Known once a request's check loaded the first tokenizer (`prompt_check.PromptBound`)."""
+        return self._prompt_counter.bound(self.context_length)
 
     def _validate(self, request: GenerationRequest, prompt_tokens: int) -> None:
         if request.options:

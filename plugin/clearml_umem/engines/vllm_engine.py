@@ -51,7 +51,7 @@ from clearml_umem.engines.kv_sizing import GiB, KVPlan, KVSizingError, plan_kv_c
 from clearml_umem.engines.moves import MoveTable
 from clearml_umem.engines.openai_stream import generate_restarting_once, openai_body, stream_answer
 from clearml_umem.engines.progress import last_log_line
-from clearml_umem.engines.prompt_check import PromptCounter, check_fits
+from clearml_umem.engines.prompt_check import PromptBound, PromptCounter, check_fits
 from clearml_umem.engines.start_gate import START_GATES
 from clearml_umem.engines.vllm_process import (
     Endpoint,
@@ -262,6 +262,10 @@ class VLLMEngine:
         if tokens is not None:
             check_fits(self.spec.name, self.plan.max_model_len, tokens, request)
         return tokens
+
+    def prompt_bound(self) -> PromptBound | None:
+        """Known once a request's check loaded the first tokenizer (`prompt_check.PromptBound`)."""
+        return None if self._prompt_counter is None else self._prompt_counter.bound(self.plan.max_model_len)
 
     def died(self) -> str | None:
         """Why the engine's process is gone though the engine is not cold and no move runs (it was

@@ -54,7 +54,7 @@ from clearml_umem.router.generation import (
 from clearml_umem.router.head import HeadAsGet
 from clearml_umem.router.keys import Keys
 from clearml_umem.router.parser_pool import ParserPool
-from clearml_umem.router.parser_wire import BodyKind
+from clearml_umem.router.parser_wire import BodyKind, encode_bounds
 from clearml_umem.router.schemas import (
     DEFAULT_MAX_MESSAGES,
     ChatSettings,
@@ -172,7 +172,8 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     app.state.drain = drain
     parsers = ParserPool()
     app.state.parsers = parsers
-    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), parsers, access_log)
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), parsers,
+                                  lambda outcome: metrics.big_bodies.labels(outcome).inc(), access_log)
 
     async def completions(request: Request) -> Response:
         return await _serve(runtime, request, chat=False, options=serve_options)
@@ -222,7 +223,7 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
         return model_card(model, tiers_now().get(model))
 
     async def parse_triton_body(request: Request, raw: bytes) -> dict[str, Any]:
-        return (await parse_request_body(request, raw, "object", serve_options)).data
+        return (await parse_request_body(request, raw, "object", serve_options, runtime)).data
 
     app.include_router(triton_routes(runtime, read_body, max_body_bytes, parse_triton_body))
 
@@ -334,18 +335,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_request_body(request: Request, raw: bytes, kind: BodyKind, options: _ServeOptions) -> PreparedBody:
+async def parse_request_body(request: Request, raw: bytes, kind: BodyKind, options: _ServeOptions,
+                             runtime: ServingRuntime) -> PreparedBody:
     """A body as far as it goes without its model: a small one parsed on the event loop (its
     validation comes after the model's defaults); a big one parsed and validated as sent in a parser
-    process, then unpickled in the parser thread. Raises the client's 4xx, a 503 when the parser
-    processes are busy, or ClientGone when the client left while its body waited."""
+    process, its prompt checked there against its model's context (`Runtime.prompt_bounds`), then
+    unpickled in the parser thread. Raises the client's 4xx, a 503 when the parser processes are
+    busy, or ClientGone when the client left while its body waited."""
     if len(raw) <= INLINE_PARSE_BYTES:
         return PreparedBody(parse_body(raw, kind == "chat", options.max_messages))
-    prepare = functools.partial(options.parsers.prepare, raw, kind, options.max_messages)
+    bounds = encode_bounds(runtime.prompt_bounds()) if kind != "object" else b"{}"
+    prepare = functools.partial(options.parsers.prepare, raw, kind, options.max_messages, bounds)
+    outcome = "abandoned"
     try:
         payload = await until_disconnect(request.receive, prepare)
+        outcome = "prepared"
+    except APIError as error:
+        outcome = "refused" if error.status < 500 else "busy" if error.code == "server_busy" else "failed"
+        raise
     finally:
         del prepare  # it holds the bytes, which are dropped once prepared
+        options.count_big_body(outcome)
     prepared: PreparedBody = await options.big_bodies.run(pickle.loads, payload)
     return prepared
 
@@ -357,6 +367,8 @@ class _ServeOptions:
     drain: Drain
     big_bodies: _BigBodies
     parsers: ParserPool
+    count_big_body: Callable[[str], None]
+    """Told each big body's outcome (`Metrics.big_bodies`)."""
     access_log: bool = True
 
 
@@ -385,7 +397,7 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
     try:
-        prepared = await parse_request_body(request, raw, "chat" if chat else "completion", options)
+        prepared = await parse_request_body(request, raw, "chat" if chat else "completion", options, runtime)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     del raw

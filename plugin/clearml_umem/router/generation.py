@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import anyio
 
 from clearml_umem.engines.base import Delta, GenerationRequest
+from clearml_umem.engines.prompt_check import PromptBound
 from clearml_umem.errors import ServingError
 from clearml_umem.events import EventBus, FirstToken, RequestFinished
 from clearml_umem.router.errors import api_error
@@ -39,6 +40,8 @@ class ServingRuntime(Protocol):
     def spec(self, name: str) -> ModelSpec: ...
 
     def model_names(self) -> list[str]: ...
+
+    def prompt_bounds(self) -> Mapping[str, PromptBound]: ...
 
     async def check_request(self, model: str, request: GenerationRequest, small: bool = False) -> None: ...
 

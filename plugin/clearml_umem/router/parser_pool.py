@@ -75,6 +75,7 @@ class _Job:
     raw: bytes | None
     kind: BodyKind
     max_messages: int
+    bounds: bytes
     verdict: asyncio.Future[_Answer]
 
 
@@ -103,15 +104,16 @@ class ParserPool:
     _live: set[_Job] = field(default_factory=set, repr=False)
     _slots: list[_Slot] = field(default_factory=list, repr=False)
 
-    async def prepare(self, raw: bytes, kind: BodyKind, max_messages: int) -> bytes:
+    async def prepare(self, raw: bytes, kind: BodyKind, max_messages: int, bounds: bytes = b"{}") -> bytes:
         """The prepared body, pickled (`schemas.PreparedBody`, for `pickle.loads`); raises the
-        client's 4xx, or a 503 when the pool is full or the parser process failed. Cancelled (the
+        client's 4xx (a prompt longer than its model's `bounds` allow among them: `parser_wire.
+        encode_bounds`), or a 503 when the pool is full or the parser process failed. Cancelled (the
         client left), the body is dropped at once and never sent to a parser process if none has
         taken it yet."""
         if len(self._live) >= self.processes + self.queue:
             raise busy(len(self._live))
         jobs = self._started()
-        job = _Job(raw, kind, max_messages, asyncio.get_running_loop().create_future())
+        job = _Job(raw, kind, max_messages, bounds, asyncio.get_running_loop().create_future())
         del raw
         self._live.add(job)
         jobs.put_nowait(job)
@@ -162,16 +164,16 @@ class ParserPool:
             if job.verdict.done() or raw is None:
                 self.skipped += 1
                 continue
-            verdict = await self._verdict(slot, raw, job.kind, job.max_messages)
+            verdict = await self._verdict(slot, raw, job)
             del raw
             if not job.verdict.done():
                 job.verdict.set_result(verdict)
 
-    async def _verdict(self, slot: _Slot, raw: bytes, kind: BodyKind, max_messages: int) -> _Answer:
+    async def _verdict(self, slot: _Slot, raw: bytes, job: _Job) -> _Answer:
         """The parser process's answer; a process found dead is replaced and asked again, once."""
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(self._ask(slot, raw, kind, max_messages), self.timeout_s)
+                return await asyncio.wait_for(self._ask(slot, raw, job), self.timeout_s)
             except (asyncio.TimeoutError, OSError, EOFError, ValueError) as exc:
                 log.error("parser process %s failed (%s: %s); starting another", slot.proc and slot.proc.pid,
                           type(exc).__name__, exc)
@@ -181,12 +183,13 @@ class ParserPool:
                     return _Answer(FAILED, f"{type(exc).__name__}: {exc}".encode())
         raise AssertionError("unreachable")
 
-    async def _ask(self, slot: _Slot, raw: bytes, kind: BodyKind, max_messages: int) -> _Answer:
+    async def _ask(self, slot: _Slot, raw: bytes, job: _Job) -> _Answer:
         proc = slot.proc
         if proc is None or proc.returncode is not None:
             proc = slot.proc = await _spawn()
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(HEADER.pack(len(raw), KINDS.index(kind), max_messages))
+        proc.stdin.write(HEADER.pack(len(raw), KINDS.index(job.kind), job.max_messages, len(job.bounds)))
+        proc.stdin.write(job.bounds)
         proc.stdin.write(raw)
         await proc.stdin.drain()
         try:

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import Mapping
 from typing import Literal
+
+from clearml_umem.engines.prompt_check import PromptBound
 
 BodyKind = Literal["chat", "completion", "object"]
 """What a body is for: a chat or completion request (validated as one), or any other JSON object
@@ -12,8 +16,9 @@ BodyKind = Literal["chat", "completion", "object"]
 
 KINDS: tuple[BodyKind, ...] = ("chat", "completion", "object")
 
-HEADER = struct.Struct("!IBI")
-"""Before each body: its length in bytes, its kind (an index into `KINDS`), the messages cap."""
+HEADER = struct.Struct("!IBII")
+"""Before each body: its length in bytes, its kind (an index into `KINDS`), the messages cap, and
+the length of the prompt bounds that follow it (`encode_bounds`)."""
 
 ANSWER = struct.Struct("!BI")
 """Before each answer: the outcome, the payload's length in bytes."""
@@ -21,3 +26,13 @@ ANSWER = struct.Struct("!BI")
 PREPARED, REFUSED, FAILED = 0, 1, 2
 """Outcomes: the pickled `schemas.PreparedBody`; the client's error as JSON (`status`, `message`,
 `param`, `code`); the parser process's own fault, as text."""
+
+
+def encode_bounds(bounds: Mapping[str, PromptBound]) -> bytes:
+    """The models' prompt bounds as sent with each body: a few bytes a model, and always the
+    router's latest (a model's bound is known once its first tokenizer loaded)."""
+    return json.dumps({name: [b.context_length, b.bytes_per_token] for name, b in bounds.items()}).encode()
+
+
+def decode_bounds(raw: bytes) -> dict[str, PromptBound]:
+    return {name: PromptBound(int(ctx), int(per_token)) for name, (ctx, per_token) in json.loads(raw).items()}

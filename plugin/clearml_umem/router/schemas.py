@@ -11,6 +11,7 @@ options that only some engines honour (penalties, logit_bias with vLLM) pass to 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -18,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from clearml_umem.engines import SAMPLING_OPTIONS
-from clearml_umem.engines.base import GenerationRequest
+from clearml_umem.engines.base import GenerationRequest, InvalidRequest
+from clearml_umem.engines.prompt_check import PromptBound, refuse_if_cannot_fit
 from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, BodyProblem, load_body, load_object
 from clearml_umem.keep_alive import parse_keep_alive
-from clearml_umem.router.errors import bad_request
+from clearml_umem.router.errors import api_error, bad_request
 from clearml_umem.router.parser_wire import BodyKind
 from clearml_umem.router.tools import chat_options, check_messages, completion_options
 from clearml_umem.spec import ModelSpec
@@ -318,15 +320,32 @@ class PreparedBody:
     messages: list[dict[str, Any]] | None = None
 
 
-def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MESSAGES) -> PreparedBody:
-    """What a parser process does with a big body; a client's mistake raises its `APIError`."""
+def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MESSAGES,
+                 bounds: Mapping[str, PromptBound] | None = None) -> PreparedBody:
+    """What a parser process does with a big body; a client's mistake raises its `APIError`.
+
+    With the `bounds` of the models served (`Runtime.prompt_bounds`), a prompt that cannot fit
+    its model's context even at its fewest possible tokens is refused here, so that a body of
+    megabytes costs the router a small error instead of its whole prepared conversation."""
     data = parse_body(raw, kind == "chat", max_messages)
     if kind == "object":
         return PreparedBody(data)
     body = validate_request(data, kind == "chat")
     body.api_options()
-    if isinstance(body, ChatRequest):
-        return PreparedBody({k: v for k, v in data.items() if k != "messages"}, body.engine_messages())
+    messages = body.engine_messages() if isinstance(body, ChatRequest) else None
+    bound = (bounds or {}).get(body.model)
+    if bound is not None:
+        if messages is not None:
+            text_bytes = sum(len(str(m.get("content") or "").encode("utf-8")) for m in messages)
+        else:
+            text_bytes = len(body.prompt_text().encode("utf-8"))  # type: ignore[union-attr]
+        try:
+            refuse_if_cannot_fit(body.model, bound, text_bytes, body.requested_max_tokens() or 1,
+                                 "messages" if messages is not None else "prompt")
+        except InvalidRequest as refused:
+            raise api_error(refused) from None
+    if messages is not None:
+        return PreparedBody({k: v for k, v in data.items() if k != "messages"}, messages)
     return PreparedBody(data)
 
 
