@@ -22,6 +22,7 @@ default bounds cost a parser process and the router, measured in this process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -42,14 +43,19 @@ import httpx
 
 from clearml_umem.catalog import write_manifest
 from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, max_values
+from clearml_umem.parser_child import NICENESS
+from clearml_umem.router.errors import APIError
+from clearml_umem.router.parser_pool import PARSER_PROCESSES
 from clearml_umem.router.schemas import prepare_body
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tinymodels import DEMO_MODELS, ensure_tiny_models
 
 READY = "umem: serving on "
 MESSAGES = 200_000
+WARMUP_REQUESTS = 5
 LONG_CHARS = 800
 BODY_LIMIT = 8 * 2**20
+SENDER_NICENESS = 19
 
 
 def big_body(shape: str, model: str = "not-served") -> bytes:
@@ -139,7 +145,9 @@ def send(url: str, body: bytes, stop: Any, posted: Any) -> None:
     """One sender, in a process of its own (in the measuring process its work on 8 MB bodies would
     hold that process's GIL and show up in the TTFT it measures), on a plain socket: the request is
     built once and each post is one `sendall`, so that on a machine of few cores the senders take
-    little of the CPU the router needs (clients of a real router run on other machines)."""
+    little of the CPU the router needs (clients of a real router run on other machines, so the senders
+    also run at the lowest priority: they take what is left)."""
+    os.nice(SENDER_NICENESS)
     host, port = url.removeprefix("http://").rsplit(":", 1)
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
@@ -159,7 +167,42 @@ def send(url: str, body: bytes, stop: Any, posted: Any) -> None:
             posted.value += 1
 
 
-def phase(url: str, model: str, requests: int, senders: int, body: bytes) -> dict[str, float]:
+def sink(listener: socket.socket) -> None:
+    """One process of the control phase's sink: reads each body and prepares it as a parser process
+    would (`schemas.prepare_body`, at the parser processes' niceness), then answers 400, outside
+    the router. What the other client's TTFT loses to it is what sharing the machine's cores with
+    the same work costs, with the router's event loop kept out of it."""
+    os.nice(NICENESS)
+    while True:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as request:
+            length = 0
+            while (line := request.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            raw = request.read(length)
+            kind = "chat" if b'"messages"' in raw[:200] else "completion"
+            with contextlib.suppress(APIError):  # refused: what the router answers too
+                prepare_body(raw, kind)
+            del raw
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+
+def start_sink(processes: int) -> tuple[str, list[multiprocessing.process.BaseProcess]]:
+    """The control phase's sink: as many processes as the router has parser processes, on one
+    listening socket (forked before any of this process's threads run a body)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=sink, args=(listener,), daemon=True) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    return url, workers
+
+
+def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: str | None = None) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     posted = context.Value("i", 0)
@@ -174,15 +217,18 @@ def phase(url: str, model: str, requests: int, senders: int, body: bytes) -> dic
                 health.append(time.perf_counter() - started)
                 time.sleep(0.02)
 
-    processes = [context.Process(target=send, args=(url, body, stop, posted), daemon=True) for _ in range(senders)]
+    processes = [context.Process(target=send, args=(to or url, body, stop, posted), daemon=True)
+                 for _ in range(senders)]
     for proc in processes:
         proc.start()
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    if senders:
-        time.sleep(2.0)  # the bodies are arriving
     times: list[float] = []
     with httpx.Client(base_url=url, timeout=300) as client:
+        # in every phase alike: the bodies are arriving, and both clients are made (an httpx client's
+        # start holds this process's GIL for tens of milliseconds)
+        time.sleep(2.0)
+        health.clear()
         for _ in range(requests):
             times.append(ttft(client, model))
     stop.set()
@@ -208,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--to", choices=("served", "unknown"), default="served",
                         help="the model the big bodies name: the hot one (default; a long body is then refused "
                              "by its engine for the context, from its byte length) or one not served (404)")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the control phase: the same senders post the same bodies to a sink that "
+                             "parses them as the parser processes do, outside the router (default: on)")
     parser.add_argument("--parse-costs", action="store_true",
                         help="only time the router's own parse of the costliest bodies that pass the default bounds")
     args = parser.parse_args(argv)
@@ -228,8 +277,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             body = big_body(args.shape, name if args.to == "served" else "not-served")
             with httpx.Client(base_url=url, timeout=300) as client:
-                ttft(client, name)  # the model is hot before anything is measured
+                for _ in range(WARMUP_REQUESTS):  # hot, its batching started, its tokenizer loaded
+                    ttft(client, name)
             quiet = phase(url, name, args.requests, 0, b"")
+            control = None
+            if args.control:
+                sink_url, sinks = start_sink(PARSER_PROCESSES)
+                try:
+                    control = phase(url, name, args.requests, args.senders, body, to=sink_url)
+                finally:
+                    for worker in sinks:
+                        worker.kill()
             loaded = phase(url, name, args.requests, args.senders, body)
         finally:
             proc.terminate()
@@ -240,14 +298,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               "big_bodies": loaded,
               "ttft_p50_ratio": loaded["ttft_p50_s"] / quiet["ttft_p50_s"],
               "ttft_p99_ratio": loaded["ttft_p99_s"] / quiet["ttft_p99_s"]}
+    if control is not None:
+        result.update(control=control, ttft_p50_ratio_to_control=loaded["ttft_p50_s"] / control["ttft_p50_s"],
+                      ttft_p99_ratio_to_control=loaded["ttft_p99_s"] / control["ttft_p99_s"])
     fate = ("refused by the parser processes" if args.shape == "tiny" and not args.accept_all
             else "prepared by the parser processes, then refused by the router or the engine")
     print(f"body {len(body) / 1e6:.1f} MB ({args.shape}) x {args.senders} senders "
           f"({loaded['big_bodies_answered']} answered, {fate})")
-    for label, row in (("quiet", quiet), ("big bodies", loaded)):
+    rows = [("quiet", quiet), *([("control", control)] if control is not None else []), ("big bodies", loaded)]
+    for label, row in rows:
         print(f"  {label:<11} TTFT p50 {row['ttft_p50_s'] * 1e3:7.1f} ms  p99 {row['ttft_p99_s'] * 1e3:7.1f} ms  "
               f"/health max {row['health_max_s'] * 1e3:7.1f} ms")
-    print(f"  ratio       p50 {result['ttft_p50_ratio']:.2f}  p99 {result['ttft_p99_ratio']:.2f}")
+    print(f"  big bodies / quiet    p50 {result['ttft_p50_ratio']:.2f}  p99 {result['ttft_p99_ratio']:.2f}")
+    if control is not None:
+        print(f"  big bodies / control  p50 {result['ttft_p50_ratio_to_control']:.2f}  "
+              f"p99 {result['ttft_p99_ratio_to_control']:.2f}   (1.0: the router adds nothing to sharing the cores)")
     print(json.dumps(result))
     return 0
 

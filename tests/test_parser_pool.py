@@ -142,9 +142,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_left_costs_no_
 
 HOLDER = textwrap.dedent("""
     import asyncio, json, sys
-    from clearml_umem.engines.prompt_check import PromptBound
-from clearml_umem.router.parser_pool import ParserPool
-from clearml_umem.router.parser_wire import encode_bounds
+    from clearml_umem.router.parser_pool import ParserPool
 
     async def main():
         pool = ParserPool(processes=2)

@@ -7,6 +7,7 @@ closes them: /health and a real OpenAI client keep being answered, and the log s
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import selectors
 import socket
@@ -173,3 +174,78 @@ def test_a_thousand_slow_connections_do_not_lock_clients_out(router) -> None:
     lines = router.log[before:]
     assert len(lines) < 20, lines[:40]
     assert not any("Traceback" in line for line in lines), lines[:40]
+
+
+# -- big bodies are read by a thread, not by the event loop (router/body_handoff.py) ------------------
+
+
+def _big_chat(filler: int = 200_000) -> bytes:
+    """A chat body over 64 KiB that fits the model: a long `user` field pads it."""
+    return json.dumps({"model": "tiny-llama", "messages": CHAT, "max_tokens": 2, "temperature": 0,
+                       "user": "u" * filler}).encode()
+
+
+def _head(body: bytes, *extra: str) -> bytes:
+    lines = ["POST /v1/chat/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _answer(sock: socket.socket, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    sock.settimeout(timeout)
+    with sock.makefile("rb") as stream:
+        status = int(stream.readline().split()[1])
+        headers: dict[str, str] = {}
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, stream.read(int(headers.get("content-length", "0")))
+
+
+def test_a_big_body_sent_slowly_is_answered_and_the_connection_then_closes(router) -> None:
+    """Sent in pieces with pauses shorter than the body timeout (2 s here), a big body is read to its
+    end and answered as a small one; the connection closes after the answer (the router never
+    read the body itself, so it does not parse what follows as a next request)."""
+    small = httpx.post(router.url + "/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT,
+                                                                  "max_tokens": 2, "temperature": 0}, timeout=120)
+    assert small.status_code == 200, small.text
+    body = _big_chat()
+    with _connect(router) as sock:
+        sock.sendall(_head(body) + body[:1000])
+        for start in range(1000, len(body), 50_000):
+            time.sleep(0.3)
+            sock.sendall(body[start:start + 50_000])
+        status, headers, answer = _answer(sock)
+        assert status == 200, answer
+        assert headers.get("connection") == "close"
+        assert json.loads(answer)["choices"][0]["message"] == small.json()["choices"][0]["message"]
+        assert _closed_by_server(sock, 10) == b""
+
+
+def test_a_big_body_that_stops_gets_a_408_and_one_whose_client_leaves_costs_nothing(router) -> None:
+    body = _big_chat()
+    with _connect(router) as stalled:
+        stalled.sendall(_head(body) + body[:len(body) // 2])
+        started = time.monotonic()
+        status, _, answer = _answer(stalled, timeout=30)
+        assert status == 408 and json.loads(answer)["error"]["code"] == "request_timeout", answer
+        assert time.monotonic() - started < 20  # the body timeout is 2 s
+    for _ in range(8):  # more clients that leave mid-body than a parser process would take
+        with _connect(router) as leaver:
+            leaver.sendall(_head(body) + body[:len(body) // 3])
+    resp = httpx.post(router.url + "/v1/chat/completions", content=body,
+                      headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert httpx.get(router.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_big_body_that_expects_100_continue_gets_it(router) -> None:
+    """curl sends `Expect: 100-continue` before a body over 1 MB and waits for the go-ahead."""
+    body = _big_chat(1_200_000)
+    with _connect(router) as sock:
+        sock.sendall(_head(body, "Expect: 100-continue"))
+        sock.settimeout(10)
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        status, _, answer = _answer(sock)
+        assert status == 200, answer

@@ -26,11 +26,12 @@ from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
 from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.log_setup import UVICORN_LOGGING
+from clearml_umem.long_lived import freeze_after_moves
 from clearml_umem.memory import Budgets, detect_budgets, resolve_device
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
 from clearml_umem.policy import make_policy
-from clearml_umem.router.app import create_app
+from clearml_umem.router.app import create_app, handoff_routes
 from clearml_umem.router.browser_guard import HostNames
 from clearml_umem.router.connections import (
     ConnectionGate,
@@ -193,15 +194,18 @@ class UnifiedMemoryServer:
             if self.config.grpc_port is not None:
                 await self._start_grpc(host)
             # what start-up built (libraries, the catalog) lives as long as the process: frozen, a
-            # full collection no longer walks it, and no full collection stalls requests for long
+            # full collection no longer walks it, and no full collection stalls requests for long;
+            # so is what each move built (`long_lived.py`)
             gc.freeze()
+            self.runtime.bus.subscribe(freeze_after_moves)
             log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url, self.grpc_address))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
             quiet_accept_errors(self._loop)
             # uvicorn cancels what still runs this long after the stop: the drain ends it cleanly first
             uv_config = uvicorn.Config(self.app, **UVICORN_LOGGING, lifespan="off",  # type: ignore[arg-type]
-                                       http=limited_protocol(self.limits, gate),
+                                       http=limited_protocol(self.limits, gate, handoff=handoff_routes(
+                                           self.config.max_request_body, self.limits.body_timeout_s)),
                                        timeout_keep_alive=self.limits.idle_timeout_s,
                                        timeout_graceful_shutdown=self.config.shutdown_grace + STOP_MARGIN_S)
             self._uvicorn = _Server(uv_config, on_stop=self._on_stop)

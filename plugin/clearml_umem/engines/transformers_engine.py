@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import importlib.util
 import json
 import logging
@@ -89,6 +88,7 @@ from clearml_umem.engines.weight_store import (
     plan_reads,
     safetensors_header,
 )
+from clearml_umem.long_lived import collect_everything
 from clearml_umem.spec import ModelSpec, context_length_from_config, read_hf_config
 from clearml_umem.tiers import ALL_TIERS, Tier
 
@@ -917,7 +917,7 @@ class TransformersEngine:
         self._tokenizer = None
         self._params = {}
         self._device_flat = None
-        gc.collect()
+        collect_everything()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return 0

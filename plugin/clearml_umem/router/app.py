@@ -32,6 +32,7 @@ from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
 from clearml_umem.router.access_log import AccessRecord
 from clearml_umem.router.answer import ToolCallJoin, chat_logprobs, chat_message, completion_logprobs
+from clearml_umem.router.body_handoff import BODY_IO, Body, BodyHandoff, HandoffRoutes, handoff_of, read_rest
 from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
 from clearml_umem.router.disconnect import ClientGone, until_disconnect
 from clearml_umem.router.drain import Drain, GraceOver
@@ -183,7 +184,9 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
 
     # the last added runs first: HEAD becomes GET, then browsers are checked, then keys, then the
     # inference routes are answered
-    app.add_middleware(FastRoutes, routes={"/v1/completions": completions, "/v1/chat/completions": chat_completions})
+    routes = {"/v1/completions": completions, "/v1/chat/completions": chat_completions}
+    assert set(routes) == INFERENCE_PATHS
+    app.add_middleware(FastRoutes, routes=routes)
     if api_key or admin_key:
         app.add_middleware(BearerAuth, api_key=api_key, admin_key=admin_key)
     app.add_middleware(BrowserGuard, hosts=hosts, page_paths=PUBLIC_PATHS)
@@ -335,7 +338,26 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_request_body(request: Request, raw: bytes, kind: BodyKind, options: _ServeOptions,
+async def read_handed_off(handoff: BodyHandoff) -> Body:
+    """A body the connection left in its socket (`body_handoff.py`), read by a thread; the
+    connection reads its socket again once it has been."""
+    try:
+        if handoff.complete:
+            return bytes(handoff.head[:handoff.length])
+        return await asyncio.get_running_loop().run_in_executor(BODY_IO, read_rest, handoff)
+    finally:
+        handoff.release()
+
+
+INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def handoff_routes(max_body_bytes: int, read_timeout_s: float) -> HandoffRoutes:
+    """The requests whose big bodies the connection leaves for a reading thread (`body_handoff.py`)."""
+    return HandoffRoutes(INFERENCE_PATHS, INLINE_PARSE_BYTES, max_body_bytes, read_timeout_s)
+
+
+async def parse_request_body(request: Request, raw: Body, kind: BodyKind, options: _ServeOptions,
                              runtime: ServingRuntime) -> PreparedBody:
     """A body as far as it goes without its model: a small one parsed on the event loop (its
     validation comes after the model's defaults); a big one parsed and validated as sent in a parser
@@ -393,7 +415,11 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
 async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions,
                   access: AccessRecord) -> Response:
     arrived = time.monotonic()
-    raw = await read_body(request, options.max_body_bytes)
+    handoff = handoff_of(request.scope)
+    try:
+        raw = await read_body(request, options.max_body_bytes) if handoff is None else await read_handed_off(handoff)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
     try:

@@ -40,6 +40,8 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from clearml_umem.router.body_handoff import SCOPE_KEY, BodyHandoff, HandoffRoutes
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -175,6 +177,13 @@ class CoalescedWrites:
         self._loop = loop
         self._pending: list[bytes] = []
         self._size = 0
+        self.reading_held = False
+        """While a parser process reads the body from the socket (`body_handoff.py`), nothing
+        resumes reading it here (uvicorn would, on the handler's first `receive()`)."""
+
+    def resume_reading(self) -> None:
+        if not self.reading_held:
+            self._transport.resume_reading()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -216,14 +225,18 @@ class CoalescedWrites:
 
 
 def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = None,
-                     base: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:
+                     base: type[asyncio.Protocol] | None = None,
+                     handoff: HandoffRoutes | None = None) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (`base`, default `http_protocol_base()`: both of uvicorn's have the
     request cycle, flow control and keep-alive timer this relies on) with `limits`; pass it as
-    `uvicorn.Config(http=...)`. `gate`, when the listener is a `GatedListener`, is told of each close."""
+    `uvicorn.Config(http=...)`. `gate`, when the listener is a `GatedListener`, is told of each close.
+    With `handoff`, the bodies it wants are left in the socket for a parser process
+    (`body_handoff.py`; httptools only: h11's parser reads bodies itself)."""
     cap = limits.resolved_max_connections()
     refusals = RateLimitedLog(log)
     replacements = RateLimitedLog(log)
     parent: Any = base or http_protocol_base()
+    routes = handoff if hasattr(parent, "on_headers_complete") else None
 
     class LimitedProtocol(parent):  # type: ignore[misc,valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -234,6 +247,7 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             self._seen_cycle: Any = None
             self._header_timer: asyncio.TimerHandle | None = None
             self._body_timer: asyncio.TimerHandle | None = None
+            self._handoff: BodyHandoff | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
@@ -294,6 +308,38 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
                     f"The request line and headers exceed {MAX_HEADER_BYTES} bytes.", "headers_too_large"))
                 self._close()
 
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            cycle = self.cycle
+            if routes is None or cycle is None or self.pipeline or cycle.response_complete:
+                return
+            length = routes.wants(self.scope["method"], self.scope.get("path", ""), self.scope["headers"])
+            sock = self.transport.get_extra_info("socket") if length is not None else None
+            if length is None or sock is None:
+                return
+            self._handoff = BodyHandoff(length, routes.read_timeout_s, sock, release=self._release_handoff)
+            self.scope.setdefault("extensions", {})[SCOPE_KEY] = self._handoff  # the cycle's scope
+            cycle.keep_alive = False
+            self.transport.reading_held = True
+            self.flow.pause_reading()
+            if cycle.waiting_for_100_continue:
+                # curl asks before sending a body over 1 MB: the parser process is the one waiting for it
+                cycle.waiting_for_100_continue = False
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+        def on_body(self, body: bytes) -> None:
+            if self._handoff is None:
+                super().on_body(body)
+            elif self.transport.reading_held:
+                self._handoff.head += body  # came with the headers: passed on with the socket
+            # else: bytes past the body a parser process read, on a connection that closes after its answer
+
+        def _release_handoff(self) -> None:
+            if self.transport.reading_held:
+                self.transport.reading_held = False
+                if not self.transport.is_closing():
+                    self.flow.resume_reading()
+
         def on_response_complete(self) -> None:
             if isinstance(self.transport, CoalescedWrites):
                 self.transport.flush()  # a whole answer leaves now, before the handler's cleanup runs
@@ -317,7 +363,8 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             if self._body_timer is not None:
                 self._body_timer.cancel()
                 self._body_timer = None
-            if cycle is not None and cycle.more_body and not cycle.response_complete and not cycle.disconnected:
+            if cycle is not None and cycle.more_body and not cycle.response_complete and not cycle.disconnected \
+                    and self._handoff is None:  # a handed-off body is timed by the parser process reading it
                 self._body_timer = self.loop.call_later(limits.body_timeout_s, self._on_body_timeout)
 
         def _on_header_timeout(self) -> None:

@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clearml_umem.router.body_handoff import BODY_IO, Body, write_all
 from clearml_umem.router.errors import UNAVAILABLE, APIError
 from clearml_umem.router.parser_wire import ANSWER, FAILED, HEADER, KINDS, PREPARED, REFUSED, BodyKind
 
@@ -72,7 +73,7 @@ class _Answer:
 
 @dataclass(eq=False)
 class _Job:
-    raw: bytes | None
+    raw: Body | None
     kind: BodyKind
     max_messages: int
     bounds: bytes
@@ -104,7 +105,7 @@ class ParserPool:
     _live: set[_Job] = field(default_factory=set, repr=False)
     _slots: list[_Slot] = field(default_factory=list, repr=False)
 
-    async def prepare(self, raw: bytes, kind: BodyKind, max_messages: int, bounds: bytes = b"{}") -> bytes:
+    async def prepare(self, raw: Body, kind: BodyKind, max_messages: int, bounds: bytes = b"{}") -> bytes:
         """The prepared body, pickled (`schemas.PreparedBody`, for `pickle.loads`); raises the
         client's 4xx (a prompt longer than its model's `bounds` allow among them: `parser_wire.
         encode_bounds`), or a 503 when the pool is full or the parser process failed. Cancelled (the
@@ -169,7 +170,7 @@ class ParserPool:
             if not job.verdict.done():
                 job.verdict.set_result(verdict)
 
-    async def _verdict(self, slot: _Slot, raw: bytes, job: _Job) -> _Answer:
+    async def _verdict(self, slot: _Slot, raw: Body, job: _Job) -> _Answer:
         """The parser process's answer; a process found dead is replaced and asked again, once."""
         for attempt in (1, 2):
             try:
@@ -183,15 +184,20 @@ class ParserPool:
                     return _Answer(FAILED, f"{type(exc).__name__}: {exc}".encode())
         raise AssertionError("unreachable")
 
-    async def _ask(self, slot: _Slot, raw: bytes, job: _Job) -> _Answer:
+    async def _ask(self, slot: _Slot, raw: Body, job: _Job) -> _Answer:
         proc = slot.proc
         if proc is None or proc.returncode is not None:
             proc = slot.proc = await _spawn()
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(HEADER.pack(len(raw), KINDS.index(job.kind), job.max_messages, len(job.bounds)))
-        proc.stdin.write(job.bounds)
-        proc.stdin.write(raw)
-        await proc.stdin.drain()
+        header = HEADER.pack(len(raw), KINDS.index(job.kind), job.max_messages, len(job.bounds))
+        pipe = proc.stdin.get_extra_info("pipe")
+        if pipe is None:
+            proc.stdin.write(header + job.bounds)
+            proc.stdin.write(memoryview(raw))
+            await proc.stdin.drain()
+        else:  # megabytes: written by a thread, never copied on the event loop (`body_handoff.py`)
+            await asyncio.get_running_loop().run_in_executor(BODY_IO, write_all, pipe.fileno(),
+                                                             (header, job.bounds, raw), self.timeout_s)
         try:
             outcome, length = ANSWER.unpack(await proc.stdout.readexactly(ANSWER.size))
             payload = await proc.stdout.readexactly(length)

@@ -1,0 +1,156 @@
+"""A big request body read by a thread, straight from the client's socket, never by the event loop.
+
+Parsing in parser processes took the parse off the event loop, but the bytes still crossed it: an
+8 MB body was some forty 256 KiB reads, as many pauses and resumes of the socket (uvicorn holds
+64 KiB at most), an 8 MB join and an 8 MB write into a parser process's pipe in 1 MiB pieces, each
+a slice of the loop that other clients' requests and the generation thread waited behind
+(`benchmarks/big_bodies.py`: another client's p99 TTFT was 1.6-2.4 times what the same bodies cost
+it when posted to another process). So when a request for an inference route declares a body
+bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's protocol stops
+reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
+a thread then reads the rest into one buffer with blocking reads that release the GIL
+(`read_rest`), and the parser pool writes it to a parser process the same way (`write_all`).
+A slow sender holds one of those threads, not the loop nor a parser process.
+
+What that changes for the connection, as nginx does for a request whose body it did not read
+ahead: it closes after its answer (`Connection: close`). A client that leaves while its body is
+read is seen by the thread (the end of the stream); one that stops sending is cut after the body
+timeout between reads (`--body-timeout`) with a 408. Once the body was read, the loop reads the
+socket again, so a client that leaves during generation is noticed as any other.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import mmap
+import os
+import select
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clearml_umem.router.disconnect import ClientGone
+from clearml_umem.router.errors import APIError
+
+BODY_IO_THREADS = 64
+"""Big bodies read or written at once; a thread waiting in poll on a slow sender costs only its
+stack, and one more waits for a free thread while its sender waits on TCP's window."""
+
+BODY_IO = concurrent.futures.ThreadPoolExecutor(max_workers=BODY_IO_THREADS, thread_name_prefix="umem-body-io")
+
+Body = bytes | mmap.mmap
+"""A request body as the router holds it: a big one read from its socket by a thread is a mapping."""
+
+SCOPE_KEY = "umem.body_handoff"
+"""Where the ASGI scope's `extensions` hold a request's `BodyHandoff`."""
+
+
+@dataclass(frozen=True)
+class HandoffRoutes:
+    """Which requests' bodies are handed off: POSTs to `paths`, with a declared length over
+    `min_bytes` and at most `max_bytes` (a bigger one gets its 413 from the router, unread)."""
+
+    paths: frozenset[str]
+    min_bytes: int
+    max_bytes: int
+    read_timeout_s: float
+    """The most a reading thread waits between two reads of the body (`--body-timeout`)."""
+
+    def wants(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> int | None:
+        """The declared body length when this request's body is to be handed off; None otherwise
+        (chunked bodies among them: their length is not known ahead)."""
+        if method != "POST" or path not in self.paths:
+            return None
+        length: int | None = None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                return None
+            if lowered == b"content-length":
+                if not value.isdigit() or length is not None:
+                    return None
+                length = int(value)
+        if length is None or not self.min_bytes < length <= self.max_bytes:
+            return None
+        return length
+
+
+@dataclass(eq=False)
+class BodyHandoff:
+    """A request whose body its connection does not read: `length` bytes declared, `head` of them
+    already received with the headers, the rest waiting in `socket`."""
+
+    length: int
+    read_timeout_s: float
+    socket: Any
+    """The connection's socket (asyncio's `TransportSocket`): its descriptor is what is passed."""
+    head: bytearray = field(default_factory=bytearray)
+    release: Callable[[], None] = lambda: None
+    """Called once the body was read (or will never be): the connection reads its socket again."""
+
+    @property
+    def complete(self) -> bool:
+        """The whole body came with the headers: nothing is left to read from the socket."""
+        return len(self.head) >= self.length
+
+
+def handoff_of(scope: MutableMapping[str, Any]) -> BodyHandoff | None:
+    extensions = scope.get("extensions") or {}
+    handoff = extensions.get(SCOPE_KEY)
+    return handoff if isinstance(handoff, BodyHandoff) else None
+
+
+def body_timeout(seconds: float) -> APIError:
+    return APIError(408, f"The request body stopped arriving: nothing for {seconds:g} s", code="request_timeout")
+
+
+def read_rest(handoff: BodyHandoff) -> mmap.mmap:
+    """The whole body: its head, then the rest read from the socket (non-blocking, as asyncio left
+    it: each read waits in poll, and both release the GIL). Run in a thread. Raises ClientGone at
+    the end of the stream, the 408 of `body_timeout` when nothing came for `read_timeout_s`.
+
+    The buffer is an anonymous mapping, not a bytearray: a bytearray's 8 MB are zeroed while its
+    thread holds the GIL (1.5 ms that the event loop waited for), a mapping's pages by the kernel
+    as the reads fill them."""
+    body = mmap.mmap(-1, handoff.length)
+    have = min(len(handoff.head), handoff.length)
+    body[:have] = handoff.head[:have]
+    view = memoryview(body)
+    fd = handoff.socket.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    timeout_ms = max(1, int(handoff.read_timeout_s * 1000))
+    try:
+        while have < handoff.length:
+            if not poller.poll(timeout_ms):
+                raise body_timeout(handoff.read_timeout_s)
+            try:
+                count = os.readv(fd, [view[have:]])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:  # reset by the client
+                raise ClientGone() from exc
+            if count == 0:
+                raise ClientGone()
+            have += count
+    finally:
+        view.release()
+    return body
+
+
+def write_all(fd: int, pieces: Sequence[Body], timeout_s: float) -> None:
+    """Write every piece to a non-blocking descriptor (a parser process's pipe), waiting in poll
+    when it is full; run in a thread, so that the loop never copies the bytes. Raises TimeoutError
+    when the reader took nothing for `timeout_s`, BrokenPipeError when it is gone."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    timeout_ms = max(1, int(timeout_s * 1000))
+    for piece in pieces:
+        with memoryview(piece) as view:
+            done = 0
+            while done < len(view):
+                try:
+                    done += os.write(fd, view[done:])
+                except (BlockingIOError, InterruptedError):
+                    if not poller.poll(timeout_ms):
+                        raise TimeoutError("the parser process took nothing") from None
