@@ -1,15 +1,20 @@
 """Another client's time to first token while big request bodies arrive, against a real router.
 
 A streaming client asks a hot tiny model for a few tokens, one request after another, and its
-TTFT is measured twice in one run: alone, then while `--senders` processes keep posting big chat
-bodies (for the same model, or with `--to unknown` for one not served). `--shape tiny` (the
-default): ~6.8 MB of 200,000 one-character messages, which the router's parser processes refuse
-(400: more messages than `--max-messages` allows); with `--accept-all` the router is started to
-take that many (`--max-messages 200000`), so each is prepared in full and unpickled by the router.
-`--shape long`: ~8 MB of 10,000 messages of 800 characters, valid on the default settings: each is
-parsed and validated in a parser process, unpickled by the router, and refused by the model's
-engine from its byte length (longer than the context; 404 with `--to unknown`). Reported: p50 and
-p99 TTFT of each phase and their ratios (1.0 = big bodies cost other clients nothing), the worst
+TTFT is measured three times in one run: alone (quiet); while `--senders` processes keep posting
+big chat bodies to a sink outside the router that parses each as a parser process would (control:
+what sharing the machine's cores with that work costs, the router kept out of it); and while they
+post the same bodies to the router (big bodies). The senders stand for clients on other machines:
+plain sockets, each request built once, at the lowest CPU priority.
+
+`--shape tiny` (the default): ~6.8 MB of 200,000 one-character messages, which the router's parser
+processes refuse (400: more messages than `--max-messages` allows); with `--accept-all` the router
+is started to take that many (`--max-messages 200000`), so each is prepared in full and unpickled
+by the router. `--shape long`: ~8 MB of 10,000 messages of 800 characters, valid on the default
+settings: each is parsed and validated in a parser process and refused there, from its byte length,
+as longer than the model's context (404 with `--to unknown`, after the router unpickled it).
+Reported: p50 and p99 TTFT of each phase and the ratios of the big-bodies phase to the quiet one
+and to the control (1.0 = the router adds nothing to what the same work elsewhere costs), the worst
 /health latency of each phase, and (`--parse-costs`) what the costliest bodies that pass the
 default bounds cost a parser process and the router, measured in this process.
 

@@ -203,7 +203,9 @@ def test_requests_with_options_take_the_per_request_path_beside_the_batch(
                                     collect(batched, unseeded))
 
     answers = asyncio.run(mixed())
-    assert answers[2][1].completion_tokens == 6
+    unseeded_end = answers[2][1]  # sampled without a seed: it may draw the end-of-text token early
+    assert (unseeded_end.completion_tokens, unseeded_end.finish_reason) == (6, "length") \
+        or (1 <= unseeded_end.completion_tokens < 6 and unseeded_end.finish_reason == "stop"), unseeded_end
     assert batched.batcher.steps == before, "a request with options went through the batch"
     assert answers[0][0] == asyncio.run(collect(solo, sampled))[0], "a seed reproduces its answer"
     text, deltas = answers[1]

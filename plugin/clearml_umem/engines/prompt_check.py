@@ -68,7 +68,7 @@ def refuse_if_cannot_fit(name: str, bound: PromptBound, text_bytes: int, max_tok
     at_least = bound.tokens_at_least(text_bytes)
     if at_least + max_tokens > bound.context_length:
         raise InvalidRequest(
-            f"model {name!r} has a context length of {bound.context_length} tokens; the prompt has at least "
+            f"model {name!r} is served with a context of {bound.context_length} tokens; the prompt has at least "
             f"{at_least} tokens and the request asks for max_tokens={max_tokens}. Shorten the prompt "
             f"or lower max_tokens.", param=param, code="context_length_exceeded")
 

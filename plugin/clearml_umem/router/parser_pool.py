@@ -9,9 +9,13 @@ that (`schemas.prepare_body`) and answers with the prepared body, pickled, or th
 The router only unpickles it (one call, a few milliseconds for 8 MB, in its parser thread) and
 validates the few settings that depend on the model's defaults.
 
-The processes are started at the first big body, fed through pipes by one task each (so that the
-event loop only moves bytes), and end with the router: they read EOF when it exits, die with it
-through PR_SET_PDEATHSIG when it is killed, and are closed by `close()` on a clean stop.
+With each body go the prompt bounds of the models served (`parser_wire.encode_bounds`), so that a
+prompt that cannot fit its model is refused there too: then only a small error comes back.
+
+The processes are started at the first big body, fed through pipes by one task each (the bytes
+themselves written by a thread: `body_handoff.write_all`), and end with the router: they read
+EOF when it exits, die with it through PR_SET_PDEATHSIG when it is killed, and are closed by
+`close()` on a clean stop.
 """
 
 from __future__ import annotations
