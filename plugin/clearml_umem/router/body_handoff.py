@@ -22,9 +22,15 @@ socket again, so a client that leaves during generation is noticed as any other.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import fcntl
 import mmap
 import os
 import select
+import socket
+import struct
+import termios
+import time
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +117,9 @@ def read_rest(handoff: BodyHandoff) -> mmap.mmap:
 
     The buffer is an anonymous mapping, not a bytearray: a bytearray's 8 MB are zeroed while its
     thread holds the GIL (1.5 ms that the event loop waited for), a mapping's pages by the kernel
-    as the reads fill them."""
+    as the reads fill them. And the thread wakes for `WAKE_BYTES` at a time (SO_RCVLOWAT), not for
+    each 64 KiB segment: each wake-up takes the GIL, and with the generation thread running, a
+    thread waiting for it delays the event loop's next turn too."""
     body = mmap.mmap(-1, handoff.length)
     have = min(len(handoff.head), handoff.length)
     body[:have] = handoff.head[:have]
@@ -119,11 +127,15 @@ def read_rest(handoff: BodyHandoff) -> mmap.mmap:
     fd = handoff.socket.fileno()
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
-    timeout_ms = max(1, int(handoff.read_timeout_s * 1000))
+    last_byte = time.monotonic()
     try:
         while have < handoff.length:
-            if not poller.poll(timeout_ms):
-                raise body_timeout(handoff.read_timeout_s)
+            _wake_for(handoff.socket, min(WAKE_BYTES, handoff.length - have))
+            # not woken: fewer bytes than asked for so far (a slow sender's), which count if there are any
+            if not poller.poll(int(WAKE_CHECK_S * 1000)) and not _waiting_bytes(fd):
+                if time.monotonic() - last_byte >= handoff.read_timeout_s:
+                    raise body_timeout(handoff.read_timeout_s)
+                continue
             try:
                 count = os.readv(fd, [view[have:]])
             except (BlockingIOError, InterruptedError):
@@ -133,9 +145,28 @@ def read_rest(handoff: BodyHandoff) -> mmap.mmap:
             if count == 0:
                 raise ClientGone()
             have += count
+            last_byte = time.monotonic()
     finally:
         view.release()
+        _wake_for(handoff.socket, 1)  # the event loop's reads, from now on
     return body
+
+
+WAKE_BYTES = 1 << 20
+WAKE_CHECK_S = 0.25
+"""How often a reading thread looks for bytes that came in under `WAKE_BYTES` (a slow sender's)."""
+
+
+def _wake_for(sock: Any, count: int) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, count))
+
+
+def _waiting_bytes(fd: int) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 1  # let the read tell
 
 
 def write_all(fd: int, pieces: Sequence[Body], timeout_s: float) -> None:
