@@ -249,3 +249,18 @@ def test_a_big_body_that_expects_100_continue_gets_it(router) -> None:
         sock.sendall(body)
         status, _, answer = _answer(sock)
         assert status == 200, answer
+
+
+def test_a_big_body_answered_unread_passes_through_and_the_connection_stays_usable(router) -> None:
+    """A request refused before its body is needed (a cross-site POST, 403): its answer arrives whole
+    (a socket closed with bytes unread sends a reset, which can take the answer with it), the body
+    passes through unused, and the kept-alive connection takes its next request."""
+    body = _big_chat()
+    with _connect(router) as sock:
+        sock.sendall(_head(body, "Origin: http://attacker.example") + body)
+        status, headers, answer = _answer(sock)
+        assert status == 403, answer
+        assert headers.get("connection") != "close"
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, answer = _answer(sock)
+        assert status == 200 and json.loads(answer)["status"] == "ok", answer

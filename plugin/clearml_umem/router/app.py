@@ -341,12 +341,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_handed_off(handoff: BodyHandoff) -> Body:
     """A body the connection left in its socket (`body_handoff.py`), read by a thread; the
     connection reads its socket again once it has been."""
+    if handoff.complete:
+        handoff.release(False)
+        return bytes(handoff.head[:handoff.length])
+    handoff.taken = True
     try:
-        if handoff.complete:
-            return bytes(handoff.head[:handoff.length])
         return await asyncio.get_running_loop().run_in_executor(BODY_IO, read_rest, handoff)
     finally:
-        handoff.release()
+        handoff.release(True)
 
 
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})

@@ -13,10 +13,11 @@ a thread then reads the rest into one buffer with blocking reads that release th
 A slow sender holds one of those threads, not the loop nor a parser process.
 
 What that changes for the connection, as nginx does for a request whose body it did not read
-ahead: it closes after its answer (`Connection: close`). A client that leaves while its body is
-read is seen by the thread (the end of the stream); one that stops sending is cut after the body
-timeout between reads (`--body-timeout`) with a 408. Once the body was read, the loop reads the
-socket again, so a client that leaves during generation is noticed as any other.
+ahead: once a thread has read its body, it closes after its answer (`Connection: close`). A
+client that leaves while its body is read is seen by the thread (the end of the stream); one that
+stops sending is cut after the body timeout between reads (`--body-timeout`) with a 408. Once the
+body was read, the loop reads the socket again, so a client that leaves during generation is
+noticed as any other.
 """
 
 from __future__ import annotations
@@ -91,8 +92,15 @@ class BodyHandoff:
     socket: Any
     """The connection's socket (asyncio's `TransportSocket`): its descriptor is what is passed."""
     head: bytearray = field(default_factory=bytearray)
-    release: Callable[[], None] = lambda: None
-    """Called once the body was read (or will never be): the connection reads its socket again."""
+    taken: bool = False
+    """A thread reads (or read) the body from the socket: the connection must not read it too."""
+    release: Callable[[bool], None] = lambda taken: None
+    """Called once the body was read from the socket (`taken`: the connection then closes after its
+    answer, its HTTP parser never having seen the body) or, `taken` False, when the body came whole
+    with the headers or the answer went out without it (a 401, a 403): the connection reads its
+    socket again either way, and in the second case the body passes through its parser unused and
+    the connection is kept alive as any other (closed unread, a socket with bytes waiting sends a
+    reset, which can take the answer with it)."""
 
     @property
     def complete(self) -> bool:

@@ -309,6 +309,7 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
                 self._close()
 
         def on_headers_complete(self) -> None:
+            self._handoff = None
             super().on_headers_complete()
             cycle = self.cycle
             if routes is None or cycle is None or self.pipeline or cycle.response_complete:
@@ -319,7 +320,6 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
                 return
             self._handoff = BodyHandoff(length, routes.read_timeout_s, sock, release=self._release_handoff)
             self.scope.setdefault("extensions", {})[SCOPE_KEY] = self._handoff  # the cycle's scope
-            cycle.keep_alive = False
             self.transport.reading_held = True
             self.flow.pause_reading()
             if cycle.waiting_for_100_continue:
@@ -332,22 +332,38 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
                 super().on_body(body)
             elif self.transport.reading_held:
                 self._handoff.head += body  # came with the headers: passed on with the socket
-            # else: bytes past the body a parser process read, on a connection that closes after its answer
+            # else: a body that was not needed, passing through; or bytes past one a thread read
 
-        def _release_handoff(self) -> None:
-            if self.transport.reading_held:
-                self.transport.reading_held = False
-                if not self.transport.is_closing():
-                    self.flow.resume_reading()
+        def _release_handoff(self, taken: bool) -> None:
+            if not self.transport.reading_held:
+                return
+            self.transport.reading_held = False
+            if (taken or (self._handoff is not None and self._handoff.taken)) and self.cycle is not None:
+                self.cycle.keep_alive = False  # the parser never saw that body: nothing after it can be read
+            if not self.transport.is_closing():
+                self.flow.resume_reading()
 
         def on_response_complete(self) -> None:
+            if self._handoff is not None:
+                self._handoff.release(False)  # answered without its body: it passes through unused
             if isinstance(self.transport, CoalescedWrites):
                 self.transport.flush()  # a whole answer leaves now, before the handler's cleanup runs
             super().on_response_complete()
-            if not self.transport.is_closing():
+            cycle = self.cycle
+            if not self.transport.is_closing() and (cycle is None or not cycle.more_body):
                 self._waiting_since = time.monotonic()
                 self._header_bytes = 0
             self._track()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            cycle = self.cycle
+            if cycle is not None and cycle.response_complete and self._waiting_since is None \
+                    and not self.transport.is_closing():
+                # answered before its body was all in (a 401, a 403): the wait for the next request
+                # starts now, and the body's bytes were not its header's
+                self._waiting_since = time.monotonic()
+                self._header_bytes = 0
 
         def _track(self) -> None:
             """After each step of the parser: which wait, if any, the connection is in now."""
@@ -363,8 +379,9 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             if self._body_timer is not None:
                 self._body_timer.cancel()
                 self._body_timer = None
-            if cycle is not None and cycle.more_body and not cycle.response_complete and not cycle.disconnected \
-                    and self._handoff is None:  # a handed-off body is timed by the parser process reading it
+            # a body that a thread reads is timed there; one still arriving after its answer is timed here too
+            taken = self.transport.reading_held or (self._handoff is not None and self._handoff.taken)
+            if cycle is not None and cycle.more_body and not cycle.disconnected and not taken:
                 self._body_timer = self.loop.call_later(limits.body_timeout_s, self._on_body_timeout)
 
         def _on_header_timeout(self) -> None:
