@@ -264,3 +264,8 @@ def test_a_big_body_answered_unread_passes_through_and_the_connection_stays_usab
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status, _, answer = _answer(sock)
         assert status == 200 and json.loads(answer)["status"] == "ok", answer
+    with _connect(router) as silent:  # then silent: closed as idle, as after any answer
+        silent.sendall(_head(body, "Origin: http://attacker.example") + body)
+        status, _, _ = _answer(silent)
+        assert status == 403
+        assert _closed_by_server(silent, 30) == b""

@@ -178,8 +178,8 @@ class CoalescedWrites:
         self._pending: list[bytes] = []
         self._size = 0
         self.reading_held = False
-        """While a parser process reads the body from the socket (`body_handoff.py`), nothing
-        resumes reading it here (uvicorn would, on the handler's first `receive()`)."""
+        """While a thread reads the body from the socket (`body_handoff.py`), nothing resumes
+        reading it here (uvicorn would, on the handler's first `receive()`)."""
 
     def resume_reading(self) -> None:
         if not self.reading_held:
@@ -230,7 +230,7 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
     """uvicorn's HTTP protocol (`base`, default `http_protocol_base()`: both of uvicorn's have the
     request cycle, flow control and keep-alive timer this relies on) with `limits`; pass it as
     `uvicorn.Config(http=...)`. `gate`, when the listener is a `GatedListener`, is told of each close.
-    With `handoff`, the bodies it wants are left in the socket for a parser process
+    With `handoff`, the bodies it wants are left in the socket for a thread to read
     (`body_handoff.py`; httptools only: h11's parser reads bodies itself)."""
     cap = limits.resolved_max_connections()
     refusals = RateLimitedLog(log)
@@ -323,7 +323,7 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             self.transport.reading_held = True
             self.flow.pause_reading()
             if cycle.waiting_for_100_continue:
-                # curl asks before sending a body over 1 MB: the parser process is the one waiting for it
+                # curl asks before sending a body over 1 MB: the reading thread is the one waiting for it
                 cycle.waiting_for_100_continue = False
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -361,9 +361,12 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             if cycle is not None and cycle.response_complete and self._waiting_since is None \
                     and not self.transport.is_closing():
                 # answered before its body was all in (a 401, a 403): the wait for the next request
-                # starts now, and the body's bytes were not its header's
+                # starts now (idle, as after any answer), and the body's bytes were not its header's
                 self._waiting_since = time.monotonic()
                 self._header_bytes = 0
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
 
         def _track(self) -> None:
             """After each step of the parser: which wait, if any, the connection is in now."""
