@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -146,6 +146,16 @@ def p(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def content_length(stream: BinaryIO) -> int:
+    """Read an HTTP message's lines up to the blank one after its headers; its Content-Length."""
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return length
+
+
 def send(url: str, body: bytes, stop: Any, posted: Any) -> None:
     """One sender, in a process of its own (in the measuring process its work on 8 MB bodies would
     hold that process's GIL and show up in the TTFT it measures), on a plain socket: the request is
@@ -160,12 +170,7 @@ def send(url: str, body: bytes, stop: Any, posted: Any) -> None:
         with socket.create_connection((host, int(port)), timeout=300) as sock, sock.makefile("rb") as answer:
             sock.sendall(request)
             status = int(answer.readline().split()[1])
-            length = 0
-            while (line := answer.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            text = answer.read(length)
+            text = answer.read(content_length(answer))
         # 400: refused (its shape, or a prompt longer than the context); 404: a model not served
         assert status in (400, 404), text[:200]
         with posted.get_lock():
@@ -181,12 +186,7 @@ def sink(listener: socket.socket) -> None:
     while True:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as request:
-            length = 0
-            while (line := request.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            raw = request.read(length)
+            raw = request.read(content_length(request))
             kind = "chat" if b'"messages"' in raw[:200] else "completion"
             with contextlib.suppress(APIError):  # refused: what the router answers too
                 prepare_body(raw, kind)
