@@ -26,7 +26,7 @@ from clearml_umem.engines import EngineContext, create_engine
 from clearml_umem.events import EventBus
 from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.log_setup import UVICORN_LOGGING
-from clearml_umem.long_lived import freeze_after_moves
+from clearml_umem.long_lived import FreezeLongLived
 from clearml_umem.memory import Budgets, detect_budgets, resolve_device
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
@@ -195,9 +195,9 @@ class UnifiedMemoryServer:
                 await self._start_grpc(host)
             # what start-up built (libraries, the catalog) lives as long as the process: frozen, a
             # full collection no longer walks it, and no full collection stalls requests for long;
-            # so is what each move built (`long_lived.py`)
+            # so is what each move and the first request after it built (`long_lived.py`)
             gc.freeze()
-            self.runtime.bus.subscribe(freeze_after_moves)
+            self.runtime.bus.subscribe(FreezeLongLived())
             log.info("%s", start_banner(self.config, self.budgets, self.runtime, self.url, self.grpc_address))
             if self.config.catalog_poll_seconds > 0:
                 self._poller = self._start_poller(first, self._loop)
