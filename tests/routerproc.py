@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 
 from clearml_umem.catalog import write_manifest
@@ -139,6 +140,16 @@ def start_room_for_one(models: dict[str, Path], work_dir: Path, *extra: str,
     router = start_router(manifest, work_dir, "--device", "cpu", "--device-budget", str(device_budget),
                           "--host-budget", str(host_budget), *extra, env=env)
     return router, [s.name for s in specs]
+
+
+def big_bodies_counted(url: str) -> dict[str, float]:
+    """The router's `umem_big_request_bodies_total`, by outcome."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("umem_big_request_bodies_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:

@@ -21,7 +21,7 @@ import pytest
 
 from clearml_umem.catalog import write_manifest
 from clearml_umem.spec import spec_from_mapping
-from tests.routerproc import RouterProcess, start_router
+from tests.routerproc import RouterProcess, big_bodies_counted, start_router
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +223,9 @@ def test_a_big_body_sent_slowly_is_answered_and_the_connection_then_closes(route
 
 
 def test_a_big_body_that_stops_gets_a_408_and_one_whose_client_leaves_costs_nothing(router) -> None:
+    """Both counted in /metrics: the stalled body, and each client that left while its body was read."""
     body = _big_chat()
+    before = big_bodies_counted(router.url)
     with _connect(router) as stalled:
         stalled.sendall(_head(body) + body[:len(body) // 2])
         started = time.monotonic()
@@ -233,10 +235,15 @@ def test_a_big_body_that_stops_gets_a_408_and_one_whose_client_leaves_costs_noth
     for _ in range(8):  # more clients that leave mid-body than a parser process would take
         with _connect(router) as leaver:
             leaver.sendall(_head(body) + body[:len(body) // 3])
+            time.sleep(0.2)  # its reading thread is under way
     resp = httpx.post(router.url + "/v1/chat/completions", content=body,
                       headers={"content-type": "application/json"}, timeout=60)
     assert resp.status_code == 200, resp.text
     assert httpx.get(router.url + "/health", timeout=10).status_code == 200
+    after = big_bodies_counted(router.url)
+    assert after.get("stalled", 0) - before.get("stalled", 0) == 1, (before, after)
+    assert after.get("abandoned", 0) - before.get("abandoned", 0) == 8, (before, after)
+    assert after.get("prepared", 0) - before.get("prepared", 0) == 1, (before, after)
 
 
 def test_a_big_body_that_expects_100_continue_gets_it(router) -> None:

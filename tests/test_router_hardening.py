@@ -20,7 +20,7 @@ import pytest
 
 from clearml_umem.catalog import write_manifest
 from clearml_umem.spec import spec_from_mapping
-from tests.routerproc import RouterProcess, start_router
+from tests.routerproc import RouterProcess, big_bodies_counted, start_router
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -185,15 +185,6 @@ def test_a_big_body_prepared_in_a_parser_process_gets_the_same_answer(router) ->
     assert any("clearml_umem.parser_child" in " ".join(c.cmdline()) for c in proc.descendants())
 
 
-def _big_bodies_counted(url: str) -> dict[str, float]:
-    counts: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("umem_big_request_bodies_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = float(line.rsplit(" ", 1)[1])
-    return counts
-
-
 def test_a_prompt_that_cannot_fit_is_refused_by_the_parser_process_and_never_comes_back(router) -> None:
     """An 8 MB conversation that passes every bound of its shape, for a model whose context it cannot
     fit: the parser process refuses it from its byte length (the model's bound, known once its
@@ -203,13 +194,13 @@ def test_a_prompt_that_cannot_fit_is_refused_by_the_parser_process_and_never_com
                timeout=120).raise_for_status()  # its tokenizer is loaded, so its bound is known
     body = _many_messages(MAX_MESSAGES, content="y" * 800)
     assert 8_000_000 < len(body) < 8 * 2**20
-    before = _big_bodies_counted(proc.url)
+    before = big_bodies_counted(proc.url)
     [answer] = _post_all(proc.url, [body])
     assert answer.status_code == 400, answer.text[:300]
     error = answer.json()["error"]
     assert (error["param"], error["code"]) == ("messages", "context_length_exceeded"), error
     assert "at least" in error["message"] and "'tiny-llama'" in error["message"], error["message"]
-    after = _big_bodies_counted(proc.url)
+    after = big_bodies_counted(proc.url)
     assert after.get("refused", 0) - before.get("refused", 0) == 1, (before, after)
     assert after.get("prepared", 0) == before.get("prepared", 0), (before, after)
 

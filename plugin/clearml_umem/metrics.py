@@ -115,7 +115,8 @@ class Metrics:
             "umem_big_request_bodies", "Request bodies over 64 KiB, by what the parser processes made of them: "
             "prepared (passed on to the router), refused (the client's 4xx: a bad field, a prompt that cannot fit "
             "its model's context), busy (503: too many waiting), failed (503: the parser process failed), "
-            "abandoned (the client left first)", ["outcome"], registry=r)
+            "abandoned (the client left first, while its body arrived or was checked), stalled (408: the body "
+            "stopped arriving)", ["outcome"], registry=r)
 
         self._lock = threading.Lock()
         self._ttft_samples: dict[tuple[str, Tier], deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES_KEPT))

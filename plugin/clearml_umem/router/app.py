@@ -366,7 +366,7 @@ async def parse_request_body(request: Request, raw: Body, kind: BodyKind, option
     process, its prompt checked there against its model's context (`Runtime.prompt_bounds`), then
     unpickled in the parser thread. Raises the client's 4xx, a 503 when the parser processes are
     busy, or ClientGone when the client left while its body waited."""
-    if len(raw) <= INLINE_PARSE_BYTES:
+    if isinstance(raw, bytes) and len(raw) <= INLINE_PARSE_BYTES:
         return PreparedBody(parse_body(raw, kind == "chat", options.max_messages))
     bounds = encode_bounds(runtime.prompt_bounds()) if kind != "object" else b"{}"
     prepare = functools.partial(options.parsers.prepare, raw, kind, options.max_messages, bounds)
@@ -421,7 +421,13 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     try:
         raw = await read_body(request, options.max_body_bytes) if handoff is None else await read_handed_off(handoff)
     except ClientGone:
+        if handoff is not None:
+            options.count_big_body("abandoned")
         return Response(status_code=CLIENT_CLOSED)
+    except APIError as error:
+        if handoff is not None and error.status == 408:
+            options.count_big_body("stalled")
+        raise
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
     try:
