@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from clearml_umem.engines.prompt_check import PromptBound
+from clearml_umem.router.body_handoff import SharedBody
 from clearml_umem.router.errors import APIError
 from clearml_umem.router.parser_pool import ParserPool
 from clearml_umem.router.parser_wire import encode_bounds
@@ -168,3 +169,39 @@ def test_parser_processes_end_with_their_parent(sig: signal.Signals) -> None:
     finally:
         holder.kill()
         holder.wait(30)
+
+
+def _descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_body_in_a_memory_file_is_parsed_from_its_pages_and_leaves_no_descriptor_behind() -> None:
+    """A body a thread read from its client's socket (`body_handoff.SharedBody`) goes to the parser
+    process as a descriptor, not through the pipe: prepared and refused as the same bytes would be,
+    and neither process keeps a descriptor or a mapping of it afterwards."""
+    def shared(raw: bytes) -> SharedBody:
+        body = SharedBody(len(raw))
+        os.pwrite(body.fd, raw, 0)
+        return body
+
+    async def run() -> tuple[object, object, int, bool, list[int], list[str]]:
+        pool = ParserPool(processes=1)
+        try:
+            await pool.prepare(FINE, "chat", 10000)  # the process started, its descriptors settled
+            child = pool.pids[0]
+            ours, theirs = _descriptors(os.getpid()), _descriptors(child)
+            for _ in range(20):
+                prepared = await pool.prepare(shared(FINE), "chat", 10000)
+                refused = await asyncio.gather(pool.prepare(shared(BIG), "chat", 10000), return_exceptions=True)
+            grown = [_descriptors(os.getpid()) - ours, _descriptors(child) - theirs]
+            mapped = [m.path for m in psutil.Process(child).memory_maps(grouped=False) if "umem-body" in m.path]
+            return prepared, refused[0], pool.checked, pool.pids[0] == child, grown, mapped
+        finally:
+            await pool.close()
+
+    payload, error, checked, same_process, grown, mapped = asyncio.run(run())
+    assert pickle.loads(payload).messages == [{"role": "user", "content": "x" * 500}] * 200
+    assert isinstance(error, APIError) and error.status == 400 and error.code == "too_many_messages"
+    assert checked == 41 and same_process
+    assert grown == [0, 0], "no descriptor left open in the router nor in the parser process"
+    assert mapped == [], "no body left mapped in the parser process"

@@ -123,7 +123,7 @@ def _measure(data: dict[str, Any]) -> tuple[int, str]:
 def _name_bad_string(raw: bytes) -> None:
     """A 400 naming the field whose text holds a lone surrogate (orjson only gives a position)."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw if isinstance(raw, (bytes, bytearray)) else bytes(raw))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return
     stack: list[tuple[Any, str]] = [(data, "")]

@@ -2,10 +2,12 @@
 validation never hold the router's GIL (`router/parser_pool.py` starts and feeds it;
 `router/schemas.prepare_body` is the work).
 
-Run as `python -m clearml_umem.parser_child PARENT_PID`. It reads bodies from stdin and answers
-each with its outcome (`router/parser_wire.py`: the pickled `PreparedBody`, the client's error,
-or a fault of its own). It ends when stdin closes (the router exited or closed it)
-and, through PR_SET_PDEATHSIG, when the router dies mid-body (kill -9 included).
+Run as `python -m clearml_umem.parser_child PARENT_PID SOCKET_FD`. It reads bodies from stdin,
+or maps the memory file whose descriptor comes on the socket (a body the router read from its
+client's socket: `router/body_handoff.SharedBody`), and answers each with its outcome
+(`router/parser_wire.py`: the pickled `PreparedBody`, the client's error, or a fault of its own).
+It ends when stdin closes (the router exited or closed it) and, through PR_SET_PDEATHSIG, when the
+router dies mid-body (kill -9 included).
 """
 
 from __future__ import annotations
@@ -14,14 +16,26 @@ import contextlib
 import ctypes
 import gc
 import json
+import mmap
 import os
 import pickle
 import signal
+import socket
 import sys
 from typing import BinaryIO
 
 from clearml_umem.router.errors import APIError
-from clearml_umem.router.parser_wire import ANSWER, FAILED, HEADER, KINDS, PREPARED, REFUSED, BodyKind, decode_bounds
+from clearml_umem.router.parser_wire import (
+    ANSWER,
+    FAILED,
+    HEADER,
+    KINDS,
+    PREPARED,
+    REFUSED,
+    SHARED,
+    BodyKind,
+    decode_bounds,
+)
 from clearml_umem.router.schemas import prepare_body
 
 _PR_SET_PDEATHSIG = 1
@@ -39,7 +53,7 @@ def die_with(parent: int) -> None:
         raise SystemExit(0)
 
 
-def answer(raw: bytes, kind: BodyKind, max_messages: int, bounds: bytes = b"{}") -> tuple[int, bytes]:
+def answer(raw: bytes | memoryview, kind: BodyKind, max_messages: int, bounds: bytes = b"{}") -> tuple[int, bytes]:
     try:
         prepared = prepare_body(raw, kind, max_messages, decode_bounds(bounds))
     except APIError as error:
@@ -50,22 +64,61 @@ def answer(raw: bytes, kind: BodyKind, max_messages: int, bounds: bytes = b"{}")
     return PREPARED, pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> None:
+def serve(inp: BinaryIO, out: BinaryIO, side: socket.socket | None = None) -> None:
     while True:
         header = inp.read(HEADER.size)
         if len(header) < HEADER.size:
             return
-        length, kind, max_messages, bounds_length = HEADER.unpack(header)
+        length, kind, carrier, max_messages, bounds_length = HEADER.unpack(header)
         bounds = inp.read(bounds_length)
-        raw = inp.read(length)
-        if len(raw) < length or len(bounds) < bounds_length:
+        if len(bounds) < bounds_length:
             return
-        outcome, payload = answer(raw, KINDS[kind], max_messages, bounds)
-        del raw
+        if carrier == SHARED:
+            if side is None:
+                return
+            mapping = _shared(side, length)
+            if mapping is None:
+                return
+            outcome, payload = answer(memoryview(mapping), KINDS[kind], max_messages, bounds)
+            _unmap(mapping)
+            del mapping
+        else:
+            raw = inp.read(length)
+            if len(raw) < length:
+                return
+            outcome, payload = answer(raw, KINDS[kind], max_messages, bounds)
+            del raw
         out.write(ANSWER.pack(outcome, len(payload)))
         out.write(payload)
         out.flush()
         del payload
+
+
+def _unmap(mapping: mmap.mmap) -> None:
+    """Unmapped now: this process does not collect cycles by itself, and one that still held a view
+    of the body (an exception's traceback) would keep its megabytes until the process ends."""
+    try:
+        mapping.close()
+    except BufferError:
+        gc.collect()
+        with contextlib.suppress(BufferError):
+            mapping.close()
+
+
+def _shared(side: socket.socket, length: int) -> mmap.mmap | None:
+    """The memory file whose descriptor came on `side`, mapped read-only; None when the router is
+    gone or sent something else."""
+    _, fds, _, _ = socket.recv_fds(side, 1, 1)
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return None
+    try:
+        if os.fstat(fds[0]).st_size < length:
+            return None
+        return mmap.mmap(fds[0], length, prot=mmap.PROT_READ)
+    finally:
+        os.close(fds[0])
 
 
 def main(argv: list[str]) -> None:
@@ -76,7 +129,8 @@ def main(argv: list[str]) -> None:
     # a parsed body makes no reference cycles (reference counting frees it), and the collections
     # its hundreds of thousands of objects would trigger only cost time
     gc.disable()
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    side = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
+    serve(sys.stdin.buffer, sys.stdout.buffer, side)
 
 
 if __name__ == "__main__":

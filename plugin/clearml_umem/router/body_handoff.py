@@ -8,8 +8,9 @@ a slice of the loop that other clients' requests and the generation thread waite
 it when posted to another process). So when a request for an inference route declares a body
 bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's protocol stops
 reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
-a thread then reads the rest into one buffer with blocking reads that release the GIL
-(`read_rest`), and the parser pool writes it to a parser process the same way (`write_all`).
+a thread then reads the rest into a memory file (`SharedBody`) with reads that release the GIL
+(`read_rest`), and the parser pool hands the file's descriptor to a parser process, which parses
+the same pages: the body is copied once in the router's process, from its socket, and never again.
 A slow sender holds one of those threads, not the loop nor a parser process.
 
 What that changes for the connection, as nginx does for a request whose body it did not read
@@ -32,6 +33,7 @@ import socket
 import struct
 import termios
 import time
+import weakref
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,8 +47,37 @@ stack, and one more waits for a free thread while its sender waits on TCP's wind
 
 BODY_IO = concurrent.futures.ThreadPoolExecutor(max_workers=BODY_IO_THREADS, thread_name_prefix="umem-body-io")
 
-Body = bytes | mmap.mmap
-"""A request body as the router holds it: a big one read from its socket by a thread is a mapping."""
+class SharedBody:
+    """A body in a memory file (memfd), shared by its descriptor with a parser process
+    (`parser_pool.py`), so that its megabytes are not copied again through a pipe: that copy and
+    the parser process's read of it cost as much CPU as reading the body from its socket. Only
+    the reading thread maps it (`read_rest`): at rest a body holds one descriptor. Its memory goes
+    when this object and the parser process's mapping are both gone."""
+
+    def __init__(self, length: int) -> None:
+        self.fd = os.memfd_create("umem-body", os.MFD_CLOEXEC)
+        self.length = length
+        self._closed = weakref.finalize(self, os.close, self.fd)
+        try:
+            os.ftruncate(self.fd, length)
+        except BaseException:
+            self._closed()
+            raise
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bytes__(self) -> bytes:
+        return os.pread(self.fd, self.length, 0)
+
+    def mapped(self) -> mmap.mmap:
+        """A writable mapping of the whole body; its pages are the kernel's to zero as they are
+        first written, not a thread's holding the GIL (a bytearray's 8 MB took 1.5 ms)."""
+        return mmap.mmap(self.fd, self.length)
+
+
+Body = bytes | SharedBody
+"""A request body as the router holds it: a big one read from its socket by a thread is in a memory file."""
 
 SCOPE_KEY = "umem.body_handoff"
 """Where the ASGI scope's `extensions` hold a request's `BodyHandoff`."""
@@ -118,20 +149,19 @@ def body_timeout(seconds: float) -> APIError:
     return APIError(408, f"The request body stopped arriving: nothing for {seconds:g} s", code="request_timeout")
 
 
-def read_rest(handoff: BodyHandoff) -> mmap.mmap:
+def read_rest(handoff: BodyHandoff) -> SharedBody:
     """The whole body: its head, then the rest read from the socket (non-blocking, as asyncio left
     it: each read waits in poll, and both release the GIL). Run in a thread. Raises ClientGone at
     the end of the stream, the 408 of `body_timeout` when nothing came for `read_timeout_s`.
 
-    The buffer is an anonymous mapping, not a bytearray: a bytearray's 8 MB are zeroed while its
-    thread holds the GIL (1.5 ms that the event loop waited for), a mapping's pages by the kernel
-    as the reads fill them. And the thread wakes for `WAKE_BYTES` at a time (SO_RCVLOWAT), not for
-    each 64 KiB segment: each wake-up takes the GIL, and with the generation thread running, a
-    thread waiting for it delays the event loop's next turn too."""
-    body = mmap.mmap(-1, handoff.length)
+    The thread wakes for `WAKE_BYTES` at a time (SO_RCVLOWAT), not for each 64 KiB segment: each
+    wake-up takes the GIL, and with the generation thread running, a thread waiting for it delays
+    the event loop's next turn too."""
+    body = SharedBody(handoff.length)
+    mapping = body.mapped()
     have = min(len(handoff.head), handoff.length)
-    body[:have] = handoff.head[:have]
-    view = memoryview(body)
+    mapping[:have] = handoff.head[:have]
+    view = memoryview(mapping)
     fd = handoff.socket.fileno()
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
@@ -156,6 +186,7 @@ def read_rest(handoff: BodyHandoff) -> mmap.mmap:
             last_byte = time.monotonic()
     finally:
         view.release()
+        mapping.close()
         _wake_for(handoff.socket, 1)  # the event loop's reads, from now on
     return body
 
@@ -177,9 +208,10 @@ def _waiting_bytes(fd: int) -> int:
         return 1  # let the read tell
 
 
-def write_all(fd: int, pieces: Sequence[Body], timeout_s: float) -> None:
-    """Write every piece to a non-blocking descriptor (a parser process's pipe), waiting in poll
-    when it is full; run in a thread, so that the loop never copies the bytes. Raises TimeoutError
+def write_all(fd: int, pieces: Sequence[bytes], timeout_s: float) -> None:
+    """Write every piece to a non-blocking descriptor (a parser process's pipe: a big body read on
+    the loop, a Triton request's), waiting in poll when it is full; run in a thread, so that the
+    loop never copies the bytes. Raises TimeoutError
     when the reader took nothing for `timeout_s`, BrokenPipeError when it is gone."""
     poller = select.poll()
     poller.register(fd, select.POLLOUT)

@@ -12,8 +12,10 @@ validates the few settings that depend on the model's defaults.
 With each body go the prompt bounds of the models served (`parser_wire.encode_bounds`), so that a
 prompt that cannot fit its model is refused there too: then only a small error comes back.
 
-The processes are started at the first big body, fed through pipes by one task each (the bytes
-themselves written by a thread: `body_handoff.write_all`), and end with the router: they read
+The processes are started at the first big body, fed through pipes by one task each. A body read
+from its socket by a thread is in a memory file (`body_handoff.SharedBody`): its descriptor goes to
+the parser process over a Unix socket of its own, and the process parses the same pages. Any other
+body's bytes are written to the pipe by a thread (`body_handoff.write_all`). They end with the router: they read
 EOF when it exits, die with it through PR_SET_PDEATHSIG when it is killed, and are closed by
 `close()` on a clean stop.
 """
@@ -26,13 +28,24 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clearml_umem.router.body_handoff import BODY_IO, Body, write_all
+from clearml_umem.router.body_handoff import BODY_IO, Body, SharedBody, write_all
 from clearml_umem.router.errors import UNAVAILABLE, APIError
-from clearml_umem.router.parser_wire import ANSWER, FAILED, HEADER, KINDS, PREPARED, REFUSED, BodyKind
+from clearml_umem.router.parser_wire import (
+    ANSWER,
+    FAILED,
+    HEADER,
+    KINDS,
+    PIPED,
+    PREPARED,
+    REFUSED,
+    SHARED,
+    BodyKind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +99,10 @@ class _Job:
 
 @dataclass(eq=False)
 class _Slot:
-    """One parser process and the task that feeds it."""
+    """One parser process, the socket its shared bodies' descriptors go through, and the task that feeds it."""
 
     proc: asyncio.subprocess.Process | None = None
+    side: socket.socket | None = None
     task: asyncio.Task[None] | None = None
 
 
@@ -149,6 +163,7 @@ class ParserPool:
                 slot.task.cancel()
         for slot in slots:
             await _stop(slot.proc)
+            _close(slot)
         for job in list(self._live):
             job.verdict.cancel()
 
@@ -183,7 +198,7 @@ class ParserPool:
                 log.error("parser process %s failed (%s: %s); starting another", slot.proc and slot.proc.pid,
                           type(exc).__name__, exc)
                 await _stop(slot.proc, grace_s=0)
-                slot.proc = None
+                _close(slot)
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
                     return _Answer(FAILED, f"{type(exc).__name__}: {exc}".encode())
         raise AssertionError("unreachable")
@@ -191,11 +206,18 @@ class ParserPool:
     async def _ask(self, slot: _Slot, raw: Body, job: _Job) -> _Answer:
         proc = slot.proc
         if proc is None or proc.returncode is not None:
-            proc = slot.proc = await _spawn()
-        assert proc.stdin is not None and proc.stdout is not None
-        header = HEADER.pack(len(raw), KINDS.index(job.kind), job.max_messages, len(job.bounds))
+            _close(slot)
+            proc, slot.side = await _spawn()
+            slot.proc = proc
+        assert proc.stdin is not None and proc.stdout is not None and slot.side is not None
+        header = HEADER.pack(len(raw), KINDS.index(job.kind), SHARED if isinstance(raw, SharedBody) else PIPED,
+                             job.max_messages, len(job.bounds))
         pipe = proc.stdin.get_extra_info("pipe")
-        if pipe is None:
+        if isinstance(raw, SharedBody):  # one byte and a descriptor; the parser process maps the body
+            proc.stdin.write(header + job.bounds)
+            await proc.stdin.drain()
+            socket.send_fds(slot.side, [b"\0"], [raw.fd])
+        elif pipe is None:
             proc.stdin.write(header + job.bounds)
             proc.stdin.write(memoryview(raw))
             await proc.stdin.drain()
@@ -221,16 +243,33 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
 
 
-async def _spawn() -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "clearml_umem.parser_child", str(os.getpid()),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20, env=_child_env())
+async def _spawn() -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """A parser process, and the router's end of the socket its shared bodies' descriptors go through
+    (non-blocking: it holds at most one message, as each body waits for its answer)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clearml_umem.parser_child", str(os.getpid()), str(theirs.fileno()),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20, env=_child_env(),
+            pass_fds=(theirs.fileno(),))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    ours.setblocking(False)
     assert proc.stdin is not None
     pipe = proc.stdin.get_extra_info("pipe")
     if pipe is not None:
         with contextlib.suppress(OSError):
             fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-    return proc
+    return proc, ours
+
+
+def _close(slot: _Slot) -> None:
+    if slot.side is not None:
+        slot.side.close()
+    slot.proc = slot.side = None
 
 
 async def _stop(proc: asyncio.subprocess.Process | None, grace_s: float = 2.0) -> None:

@@ -1,5 +1,5 @@
-"""What the router and its parser processes say to each other over a pipe (`parser_pool.py`,
-`clearml_umem.parser_child`): a body goes one way, its outcome comes back."""
+"""What the router and its parser processes say to each other over a pipe and a Unix socket
+(`parser_pool.py`, `clearml_umem.parser_child`): a body goes one way, its outcome comes back."""
 
 from __future__ import annotations
 
@@ -16,9 +16,14 @@ BodyKind = Literal["chat", "completion", "object"]
 
 KINDS: tuple[BodyKind, ...] = ("chat", "completion", "object")
 
-HEADER = struct.Struct("!IBII")
-"""Before each body: its length in bytes, its kind (an index into `KINDS`), the messages cap, and
-the length of the prompt bounds that follow it (`encode_bounds`)."""
+HEADER = struct.Struct("!IBBII")
+"""Before each body: its length in bytes, its kind (an index into `KINDS`), how it comes (`PIPED`,
+`SHARED`), the messages cap, and the length of the prompt bounds that follow it (`encode_bounds`)."""
+
+PIPED, SHARED = 0, 1
+"""How a body comes: its bytes after the bounds, on the pipe; or a memory file's descriptor on the
+parser process's socket (`body_handoff.SharedBody`), sent with one byte, whose first `length`
+bytes are the body."""
 
 ANSWER = struct.Struct("!BI")
 """Before each answer: the outcome, the payload's length in bytes."""
