@@ -205,6 +205,26 @@ def test_a_prompt_that_cannot_fit_is_refused_by_the_parser_process_and_never_com
     assert after.get("prepared", 0) == before.get("prepared", 0), (before, after)
 
 
+def test_a_models_prompt_bound_is_known_before_its_first_request(tiny_models: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """The bound is learned in the background at start (`bound_learner.py`), not at the model's first
+    request: an 8 MB conversation that cannot fit, sent to a router that has served nothing, is
+    refused by a parser process, and the model was never loaded for it."""
+    manifest = tmp_path / "models.yaml"
+    write_manifest(manifest, [spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"])})])
+    proc = start_router(manifest, tmp_path, "--device", "cpu", "--device-budget", "2GB", "--host-budget", "2GB")
+    try:
+        assert wait_until(lambda: any("tiny-llama: prompt bound learned" in line for line in proc.log), timeout=60), \
+            "\n".join(proc.log[-20:])
+        [answer] = _post_all(proc.url, [_many_messages(MAX_MESSAGES, content="y" * 800)])
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "context_length_exceeded", answer.text
+        counted = big_bodies_counted(proc.url)
+        assert counted.get("refused") == 1 and not counted.get("prepared"), counted
+        assert _tier(proc, "tiny-llama") == "cold", "no request loaded the model"
+    finally:
+        proc.kill()
+
+
 def test_too_many_json_values_is_a_400_naming_the_field(router) -> None:
     proc, _ = router
     body = json.dumps({"model": "tiny-llama", "messages": CHAT, "metadata": {"junk": [0] * 100_000}}).encode()

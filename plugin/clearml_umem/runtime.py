@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from clearml_umem.bound_learner import BoundLearner
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
 from clearml_umem.engines import (
@@ -175,6 +176,8 @@ class Runtime:
         self.start_problems: dict[str, str] = {}
         """Served models that can be known at start never to load (no llama-server, over a budget):
         listed, shown in the banner, and their requests refused at once with the reason."""
+        self.bounds = BoundLearner()
+        """Learns each new model's prompt bound in the background (`bound_learner.py`)."""
 
     # -- catalog --------------------------------------------------------------------------
 
@@ -201,6 +204,9 @@ class Runtime:
         if problem:
             self.start_problems[spec.name] = problem
             log.warning("model %s will not load: %s", spec.name, problem)
+        learn = getattr(engine, "learn_prompt_bound", None)
+        if learn is not None:
+            self.bounds.add(spec.name, learn)
 
     def _over_budget(self, hot: Footprint) -> str | None:
         """Why a model whose hot footprint exceeds a budget can never be loaded (the scheduler refuses

@@ -166,6 +166,15 @@ class PromptCounter:
         ids = self.ids(request, context_length)
         return None if ids is None else len(ids)
 
+    def learn(self) -> None:
+        """Load the first tokenizer now, if none was: the router asks at start, in the background,
+        so that its parser processes know this model's byte bound before its first request."""
+        tokenizer = self._borrow()
+        if tokenizer is not None:
+            with self._lock:
+                self._free.append(tokenizer)
+                self._lock.notify()
+
     def bound(self, context_length: int | None) -> PromptBound | None:
         """The byte bound of this model's prompts, once its first tokenizer was loaded (None before,
         or for a tokenizer whose tokens may stand for unbounded text)."""

@@ -1198,8 +1198,13 @@ class TransformersEngine:
         return len(ids)
 
     def prompt_bound(self) -> PromptBound | None:
-        """Known once a request's check loaded the first tokenizer (`prompt_check.PromptBound`)."""
+        """Known once the first tokenizer for checks was loaded (`prompt_check.PromptBound`)."""
         return self._prompt_counter.bound(self.context_length)
+
+    def learn_prompt_bound(self) -> PromptBound | None:
+        """Load the tokenizer for checks (blocking; the runtime calls it in the background)."""
+        self._prompt_counter.learn()
+        return self.prompt_bound()
 
     def _validate(self, request: GenerationRequest, prompt_tokens: int) -> None:
         if request.options:

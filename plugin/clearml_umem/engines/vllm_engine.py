@@ -256,16 +256,24 @@ class VLLMEngine:
             raise InvalidRequest(f"'tools' are not supported by model {self.spec.name!r} (engine vllm): "
                                  f"{self.tool_parser_reason} (vLLM takes tools only with a tool-call parser)",
                                  param="tools")
-        if self._prompt_counter is None:
-            self._prompt_counter = PromptCounter(self.spec.name, Path(self.spec.weights))
-        tokens = self._prompt_counter.count(request, self.plan.max_model_len)
+        tokens = self._counter().count(request, self.plan.max_model_len)
         if tokens is not None:
             check_fits(self.spec.name, self.plan.max_model_len, tokens, request)
         return tokens
 
     def prompt_bound(self) -> PromptBound | None:
-        """Known once a request's check loaded the first tokenizer (`prompt_check.PromptBound`)."""
+        """Known once the first tokenizer for checks was loaded (`prompt_check.PromptBound`)."""
         return None if self._prompt_counter is None else self._prompt_counter.bound(self.plan.max_model_len)
+
+    def learn_prompt_bound(self) -> PromptBound | None:
+        """Load the tokenizer for checks (blocking; the runtime calls it in the background)."""
+        self._counter().learn()
+        return self.prompt_bound()
+
+    def _counter(self) -> PromptCounter:
+        if self._prompt_counter is None:
+            self._prompt_counter = PromptCounter(self.spec.name, Path(self.spec.weights))
+        return self._prompt_counter
 
     def died(self) -> str | None:
         """Why the engine's process is gone though the engine is not cold and no move runs (it was
