@@ -1,11 +1,14 @@
 """Another client's time to first token while big request bodies arrive, against a real router.
 
 A streaming client asks a hot tiny model for a few tokens, one request after another, and its
-TTFT is measured three times in one run: alone (quiet); while `--senders` processes keep posting
-big chat bodies to a sink outside the router that parses each as a parser process would (control:
-what sharing the machine's cores with that work costs, the router kept out of it); and while they
-post the same bodies to the router (big bodies). The senders stand for clients on other machines:
-plain sockets, each request built once, at the lowest CPU priority.
+TTFT is measured in three kinds of phase of one run: alone (quiet, once); while `--senders`
+processes keep posting big chat bodies to a sink outside the router that parses each as a parser
+process would (control: what sharing the machine's cores with that work costs, the router kept out
+of it); and while they post the same bodies to the router (big bodies). Control and big-bodies
+phases alternate for `--rounds` rounds (control first in even rounds, last in odd ones), so that
+a drift of the machine's load falls on both alike, and each is reported over all its rounds'
+samples. The senders stand for clients on other machines: plain sockets, each request built
+once, at the lowest CPU priority.
 
 `--shape tiny` (the default): ~6.8 MB of 200,000 one-character messages, which the router's parser
 processes refuse (400: more messages than `--max-messages` allows); with `--accept-all` the router
@@ -13,12 +16,14 @@ is started to take that many (`--max-messages 200000`), so each is prepared in f
 by the router. `--shape long`: ~8 MB of 10,000 messages of 800 characters, valid on the default
 settings: each is parsed and validated in a parser process and refused there, from its byte length,
 as longer than the model's context (404 with `--to unknown`, after the router unpickled it).
-Reported: p50 and p99 TTFT of each phase and the ratios of the big-bodies phase to the quiet one
-and to the control (1.0 = the router adds nothing to what the same work elsewhere costs), the worst
-/health latency of each phase, and (`--parse-costs`) what the costliest bodies that pass the
-default bounds cost a parser process and the router, measured in this process.
+Reported: p50 and p99 TTFT of each kind of phase; the ratios of the big-bodies phases to the quiet
+one and to the control (1.0 = the router adds nothing to what the same work elsewhere costs), each
+ratio to the control with a 90% bootstrap interval (an interval that holds 1.0 is no change this
+run could tell from noise); the worst /health latency of each; what became of the big bodies by
+the router's own count (`umem_big_request_bodies_total`); and (`--parse-costs`) what the costliest
+bodies that pass the default bounds cost a parser process and the router, measured in this process.
 
-    python benchmarks/big_bodies.py                 # about a minute on 2 cores
+    python benchmarks/big_bodies.py                 # about two minutes on 2 cores
     python benchmarks/big_bodies.py --shape long
     python benchmarks/big_bodies.py --accept-all --requests 200 --senders 8
     python benchmarks/big_bodies.py --parse-costs   # no router: the in-process parse alone
@@ -33,6 +38,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import random
 import socket
 import statistics
 import subprocess
@@ -61,6 +67,8 @@ WARMUP_REQUESTS = 5
 LONG_CHARS = 800
 BODY_LIMIT = 8 * 2**20
 SENDER_NICENESS = 19
+BOOTSTRAP_RESAMPLES = 2000
+INTERVAL = 0.90
 
 
 def big_body(shape: str, model: str = "not-served") -> bytes:
@@ -156,17 +164,24 @@ def content_length(stream: BinaryIO) -> int:
     return length
 
 
-def send(url: str, body: bytes, stop: Any, posted: Any) -> None:
+def send(url: str, body: bytes, stop: Any, posted: Any, interval_s: float = 0.0) -> None:
     """One sender, in a process of its own (in the measuring process its work on 8 MB bodies would
     hold that process's GIL and show up in the TTFT it measures), on a plain socket: the request is
     built once and each post is one `sendall`, so that on a machine of few cores the senders take
     little of the CPU the router needs (clients of a real router run on other machines, so the senders
-    also run at the lowest priority: they take what is left)."""
+    also run at the lowest priority: they take what is left). With `interval_s`, a post starts every
+    that many seconds (one that ends late starts the next at once, without catching up on the ones
+    missed); without, as soon as the last was answered."""
     os.nice(SENDER_NICENESS)
     host, port = url.removeprefix("http://").rsplit(":", 1)
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    next_at = time.monotonic() + random.random() * interval_s  # senders spread over the interval
     while not stop.is_set():
+        if interval_s > 0:
+            if stop.wait(max(0.0, next_at - time.monotonic())):
+                return
+            next_at = max(next_at + interval_s, time.monotonic())
         with socket.create_connection((host, int(port)), timeout=300) as sock, sock.makefile("rb") as answer:
             sock.sendall(request)
             status = int(answer.readline().split()[1])
@@ -207,7 +222,10 @@ def start_sink(processes: int) -> tuple[str, list[multiprocessing.process.BasePr
     return url, workers
 
 
-def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: str | None = None) -> dict[str, float]:
+def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: str | None = None,
+          rate: float = 0.0) -> dict[str, Any]:
+    """`requests` TTFT samples while `senders` post `body` to `to` (the router by default), at
+    `rate` bodies a second in all (0: each sender as fast as it is answered)."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     posted = context.Value("i", 0)
@@ -222,7 +240,8 @@ def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: st
                 health.append(time.perf_counter() - started)
                 time.sleep(0.02)
 
-    processes = [context.Process(target=send, args=(to or url, body, stop, posted), daemon=True)
+    interval_s = senders / rate if rate > 0 else 0.0
+    processes = [context.Process(target=send, args=(to or url, body, stop, posted, interval_s), daemon=True)
                  for _ in range(senders)]
     for proc in processes:
         proc.start()
@@ -234,20 +253,63 @@ def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: st
         # start holds this process's GIL for tens of milliseconds)
         time.sleep(2.0)
         health.clear()
+        began, answered_before = time.monotonic(), posted.value
         for _ in range(requests):
             times.append(ttft(client, model))
+        measured_s, answered = time.monotonic() - began, posted.value - answered_before
     stop.set()
     polling.set()
     poller.join(300)
     for proc in processes:
         proc.join(300)
+    return {"ttft_s": times, "health_s": health, "big_bodies_answered": posted.value,
+            "measured_s": measured_s, "answered_while_measured": answered}
+
+
+def summary(phases: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One kind of phase over all its rounds: its samples pooled."""
+    times = [t for ph in phases for t in ph["ttft_s"]]
+    health = [t for ph in phases for t in ph["health_s"]]
     return {"ttft_p50_s": statistics.median(times), "ttft_p99_s": p(times, 0.99),
-            "health_max_s": max(health) if health else float("nan"), "big_bodies_answered": posted.value}
+            "health_max_s": max(health) if health else float("nan"), "samples": len(times),
+            "big_bodies_answered": sum(ph["big_bodies_answered"] for ph in phases),
+            "bodies_per_s": (sum(ph["answered_while_measured"] for ph in phases)
+                             / sum(ph["measured_s"] for ph in phases)),
+            "ttft_s": times}
+
+
+def ratio_interval(loaded: Sequence[float], control: Sequence[float], q: float, seed: int = 0,
+                   resamples: int = BOOTSTRAP_RESAMPLES, level: float = INTERVAL) -> tuple[float, float]:
+    """A bootstrap interval for the ratio of the `q` quantiles of two samples: each resampled with
+    replacement, `resamples` times; the middle `level` of the ratios. A p99 over a few hundred
+    samples is its third-worst one, so a single run's ratio moves by tens of percent: the interval
+    says how far."""
+    rng = random.Random(seed)
+    ratios = sorted(p(rng.choices(loaded, k=len(loaded)), q) / p(rng.choices(control, k=len(control)), q)
+                    for _ in range(resamples))
+    tail = (1 - level) / 2
+    return ratios[int(tail * resamples)], ratios[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def big_body_outcomes(url: str) -> dict[str, int]:
+    """The router's own count of what became of big bodies (`umem_big_request_bodies_total`)."""
+    counts: dict[str, int] = {}
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line.startswith("umem_big_request_bodies_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=60, help="TTFT samples per phase (default 60)")
+    parser.add_argument("--rate", type=float, default=6.0,
+                        help="big bodies a second from all senders together, the same in the control and the "
+                             "big-bodies phases, so that both do the same work (default 6; 0: each sender posts "
+                             "again as soon as it is answered, and the faster side does more)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="control and big-bodies phases, alternated, each this many times (default 5)")
     parser.add_argument("--senders", type=int, default=4, help="processes posting big bodies (default 4)")
     parser.add_argument("--models", default=os.environ.get("UMEM_TEST_MODELS"),
                         help="folder of the tiny demo models (env UMEM_TEST_MODELS; default: built in a temp dir)")
@@ -284,40 +346,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             with httpx.Client(base_url=url, timeout=300) as client:
                 for _ in range(WARMUP_REQUESTS):  # hot, its batching started, its tokenizer loaded
                     ttft(client, name)
-            quiet = phase(url, name, args.requests, 0, b"")
-            control = None
-            if args.control:
-                sink_url, sinks = start_sink(PARSER_PROCESSES)
-                try:
-                    control = phase(url, name, args.requests, args.senders, body, to=sink_url)
-                finally:
-                    for worker in sinks:
-                        worker.kill()
-            loaded = phase(url, name, args.requests, args.senders, body)
+            quiet = summary([phase(url, name, args.requests * args.rounds, 0, b"")])  # as many samples
+            controls: list[dict[str, Any]] = []
+            loads: list[dict[str, Any]] = []
+            sink_url, sinks = start_sink(PARSER_PROCESSES) if args.control else ("", [])
+            try:
+                for round_ in range(args.rounds):
+                    if args.control and round_ % 2 == 0:
+                        controls.append(phase(url, name, args.requests, args.senders, body, sink_url, args.rate))
+                    loads.append(phase(url, name, args.requests, args.senders, body, rate=args.rate))
+                    if args.control and round_ % 2 == 1:
+                        controls.append(phase(url, name, args.requests, args.senders, body, sink_url, args.rate))
+            finally:
+                for worker in sinks:
+                    worker.kill()
+            outcomes = big_body_outcomes(url)
         finally:
             proc.terminate()
             proc.wait(60)
-    result = {"body_bytes": len(body), "shape": args.shape, "to": args.to, "senders": args.senders,
-              "accept_all": args.accept_all,
-              "quiet": quiet,
-              "big_bodies": loaded,
-              "ttft_p50_ratio": loaded["ttft_p50_s"] / quiet["ttft_p50_s"],
-              "ttft_p99_ratio": loaded["ttft_p99_s"] / quiet["ttft_p99_s"]}
+    loaded = summary(loads)
+    control = summary(controls) if controls else None
+    result: dict[str, Any] = {
+        "body_bytes": len(body), "shape": args.shape, "to": args.to, "senders": args.senders,
+        "accept_all": args.accept_all, "rate": args.rate, "rounds": args.rounds, "big_body_outcomes": outcomes,
+        "quiet": quiet, "big_bodies": loaded,
+        "ttft_p50_ratio": loaded["ttft_p50_s"] / quiet["ttft_p50_s"],
+        "ttft_p99_ratio": loaded["ttft_p99_s"] / quiet["ttft_p99_s"]}
     if control is not None:
         result.update(control=control, ttft_p50_ratio_to_control=loaded["ttft_p50_s"] / control["ttft_p50_s"],
-                      ttft_p99_ratio_to_control=loaded["ttft_p99_s"] / control["ttft_p99_s"])
-    fate = ("refused by the parser processes" if args.shape == "tiny" and not args.accept_all
-            else "prepared by the parser processes, then refused by the router or the engine")
-    print(f"body {len(body) / 1e6:.1f} MB ({args.shape}) x {args.senders} senders "
-          f"({loaded['big_bodies_answered']} answered, {fate})")
+                      ttft_p99_ratio_to_control=loaded["ttft_p99_s"] / control["ttft_p99_s"],
+                      ttft_p50_ratio_to_control_interval=ratio_interval(loaded["ttft_s"], control["ttft_s"], 0.5),
+                      ttft_p99_ratio_to_control_interval=ratio_interval(loaded["ttft_s"], control["ttft_s"], 0.99))
+    told = ", ".join(f"{outcome} {count}" for outcome, count in sorted(outcomes.items()) if count) or "none counted"
+    pace = f"{args.rate:g} a second" if args.rate > 0 else "each as fast as answered"
+    print(f"body {len(body) / 1e6:.1f} MB ({args.shape}) x {args.senders} senders ({pace}), {args.rounds} rounds "
+          f"({loaded['big_bodies_answered']} answered by the router; by its count: {told})")
     rows = [("quiet", quiet), *([("control", control)] if control is not None else []), ("big bodies", loaded)]
     for label, row in rows:
         print(f"  {label:<11} TTFT p50 {row['ttft_p50_s'] * 1e3:7.1f} ms  p99 {row['ttft_p99_s'] * 1e3:7.1f} ms  "
-              f"/health max {row['health_max_s'] * 1e3:7.1f} ms")
+              f"/health max {row['health_max_s'] * 1e3:7.1f} ms  ({row['samples']} samples, "
+              f"{row['bodies_per_s']:.1f} bodies/s)")
     print(f"  big bodies / quiet    p50 {result['ttft_p50_ratio']:.2f}  p99 {result['ttft_p99_ratio']:.2f}")
     if control is not None:
-        print(f"  big bodies / control  p50 {result['ttft_p50_ratio_to_control']:.2f}  "
-              f"p99 {result['ttft_p99_ratio_to_control']:.2f}   (1.0: the router adds nothing to sharing the cores)")
+        (lo50, hi50), (lo99, hi99) = (result["ttft_p50_ratio_to_control_interval"],
+                                      result["ttft_p99_ratio_to_control_interval"])
+        print(f"  big bodies / control  p50 {result['ttft_p50_ratio_to_control']:.2f} [{lo50:.2f}, {hi50:.2f}]  "
+              f"p99 {result['ttft_p99_ratio_to_control']:.2f} [{lo99:.2f}, {hi99:.2f}]   "
+              f"(1.0: the router adds nothing to sharing the cores; [{INTERVAL:.0%} interval])")
+    for row in rows:
+        del row[1]["ttft_s"]
     print(json.dumps(result))
     return 0
 
