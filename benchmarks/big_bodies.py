@@ -23,9 +23,9 @@ run could tell from noise); the worst /health latency of each; what became of th
 the router's own count (`umem_big_request_bodies_total`); and (`--parse-costs`) what the costliest
 bodies that pass the default bounds cost a parser process and the router, measured in this process.
 
-    python benchmarks/big_bodies.py                 # about two minutes on 2 cores
+    python benchmarks/big_bodies.py                 # about three minutes on 2 cores
     python benchmarks/big_bodies.py --shape long
-    python benchmarks/big_bodies.py --accept-all --requests 200 --senders 8
+    python benchmarks/big_bodies.py --accept-all --senders 8 --rate 0
     python benchmarks/big_bodies.py --parse-costs   # no router: the in-process parse alone
 """
 
@@ -303,13 +303,13 @@ def big_body_outcomes(url: str) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=60, help="TTFT samples per phase (default 60)")
+    parser.add_argument("--requests", type=int, default=30, help="TTFT samples per phase (default 30)")
     parser.add_argument("--rate", type=float, default=6.0,
                         help="big bodies a second from all senders together, the same in the control and the "
                              "big-bodies phases, so that both do the same work (default 6; 0: each sender posts "
                              "again as soon as it is answered, and the faster side does more)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="control and big-bodies phases, alternated, each this many times (default 5)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="control and big-bodies phases, alternated, each this many times (default 10)")
     parser.add_argument("--senders", type=int, default=4, help="processes posting big bodies (default 4)")
     parser.add_argument("--models", default=os.environ.get("UMEM_TEST_MODELS"),
                         help="folder of the tiny demo models (env UMEM_TEST_MODELS; default: built in a temp dir)")
