@@ -8,9 +8,10 @@ a slice of the loop that other clients' requests and the generation thread waite
 it when posted to another process). So when a request for an inference route declares a body
 bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's protocol stops
 reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
-a thread then reads the rest into a memory file (`SharedBody`) with reads that release the GIL
-(`read_rest`), and the parser pool hands the file's descriptor to a parser process, which parses
-the same pages: the body is copied once in the router's process, from its socket, and never again.
+a thread then reads the rest into a memory file (`SharedBody`), mostly in one blocking call that
+waits for all of it without the GIL (`read_rest`), and the parser pool hands the file's descriptor
+to a parser process, which parses the same pages: the body is copied once in the router's process,
+from its socket, and never again.
 A slow sender holds one of those threads, not the loop nor a parser process.
 
 What that changes for the connection, as nginx does for a request whose body it did not read
@@ -25,13 +26,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import mmap
 import os
 import select
 import socket
 import struct
-import termios
 import time
 import weakref
 from collections.abc import Callable, MutableMapping, Sequence
@@ -160,62 +159,69 @@ def body_timeout(seconds: float) -> APIError:
 
 
 def read_rest(handoff: BodyHandoff) -> SharedBody:
-    """The whole body: its head, then the rest read from the socket (non-blocking, as asyncio left
-    it: each read waits in poll, and both release the GIL). Run in a thread. Raises ClientGone at
-    the end of the stream, the 408 of `body_timeout` when nothing came for `read_timeout_s`.
+    """The whole body: its head, then the rest read from the socket. Run in a thread. Raises
+    ClientGone at the end of the stream (or when the connection was closed meanwhile: the server
+    stopping), the 408 of `body_timeout` when nothing came for `read_timeout_s`.
 
-    The thread wakes for `WAKE_BYTES` at a time (SO_RCVLOWAT), not for each 64 KiB segment: each
-    wake-up takes the GIL, and with the generation thread running, a thread waiting for it delays
-    the event loop's next turn too."""
+    Most bodies take one call: the socket is read blocking, with MSG_WAITALL, which returns once
+    the whole rest has arrived, or after `WAKE_CHECK_S` with what came by then (SO_RCVTIMEO: a slow
+    sender's bytes, the timeout, the closed connection are checked that often). Each wake-up takes
+    the GIL: reading as data came (each 64 KiB segment, or each MiB with SO_RCVLOWAT) was tens of
+    wake-ups a body, and with the generation thread running, each one the event loop could lose
+    the GIL to. The socket asyncio holds shares the blocking mode until the read ends; meanwhile
+    the loop neither reads it (paused) nor writes to it (the request has no answer yet)."""
     body = SharedBody(handoff.length)
     mapping = body.mapped()
     have = min(len(handoff.head), handoff.length)
     mapping[:have] = handoff.head[:have]
     view = memoryview(mapping)
     fd = handoff.socket.fileno()
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
+    reader = socket.socket(fileno=os.dup(fd))
+    inode = os.fstat(reader.fileno()).st_ino
     last_byte = time.monotonic()
     try:
+        reader.setblocking(True)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(WAKE_CHECK_S))
         while have < handoff.length:
-            _wake_for(handoff.socket, min(WAKE_BYTES, handoff.length - have))
-            # not woken: fewer bytes than asked for so far (a slow sender's), which count if there are any
-            if not poller.poll(int(WAKE_CHECK_S * 1000)) and not _waiting_bytes(fd):
-                if time.monotonic() - last_byte >= handoff.read_timeout_s:
-                    raise body_timeout(handoff.read_timeout_s)
-                continue
             try:
-                count = os.readv(fd, [view[have:]])
-            except (BlockingIOError, InterruptedError):
-                continue
+                count = reader.recv_into(view[have:], 0, socket.MSG_WAITALL)
+            except BlockingIOError:  # nothing for WAKE_CHECK_S
+                count = -1
             except OSError as exc:  # reset by the client
                 raise ClientGone() from exc
             if count == 0:
                 raise ClientGone()
-            have += count
-            last_byte = time.monotonic()
+            if count > 0:
+                have += count
+                last_byte = time.monotonic()
+            elif time.monotonic() - last_byte >= handoff.read_timeout_s:
+                raise body_timeout(handoff.read_timeout_s)
+            if have < handoff.length and not _still_open(fd, inode):
+                raise ClientGone()
     finally:
         view.release()
         mapping.close()
-        _wake_for(handoff.socket, 1)  # the event loop's reads, from now on
+        with contextlib.suppress(OSError):
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+            reader.setblocking(False)  # asyncio's socket, as it left it
+        reader.close()
     return body
 
 
-WAKE_BYTES = 1 << 20
 WAKE_CHECK_S = 0.25
-"""How often a reading thread looks for bytes that came in under `WAKE_BYTES` (a slow sender's)."""
+"""How often a reading thread wakes while a body is still arriving (a slow sender's)."""
 
 
-def _wake_for(sock: Any, count: int) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, count))
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
-def _waiting_bytes(fd: int) -> int:
+def _still_open(fd: int, inode: int) -> bool:
+    """The connection's own descriptor still names the socket being read (not closed by the loop)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        return os.fstat(fd).st_ino == inode
     except OSError:
-        return 1  # let the read tell
+        return False
 
 
 def write_all(fd: int, pieces: Sequence[bytes], timeout_s: float) -> None:
