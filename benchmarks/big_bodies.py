@@ -19,9 +19,11 @@ as longer than the model's context (404 with `--to unknown`, after the router un
 Reported: p50 and p99 TTFT of each kind of phase; the ratios of the big-bodies phases to the quiet
 one and to the control (1.0 = the router adds nothing to what the same work elsewhere costs), each
 ratio to the control with a 90% bootstrap interval (an interval that holds 1.0 is no change this
-run could tell from noise); the worst /health latency of each; what became of the big bodies by
-the router's own count (`umem_big_request_bodies_total`); and (`--parse-costs`) what the costliest
-bodies that pass the default bounds cost a parser process and the router, measured in this process.
+run could tell from noise); the worst /health latency of each; how often the router's event loop
+was late by over 5, 10 and 20 ms (its own `umem_event_loop_lag_seconds`, read before and after
+each phase: whatever held it, every client waited); what became of the big bodies by the router's
+own count (`umem_big_request_bodies_total`); and (`--parse-costs`) what the costliest bodies that
+pass the default bounds cost a parser process and the router, measured in this process.
 
     python benchmarks/big_bodies.py                 # about three minutes on 2 cores
     python benchmarks/big_bodies.py --shape long
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from clearml_umem.catalog import write_manifest
 from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, max_values
@@ -69,6 +72,8 @@ BODY_LIMIT = 8 * 2**20
 SENDER_NICENESS = 19
 BOOTSTRAP_RESAMPLES = 2000
 INTERVAL = 0.90
+LATE_MS = (5, 10, 20)
+"""Event-loop lags counted (`umem_event_loop_lag_seconds` has these bounds)."""
 
 
 def big_body(shape: str, model: str = "not-served") -> bytes:
@@ -253,28 +258,31 @@ def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: st
         # start holds this process's GIL for tens of milliseconds)
         time.sleep(2.0)
         health.clear()
-        began, answered_before = time.monotonic(), posted.value
+        began, answered_before, lag_before = time.monotonic(), posted.value, loop_lag_ticks(url)
         for _ in range(requests):
             times.append(ttft(client, model))
         measured_s, answered = time.monotonic() - began, posted.value - answered_before
+        lag = {le: n - lag_before[le] for le, n in loop_lag_ticks(url).items()}
     stop.set()
     polling.set()
     poller.join(300)
     for proc in processes:
         proc.join(300)
     return {"ttft_s": times, "health_s": health, "big_bodies_answered": posted.value,
-            "measured_s": measured_s, "answered_while_measured": answered}
+            "measured_s": measured_s, "answered_while_measured": answered, "loop_lag_ticks": lag}
 
 
 def summary(phases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One kind of phase over all its rounds: its samples pooled."""
     times = [t for ph in phases for t in ph["ttft_s"]]
     health = [t for ph in phases for t in ph["health_s"]]
+    measured_s = sum(ph["measured_s"] for ph in phases)
+    ticks = {le: sum(ph["loop_lag_ticks"][le] for ph in phases) for le in phases[0]["loop_lag_ticks"]}
     return {"ttft_p50_s": statistics.median(times), "ttft_p99_s": p(times, 0.99),
             "health_max_s": max(health) if health else float("nan"), "samples": len(times),
             "big_bodies_answered": sum(ph["big_bodies_answered"] for ph in phases),
-            "bodies_per_s": (sum(ph["answered_while_measured"] for ph in phases)
-                             / sum(ph["measured_s"] for ph in phases)),
+            "bodies_per_s": sum(ph["answered_while_measured"] for ph in phases) / measured_s,
+            "loop_late": late_ticks(ticks, measured_s),
             "ttft_s": times}
 
 
@@ -291,14 +299,32 @@ def ratio_interval(loaded: Sequence[float], control: Sequence[float], q: float, 
     return ratios[int(tail * resamples)], ratios[min(resamples - 1, int((1 - tail) * resamples))]
 
 
+def metric_samples(url: str, sample: str, label: str) -> dict[str, float]:
+    """One sample of the router's /metrics (a counter's `_total`, a histogram's `_bucket`), by one label."""
+    families = text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text)
+    return {s.labels[label]: s.value for family in families for s in family.samples if s.name == sample}
+
+
 def big_body_outcomes(url: str) -> dict[str, int]:
     """The router's own count of what became of big bodies (`umem_big_request_bodies_total`)."""
-    counts: dict[str, int] = {}
-    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
-        if line.startswith("umem_big_request_bodies_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = int(float(line.rsplit(" ", 1)[1]))
-    return counts
+    return {outcome: int(n) for outcome, n in metric_samples(url, "umem_big_request_bodies_total", "outcome").items()}
+
+
+def loop_lag_ticks(url: str) -> dict[str, float]:
+    """The router's own measure of how long its event loop was held (`umem_event_loop_lag_seconds`):
+    ticks late by at most each bound, cumulative, `+Inf` for all."""
+    return metric_samples(url, "umem_event_loop_lag_seconds_bucket", "le")
+
+
+def late_ticks(ticks: dict[str, float], measured_s: float) -> dict[str, float]:
+    """Ticks a second that the loop ran later than each of `LATE_MS`, and the bound all were within."""
+    late = {f"over_{ms}ms_per_s": (ticks["+Inf"] - ticks[_bound(ms)]) / measured_s for ms in LATE_MS}
+    within = min((float(le) for le, n in ticks.items() if n == ticks["+Inf"]), default=float("inf"))
+    return {**late, "all_within_ms": within * 1e3}
+
+
+def _bound(ms: float) -> str:
+    return str(ms / 1e3)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {label:<11} TTFT p50 {row['ttft_p50_s'] * 1e3:7.1f} ms  p99 {row['ttft_p99_s'] * 1e3:7.1f} ms  "
               f"/health max {row['health_max_s'] * 1e3:7.1f} ms  ({row['samples']} samples, "
               f"{row['bodies_per_s']:.1f} bodies/s)")
+        late = row["loop_late"]
+        print(f"  {'':<11} event loop late by over " + ", ".join(
+            f"{ms} ms {late[f'over_{ms}ms_per_s']:.2f}/s" for ms in LATE_MS)
+            + f"; all within {late['all_within_ms']:g} ms")
     print(f"  big bodies / quiet    p50 {result['ttft_p50_ratio']:.2f}  p99 {result['ttft_p99_ratio']:.2f}")
     if control is not None:
         (lo50, hi50), (lo99, hi99) = (result["ttft_p50_ratio_to_control_interval"],

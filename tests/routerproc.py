@@ -152,6 +152,16 @@ def big_bodies_counted(url: str) -> dict[str, float]:
     return counts
 
 
+def loop_lag_ticks(url: str) -> dict[str, float]:
+    """The router's `umem_event_loop_lag_seconds` histogram: ticks late by at most each bound (`le`)."""
+    ticks: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("umem_event_loop_lag_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            ticks[bound] = float(line.rsplit(" ", 1)[1])
+    return ticks
+
+
 def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
     """PIDs still alive (and not zombies) after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from benchmarks.big_bodies import ratio_interval, summary
+from benchmarks.big_bodies import late_ticks, ratio_interval, summary
 
 
 def test_the_interval_holds_1_for_samples_from_one_distribution_and_not_for_a_slower_one() -> None:
@@ -25,9 +25,19 @@ def test_the_interval_holds_1_for_samples_from_one_distribution_and_not_for_a_sl
 
 def test_phases_of_one_kind_are_pooled_over_their_rounds() -> None:
     rounds = [{"ttft_s": [0.01 * i for i in range(1, 51)], "health_s": [0.001, 0.004], "big_bodies_answered": 10,
-               "measured_s": 2.0, "answered_while_measured": 8} for _ in range(3)]
+               "measured_s": 2.0, "answered_while_measured": 8,
+               "loop_lag_ticks": {"0.005": 190.0, "0.01": 196.0, "0.02": 198.0, "0.05": 200.0, "+Inf": 200.0}}
+              for _ in range(3)]
     pooled = summary(rounds)
     assert pooled["samples"] == 150 and len(pooled["ttft_s"]) == 150
     assert pooled["health_max_s"] == 0.004
     assert pooled["big_bodies_answered"] == 30 and pooled["bodies_per_s"] == 4.0
     assert pooled["ttft_p50_s"] == 0.255
+    assert pooled["loop_late"] == {"over_5ms_per_s": 5.0, "over_10ms_per_s": 2.0, "over_20ms_per_s": 1.0,
+                                   "all_within_ms": 50.0}
+
+
+def test_a_loop_never_late_is_within_its_first_bound() -> None:
+    ticks = {"0.001": 100.0, "0.005": 100.0, "0.01": 100.0, "0.02": 100.0, "+Inf": 100.0}
+    assert late_ticks(ticks, 1.0) == {"over_5ms_per_s": 0.0, "over_10ms_per_s": 0.0, "over_20ms_per_s": 0.0,
+                                      "all_within_ms": 1.0}

@@ -38,6 +38,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 2
 """From a hot hit on a small model (milliseconds) to a cold start of a large vLLM engine (minutes)."""
 
 SWAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 SAMPLES_KEPT = 10_000
@@ -117,6 +118,10 @@ class Metrics:
             "its model's context), busy (503: too many waiting), failed (503: the parser process failed), "
             "abandoned (the client left first, while its body arrived or was checked), stalled (408: the body "
             "stopped arriving)", ["outcome"], registry=r)
+        self.loop_lag = Histogram(
+            "umem_event_loop_lag_seconds", "How late the router's event loop ran a timer due every 10 ms: how long "
+            "other work held the loop (a parse, a garbage collection, a blocking call), which every client of the "
+            "router waited for (loop_lag.py)", buckets=LOOP_LAG_BUCKETS, registry=r)
 
         self._lock = threading.Lock()
         self._ttft_samples: dict[tuple[str, Tier], deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES_KEPT))

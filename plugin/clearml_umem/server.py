@@ -27,6 +27,7 @@ from clearml_umem.events import EventBus
 from clearml_umem.keep_alive import parse_keep_alive
 from clearml_umem.log_setup import UVICORN_LOGGING
 from clearml_umem.long_lived import FreezeLongLived
+from clearml_umem.loop_lag import watch_loop_lag
 from clearml_umem.memory import Budgets, detect_budgets, resolve_device
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog
@@ -187,6 +188,7 @@ class UnifiedMemoryServer:
             log.warning("%s", warning)
         watcher: asyncio.Task[None] | None = None
         expiry: asyncio.Task[None] | None = None
+        lag: asyncio.Task[None] | None = None
         package_log = logging.getLogger("clearml_umem")
         package_log.addHandler(self.model_log)
         try:
@@ -212,6 +214,7 @@ class UnifiedMemoryServer:
             serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
             watcher = asyncio.create_task(self.runtime.watch_engines(), name="umem-engine-watch")
             expiry = asyncio.create_task(self.runtime.expire_idle(), name="umem-keep-alive")
+            lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag.observe), name="umem-loop-lag")
             while not self._uvicorn.started and not serving.done():
                 await asyncio.sleep(0.02)
             if self._uvicorn.started and ready is not None:
@@ -223,6 +226,8 @@ class UnifiedMemoryServer:
                 watcher.cancel()
             if expiry is not None:
                 expiry.cancel()
+            if lag is not None:
+                lag.cancel()
             if self._grpc is not None:
                 await self._grpc.stop(GRPC_GRACE_S)
             if self._poller is not None:
