@@ -360,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.phases_s["benchmark"] = time.perf_counter() - t1
         report.rows = result.rows()
         report.summary = summarize(result, report.models)
+        write(report, out)  # after each phase: a run stopped at a time limit keeps what it measured
         from benchmarks import proof_pipeline
 
         t2 = time.perf_counter()
@@ -370,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("the pipelined swap-in scenario failed")
             report.errors.append(f"pipelined swap-in: {type(exc).__name__}: {exc}")
         report.phases_s["pipelined swap-in"] = time.perf_counter() - t2
+        write(report, out)
         from benchmarks.proof_reload import measure_reload
 
         t2 = time.perf_counter()
@@ -380,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("the reload scenario failed")
             report.errors.append(f"reload from disk: {type(exc).__name__}: {exc}")
         report.phases_s["reload from disk"] = time.perf_counter() - t2
+        write(report, out)
         load_requests = args.load_requests if args.load_requests is not None else 128 if device != "cpu" else 32
         if load_requests > 0:  # many models under load: benchmarks/proof_load.py
             from benchmarks.proof_load import run_load
@@ -396,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.exception("the load scenario failed")
                 report.errors.append(f"load: {type(exc).__name__}: {exc}")
             report.phases_s["load"] = time.perf_counter() - t2
+            write(report, out)
         t2 = time.perf_counter()
         report.hot_path = _hot_path().run(work / "models", report.models, device)
         report.phases_s["hot path"] = time.perf_counter() - t2

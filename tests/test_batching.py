@@ -14,7 +14,13 @@ import pytest
 
 from clearml_umem.engines import create_engine
 from clearml_umem.engines.base import Delta, EngineContext, EngineError, GenerationRequest
-from clearml_umem.engines.batching import ANY_TOP_K, samples_per_row, why_not_batched
+from clearml_umem.engines.batching import (
+    ANY_TOP_K,
+    Batcher,
+    batching_unavailable,
+    samples_per_row,
+    why_not_batched,
+)
 from clearml_umem.engines.transformers_engine import BATCHED_CPU_CONCURRENCY, TransformersEngine
 from clearml_umem.spec import spec_from_mapping
 from clearml_umem.tiers import Tier
@@ -84,6 +90,39 @@ def test_what_takes_the_per_request_path() -> None:
                          ({"presence_penalty": 0.5}, "penalty"), ({"logit_bias": {"5": 3}}, "logit_bias"),
                          ({"response_format": {"type": "json_object"}}, "constrained")):
         assert why in why_not_batched(GenerationRequest(prompt="x", temperature=0.0, options=options))
+
+
+def test_an_older_transformers_serves_from_the_per_request_path(
+        tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """transformers 5.17 (a GPU machine's image) renamed the manager's fields and lacks internals the
+    batcher drives: starting it there failed every hot model's batching with a TypeError. The version
+    is checked first, the engine says so once and answers every request on its own."""
+    assert batching_unavailable("5.25.0") is None and batching_unavailable("6.1.0.dev0") is None
+    assert "older than 5.25" in (batching_unavailable("5.17.0") or "")
+    assert "older than 5.25" in (batching_unavailable("4.57.1+cu130") or "")
+    assert "unreadable" in (batching_unavailable("five") or "")
+    import transformers
+
+    from clearml_umem.engines import batching
+
+    batching.installed_batching_unavailable.cache_clear()
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    try:
+        engine = make_engine(tiny_models["tiny-llama"], batching="all")
+        try:
+            assert not Batcher.supports(engine._model)
+            async def together() -> list[tuple[str, Delta]]:
+                return await asyncio.gather(*[collect(engine, r) for r in requests()])
+
+            answers = asyncio.run(together())
+            assert all(last.completion_tokens > 0 and last.finish_reason for _, last in answers)
+            assert engine.batcher is None, "no manager was started"
+            said = [r.getMessage() for r in caplog.records if "continuous batching is off" in r.getMessage()]
+            assert len(said) == 1 and "transformers 5.17.0" in said[0] and "transformers>=5.25" in said[0]
+        finally:
+            asyncio.run(engine.close())
+    finally:
+        batching.installed_batching_unavailable.cache_clear()
 
 
 def test_concurrent_greedy_answers_match_the_per_request_path_and_share_forwards(

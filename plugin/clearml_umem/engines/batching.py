@@ -64,6 +64,37 @@ ANY_TOP_K = 2**31 - 1
 """A sampled row's top-k: every token (the warper clamps it to the vocabulary)."""
 
 
+BATCHING_TRANSFORMERS = (5, 25)
+"""The oldest transformers whose continuous batching this module drives: it reaches into the manager
+(`output_router`, `_generation_step`, `_wake_up_loop`, the `page_size` field), which moved between
+releases. 5.17 renamed fields and has no `_wake_up_loop`; its top-k does not clamp. An older one
+serves every request from the per-request path."""
+
+
+def batching_unavailable(version: str) -> str | None:
+    """Why this transformers version cannot batch here, or None."""
+    try:
+        release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return f"transformers {version} has an unreadable version"
+    if release < BATCHING_TRANSFORMERS:
+        need = ".".join(str(n) for n in BATCHING_TRANSFORMERS)
+        return f"transformers {version} is older than {need}, the oldest whose continuous batching this engine drives"
+    return None
+
+
+@functools.cache
+def installed_batching_unavailable() -> str | None:
+    """`batching_unavailable` for the installed transformers, said once in the log."""
+    import transformers
+
+    reason = batching_unavailable(transformers.__version__)
+    if reason is not None:
+        log.warning("continuous batching is off: %s; each request runs its own generate() (pip install "
+                    "'transformers>=%s' to batch)", reason, ".".join(str(n) for n in BATCHING_TRANSFORMERS))
+    return reason
+
+
 @functools.cache
 def samples_per_row() -> bool:
     """Whether the installed transformers runs temperature and top-p per request in its batching."""
@@ -185,7 +216,10 @@ class Batcher:
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """The manager needs an attention it can page (not a model loaded with eager attention, for instance)."""
+        """The manager needs a transformers this module knows and an attention it can page (not a model loaded
+        with eager attention, for instance)."""
+        if installed_batching_unavailable() is not None:
+            return False
         impl = getattr(model.config, "_attn_implementation", None)
         return callable(getattr(model, "init_continuous_batching", None)) and impl in _BATCHABLE_ATTENTION
 
