@@ -446,7 +446,7 @@ def test_a_check_whose_caller_left_is_abandoned_and_holds_nothing() -> None:
     stops waiting at once, and the thread is no executor worker that shutdown would wait for."""
     import asyncio
 
-    from clearml_umem.runtime import in_abandonable_thread
+    from clearml_umem.daemon_workers import DaemonWorkers, run_abandonable
 
     release = threading.Event()
     seen: list[threading.Thread] = []
@@ -457,7 +457,7 @@ def test_a_check_whose_caller_left_is_abandoned_and_holds_nothing() -> None:
         return 1
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(in_abandonable_thread("umem-check-m", tokenizing))
+        task = asyncio.ensure_future(run_abandonable(DaemonWorkers("umem-check"), tokenizing))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

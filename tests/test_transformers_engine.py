@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from clearml_umem.engines.base import (
 )
 from clearml_umem.engines.transformers_engine import (
     ACTIVATION_MARGIN_FRACTION,
+    GENERATIONS,
     TransformersEngine,
     _TextAssembler,
     checkpoint_files,
@@ -103,8 +103,13 @@ def param_bytes(engine: TransformersEngine) -> int:
     return sum(p.numel() * p.element_size() for p in engine.model.parameters())
 
 
-def generation_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("umem-generate-")]
+def generation_threads() -> int:
+    """Generations still running in a worker (an idle worker holds nothing of its last one). A
+    generation's handle ends as its call returns, a moment before its worker counts itself idle."""
+    deadline = time.monotonic() + 2
+    while GENERATIONS.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return GENERATIONS.busy
 
 
 def test_load_describe_and_protocol(engine: TransformersEngine, llama_dir: Path) -> None:

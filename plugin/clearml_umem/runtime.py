@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import math
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 from clearml_umem.bound_learner import BoundLearner
 from clearml_umem.catalog import CatalogSnapshot
 from clearml_umem.commands import Command, Dispatch, Move, PlacementEnded, Reject, Release
+from clearml_umem.daemon_workers import CHECKS, run_abandonable
 from clearml_umem.engines import (
     Engine,
     EngineContext,
@@ -46,7 +45,6 @@ from clearml_umem.units import fmt_bytes, fmt_seconds
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 EngineFactory = Callable[[ModelSpec, EngineContext], Engine]
 
@@ -85,33 +83,6 @@ class Lease:
     engine: Engine
     served_from: Tier
     arrived: float
-
-
-async def in_abandonable_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a daemon thread of its own, awaited; a caller cancelled (its client left)
-    stops waiting at once, and the thread's result is dropped when it ends.
-
-    Not the loop's default executor: a tokenization cannot be interrupted, and there it would
-    hold one of a few shared workers and make shutdown wait for it (SIGTERM with two abandoned
-    8 MB prompts took 45 s); a daemon thread holds nothing anyone waits for.
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def run() -> None:
-        try:
-            outcome = (True, fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            outcome = (False, exc)
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await fut
 
 
 @dataclass
@@ -397,7 +368,7 @@ class Runtime:
         if small and getattr(engine, "quick_check", False):
             check(request)
             return
-        await in_abandonable_thread(f"umem-check-{model}", check, request)
+        await run_abandonable(CHECKS, check, request)
 
     @asynccontextmanager
     async def lease(self, model: str, request_id: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
