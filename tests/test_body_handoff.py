@@ -1,5 +1,5 @@
 """The pieces of a big body's way past the event loop (`router/body_handoff.py`): which requests
-are handed off, the reading thread's outcomes on a real socket, and the writer on a real pipe.
+are handed off, the body reader's outcomes on a real socket, and the writer on a real pipe.
 A real router's big bodies are tested in `test_router_connections.py` and `test_router_hardening.py`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from clearml_umem.router.body_handoff import BodyHandoff, HandoffRoutes, read_rest, write_all
+from clearml_umem.router.body_handoff import HandoffRoutes, SharedBody, fill, write_all
 from clearml_umem.router.disconnect import ClientGone
 from clearml_umem.router.errors import APIError
 
@@ -45,7 +45,8 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 def test_the_rest_of_a_body_is_read_as_it_trickles_in() -> None:
     client, server = _pair()
     body = os.urandom(300_000)
-    handoff = BodyHandoff(len(body), read_timeout_s=2.0, socket=server, head=bytearray(body[:1000]))
+    shared = SharedBody(len(body))
+    os.pwrite(shared.fd, body[:1000], 0)
 
     def send() -> None:
         for start in range(1000, len(body), 70_000):
@@ -55,7 +56,9 @@ def test_the_rest_of_a_body_is_read_as_it_trickles_in() -> None:
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        assert bytes(read_rest(handoff)) == body
+        fill(server.fileno(), shared.fd, len(body), 1000, read_timeout_s=2.0)
+        assert bytes(shared) == body
+        assert not server.getblocking() and server.gettimeout() == 0.0, "the socket is left as asyncio holds it"
     finally:
         sender.join()
         client.close()
@@ -65,12 +68,28 @@ def test_the_rest_of_a_body_is_read_as_it_trickles_in() -> None:
 def test_a_sender_that_stops_is_a_408_and_one_that_leaves_is_gone() -> None:
     client, server = _pair()
     client.sendall(b"x" * 10)
+    shared = SharedBody(500)  # held: its descriptor is closed when it goes
     with pytest.raises(APIError) as stopped:
-        read_rest(BodyHandoff(500, read_timeout_s=0.3, socket=server))
+        fill(server.fileno(), shared.fd, 500, 0, read_timeout_s=0.3)
     assert (stopped.value.status, stopped.value.code) == (408, "request_timeout")
     client.close()
     with pytest.raises(ClientGone):
-        read_rest(BodyHandoff(500, read_timeout_s=5.0, socket=server))
+        fill(server.fileno(), shared.fd, 500, 0, read_timeout_s=5.0)
+    server.close()
+
+
+def test_a_read_given_up_on_ends_when_its_socket_is_shut_down() -> None:
+    """The router gives up on a body (the server stopping) by shutting the client's socket down: the
+    reader's blocking read ends at once, not at the body timeout."""
+    client, server = _pair()
+    client.sendall(b"x" * 10)
+    threading.Timer(0.2, server.shutdown, (socket.SHUT_RDWR,)).start()
+    shared = SharedBody(500)
+    started = time.monotonic()
+    with pytest.raises(ClientGone):
+        fill(server.fileno(), shared.fd, 500, 0, read_timeout_s=30.0)
+    assert time.monotonic() - started < 5
+    client.close()
     server.close()
 
 

@@ -276,3 +276,30 @@ def test_a_big_body_answered_unread_passes_through_and_the_connection_stays_usab
         status, _, _ = _answer(silent)
         assert status == 403
         assert _closed_by_server(silent, 30) == b""
+
+
+def test_big_bodies_are_read_by_a_niced_reader_process_that_ends_with_the_router(
+        tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The kernel's copy of a big body happens in the body reader process (niced like the parser
+    processes), so that it never competes with the router's event loop at the router's priority;
+    one body is mid-read when the router is killed (-9), and nothing of the router outlives it."""
+    from clearml_umem.parser_child import NICENESS
+
+    manifest = tmp_path / "models.yaml"
+    write_manifest(manifest, [spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"])})])
+    proc = start_router(manifest, tmp_path, "--device", "cpu", "--device-budget", "2GB", "--host-budget", "2GB",
+                        "--body-timeout", "60")
+    try:
+        body = _big_chat()
+        resp = httpx.post(proc.url + "/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=120)
+        assert resp.status_code == 200, resp.text
+        readers = [c for c in proc.descendants() if "clearml_umem.body_reader_child" in " ".join(c.cmdline())]
+        assert len(readers) == 1 and readers[0].nice() >= NICENESS, readers
+        with _connect(proc) as slow:
+            slow.sendall(_head(body) + body[:1000])
+            time.sleep(0.5)  # its read is under way, in the reader process
+            assert proc.end_leaving("kill") == []
+            assert _closed_by_server(slow, 10) is not None, "the client's connection outlived the router"
+    finally:
+        proc.kill()

@@ -234,6 +234,7 @@ class UnifiedMemoryServer:
                 # joined from a worker thread: a poll in progress waits for this loop to apply it
                 await asyncio.to_thread(self._poller.stop)
             await self.app.state.parsers.close()
+            await self.app.state.body_readers.close()
             await self.runtime.close()
             sock.close()
 

@@ -32,7 +32,8 @@ from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
 from clearml_umem.router.access_log import AccessRecord
 from clearml_umem.router.answer import ToolCallJoin, chat_logprobs, chat_message, completion_logprobs
-from clearml_umem.router.body_handoff import BODY_IO, Body, BodyHandoff, HandoffRoutes, handoff_of, read_rest
+from clearml_umem.router.body_handoff import Body, BodyHandoff, HandoffRoutes, handoff_of
+from clearml_umem.router.body_reader import BodyReaders
 from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
 from clearml_umem.router.disconnect import ClientGone, until_disconnect
 from clearml_umem.router.drain import Drain, GraceOver
@@ -173,7 +174,9 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
     app.state.drain = drain
     parsers = ParserPool()
     app.state.parsers = parsers
-    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), parsers,
+    readers = BodyReaders()
+    app.state.body_readers = readers
+    serve_options = _ServeOptions(max_body_bytes, max_messages, drain, _BigBodies(), parsers, readers,
                                   lambda outcome: metrics.big_bodies.labels(outcome).inc(), access_log)
 
     async def completions(request: Request) -> Response:
@@ -338,15 +341,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_handed_off(handoff: BodyHandoff) -> Body:
-    """A body the connection left in its socket (`body_handoff.py`), read by a thread; the
-    connection reads its socket again once it has been."""
+async def read_handed_off(handoff: BodyHandoff, readers: BodyReaders) -> Body:
+    """A body the connection left in its socket (`body_handoff.py`), read by the body reader process
+    (`body_reader.py`); the connection reads its socket again once it has been."""
     if handoff.complete:
         handoff.release(False)
         return bytes(handoff.head[:handoff.length])
     handoff.taken = True
     try:
-        return await asyncio.get_running_loop().run_in_executor(BODY_IO, read_rest, handoff)
+        return await readers.read(handoff)
     finally:
         handoff.release(True)
 
@@ -391,6 +394,7 @@ class _ServeOptions:
     drain: Drain
     big_bodies: _BigBodies
     parsers: ParserPool
+    readers: BodyReaders
     count_big_body: Callable[[str], None]
     """Told each big body's outcome (`Metrics.big_bodies`)."""
     access_log: bool = True
@@ -419,7 +423,8 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     arrived = time.monotonic()
     handoff = handoff_of(request.scope)
     try:
-        raw = await read_body(request, options.max_body_bytes) if handoff is None else await read_handed_off(handoff)
+        raw = (await read_body(request, options.max_body_bytes) if handoff is None
+               else await read_handed_off(handoff, options.readers))
     except ClientGone:
         if handoff is not None:
             options.count_big_body("abandoned")

@@ -158,31 +158,25 @@ def body_timeout(seconds: float) -> APIError:
     return APIError(408, f"The request body stopped arriving: nothing for {seconds:g} s", code="request_timeout")
 
 
-def read_rest(handoff: BodyHandoff) -> SharedBody:
-    """The whole body: its head, then the rest read from the socket. Run in a thread. Raises
-    ClientGone at the end of the stream (or when the connection was closed meanwhile: the server
-    stopping), the 408 of `body_timeout` when nothing came for `read_timeout_s`.
+def fill(sock_fd: int, mem_fd: int, length: int, have: int, read_timeout_s: float) -> None:
+    """Read bytes `have`..`length` of a body from the client's socket into its memory file. Run in
+    a thread of the body reader process (`body_reader_child.py`), never in the router's. Raises
+    ClientGone at the end of the stream (the client left, or the router shut the socket down: it
+    gave up on the body), the 408 of `body_timeout` when nothing came for `read_timeout_s`.
 
     Most bodies take one call: the socket is read blocking, with MSG_WAITALL, which returns once
     the whole rest has arrived, or after `WAKE_CHECK_S` with what came by then (SO_RCVTIMEO: a slow
-    sender's bytes, the timeout, the closed connection are checked that often). Each wake-up takes
-    the GIL: reading as data came (each 64 KiB segment, or each MiB with SO_RCVLOWAT) was tens of
-    wake-ups a body, and with the generation thread running, each one the event loop could lose
-    the GIL to. The socket asyncio holds shares the blocking mode until the read ends; meanwhile
-    the loop neither reads it (paused) nor writes to it (the request has no answer yet)."""
-    body = SharedBody(handoff.length)
-    mapping = body.mapped()
-    have = min(len(handoff.head), handoff.length)
-    mapping[:have] = handoff.head[:have]
+    sender's bytes and the timeout are checked that often). The socket the router holds shares the
+    blocking mode until the read ends; meanwhile the router neither reads it (paused) nor writes
+    to it (the request has no answer yet)."""
+    mapping = mmap.mmap(mem_fd, length)
     view = memoryview(mapping)
-    fd = handoff.socket.fileno()
-    reader = socket.socket(fileno=os.dup(fd))
-    inode = os.fstat(reader.fileno()).st_ino
+    reader = socket.socket(fileno=os.dup(sock_fd))
     last_byte = time.monotonic()
     try:
         reader.setblocking(True)
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(WAKE_CHECK_S))
-        while have < handoff.length:
+        while have < length:
             try:
                 count = reader.recv_into(view[have:], 0, socket.MSG_WAITALL)
             except BlockingIOError:  # nothing for WAKE_CHECK_S
@@ -194,10 +188,8 @@ def read_rest(handoff: BodyHandoff) -> SharedBody:
             if count > 0:
                 have += count
                 last_byte = time.monotonic()
-            elif time.monotonic() - last_byte >= handoff.read_timeout_s:
-                raise body_timeout(handoff.read_timeout_s)
-            if have < handoff.length and not _still_open(fd, inode):
-                raise ClientGone()
+            elif time.monotonic() - last_byte >= read_timeout_s:
+                raise body_timeout(read_timeout_s)
     finally:
         view.release()
         mapping.close()
@@ -205,7 +197,6 @@ def read_rest(handoff: BodyHandoff) -> SharedBody:
             reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
             reader.setblocking(False)  # asyncio's socket, as it left it
         reader.close()
-    return body
 
 
 WAKE_CHECK_S = 0.25
@@ -214,14 +205,6 @@ WAKE_CHECK_S = 0.25
 
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
-
-
-def _still_open(fd: int, inode: int) -> bool:
-    """The connection's own descriptor still names the socket being read (not closed by the loop)."""
-    try:
-        return os.fstat(fd).st_ino == inode
-    except OSError:
-        return False
 
 
 def write_all(fd: int, pieces: Sequence[bytes], timeout_s: float) -> None:

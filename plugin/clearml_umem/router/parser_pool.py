@@ -235,7 +235,7 @@ class ParserPool:
         return _Answer(outcome, payload)
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The child imports this package from where the router did, also when a script put it on
     sys.path itself rather than installing it."""
     package_root = str(Path(__file__).resolve().parents[2])
@@ -250,7 +250,7 @@ async def _spawn() -> tuple[asyncio.subprocess.Process, socket.socket]:
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "clearml_umem.parser_child", str(os.getpid()), str(theirs.fileno()),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20, env=_child_env(),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20, env=child_env(),
             pass_fds=(theirs.fileno(),))
     except BaseException:
         ours.close()

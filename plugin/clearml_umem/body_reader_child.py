@@ -1,0 +1,84 @@
+"""The body reader process: reads big request bodies from their clients' sockets, so that the router's
+process never copies their bytes (`router/body_reader.py` starts and feeds it).
+
+Reading a body is a kernel copy of megabytes, done by whichever thread calls `recv`. In a thread of
+the router's process it ran at the router's priority, beside its event loop and engines: another
+client's loop steps waited 3-5 ms on the run queue for a core (per-thread `schedstat`, 2 cores),
+twice as often as while the same bodies went to a process of their own (`benchmarks/big_bodies.py`).
+A niced thread of the router's did worse: preempted while holding the GIL, it held up the loop. Here
+the copy runs niced, like the parser processes, and holds no lock the router needs.
+
+Run as `python -m clearml_umem.body_reader_child PARENT_PID SOCKET_FD`. Each job comes on the socket
+(SOCK_SEQPACKET) as one message carrying two descriptors, the client's socket and the body's memory
+file: a thread fills the file (`body_handoff.fill`) and the outcome goes back with the job's tag.
+It ends when the socket closes (the router exited or closed it) and, through PR_SET_PDEATHSIG, when
+the router dies (kill -9 included).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import sys
+import threading
+
+from clearml_umem.parser_child import NICENESS, die_with
+from clearml_umem.router.body_handoff import BODY_IO_THREADS, fill
+from clearml_umem.router.body_wire import DONE, FAILED, GONE, JOB, REPLY, STALLED
+from clearml_umem.router.disconnect import ClientGone
+from clearml_umem.router.errors import APIError
+
+
+def serve(channel: socket.socket) -> None:
+    """Until the router closes the socket; its caller then ends the process without waiting for the
+    threads (a slow sender's body is nobody's any more)."""
+    replies = threading.Lock()
+    pool = concurrent.futures.ThreadPoolExecutor(BODY_IO_THREADS, thread_name_prefix="umem-body-read")
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, JOB.size, 2)
+        except OSError:
+            return
+        if not message:
+            return
+        if len(message) != JOB.size or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        pool.submit(_read, channel, replies, *JOB.unpack(message), *fds)
+
+
+def _read(channel: socket.socket, replies: threading.Lock, tag: int, length: int, have: int, timeout_s: float,
+          sock_fd: int, mem_fd: int) -> None:
+    outcome = FAILED
+    try:
+        fill(sock_fd, mem_fd, length, have, timeout_s)
+        outcome = DONE
+    except ClientGone:
+        outcome = GONE
+    except APIError:
+        outcome = STALLED
+    except Exception:  # noqa: BLE001 - the router answers 503 and logs it
+        outcome = FAILED
+    finally:
+        os.close(sock_fd)
+        os.close(mem_fd)
+    with replies:
+        try:
+            channel.send(REPLY.pack(tag, outcome))
+        except OSError:  # the router is gone
+            os._exit(0)
+
+
+def main(argv: list[str]) -> None:
+    die_with(int(argv[0]))
+    os.nice(NICENESS)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when this one ends
+    serve(socket.socket(fileno=int(argv[1])))
+    os._exit(0)  # threads still waiting on slow senders end with the process
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,181 @@
+"""The router's side of the body reader process (`body_reader_child.py`): a big body's client socket
+and memory file go there as descriptors, and the router waits for the outcome without copying a byte.
+
+One process, started at the first big body, read by a thread per body (a slow sender holds a thread
+there, not the loop, not a parser process). A job is one SOCK_SEQPACKET message, so messages and
+their descriptors never mix. When the router stops waiting for a body (its request was cancelled:
+the server stopping), it shuts the client's socket down, which ends the read there at once. A
+reader process that dies fails the bodies it was reading with a 503 and is started again for the
+next. It ends with the router: the end of its socket, PR_SET_PDEATHSIG on kill -9, `close()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from clearml_umem.router.body_handoff import BodyHandoff, SharedBody, body_timeout
+from clearml_umem.router.body_wire import DONE, FAILED, GONE, JOB, REPLY, STALLED
+from clearml_umem.router.disconnect import ClientGone
+from clearml_umem.router.errors import UNAVAILABLE, APIError
+from clearml_umem.router.parser_pool import BUSY_RETRY_AFTER_S, child_env
+
+log = logging.getLogger(__name__)
+
+
+def read_failed() -> APIError:
+    return APIError(503, "The server could not read the request body; retry shortly", UNAVAILABLE,
+                    code="body_read_failed", headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
+
+
+@dataclass
+class BodyReaders:
+    """Built by `create_app`, used from the event loop only, closed by the server when it stops."""
+
+    proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    _side: socket.socket | None = field(default=None, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    _waiting: dict[int, asyncio.Future[int]] = field(default_factory=dict, repr=False)
+    _tags: itertools.count[int] = field(default_factory=itertools.count, repr=False)
+    _starting: asyncio.Lock | None = field(default=None, repr=False)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None and self.proc.returncode is None else []
+
+    async def read(self, handoff: BodyHandoff) -> SharedBody:
+        """The whole body in a memory file: the bytes that came with the headers, then the rest read
+        there. Raises ClientGone (the client left), the 408 of `body_timeout`, or a 503 when the
+        reader process failed."""
+        body = SharedBody(handoff.length)
+        have = min(len(handoff.head), handoff.length)
+        if have:
+            os.pwrite(body.fd, bytes(handoff.head[:have]), 0)
+        if have >= handoff.length:
+            return body
+        side = await self._started()
+        loop = asyncio.get_running_loop()
+        tag = next(self._tags)
+        outcome: asyncio.Future[int] = loop.create_future()
+        self._waiting[tag] = outcome
+        try:
+            await self._send(side, JOB.pack(tag, handoff.length, have, handoff.read_timeout_s),
+                             [handoff.socket.fileno(), body.fd])
+            result = await outcome
+        except BaseException:
+            if not outcome.done():  # given up on (cancelled): the read there ends at the end of the stream
+                with contextlib.suppress(OSError):
+                    handoff.socket.shutdown(socket.SHUT_RDWR)
+            raise
+        finally:
+            self._waiting.pop(tag, None)
+        if result == DONE:
+            return body
+        if result == GONE:
+            raise ClientGone()
+        if result == STALLED:
+            raise body_timeout(handoff.read_timeout_s)
+        raise read_failed()
+
+    async def close(self) -> None:
+        """End the reader process: its socket closed (it exits at the end of it), killed if it lingers."""
+        proc, self.proc = self.proc, None
+        self._drop_side()
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 2.0)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    async def _started(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new loop (a test client's): the old one's process went with it
+            self._loop, self._side, self.proc, self._waiting = loop, None, None, {}
+            self._starting = asyncio.Lock()
+        assert self._starting is not None
+        async with self._starting:
+            if self._side is None or self.proc is None or self.proc.returncode is not None:
+                self._drop_side()
+                self.proc, self._side = await _spawn()
+                loop.add_reader(self._side.fileno(), self._on_replies, self._side)
+            return self._side
+
+    async def _send(self, side: socket.socket, message: bytes, fds: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                socket.send_fds(side, [message], fds)
+                return
+            except BlockingIOError:
+                writable: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(side.fileno(), _settle, writable)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(side.fileno())
+            except OSError as exc:
+                log.error("the body reader process is gone (%s); starting another for the next body", exc)
+                self._fail(side)
+                raise read_failed() from exc
+
+    def _on_replies(self, side: socket.socket) -> None:
+        while True:
+            try:
+                reply = side.recv(REPLY.size)
+            except BlockingIOError:
+                return
+            except OSError:
+                reply = b""
+            if len(reply) != REPLY.size:
+                log.error("the body reader process ended; starting another for the next body")
+                self._fail(side)
+                return
+            tag, result = REPLY.unpack(reply)
+            waiting = self._waiting.get(tag)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(result if result in (DONE, GONE, STALLED) else FAILED)
+
+    def _fail(self, side: socket.socket) -> None:
+        """The process behind `side` is gone: every body it was reading gets a 503."""
+        if side is self._side:
+            self._drop_side()
+        for waiting in self._waiting.values():
+            if not waiting.done():
+                waiting.set_result(FAILED)
+
+    def _drop_side(self) -> None:
+        side, self._side = self._side, None
+        if side is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(side.fileno())
+        side.close()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _spawn() -> tuple[asyncio.subprocess.Process, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clearml_umem.body_reader_child", str(os.getpid()), str(theirs.fileno()),
+            stdin=asyncio.subprocess.DEVNULL, env=child_env(), pass_fds=(theirs.fileno(),))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    ours.setblocking(False)
+    return proc, ours
