@@ -3,7 +3,7 @@ validation never hold the router's GIL (`router/parser_pool.py` starts and feeds
 `router/schemas.prepare_body` is the work).
 
 Run as `python -m clearml_umem.parser_child PARENT_PID SOCKET_FD`. It reads bodies from stdin,
-or maps the memory file whose descriptor comes on the socket (a body the router read from its
+or maps the memory file whose descriptor comes on the socket (a body the body reader process read from its
 client's socket: `router/body_handoff.SharedBody`), and answers each with its outcome
 (`router/parser_wire.py`: the pickled `PreparedBody`, the client's error, or a fault of its own).
 It ends when stdin closes (the router exited or closed it) and, through PR_SET_PDEATHSIG, when the

@@ -358,7 +358,7 @@ INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def handoff_routes(max_body_bytes: int, read_timeout_s: float) -> HandoffRoutes:
-    """The requests whose big bodies the connection leaves for a reading thread (`body_handoff.py`)."""
+    """The requests whose big bodies the connection leaves for the body reader (`body_handoff.py`)."""
     return HandoffRoutes(INFERENCE_PATHS, INLINE_PARSE_BYTES, max_body_bytes, read_timeout_s)
 
 

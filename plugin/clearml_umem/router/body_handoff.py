@@ -1,4 +1,5 @@
-"""A big request body read by a thread, straight from the client's socket, never by the event loop.
+"""A big request body read straight from the client's socket by the body reader process, never by the
+router's event loop nor in the router's process.
 
 Parsing in parser processes took the parse off the event loop, but the bytes still crossed it: an
 8 MB body was some forty 256 KiB reads, as many pauses and resumes of the socket (uvicorn holds
@@ -8,15 +9,16 @@ a slice of the loop that other clients' requests and the generation thread waite
 it when posted to another process). So when a request for an inference route declares a body
 bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's protocol stops
 reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
-a thread then reads the rest into a memory file (`SharedBody`), mostly in one blocking call that
-waits for all of it without the GIL (`read_rest`), and the parser pool hands the file's descriptor
-to a parser process, which parses the same pages: the body is copied once in the router's process,
-from its socket, and never again.
-A slow sender holds one of those threads, not the loop nor a parser process.
+the router creates a memory file (`SharedBody`) with those bytes in it and passes it, with the
+client's socket, to the body reader process (`body_reader.py`), where a thread reads the rest into
+it (`fill`), mostly in one blocking call; the parser pool then hands the file's descriptor to a
+parser process, which parses the same pages: the body is copied once, from its socket, by a niced
+process, and never again. A slow sender holds a thread of the reader process, not the loop nor a
+parser process.
 
 What that changes for the connection, as nginx does for a request whose body it did not read
-ahead: once a thread has read its body, it closes after its answer (`Connection: close`). A
-client that leaves while its body is read is seen by the thread (the end of the stream); one that
+ahead: once the reader has read its body, it closes after its answer (`Connection: close`). A
+client that leaves while its body is read is seen by the reader (the end of the stream); one that
 stops sending is cut after the body timeout between reads (`--body-timeout`) with a 408. Once the
 body was read, the loop reads the socket again, so a client that leaves during generation is
 noticed as any other.
@@ -50,7 +52,7 @@ class SharedBody:
     """A body in a memory file (memfd), shared by its descriptor with a parser process
     (`parser_pool.py`), so that its megabytes are not copied again through a pipe: that copy and
     the parser process's read of it cost as much CPU as reading the body from its socket. Only
-    the reading thread maps it (`read_rest`): at rest a body holds one descriptor. Its memory goes
+    the body reader maps it (`fill`): at rest a body holds one descriptor. Its memory goes
     when this object and the parser process's mapping are both gone."""
 
     def __init__(self, length: int) -> None:
@@ -86,7 +88,7 @@ def _close_in_a_thread(fd: int) -> None:
 
 
 Body = bytes | SharedBody
-"""A request body as the router holds it: a big one read from its socket by a thread is in a memory file."""
+"""A request body as the router holds it: a big one read from its socket by the body reader is in a memory file."""
 
 SCOPE_KEY = "umem.body_handoff"
 """Where the ASGI scope's `extensions` hold a request's `BodyHandoff`."""
@@ -101,7 +103,7 @@ class HandoffRoutes:
     min_bytes: int
     max_bytes: int
     read_timeout_s: float
-    """The most a reading thread waits between two reads of the body (`--body-timeout`)."""
+    """The most the body reader waits between two reads of the body (`--body-timeout`)."""
 
     def wants(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> int | None:
         """The declared body length when this request's body is to be handed off; None otherwise
@@ -133,7 +135,7 @@ class BodyHandoff:
     """The connection's socket (asyncio's `TransportSocket`): its descriptor is what is passed."""
     head: bytearray = field(default_factory=bytearray)
     taken: bool = False
-    """A thread reads (or read) the body from the socket: the connection must not read it too."""
+    """The body reader reads (or read) the body from the socket: the connection must not read it too."""
     release: Callable[[bool], None] = lambda taken: None
     """Called once the body was read from the socket (`taken`: the connection then closes after its
     answer, its HTTP parser never having seen the body) or, `taken` False, when the body came whole
@@ -200,7 +202,7 @@ def fill(sock_fd: int, mem_fd: int, length: int, have: int, read_timeout_s: floa
 
 
 WAKE_CHECK_S = 0.25
-"""How often a reading thread wakes while a body is still arriving (a slow sender's)."""
+"""How often a reading thread (of the body reader process) wakes while a body is still arriving (a slow sender's)."""
 
 
 def _timeval(seconds: float) -> bytes:

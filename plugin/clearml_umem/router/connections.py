@@ -178,7 +178,7 @@ class CoalescedWrites:
         self._pending: list[bytes] = []
         self._size = 0
         self.reading_held = False
-        """While a thread reads the body from the socket (`body_handoff.py`), nothing resumes
+        """While the body reader reads the body from the socket (`body_handoff.py`), nothing resumes
         reading it here (uvicorn would, on the handler's first `receive()`)."""
 
     def resume_reading(self) -> None:
@@ -323,7 +323,7 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             self.transport.reading_held = True
             self.flow.pause_reading()
             if cycle.waiting_for_100_continue:
-                # curl asks before sending a body over 1 MB: the reading thread is the one waiting for it
+                # curl asks before sending a body over 1 MB: the body reader is the one waiting for it
                 cycle.waiting_for_100_continue = False
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -382,7 +382,7 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
             if self._body_timer is not None:
                 self._body_timer.cancel()
                 self._body_timer = None
-            # a body that a thread reads is timed there; one still arriving after its answer is timed here too
+            # a body the body reader reads is timed there; one still arriving after its answer is timed here too
             taken = self.transport.reading_held or (self._handoff is not None and self._handoff.taken)
             if cycle is not None and cycle.more_body and not cycle.disconnected and not taken:
                 self._body_timer = self.loop.call_later(limits.body_timeout_s, self._on_body_timeout)

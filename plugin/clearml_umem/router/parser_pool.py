@@ -13,7 +13,7 @@ With each body go the prompt bounds of the models served (`parser_wire.encode_bo
 prompt that cannot fit its model is refused there too: then only a small error comes back.
 
 The processes are started at the first big body, fed through pipes by one task each. A body read
-from its socket by a thread is in a memory file (`body_handoff.SharedBody`): its descriptor goes to
+from its socket by the body reader process is in a memory file (`body_handoff.SharedBody`): its descriptor goes to
 the parser process over a Unix socket of its own, and the process parses the same pages. Any other
 body's bytes are written to the pipe by a thread (`body_handoff.write_all`). They end with the router: they read
 EOF when it exits, die with it through PR_SET_PDEATHSIG when it is killed, and are closed by
