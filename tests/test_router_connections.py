@@ -303,3 +303,29 @@ def test_big_bodies_are_read_by_a_niced_reader_process_that_ends_with_the_router
             assert _closed_by_server(slow, 10) is not None, "the client's connection outlived the router"
     finally:
         proc.kill()
+
+
+def test_a_body_reader_that_dies_fails_its_bodies_with_a_503_and_is_replaced(router) -> None:
+    """kill -9 of the body reader process mid-body: that client gets a 503 with Retry-After (an
+    SDK retries it), counted `failed`; the next big body is read by a new reader process."""
+    body = _big_chat()
+    before = big_bodies_counted(router.url)
+    warm = httpx.post(router.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                      timeout=60)
+    assert warm.status_code == 200, warm.text
+    readers = [c for c in router.descendants() if "clearml_umem.body_reader_child" in " ".join(c.cmdline())]
+    assert len(readers) == 1
+    with _connect(router) as sock:
+        sock.sendall(_head(body) + body[:len(body) // 2])
+        time.sleep(0.3)  # its read is under way
+        readers[0].kill()
+        status, headers, answer = _answer(sock, timeout=30)
+    assert status == 503 and "retry-after" in headers, answer
+    assert json.loads(answer)["error"]["code"] == "body_read_failed"
+    again = httpx.post(router.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                       timeout=60)
+    assert again.status_code == 200, again.text
+    now = [c for c in router.descendants() if "clearml_umem.body_reader_child" in " ".join(c.cmdline())]
+    assert len(now) == 1 and now[0].pid != readers[0].pid
+    after = big_bodies_counted(router.url)
+    assert after.get("failed", 0) - before.get("failed", 0) == 1, (before, after)

@@ -432,6 +432,8 @@ async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options
     except APIError as error:
         if handoff is not None and error.status == 408:
             options.count_big_body("stalled")
+        elif handoff is not None and error.status >= 500:  # the body reader process failed
+            options.count_big_body("failed")
         raise
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
