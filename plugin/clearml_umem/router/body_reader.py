@@ -60,6 +60,8 @@ class BodyReaders:
         if have >= handoff.length:
             return body
         side = await self._started()
+        if handoff.socket.fileno() < 0:  # the connection was closed meanwhile (the server stopping)
+            raise ClientGone()
         loop = asyncio.get_running_loop()
         tag = next(self._tags)
         outcome: asyncio.Future[int] = loop.create_future()
@@ -104,7 +106,11 @@ class BodyReaders:
         async with self._starting:
             if self._side is None or self.proc is None or self.proc.returncode is not None:
                 self._drop_side()
-                self.proc, self._side = await _spawn()
+                try:
+                    self.proc, self._side = await _spawn()
+                except OSError as exc:  # out of descriptors or processes: this body's 503, the next tries again
+                    log.error("the body reader process could not start: %s", exc)
+                    raise read_failed() from exc
                 loop.add_reader(self._side.fileno(), self._on_replies, self._side)
             return self._side
 
@@ -121,10 +127,12 @@ class BodyReaders:
                     await writable
                 finally:
                     loop.remove_writer(side.fileno())
-            except OSError as exc:
+            except ConnectionError as exc:  # its end of the socket is closed: the process is gone
                 log.error("the body reader process is gone (%s); starting another for the next body", exc)
                 self._fail(side)
                 raise read_failed() from exc
+            except OSError as exc:  # this job's descriptors (the client's socket closed meanwhile)
+                raise ClientGone() from exc
 
     def _on_replies(self, side: socket.socket) -> None:
         while True:
