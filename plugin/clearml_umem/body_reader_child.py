@@ -6,7 +6,9 @@ the router's process it ran at the router's priority, beside its event loop and 
 client's loop steps waited 3-5 ms on the run queue for a core (per-thread `schedstat`, 2 cores),
 twice as often as while the same bodies went to a process of their own (`benchmarks/big_bodies.py`).
 A niced thread of the router's did worse: preempted while holding the GIL, it held up the loop. Here
-the copy runs niced, like the parser processes, and holds no lock the router needs.
+the copy runs niced, like the parser processes, and holds no lock the router needs. It imports
+nothing of the router's package (`body_reading.py`, `child_process.py`): it starts in tens of
+milliseconds, at the first big body.
 
 Run as `python -m clearml_umem.body_reader_child PARENT_PID SOCKET_FD`. Each job comes on the socket
 (SOCK_SEQPACKET) as one message carrying two descriptors, the client's socket and the body's memory
@@ -24,18 +26,26 @@ import socket
 import sys
 import threading
 
-from clearml_umem.parser_child import NICENESS, die_with
-from clearml_umem.router.body_handoff import BODY_IO_THREADS, fill
-from clearml_umem.router.body_wire import DONE, FAILED, GONE, JOB, REPLY, STALLED
-from clearml_umem.router.disconnect import ClientGone
-from clearml_umem.router.errors import APIError
+from clearml_umem.body_reading import (
+    DONE,
+    FAILED,
+    GONE,
+    JOB,
+    READING_THREADS,
+    REPLY,
+    STALLED,
+    BodyGone,
+    BodyStalled,
+    fill,
+)
+from clearml_umem.child_process import NICENESS, die_with
 
 
 def serve(channel: socket.socket) -> None:
     """Until the router closes the socket; its caller then ends the process without waiting for the
     threads (a slow sender's body is nobody's any more)."""
     replies = threading.Lock()
-    pool = concurrent.futures.ThreadPoolExecutor(BODY_IO_THREADS, thread_name_prefix="umem-body-read")
+    pool = concurrent.futures.ThreadPoolExecutor(READING_THREADS, thread_name_prefix="umem-body-read")
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(channel, JOB.size, 2)
@@ -56,9 +66,9 @@ def _read(channel: socket.socket, replies: threading.Lock, tag: int, length: int
     try:
         fill(sock_fd, mem_fd, length, have, timeout_s)
         outcome = DONE
-    except ClientGone:
+    except BodyGone:
         outcome = GONE
-    except APIError:
+    except BodyStalled:
         outcome = STALLED
     except Exception:  # noqa: BLE001 - the router answers 503 and logs it
         outcome = FAILED

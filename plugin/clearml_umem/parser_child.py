@@ -13,7 +13,6 @@ router dies mid-body (kill -9 included).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import mmap
@@ -24,6 +23,7 @@ import socket
 import sys
 from typing import BinaryIO
 
+from clearml_umem.child_process import NICENESS, die_with
 from clearml_umem.router.errors import APIError
 from clearml_umem.router.parser_wire import (
     ANSWER,
@@ -37,20 +37,6 @@ from clearml_umem.router.parser_wire import (
     decode_bounds,
 )
 from clearml_umem.router.schemas import prepare_body
-
-_PR_SET_PDEATHSIG = 1
-
-NICENESS = 10
-"""Added to this process's nice value: where cores are short, the router's event loop and the
-engines run first, and a big body waits for its check instead (it is refused or passed a little later)."""
-
-
-def die_with(parent: int) -> None:
-    """Ask Linux to kill this process when its parent ends; exit at once if it already has."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the end of stdin still ends it
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        raise SystemExit(0)
 
 
 def answer(raw: bytes | memoryview, kind: BodyKind, max_messages: int, bounds: bytes = b"{}") -> tuple[int, bytes]:

@@ -11,7 +11,7 @@ bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's p
 reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
 the router creates a memory file (`SharedBody`) with those bytes in it and passes it, with the
 client's socket, to the body reader process (`body_reader.py`), where a thread reads the rest into
-it (`fill`), mostly in one blocking call; the parser pool then hands the file's descriptor to a
+it (`body_reading.fill`), mostly in one blocking call; the parser pool then hands the file's descriptor to a
 parser process, which parses the same pages: the body is copied once, from its socket, by a niced
 process, and never again. A slow sender holds a thread of the reader process, not the loop nor a
 parser process.
@@ -27,24 +27,19 @@ noticed as any other.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import mmap
 import os
 import select
-import socket
-import struct
-import time
 import weakref
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from clearml_umem.router.disconnect import ClientGone
 from clearml_umem.router.errors import APIError
 
 BODY_IO_THREADS = 64
-"""Big bodies read or written at once; a thread waiting in poll on a slow sender costs only its
-stack, and one more waits for a free thread while its sender waits on TCP's window."""
+"""Threads of the router's that write big bodies to parser processes' pipes (those not in a memory
+file) and close memory files; a thread waiting in poll costs only its stack."""
 
 BODY_IO = concurrent.futures.ThreadPoolExecutor(max_workers=BODY_IO_THREADS, thread_name_prefix="umem-body-io")
 
@@ -52,7 +47,7 @@ class SharedBody:
     """A body in a memory file (memfd), shared by its descriptor with a parser process
     (`parser_pool.py`), so that its megabytes are not copied again through a pipe: that copy and
     the parser process's read of it cost as much CPU as reading the body from its socket. Only
-    the body reader maps it (`fill`): at rest a body holds one descriptor. Its memory goes
+    the body reader maps it (`body_reading.fill`): at rest a body holds one descriptor. Its memory goes
     when this object and the parser process's mapping are both gone."""
 
     def __init__(self, length: int) -> None:
@@ -158,55 +153,6 @@ def handoff_of(scope: MutableMapping[str, Any]) -> BodyHandoff | None:
 
 def body_timeout(seconds: float) -> APIError:
     return APIError(408, f"The request body stopped arriving: nothing for {seconds:g} s", code="request_timeout")
-
-
-def fill(sock_fd: int, mem_fd: int, length: int, have: int, read_timeout_s: float) -> None:
-    """Read bytes `have`..`length` of a body from the client's socket into its memory file. Run in
-    a thread of the body reader process (`body_reader_child.py`), never in the router's. Raises
-    ClientGone at the end of the stream (the client left, or the router shut the socket down: it
-    gave up on the body), the 408 of `body_timeout` when nothing came for `read_timeout_s`.
-
-    Most bodies take one call: the socket is read blocking, with MSG_WAITALL, which returns once
-    the whole rest has arrived, or after `WAKE_CHECK_S` with what came by then (SO_RCVTIMEO: a slow
-    sender's bytes and the timeout are checked that often). The socket the router holds shares the
-    blocking mode until the read ends; meanwhile the router neither reads it (paused) nor writes
-    to it (the request has no answer yet)."""
-    mapping = mmap.mmap(mem_fd, length)
-    view = memoryview(mapping)
-    reader = socket.socket(fileno=os.dup(sock_fd))
-    last_byte = time.monotonic()
-    try:
-        reader.setblocking(True)
-        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(WAKE_CHECK_S))
-        while have < length:
-            try:
-                count = reader.recv_into(view[have:], 0, socket.MSG_WAITALL)
-            except BlockingIOError:  # nothing for WAKE_CHECK_S
-                count = -1
-            except OSError as exc:  # reset by the client
-                raise ClientGone() from exc
-            if count == 0:
-                raise ClientGone()
-            if count > 0:
-                have += count
-                last_byte = time.monotonic()
-            elif time.monotonic() - last_byte >= read_timeout_s:
-                raise body_timeout(read_timeout_s)
-    finally:
-        view.release()
-        mapping.close()
-        with contextlib.suppress(OSError):
-            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
-            reader.setblocking(False)  # asyncio's socket, as it left it
-        reader.close()
-
-
-WAKE_CHECK_S = 0.25
-"""How often a reading thread (of the body reader process) wakes while a body is still arriving (a slow sender's)."""
-
-
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
 def write_all(fd: int, pieces: Sequence[bytes], timeout_s: float) -> None:

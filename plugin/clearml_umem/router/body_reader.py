@@ -20,8 +20,8 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+from clearml_umem.body_reading import DONE, FAILED, GONE, JOB, REPLY, STALLED
 from clearml_umem.router.body_handoff import BodyHandoff, SharedBody, body_timeout
-from clearml_umem.router.body_wire import DONE, FAILED, GONE, JOB, REPLY, STALLED
 from clearml_umem.router.disconnect import ClientGone
 from clearml_umem.router.errors import UNAVAILABLE, APIError
 from clearml_umem.router.parser_pool import BUSY_RETRY_AFTER_S, child_env
