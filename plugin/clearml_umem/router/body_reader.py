@@ -70,10 +70,10 @@ class BodyReaders:
             await self._send(side, JOB.pack(tag, handoff.length, have, handoff.read_timeout_s),
                              [handoff.socket.fileno(), body.fd])
             result = await outcome
-        except BaseException:
-            if not outcome.done():  # given up on (cancelled): the read there ends at the end of the stream
+        except asyncio.CancelledError:
+            if not outcome.done():  # given up on (the server stopping): the read there ends at once
                 with contextlib.suppress(OSError):
-                    handoff.socket.shutdown(socket.SHUT_RDWR)
+                    handoff.socket.shutdown(socket.SHUT_RD)
             raise
         finally:
             self._waiting.pop(tag, None)
