@@ -4,6 +4,7 @@ real transformers engines, real HTTP (issue 17, points 3, 4, 8, 9)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -306,7 +307,8 @@ def _stream_until_hung(router: RouterProcess, model: str, on_stop=None, max_toke
             if on_stop is not None:
                 on_stop()
             return lines, pid
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # stopped long enough, it was found hung and replaced
+            os.kill(pid, signal.SIGCONT)
     return lines, pid
 
 
