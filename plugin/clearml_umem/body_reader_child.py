@@ -12,7 +12,7 @@ milliseconds, at the first big body.
 
 Run as `python -m clearml_umem.body_reader_child PARENT_PID SOCKET_FD`. Each job comes on the socket
 (SOCK_SEQPACKET) as one message carrying two descriptors, the client's socket and the body's memory
-file: a thread fills the file (`body_handoff.fill`) and the outcome goes back with the job's tag.
+file: a thread fills the file (`body_reading.fill`) and the outcome goes back with the job's tag.
 It ends when the socket closes (the router exited or closed it) and, through PR_SET_PDEATHSIG, when
 the router dies (kill -9 included).
 """

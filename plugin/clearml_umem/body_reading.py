@@ -28,6 +28,10 @@ READING_THREADS = 64
 for a free thread while its sender waits on TCP's window."""
 
 
+WAKE_CHECK_S = 0.25
+"""How often a reading thread (of the body reader process) wakes while a body is still arriving (a slow sender's)."""
+
+
 class BodyGone(Exception):
     """The stream ended before the body did: the client left, or the router shut the socket down."""
 
@@ -39,7 +43,7 @@ class BodyStalled(Exception):
 def fill(sock_fd: int, mem_fd: int, length: int, have: int, read_timeout_s: float) -> None:
     """Read bytes `have`..`length` of a body from the client's socket into its memory file. Run in
     a thread of the body reader process (`body_reader_child.py`), never in the router's. Raises
-    ClientGone at the end of the stream (the client left, or the router shut the socket down: it
+    BodyGone at the end of the stream (the client left, or the router shut the socket down: it
     gave up on the body), BodyStalled when nothing came for `read_timeout_s`.
 
     Most bodies take one call: the socket is read blocking, with MSG_WAITALL, which returns once
@@ -75,18 +79,6 @@ def fill(sock_fd: int, mem_fd: int, length: int, have: int, read_timeout_s: floa
             reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
             reader.setblocking(False)  # asyncio's socket, as it left it
         reader.close()
-
-
-WAKE_CHECK_S = 0.25
-"""How often a reading thread (of the body reader process) wakes while a body is still arriving (a slow sender's)."""
-
-
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
-
-
-WAKE_CHECK_S = 0.25
-"""How often a reading thread (of the body reader process) wakes while a body is still arriving (a slow sender's)."""
 
 
 def _timeval(seconds: float) -> bytes:

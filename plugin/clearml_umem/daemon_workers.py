@@ -77,7 +77,6 @@ class DaemonWorkers:
                 self._busy -= 1
                 self._idle += 1
 
-
     def start(self, fn: Callable[..., object], *args: Any) -> Running:
         """`fn(*args)` in a worker, followed through the handle (`Thread`'s `is_alive` and `join`)."""
         running = Running()

@@ -27,7 +27,6 @@ noticed as any other.
 from __future__ import annotations
 
 import concurrent.futures
-import mmap
 import os
 import select
 import weakref
@@ -65,11 +64,6 @@ class SharedBody:
 
     def __bytes__(self) -> bytes:
         return os.pread(self.fd, self.length, 0)
-
-    def mapped(self) -> mmap.mmap:
-        """A writable mapping of the whole body; its pages are the kernel's to zero as they are
-        first written, not a thread's holding the GIL (a bytearray's 8 MB took 1.5 ms)."""
-        return mmap.mmap(self.fd, self.length)
 
 
 def _close_in_a_thread(fd: int) -> None:

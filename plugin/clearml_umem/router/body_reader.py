@@ -17,14 +17,13 @@ import itertools
 import logging
 import os
 import socket
-import sys
 from dataclasses import dataclass, field
 
 from clearml_umem.body_reading import DONE, FAILED, GONE, JOB, REPLY, STALLED
 from clearml_umem.router.body_handoff import BodyHandoff, SharedBody, body_timeout
 from clearml_umem.router.disconnect import ClientGone
 from clearml_umem.router.errors import UNAVAILABLE, APIError
-from clearml_umem.router.parser_pool import BUSY_RETRY_AFTER_S, child_env
+from clearml_umem.router.parser_pool import BUSY_RETRY_AFTER_S, spawn_child
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,8 @@ class BodyReaders:
             if self._side is None or self.proc is None or self.proc.returncode is not None:
                 self._drop_side()
                 try:
-                    self.proc, self._side = await _spawn()
+                    self.proc, self._side = await spawn_child(
+                        "clearml_umem.body_reader_child", socket.SOCK_SEQPACKET, stdin=asyncio.subprocess.DEVNULL)
                 except OSError as exc:  # out of descriptors or processes: this body's 503, the next tries again
                     log.error("the body reader process could not start: %s", exc)
                     raise read_failed() from exc
@@ -172,18 +172,3 @@ class BodyReaders:
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-async def _spawn() -> tuple[asyncio.subprocess.Process, socket.socket]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "clearml_umem.body_reader_child", str(os.getpid()), str(theirs.fileno()),
-            stdin=asyncio.subprocess.DEVNULL, env=child_env(), pass_fds=(theirs.fileno(),))
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    ours.setblocking(False)
-    return proc, ours

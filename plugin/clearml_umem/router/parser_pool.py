@@ -32,6 +32,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from clearml_umem.router.body_handoff import BODY_IO, Body, SharedBody, write_all
 from clearml_umem.router.errors import UNAVAILABLE, APIError
@@ -243,21 +244,29 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
 
 
-async def _spawn() -> tuple[asyncio.subprocess.Process, socket.socket]:
-    """A parser process, and the router's end of the socket its shared bodies' descriptors go through
-    (non-blocking: it holds at most one message, as each body waits for its answer)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+async def spawn_child(module: str, kind: socket.SocketKind, **options: Any,
+                      ) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """A helper process (`python -m module PARENT_PID SOCKET_FD`, `options` for the subprocess), and the
+    router's end, non-blocking, of the Unix socket of `kind` whose other end it is given."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "clearml_umem.parser_child", str(os.getpid()), str(theirs.fileno()),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**20, env=child_env(),
-            pass_fds=(theirs.fileno(),))
+            sys.executable, "-m", module, str(os.getpid()), str(theirs.fileno()), env=child_env(),
+            pass_fds=(theirs.fileno(),), **options)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     ours.setblocking(False)
+    return proc, ours
+
+
+async def _spawn() -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """A parser process, and the router's end of the socket its shared bodies' descriptors go through
+    (non-blocking: it holds at most one message, as each body waits for its answer)."""
+    proc, ours = await spawn_child("clearml_umem.parser_child", socket.SOCK_STREAM, stdin=asyncio.subprocess.PIPE,
+                                   stdout=asyncio.subprocess.PIPE, limit=2**20)
     assert proc.stdin is not None
     pipe = proc.stdin.get_extra_info("pipe")
     if pipe is not None:
