@@ -133,10 +133,14 @@ def drive(url: str, models: Sequence[str], clients: int, max_tokens: int, run: L
                     if resp.status_code != 200:
                         raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')[:200]}")
                     for line in resp.iter_lines():
-                        if first is None and line.startswith("data:") and line.strip() != "data: [DONE]":
-                            delta = json.loads(line[5:])["choices"][0].get("delta", {})
-                            if delta.get("content"):
-                                first = time.perf_counter() - start
+                        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                            continue
+                        event = json.loads(line[5:])
+                        if "error" in event:  # the stream began, then the engine failed: not answered
+                            raise RuntimeError(f"failed mid-stream: {event['error'].get('message', '')[:200]}")
+                        choices = event.get("choices") or [{}]
+                        if first is None and choices[0].get("delta", {}).get("content"):
+                            first = time.perf_counter() - start
                 with lock:
                     ttfts.append(first if first is not None else time.perf_counter() - start)
             except Exception as exc:  # noqa: BLE001 - counted and shown, the run goes on

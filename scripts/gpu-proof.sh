@@ -34,7 +34,7 @@ if [ "${UMEM_PROOF_TESTS:-1}" = "1" ]; then
   # only the modules that need a device; the others import packages this machine lacks (openai, clearml)
   (cd "$ROOT" && "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -m gpu --continue-on-collection-errors \
     tests/test_transformers_engine.py tests/test_weight_store.py tests/test_overlapped_read.py tests/test_device_usage.py \
-    tests/test_vllm_gpu.py tests/test_layer_pipeline.py) \
+    tests/test_vllm_gpu.py tests/test_layer_pipeline.py tests/test_graph_capture.py) \
     2>&1 | tee "$OUT/gpu-tests.log"
   tests_rc=${PIPESTATUS[0]}
 fi

@@ -32,13 +32,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from clearml_umem.engines.base import EngineError, GenerationRequest
 from clearml_umem.engines.constrained import constrained_schema
+from clearml_umem.engines.graph_capture import CaptureGate, gate_for
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,42 @@ def samples_per_row() -> bool:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     return "per_request_processors" in getattr(ContinuousBatchingConfig, "__dataclass_fields__", {})
+
+
+_in_step = threading.local()
+"""`gate`: the capture gate of the batched step this thread is running, if any."""
+
+
+@functools.cache
+def gate_captures() -> bool:
+    """Make every CUDA-graph capture of transformers' batching take its device's `CaptureGate` alone (once per
+    process); False where the installed transformers captures elsewhere (then no model may capture)."""
+    try:
+        from transformers.generation.continuous_batching import model_runner
+    except ImportError:
+        return False
+    runner = getattr(model_runner, "ModelRunner", None)
+    original = getattr(runner, "_capture_graph", None)
+    stream_context = getattr(model_runner, "stream_context", None)
+    if original is None or stream_context is None:
+        return False
+
+    def capture_alone(self: Any, forward_fn: Callable[..., None], compute_stream: Any, *args: Any) -> None:
+        gate: CaptureGate | None = getattr(_in_step, "gate", None)
+        if gate is None:
+            original(self, forward_fn, compute_stream, *args)
+            return
+        with gate.capture() as alone:
+            if alone:
+                original(self, forward_fn, compute_stream, *args)
+                return
+        log.warning("a CUDA graph capture waited %g s for other models' steps: this step runs without it",
+                    gate.wait_s)
+        with stream_context(compute_stream):
+            forward_fn(*args)
+
+    runner._capture_graph = capture_alone
+    return True
 
 
 def why_not_batched(request: GenerationRequest, sampled: bool = True) -> str | None:
@@ -243,6 +280,12 @@ class Batcher:
                 return
             self._stopping = False
             limits = self.limits
+            device = str(getattr(model, "device", "cpu"))
+            gate = gate_for(device) if device.startswith("cuda") else None
+            if limits.cuda_graphs and not gate_captures():
+                log.warning("model %s: batching without CUDA graphs: this transformers' graph capture cannot be "
+                            "kept from other models' steps", self.name)
+                limits = self.limits = replace(limits, cuda_graphs=False)
             blocks = max(2, -(-limits.cache_tokens // limits.page_size))
             sampling = self.sampling
             cb_config = ContinuousBatchingConfig(
@@ -265,7 +308,15 @@ class Batcher:
                 original_step = manager._generation_step
 
                 def counted_step() -> None:
-                    original_step()
+                    if gate is None:
+                        original_step()
+                    else:  # a sampled step must not run while another model captures a graph
+                        with gate.step():
+                            _in_step.gate = gate
+                            try:
+                                original_step()
+                            finally:
+                                _in_step.gate = None
                     self.steps += 1
                     self.last_progress = time.monotonic()
 
