@@ -56,8 +56,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from clearml_umem.catalog import write_manifest
+from clearml_umem.child_process import yield_cores
 from clearml_umem.json_body import DEFAULT_MAX_MESSAGES, max_values
-from clearml_umem.parser_child import NICENESS
 from clearml_umem.router.errors import APIError
 from clearml_umem.router.parser_pool import PARSER_PROCESSES
 from clearml_umem.router.schemas import prepare_body
@@ -199,10 +199,13 @@ def send(url: str, body: bytes, stop: Any, posted: Any, interval_s: float = 0.0)
 
 def sink(listener: socket.socket) -> None:
     """One process of the control phase's sink: reads each body and prepares it as a parser process
-    would (`schemas.prepare_body`, at the parser processes' niceness), then answers 400, outside
-    the router. What the other client's TTFT loses to it is what sharing the machine's cores with
-    the same work costs, with the router's event loop kept out of it."""
-    os.nice(NICENESS)
+    would (`schemas.prepare_body`, at the parser processes' priority: `child_process.yield_cores`;
+    the garbage collector off, as there: forked from this process, with its heap, the sink's
+    collections cost more CPU than the parse), then answers 400, outside the router. What the other
+    client's TTFT loses to it is what sharing the machine's cores with the same work costs, with the
+    router's event loop kept out of it."""
+    yield_cores()
+    gc.disable()
     while True:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as request:

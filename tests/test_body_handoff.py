@@ -9,10 +9,12 @@ import os
 import socket
 import threading
 import time
+import types
 
 import pytest
 
-from clearml_umem.body_reading import BodyGone, BodyStalled, fill
+from clearml_umem import body_reading
+from clearml_umem.body_reading import READ_BYTES, BodyGone, BodyStalled, fill
 from clearml_umem.router.body_handoff import HandoffRoutes, SharedBody, write_all
 
 ROUTES = HandoffRoutes(frozenset({"/v1/chat/completions"}), min_bytes=100, max_bytes=1000, read_timeout_s=0.5)
@@ -58,6 +60,36 @@ def test_the_rest_of_a_body_is_read_as_it_trickles_in() -> None:
         fill(server.fileno(), shared.fd, len(body), 1000, read_timeout_s=2.0)
         assert bytes(shared) == body
         assert not server.getblocking() and server.gettimeout() == 0.0, "the socket is left as asyncio holds it"
+    finally:
+        sender.join()
+        client.close()
+        server.close()
+
+
+def test_a_body_is_read_in_pieces_short_enough_for_the_loop_to_get_its_core_between(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `recv` asks for more than `READ_BYTES`: the kernel's copy of a body runs inside the call,
+    and a core held for all 8 MB of it kept the router's event loop waiting 4-6 ms."""
+    asked: list[int] = []
+
+    class Recording(socket.socket):
+        def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
+            asked.append(nbytes or len(buffer))
+            return super().recv_into(buffer, nbytes, flags)
+
+    recording = types.ModuleType("socket")
+    recording.__dict__.update(socket.__dict__)
+    recording.socket = Recording
+    monkeypatch.setattr(body_reading, "socket", recording)
+    client, server = _pair()
+    body = os.urandom(5 * READ_BYTES + 1000)
+    shared = SharedBody(len(body))
+    sender = threading.Thread(target=client.sendall, args=(body,))
+    sender.start()
+    try:
+        fill(server.fileno(), shared.fd, len(body), 0, read_timeout_s=5.0)
+        assert bytes(shared) == body
+        assert max(asked) <= READ_BYTES and len(asked) >= 6, asked
     finally:
         sender.join()
         client.close()

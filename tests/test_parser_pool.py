@@ -52,6 +52,30 @@ def test_bodies_are_prepared_in_a_parser_process() -> None:
     assert wait_gone(pids, timeout=10) == []  # close() ended it
 
 
+def batch_and_niced(pid: int) -> bool:
+    """Every thread of `pid` niced by `NICENESS` or more and a batch task: a body handed to it never
+    preempts the event loop that woke it (`child_process.yield_cores`)."""
+    from clearml_umem.child_process import NICENESS
+
+    tids = [t.id for t in psutil.Process(pid).threads()]
+    return bool(tids) and all(os.sched_getscheduler(tid) == os.SCHED_BATCH
+                              and os.getpriority(os.PRIO_PROCESS, tid) >= NICENESS for tid in tids)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux's scheduling policies")
+def test_a_parser_process_runs_below_the_router_and_never_preempts_its_loop() -> None:
+    async def run() -> bool:
+        pool = ParserPool(processes=1)
+        try:
+            await pool.prepare(FINE, "chat", max_messages=10000)
+            return batch_and_niced(pool.pids[0])
+        finally:
+            await pool.close()
+
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the test's own loop: an ordinary task
+    assert asyncio.run(run())
+
+
 def test_a_parser_process_validates_as_the_router_would_and_names_the_field() -> None:
     bad_role = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 500}] * 150
                            + [{"role": "robot", "content": "hi"}]}).encode()

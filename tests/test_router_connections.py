@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import selectors
 import socket
@@ -281,9 +282,10 @@ def test_a_big_body_answered_unread_passes_through_and_the_connection_stays_usab
 def test_big_bodies_are_read_by_a_niced_reader_process_that_ends_with_the_router(
         tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """The kernel's copy of a big body happens in the body reader process (niced like the parser
-    processes), so that it never competes with the router's event loop at the router's priority;
+    processes, and like them a batch task, which never preempts the loop that woke it), so that it
+    never competes with the router's event loop at the router's priority;
     one body is mid-read when the router is killed (-9), and nothing of the router outlives it."""
-    from clearml_umem.parser_child import NICENESS
+    from clearml_umem.child_process import NICENESS
 
     manifest = tmp_path / "models.yaml"
     write_manifest(manifest, [spec_from_mapping({"name": "tiny-llama", "weights": str(tiny_models["tiny-llama"])})])
@@ -296,6 +298,11 @@ def test_big_bodies_are_read_by_a_niced_reader_process_that_ends_with_the_router
         assert resp.status_code == 200, resp.text
         readers = [c for c in proc.descendants() if "clearml_umem.body_reader_child" in " ".join(c.cmdline())]
         assert len(readers) == 1 and readers[0].nice() >= NICENESS, readers
+        if hasattr(os, "SCHED_BATCH"):  # helpers never preempt the loop that hands them a body
+            from tests.test_parser_pool import batch_and_niced
+
+            parsers = [c for c in proc.descendants() if "clearml_umem.parser_child" in " ".join(c.cmdline())]
+            assert parsers and all(batch_and_niced(c.pid) for c in [*readers, *parsers]), (readers, parsers)
         with _connect(proc) as slow:
             slow.sendall(_head(body) + body[:1000])
             time.sleep(0.5)  # its read is under way, in the reader process

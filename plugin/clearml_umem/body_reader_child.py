@@ -38,7 +38,7 @@ from clearml_umem.body_reading import (
     BodyStalled,
     fill,
 )
-from clearml_umem.child_process import NICENESS, die_with
+from clearml_umem.child_process import die_with, yield_cores
 
 
 def serve(channel: socket.socket) -> None:
@@ -84,7 +84,7 @@ def _read(channel: socket.socket, replies: threading.Lock, tag: int, length: int
 
 def main(argv: list[str]) -> None:
     die_with(int(argv[0]))
-    os.nice(NICENESS)
+    yield_cores()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when this one ends
     serve(socket.socket(fileno=int(argv[1])))
     os._exit(0)  # threads still waiting on slow senders end with the process

@@ -23,7 +23,7 @@ import socket
 import sys
 from typing import BinaryIO
 
-from clearml_umem.child_process import NICENESS, die_with
+from clearml_umem.child_process import die_with, yield_cores
 from clearml_umem.router.errors import APIError
 from clearml_umem.router.parser_wire import (
     ANSWER,
@@ -109,7 +109,7 @@ def _shared(side: socket.socket, length: int) -> mmap.mmap | None:
 
 def main(argv: list[str]) -> None:
     die_with(int(argv[0]))
-    os.nice(NICENESS)
+    yield_cores()
     # a terminal's Ctrl-C reaches the whole process group: the router decides when this one ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a parsed body makes no reference cycles (reference counting frees it), and the collections

@@ -5,8 +5,9 @@ marks that generator as capturing for the whole capture, in every thread: a draw
 capture meanwhile fails ("Offset increment outside graph capture encountered unexpectedly"), and
 so does a second capture. transformers' continuous batching captures lazily, on the first step of
 each padded shape (after a warm-up step run eagerly, which draws too), so with several models hot
-on one GPU one model's capture killed another's sampled step: the first GPU proof with batching
-lost every request of two of its four models that way (2026-12-04, H200, transformers 5.25).
+on one GPU one model's capture killed another's sampled step, and with it every request that
+model's batch held: three of the four models of the first GPU proof with batching lost their
+batches that way within seconds (2026-12-04, H200, transformers 5.25).
 
 So on each device a capture runs alone: it waits for the batched steps under way to end (they take
 milliseconds), and steps that would begin meanwhile wait for it (a capture takes 0.1-1.3 s, once

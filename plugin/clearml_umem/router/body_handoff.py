@@ -11,7 +11,7 @@ bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's p
 reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
 the router creates a memory file (`SharedBody`) with those bytes in it and passes it, with the
 client's socket, to the body reader process (`body_reader.py`), where a thread reads the rest into
-it (`body_reading.fill`), mostly in one blocking call; the parser pool then hands the file's descriptor to a
+it (`body_reading.fill`), in blocking calls of half a MiB; the parser pool then hands the file's descriptor to a
 parser process, which parses the same pages: the body is copied once, from its socket, by a niced
 process, and never again. A slow sender holds a thread of the reader process, not the loop nor a
 parser process.
