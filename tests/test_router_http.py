@@ -29,7 +29,7 @@ from clearml_umem.engines.prompt_check import PromptBound
 from clearml_umem.events import Event, EventBus, FirstToken, MoveFinished, RequestArrived, RequestFinished
 from clearml_umem.log_setup import UVICORN_LOGGING
 from clearml_umem.metrics import Metrics
-from clearml_umem.router import create_app
+from clearml_umem.router.app import create_app
 from clearml_umem.runtime import Lease, ModelNotFound, Rejected
 from clearml_umem.scheduler import PlacementRefused
 from clearml_umem.spec import ModelSpec
