@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from clearml_umem.engines.batching import _in_step, gate_captures
+from clearml_umem.engines.batching import gate_captures
 from clearml_umem.engines.graph_capture import CaptureGate, gate_for
 
 WAIT = 10.0
@@ -26,6 +27,25 @@ def in_thread(target: Callable[[], None]) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread
+
+
+@contextmanager
+def step_stuck_in_another_thread(gate: CaptureGate) -> Iterator[None]:
+    """Another thread's step that does not end until the block does."""
+    inside, release = threading.Event(), threading.Event()
+
+    def stuck_step() -> None:
+        with gate.step():
+            inside.set()
+            assert release.wait(WAIT)
+
+    stuck = in_thread(stuck_step)
+    assert inside.wait(WAIT)
+    try:
+        yield
+    finally:
+        release.set()
+        stuck.join(WAIT)
 
 
 def waiting_threads(gate: CaptureGate, count: int) -> None:
@@ -118,23 +138,13 @@ def test_two_captures_at_once_run_one_after_the_other() -> None:
 
 def test_a_capture_stuck_behind_a_step_gives_up_and_nothing_is_held() -> None:
     gate = CaptureGate(wait_s=0.2)
-    stuck_inside, release = threading.Event(), threading.Event()
-
-    def stuck_step() -> None:
-        with gate.step():
-            stuck_inside.set()
-            assert release.wait(WAIT)
-
-    stuck = in_thread(stuck_step)
-    assert stuck_inside.wait(WAIT)
-    with gate.step(), gate.capture() as alone:
-        assert not alone
-        assert gate._steps == 2  # this step counts again: it runs eagerly beside the stuck one
-    assert gate.skipped == 1 and gate.captures == 0
-    with gate.step():  # steps still begin
-        pass
-    release.set()
-    stuck.join(WAIT)
+    with step_stuck_in_another_thread(gate):
+        with gate.step(), gate.capture() as alone:
+            assert not alone
+            assert gate._steps == 2  # this step counts again: it runs eagerly beside the stuck one
+        assert gate.skipped == 1 and gate.captures == 0
+        with gate.step():  # steps still begin
+            pass
     assert gate._steps == 0 and not gate._capturing and gate._waiting == 0
 
 
@@ -159,26 +169,9 @@ def test_transformers_captures_go_through_the_gate() -> None:
 
     assert gate_captures()
     gate = CaptureGate(wait_s=0.1)
-    stuck_inside, release = threading.Event(), threading.Event()
-
-    def stuck_step() -> None:
-        with gate.step():
-            stuck_inside.set()
-            assert release.wait(WAIT)
-
-    stuck = in_thread(stuck_step)
-    assert stuck_inside.wait(WAIT)
     calls: list[tuple[Any, ...]] = []
-    try:
-        with gate.step():
-            _in_step.gate = gate
-            try:
-                ModelRunner._capture_graph(object(), lambda *args: calls.append(args), None, "model", "batch")
-            finally:
-                _in_step.gate = None
-    finally:
-        release.set()
-        stuck.join(WAIT)
+    with step_stuck_in_another_thread(gate), gate.step():
+        ModelRunner._capture_graph(object(), lambda *args: calls.append(args), None, "model", "batch")
     assert calls == [("model", "batch")] and gate.skipped == 1
 
 

@@ -1,6 +1,6 @@
 """What the router's helper processes (parser processes, the body reader) share: they die with the
-router and yield cores to it. Light on purpose: a helper that imports the router's package pays
-its start (0.7 s) at the first big body."""
+router and yield cores to it. Light on purpose: what a helper imports is paid at the first big body,
+which waits for its start (the router's app and FastAPI doubled a parser process's)."""
 
 from __future__ import annotations
 

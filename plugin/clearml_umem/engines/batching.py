@@ -39,7 +39,7 @@ import torch
 
 from clearml_umem.engines.base import EngineError, GenerationRequest
 from clearml_umem.engines.constrained import constrained_schema
-from clearml_umem.engines.graph_capture import CaptureGate, gate_for
+from clearml_umem.engines.graph_capture import gate_for, gate_of_this_step
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,6 @@ def samples_per_row() -> bool:
     return "per_request_processors" in getattr(ContinuousBatchingConfig, "__dataclass_fields__", {})
 
 
-_in_step = threading.local()
-"""`gate`: the capture gate of the batched step this thread is running, if any."""
-
-
 @functools.cache
 def gate_captures() -> bool:
     """Make every CUDA-graph capture of transformers' batching take its device's `CaptureGate` alone (once per
@@ -123,7 +119,7 @@ def gate_captures() -> bool:
         return False
 
     def capture_alone(self: Any, forward_fn: Callable[..., None], compute_stream: Any, *args: Any) -> None:
-        gate: CaptureGate | None = getattr(_in_step, "gate", None)
+        gate = gate_of_this_step()
         if gate is None:
             original(self, forward_fn, compute_stream, *args)
             return
@@ -312,11 +308,7 @@ class Batcher:
                         original_step()
                     else:  # a sampled step must not run while another model captures a graph
                         with gate.step():
-                            _in_step.gate = gate
-                            try:
-                                original_step()
-                            finally:
-                                _in_step.gate = None
+                            original_step()
                     self.steps += 1
                     self.last_progress = time.monotonic()
 

@@ -26,6 +26,15 @@ from contextlib import contextmanager
 CAPTURE_WAIT_S = 5.0
 """Longest a capture waits for other models' steps to end before its step runs without a graph."""
 
+_this_thread = threading.local()
+"""`gate`: the gate whose step this thread is running, if any (a capture is found inside a step,
+where only the thread knows which device's gate it is under)."""
+
+
+def gate_of_this_step() -> CaptureGate | None:
+    """The gate of the step this thread is in (`CaptureGate.step`), or None outside any."""
+    return getattr(_this_thread, "gate", None)
+
 
 class CaptureGate:
     """Steps share a device; a capture has it alone. Pure threading, no torch: tested without a GPU."""
@@ -36,7 +45,6 @@ class CaptureGate:
         self._steps = 0
         self._capturing = False
         self._waiting = 0
-        self._held = threading.local()
         self.captures = 0
         """Captures made alone (for tests and the log)."""
         self.skipped = 0
@@ -44,15 +52,16 @@ class CaptureGate:
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        """Around one batched step of one model (which may capture inside, through `capture`)."""
+        """Around one batched step of one model (which may capture inside, through `capture`); the
+    thread's gate meanwhile (`gate_of_this_step`)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._capturing and not self._waiting)
             self._steps += 1
-        self._held.depth = getattr(self._held, "depth", 0) + 1
+        outer, _this_thread.gate = gate_of_this_step(), self
         try:
             yield
         finally:
-            self._held.depth -= 1
+            _this_thread.gate = outer
             with self._cond:
                 self._steps -= 1
                 self._cond.notify_all()
@@ -61,7 +70,7 @@ class CaptureGate:
     def capture(self) -> Iterator[bool]:
         """Around one capture (its warm-up included): yields True when this thread has the device alone,
         False when `wait_s` passed first (then capture nothing: no other step is excluded)."""
-        held = getattr(self._held, "depth", 0)
+        held = 1 if gate_of_this_step() is self else 0
         with self._cond:
             self._steps -= held  # this thread's own step must not keep its capture waiting
             self._waiting += 1

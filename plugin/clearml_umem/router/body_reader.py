@@ -23,7 +23,7 @@ from clearml_umem.body_reading import DONE, FAILED, GONE, JOB, REPLY, STALLED
 from clearml_umem.router.body_handoff import BodyHandoff, SharedBody, body_timeout
 from clearml_umem.router.disconnect import ClientGone
 from clearml_umem.router.errors import UNAVAILABLE, APIError
-from clearml_umem.router.parser_pool import BUSY_RETRY_AFTER_S, spawn_child
+from clearml_umem.router.parser_pool import BUSY_RETRY_AFTER_S, spawn_child, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,7 @@ class BodyReaders:
         """End the reader process: its socket closed (it exits at the end of it), killed if it lingers."""
         proc, self.proc = self.proc, None
         self._drop_side()
-        if proc is not None and proc.returncode is None:
-            try:
-                await asyncio.wait_for(proc.wait(), 2.0)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        await stop_child(proc)
 
     async def _started(self) -> socket.socket:
         loop = asyncio.get_running_loop()

@@ -15,10 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from clearml_umem.errors import ServingError
+
 if TYPE_CHECKING:  # the parser processes import this module: FastAPI itself takes them 0.2 s
     from fastapi import FastAPI
-
-from clearml_umem.errors import ServingError
 
 log = logging.getLogger(__name__)
 

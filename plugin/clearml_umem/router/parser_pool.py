@@ -163,7 +163,7 @@ class ParserPool:
             if slot.task is not None:
                 slot.task.cancel()
         for slot in slots:
-            await _stop(slot.proc)
+            await stop_child(slot.proc)
             _close(slot)
         for job in list(self._live):
             job.verdict.cancel()
@@ -198,7 +198,7 @@ class ParserPool:
             except (asyncio.TimeoutError, OSError, EOFError, ValueError) as exc:
                 log.error("parser process %s failed (%s: %s); starting another", slot.proc and slot.proc.pid,
                           type(exc).__name__, exc)
-                await _stop(slot.proc, grace_s=0)
+                await stop_child(slot.proc, grace_s=0)
                 _close(slot)
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
                     return _Answer(FAILED, f"{type(exc).__name__}: {exc}".encode())
@@ -281,8 +281,9 @@ def _close(slot: _Slot) -> None:
     slot.proc = slot.side = None
 
 
-async def _stop(proc: asyncio.subprocess.Process | None, grace_s: float = 2.0) -> None:
-    """Close its stdin (it exits at the end of it), kill it after `grace_s` (0: at once)."""
+async def stop_child(proc: asyncio.subprocess.Process | None, grace_s: float = 2.0) -> None:
+    """End a helper process of `spawn_child`'s: its stdin closed, if a pipe (a parser process exits at
+    its end; the caller has closed the socket the body reader waits on), killed after `grace_s` (0: at once)."""
     if proc is None or proc.returncode is not None:
         return
     if proc.stdin is not None:
