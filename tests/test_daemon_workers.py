@@ -45,6 +45,32 @@ def test_an_idle_worker_takes_the_next_call_without_a_thread_start(monkeypatch: 
     assert len({t.ident for t in ran_on}) == 1 and ran_on[0].daemon and ran_on[0].name == "test-reuse-1"
 
 
+def test_a_caller_hears_of_its_result_only_once_the_worker_is_idle_again() -> None:
+    """A task that awaits one call after another (prompt checks) submits the next as soon as it hears
+    of the last: told before its worker counted itself idle, it found none and started a thread
+    (seen in CI under load). Here the worker is held between its call's end and its counting itself
+    idle (the workers' lock, taken by the test): the caller must not hear of its result meanwhile."""
+    workers = DaemonWorkers("test-order")
+    inside, go = threading.Event(), threading.Event()
+
+    def call() -> int:
+        inside.set()
+        assert go.wait(5)
+        return 7
+
+    async def scenario() -> None:
+        result = asyncio.ensure_future(run_abandonable(workers, call))
+        assert await asyncio.to_thread(inside.wait, 5)
+        with workers._lock:  # the worker cannot count itself idle now
+            go.set()
+            await asyncio.sleep(0.3)  # time for a result told too early to arrive
+            assert not result.done(), "the caller heard of its result before the worker was idle"
+        assert await asyncio.wait_for(result, 5) == 7
+        assert workers._idle == 1 and workers.busy == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_stuck_call_does_not_delay_another_and_errors_reach_the_caller() -> None:
     workers = DaemonWorkers("test-stuck")
     release = threading.Event()

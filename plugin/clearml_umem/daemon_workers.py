@@ -27,6 +27,12 @@ IDLE_S = 30.0
 """How long an idle worker waits for work before it ends."""
 
 
+Job = Callable[[], "Callable[[], None] | None"]
+"""A call for a worker, which may return what tells its caller it is over. That is called once the worker
+counts as idle: told first, a caller that submits its next call at once (a task awaiting one prompt check
+after another) found no idle worker and started a thread, on the event loop (seen in CI under load)."""
+
+
 class DaemonWorkers:
     """Runs each submitted call in an idle worker, or in a new daemon thread when none is idle
     (so a call stuck in a tokenization never delays another: there is no fixed number of workers)."""
@@ -34,7 +40,7 @@ class DaemonWorkers:
     def __init__(self, name: str, idle_s: float = IDLE_S) -> None:
         self.name = name
         self.idle_s = idle_s
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
         """Workers waiting for a job, less the jobs already promised to them: each queued job has a waiting worker."""
@@ -46,7 +52,9 @@ class DaemonWorkers:
         """Workers running a call now."""
         return self._busy
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Job) -> None:
+        """Run `job` in a worker; what it returns, if anything, is called once that worker counts as idle
+        again (`Job`)."""
         with self._lock:
             start = self._idle == 0
             if not start:
@@ -70,22 +78,26 @@ class DaemonWorkers:
                 continue  # every waiting worker was promised a job: one is on its way to this one
             with self._lock:
                 self._busy += 1
+            after: Callable[[], None] | None = None
             with contextlib.suppress(BaseException):  # a job reports its own outcome (`run_abandonable`)
-                job()
+                after = job()
             del job  # an idle worker holds nothing of its last job (a generation's model, say)
             with self._lock:
                 self._busy -= 1
                 self._idle += 1
+            if after is not None:
+                with contextlib.suppress(BaseException):
+                    after()
+                del after
 
     def start(self, fn: Callable[..., object], *args: Any) -> Running:
         """`fn(*args)` in a worker, followed through the handle (`Thread`'s `is_alive` and `join`)."""
         running = Running()
 
-        def job() -> None:
-            try:
+        def job() -> Callable[[], None]:
+            with contextlib.suppress(BaseException):  # as a thread's target: its end is what the caller follows
                 fn(*args)
-            finally:
-                running.ended.set()
+            return running.ended.set
 
         self.submit(job)
         return running
@@ -118,13 +130,17 @@ async def run_abandonable(workers: DaemonWorkers, fn: Callable[..., T], *args: A
         if not fut.done():
             fut.set_result(value) if ok else fut.set_exception(value)
 
-    def run() -> None:
+    def run() -> Callable[[], None]:
         try:
             outcome = (True, fn(*args))
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
             outcome = (False, exc)
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, *outcome)
+
+        def tell() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        return tell
 
     workers.submit(run)
     return await fut
