@@ -297,8 +297,9 @@ def test_the_status_page_in_a_browser_shows_the_models_and_follows_a_placement(s
         browser.get(served.url + "/ui#key=" + ADMIN_KEY)
 
         def tier(model: str) -> str | None:
-            rows = browser.find_elements(By.CSS_SELECTOR, f'#models tr[data-model="{model}"]')
-            return rows[0].get_attribute("data-tier") if rows else None
+            return browser.execute_script(
+                "const row = document.querySelector('#models tr[data-model=\"' + arguments[0] + '\"]');"
+                " return row ? row.dataset.tier : null;", model)
 
         wait.until(lambda _: all(tier(m) for m in ("tiny-llama", "tiny-mistral", "tiny-qwen2")))
         assert "#key" not in browser.current_url, "the key does not stay in the address bar"
@@ -316,13 +317,19 @@ def test_the_status_page_in_a_browser_shows_the_models_and_follows_a_placement(s
         assert any("tiny-llama" in text and "cold -> gpu" in text for text in moves), moves
 
         # the device bar is made of the models' holdings: the hot model's segment is there
-        segments = browser.find_elements(By.CSS_SELECTOR, '[data-budget="device"] .seg')
-        assert "tiny-llama" in [seg.get_attribute("data-model") for seg in segments]
+        segments = browser.execute_script(
+            "return Array.from(document.querySelectorAll('[data-budget=\"device\"] .seg'), (s) => s.dataset.model);")
+        assert "tiny-llama" in segments, segments
         wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#moveschart svg rect.move"))
         assert browser.find_elements(By.CSS_SELECTOR, "#ttftchart svg rect[data-tier]"), "TTFT by tier chart"
 
         # a button places a model (with the admin key the page holds)
-        browser.find_element(By.CSS_SELECTOR, '#models tr[data-model="tiny-llama"] button[data-tier="ram"]').click()
+        # ... and the button stays the same element across polls: a row rebuilt each poll would lose a click
+        # made between the press and the release (and this element would be stale)
+        button = browser.find_element(By.CSS_SELECTOR, '#models tr[data-model="tiny-llama"] button[data-tier="ram"]')
+        updates = browser.execute_script("return Number(document.body.dataset.updates || 0)")
+        wait.until(lambda _: browser.execute_script("return Number(document.body.dataset.updates)") >= updates + 2)
+        button.click()
         wait.until(lambda _: tier("tiny-llama") == "ram")
         wait.until(lambda _: "tiny-llama placed in ram" in browser.find_element(By.ID, "action").text)
 
