@@ -96,3 +96,35 @@ def test_sigterm_answers_the_queue_lets_streams_run_out_their_grace_and_exits(
 
     assert router.proc.wait(timeout=60) == 0
     assert wait_gone(tree) == []
+
+
+def test_sigterm_while_an_engine_starts_stops_that_start_and_exits_at_once(tmp_path: Path) -> None:
+    """A vLLM start takes minutes for a large model; nobody is left to use it once the router stops, so
+    SIGTERM stops the start instead of waiting for it (it waited 60 s, past Kubernetes' default 30 s
+    grace, after which the kubelet's SIGKILL would have ended the router with its work undone)."""
+    from tests.routerproc import start_fake_vllm_router
+
+    router = start_fake_vllm_router(tmp_path, behaviour={"startup_delay_s": 300})
+    tree = [router.proc.pid]
+    answers: list[httpx.Response] = []
+    asker = threading.Thread(target=lambda: answers.append(httpx.post(
+        router.url + "/v1/completions", json={"model": "fake-vllm", "prompt": "hi", "max_tokens": 2},
+        timeout=120)), daemon=True)
+    asker.start()
+    try:
+        assert wait_until(lambda: any("starting vLLM (pid" in line for line in router.log), 60), router.log[-5:]
+        tree += [p.pid for p in router.descendants()]
+        assert len(tree) > 1, "the engine process is running"
+        stopped = time.monotonic()
+        router.proc.send_signal(signal.SIGTERM)
+        assert router.proc.wait(timeout=60) == 0
+        took = time.monotonic() - stopped
+        asker.join(30)
+    finally:
+        router.kill()
+    assert took < 30, f"the router took {took:.0f} s to stop: it waited for the engine's start"
+    assert answers and answers[0].status_code == 503 and answers[0].json()["error"]["code"] == "server_shutting_down"
+    assert wait_gone(tree) == []
+    log = "\n".join(router.log)
+    assert "move cold -> gpu stopped by the shutdown" in log
+    assert "Traceback" not in log and "failed" not in log.split("stopping on signal")[-1], log[-2000:]

@@ -126,6 +126,44 @@ def test_ensure_running_starts_once_and_again_after_a_death(fake_process: VLLMPr
 
 
 @linux_only
+def test_a_close_while_the_launch_runs_stops_the_process_it_launched(fake_process: VLLMProcess,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() during the launch call (a thread) finds no process to stop yet: the start sees the close
+    once the launch returns and stops what it launched, instead of waiting minutes for it to be healthy."""
+    import threading
+
+    from clearml_umem.engines.base import EngineError
+
+    launched: list[int] = []
+    closed = threading.Event()
+    real_launch = vllm_process.process.launch
+
+    def launch_then_wait_for_the_close(*args: object, **kwargs: object) -> object:
+        proc = real_launch(*args, **kwargs)
+        launched.append(proc.pid)
+        assert closed.wait(10), "the test did not close the process"
+        return proc
+
+    monkeypatch.setattr(vllm_process.process, "launch", launch_then_wait_for_the_close)
+    # a large model: its socket opens minutes after the launch
+    state = Path(fake_process.config.environment()["FAKE_VLLM_STATE"])
+    (state / "behaviour.json").write_text(json.dumps({"startup_delay_s": 300}))
+
+    async def race() -> None:
+        starting = asyncio.create_task(fake_process.ensure_running())
+        assert await asyncio.to_thread(wait_until, lambda: bool(launched), 10)
+        await fake_process.close()
+        closed.set()
+        with pytest.raises(EngineError, match="engine closed while vLLM was starting"):
+            await asyncio.wait_for(starting, 10)
+
+    asyncio.run(race())
+    assert not fake_process.running
+    assert wait_until(lambda: not psutil.pid_exists(launched[0]) or
+                      psutil.Process(launched[0]).status() == psutil.STATUS_ZOMBIE, 10)
+
+
+@linux_only
 def test_restart_if_dead_leaves_a_newer_process_alone(fake_process: VLLMProcess) -> None:
     async def go() -> None:
         await fake_process.ensure_running()

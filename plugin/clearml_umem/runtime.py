@@ -56,6 +56,10 @@ PROGRESS_LOG_PERIOD_S = 2.0
 """A move still running logs a progress line this often: a 16 GB load says how far it got
 instead of staying silent for minutes; moves shorter than this log nothing extra."""
 
+CLOSE_MOVES_WAIT_S = 30.0
+"""How long close() waits for the moves its engine closes made fail: they end within moments (a
+process start sees its process gone), so this bounds only an engine that ignores its close."""
+
 
 class ModelNotFound(NotFound):
     def __init__(self, name: str) -> None:
@@ -104,6 +108,12 @@ class Served:
     """Requests it runs at once: the lower of its engine's limit and the catalog's, None for no limit."""
 
 
+def stopped_by_close(cmd: Move, exc: Exception) -> None:
+    """A move that failed because the server is closing its engine: expected, so one line and no traceback."""
+    log.info("model %s: move %s -> %s stopped by the shutdown (%s)", cmd.model, cmd.src.value, cmd.dst.value,
+             type(exc).__name__)
+
+
 class Runtime:
     def __init__(
         self,
@@ -135,6 +145,7 @@ class Runtime:
         self._landings: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._closed = False
+        self._closing = False
         self._placements: dict[str, asyncio.Future[PlacementEnded]] = {}
         self.placement_timeout_s = placement_timeout_s
         self.progress_period_s = progress_period_s
@@ -508,6 +519,8 @@ class Runtime:
                         rejected.internal = self._internal_failure
                         fut.set_exception(rejected)
             elif isinstance(cmd, Move):
+                if self._closing:
+                    continue
                 task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
                 self._moves.add(task)
                 task.add_done_callback(self._moves.discard)
@@ -517,6 +530,8 @@ class Runtime:
                     if waiter is not None and not waiter.done():
                         waiter.set_result(cmd)
             elif isinstance(cmd, Release):
+                if self._closing:
+                    continue
                 released = self._models.pop(cmd.model, None)
                 if released is not None:
                     task = asyncio.get_running_loop().create_task(released.engine.close(), name=f"close-{cmd.model}")
@@ -551,12 +566,16 @@ class Runtime:
                 await asyncio.wrap_future(result.landing)
                 result = dataclasses.replace(result, landing=None)
         except EngineOutOfMemory as exc:
+            if self._closing:
+                return stopped_by_close(cmd, exc)
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)
             served.failure = (self._clock(), str(exc))
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
+            if self._closing:
+                return stopped_by_close(cmd, exc)
             if isinstance(exc, EngineError):  # an engine's own refusal says what went wrong: no traceback
                 log.error("model %s: move %s -> %s failed: %s", cmd.model, cmd.src.value, cmd.dst.value, exc)
             else:
@@ -630,20 +649,25 @@ class Runtime:
                 fut.set_exception(shutting_down())
 
     async def close(self) -> None:
-        """Refuse new work, let moves finish, then release every engine (processes included)."""
+        """Refuse new work, then release every engine (processes included) at once, without waiting
+        for the moves under way: nobody is left to use what they bring, and a vLLM start can take
+        minutes, past a Kubernetes grace period. An engine's close makes its move fail (a process
+        start is stopped, a read from disk stops at its next piece); those moves are then waited for,
+        and no move starts after this point."""
         self.stop_admitting()
-
-        # a move that ends may start another (a placement's load after its eviction): wait for those too
-        deadline = asyncio.get_running_loop().time() + 60
-        while self._moves and (left := deadline - asyncio.get_running_loop().time()) > 0:
-            await asyncio.wait(list(self._moves), timeout=left)
-        # placements whose moves ended above are answered; the others never will be
+        self._closing = True
         for waiter in self._placements.values():
             if not waiter.done():
                 waiter.set_result(PlacementEnded("", (), "failed", "the server is shutting down"))
-        for name, served in list(self._models.items()):
-            try:
-                await served.engine.close()
-            except Exception:  # noqa: BLE001 - keep closing the others
-                log.exception("model %s: engine close failed", name)
+        served = list(self._models.items())
+        await asyncio.gather(*(self._close_engine(name, one) for name, one in served))
+        if self._moves:
+            await asyncio.wait(list(self._moves), timeout=CLOSE_MOVES_WAIT_S)
         self._models.clear()
+
+    @staticmethod
+    async def _close_engine(name: str, served: Served) -> None:
+        try:
+            await served.engine.close()
+        except Exception:  # noqa: BLE001 - keep closing the others
+            log.exception("model %s: engine close failed", name)

@@ -610,6 +610,7 @@ class VLLMProcess:
                 env.pop("VLLM_API_KEY", None)
                 env[self.config.key_env] = endpoint.api_key
             started = time.monotonic()
+            epoch = self._close_epoch
             proc = await asyncio.to_thread(process.launch, cmd, log_path=self.config.log_file, env=env)
         except BaseException:
             if endpoint.directory is not None:
@@ -621,6 +622,8 @@ class VLLMProcess:
                  endpoint.url,
                  self.config.log_file)
         try:
+            if self._close_epoch != epoch:  # closed while the launch ran: its stop found no process yet
+                raise EngineError(f"model {self.config.name!r}: engine closed while {self.config.label} was starting")
             await self._wait_healthy(proc, started, endpoint)
         except BaseException:
             await self.stop()
