@@ -8,6 +8,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -267,14 +268,19 @@ def _fake_vllm_router(tmp_path: Path, behaviour: dict) -> RouterProcess:
     return start_fake_vllm_router(tmp_path, behaviour, env={"UMEM_ENGINE_STALL_SECONDS": "1"})
 
 
-def _stream_until_hung(router: RouterProcess, model: str, on_stop=None, max_tokens: int = 400
-                       ) -> tuple[list[str], int]:
-    """Stream a long answer, SIGSTOP the engine after its first chunk (then call `on_stop`); the
-    lines the client got to the end, and the engine's pid.
+def _stream_until_hung(router: RouterProcess, model: str,
+                       on_stop: Callable[[], threading.Thread] | None = None, max_tokens: int = 400
+                       ) -> tuple[dict, int]:
+    """Stream a long answer, SIGSTOP the engine after its first chunk (then call `on_stop`, which
+    starts another client); the error the client got and the engine's pid. The error is the stream's
+    error event, which must be followed by [DONE]. If the engine hung before its first token, it is
+    the body of a 503 instead.
 
     A tiny model can finish its answer before the stop lands (the whole stream already sits in
     socket buffers): then the engine is stopped before the next request is sent instead, which
-    is a hang with a request in flight just the same."""
+    is a hang with a request in flight just the same. The other client started by the try that did
+    not hang is waited for first: its request moves the models, and the engine stopped next would
+    otherwise be one it is already evicting."""
     import os
     import signal
 
@@ -285,31 +291,42 @@ def _stream_until_hung(router: RouterProcess, model: str, on_stop=None, max_toke
         return _row(router, model)["engine_details"]["pid"]
 
     body = {"model": model, "prompt": "Hello", "max_tokens": max_tokens, "stream": True}
+    lines: list[str] = []
     for stop_first in (False, True):
         pid = hot_pid()
         stopped = stop_first
+        other: threading.Thread | None = None
+        error: dict | None = None
         if stop_first:
             os.kill(pid, signal.SIGSTOP)
-        lines: list[str] = []
-        with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=20) as resp:
-            assert resp.status_code == 200
-            for line in resp.iter_lines():
-                if not line:
-                    continue
-                lines.append(line)
-                if not stopped:
-                    os.kill(pid, signal.SIGSTOP)
-                    stopped = True
-                    if on_stop is not None:
-                        on_stop()
-                        on_stop = None
-        if len(lines) >= 2 and "error" in lines[-2]:
-            if on_stop is not None:
+        lines = []
+        with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=30) as resp:
+            if resp.status_code != 200:  # hung before its first token: the status can still say so
+                resp.read()
+                assert resp.status_code == 503, resp.text
+                error = resp.json()["error"]
+            else:
+                for line in resp.iter_lines():
+                    if not line:
+                        continue
+                    lines.append(line)
+                    if not stopped:
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped = True
+                        if on_stop is not None:
+                            other = on_stop()
+                if len(lines) >= 2 and "error" in lines[-2]:
+                    assert lines[-1] == "data: [DONE]", lines[-3:]
+                    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+        if error is not None:
+            if on_stop is not None and other is None:
                 on_stop()
-            return lines, pid
+            return error, pid
         with contextlib.suppress(ProcessLookupError):  # stopped long enough, it was found hung and replaced
             os.kill(pid, signal.SIGCONT)
-    return lines, pid
+        if other is not None:
+            other.join(60)
+    raise AssertionError(f"the engine never hung under a request: {lines[-3:]}")
 
 
 def test_a_hung_vllm_process_is_detected_its_stream_ends_with_an_error_and_it_serves_again(tmp_path: Path) -> None:
@@ -319,10 +336,8 @@ def test_a_hung_vllm_process_is_detected_its_stream_ends_with_an_error_and_it_se
     router = _fake_vllm_router(tmp_path, {"token_delay_s": 0.05})
     try:
         started = time.monotonic()
-        lines, pid = _stream_until_hung(router, "fake-vllm")
+        error, pid = _stream_until_hung(router, "fake-vllm")
         assert time.monotonic() - started < 30
-        assert lines[-1] == "data: [DONE]"
-        error = json.loads(lines[-2].removeprefix("data: "))["error"]
         assert error["message"]
         row = _row(router, "fake-vllm")
         assert row["tier"] == "cold" and "hung" in row["last_error"] and "/health" in row["last_error"]
@@ -428,17 +443,83 @@ def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) ->
             other_status.append(httpx.post(router.url + "/v1/completions", timeout=20, json={
                 "model": other, "prompt": "Hi", "max_tokens": 2}).status_code)
 
-        asker = threading.Thread(target=ask_other)
-        lines, pid = _stream_until_hung(router, first, on_stop=asker.start)
-        asker.join(30)
-        assert lines[-1] == "data: [DONE]" and "error" in json.loads(lines[-2].removeprefix("data: "))
-        assert other_status == [200]
+        askers: list[threading.Thread] = []
+
+        def start_asker() -> threading.Thread:
+            askers.append(threading.Thread(target=ask_other))
+            askers[-1].start()
+            return askers[-1]
+
+        error, pid = _stream_until_hung(router, first, on_stop=start_asker)
+        askers[-1].join(30)
+        assert error["message"]
+        assert other_status and set(other_status) == {200}, other_status
         row = _row(router, first)
         # cold with the reason; or, when the move that makes room for the other model ran right after
         # the stream's error, already on its way down (ram: the file held, no server)
         assert row["tier"] in ("cold", "ram")
         assert row["tier"] == "ram" or "hung" in row["last_error"]
         assert wait_until(lambda: not psutil_alive(pid), 15)
+    finally:
+        router.kill()
+
+
+def _one_gguf_router(tmp_path: Path) -> tuple[RouterProcess, str]:
+    from clearml_umem.catalog import write_manifest
+    from clearml_umem.spec import spec_from_mapping
+    from clearml_umem.tinygguf import DEMO_GGUF, ensure_tiny_gguf
+    from tests.llamacpp_env import server_env
+
+    files = ensure_tiny_gguf(tmp_path / "gguf", DEMO_GGUF[:1])
+    (name, weights), = files.items()
+    manifest = tmp_path / "models.yaml"
+    write_manifest(manifest, [spec_from_mapping({"name": name, "weights": str(weights)})])
+    return start_router(manifest, tmp_path / "work", "--device", "cpu",
+                        env={**server_env(), "UMEM_ENGINE_STALL_SECONDS": "1"}), name
+
+
+@pytest.mark.parametrize("engine", [
+    pytest.param("llamacpp", marks=pytest.mark.skipif(LLAMA_SKIP is not None, reason=LLAMA_SKIP or "")),
+    "vllm"])
+def test_a_server_hung_before_the_first_token_is_not_started_again_under_the_request(
+        engine: str, tmp_path: Path) -> None:
+    """SIGSTOP of an idle server, then a request: the router finds it hung and stops it. The request
+    had got nothing yet, so it used to take that stop for a crash and start a server of its own,
+    outside the scheduler (llama-server's socket then went with the closed engine's, and the
+    client waited until its timeout). Now the request gets a 503, and no server runs until the
+    scheduler starts one."""
+    import os
+    import signal
+
+    import psutil
+
+    if engine == "llamacpp":
+        router, name = _one_gguf_router(tmp_path)
+        program = "llama-server"
+    else:
+        router, name = _fake_vllm_router(tmp_path, {"token_delay_s": 0.05}), "fake-vllm"
+        program = "fake_vllm_server"
+    try:
+        body = {"model": name, "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(router.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        pid = _row(router, name)["engine_details"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        answer = httpx.post(router.url + "/v1/completions", json={**body, "stream": True}, timeout=60)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "engine_error"
+        assert time.monotonic() - started < 30
+        # the 503 leaves as soon as the request sees its server gone; the model counts cold once the stop ends
+        assert wait_until(lambda: _row(router, name)["tier"] == "cold", 15), _row(router, name)
+        assert "hung" in _row(router, name)["last_error"]
+        assert wait_until(lambda: not psutil_alive(pid), 15)
+        servers = [p for p in psutil.Process(router.proc.pid).children(recursive=True)
+                   if program in " ".join(p.cmdline())]
+        assert servers == [], "a server was started under the request, behind the scheduler's back"
+        log = "\n".join(router.log)
+        assert "stopped under this request" in log and "started again" not in log
+        again = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.headers["x-umem-served-from"] == "cold"
     finally:
         router.kill()
 

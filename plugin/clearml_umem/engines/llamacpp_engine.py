@@ -495,10 +495,10 @@ class LlamaCppEngine:
 
     async def close(self) -> None:
         """Stop the server and let the file go; a later move from cold starts it again."""
+        self._tier = Tier.COLD  # first: a request that sees the server go now fails instead of starting it again
         if self._process is not None:
             await self._process.close()
         self._release()
-        self._tier = Tier.COLD
 
 
 def _cuda_present() -> bool:

@@ -176,5 +176,6 @@ async def generate_restarting_once(name: str, label: str, process: VLLMProcess,
             dead = await process.exits_within(2.0)
             if sent or attempt == 1 or not dead:
                 raise EngineError(f"model {name!r}: stream from {label} failed: {type(exc).__name__}: {exc}") from exc
-            log.warning("model %s: %s died under a request; restarting and retrying it once", name, label)
-            await restart_if_dead(incarnation)
+            await restart_if_dead(incarnation)  # raises where the router stopped it (found hung, closed)
+            log.warning("model %s: %s died under a request; started again, the request is tried once more",
+                        name, label)

@@ -565,5 +565,5 @@ class VLLMEngine:
         """Stops the process without waiting for a move in progress: that one sees it gone and fails
         (a start is not retried then). The engine stays usable: a later move from cold starts it again,
         which is how the runtime reuses an engine it closed after a failed move."""
+        self._tier = Tier.COLD  # first: a request that sees the server go now fails instead of starting it again
         await self.process.close()
-        self._tier = Tier.COLD
