@@ -416,10 +416,9 @@ def test_a_stuck_transformers_generation_errors_its_client_and_the_model_reloads
         release.set()
 
 
-@pytest.mark.skipif(LLAMA_SKIP is not None, reason=LLAMA_SKIP or "")
-def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) -> None:
-    """Two GGUF models with room for one; llama-server SIGSTOPped mid-stream: its stream ends with an
-    error event, and the other model's request, which needs that room, is answered."""
+def _gguf_router(tmp_path: Path, models: int) -> tuple[RouterProcess, list[str]]:
+    """A router on the CPU serving the first `models` tiny GGUF models (with room for only one of them
+    when there are more), whose engines count as hung after 1 s without progress."""
     from clearml_umem.catalog import write_manifest
     from clearml_umem.demo import room_for_one
     from clearml_umem.engines import EngineContext
@@ -427,15 +426,24 @@ def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) ->
     from clearml_umem.tinygguf import DEMO_GGUF, ensure_tiny_gguf
     from tests.llamacpp_env import server_env
 
-    files = ensure_tiny_gguf(tmp_path / "gguf", DEMO_GGUF)
+    files = ensure_tiny_gguf(tmp_path / "gguf", DEMO_GGUF[:models])
     specs = [spec_from_mapping({"name": n, "weights": str(p)}) for n, p in files.items()]
     manifest = tmp_path / "models.yaml"
     write_manifest(manifest, specs)
-    device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=tmp_path, device="cpu"))
-    router = start_router(manifest, tmp_path / "work", "--device", "cpu", "--device-budget", str(device_budget),
-                          "--host-budget", str(host_budget),
+    budgets: list[str] = []
+    if models > 1:
+        device_budget, host_budget, _ = room_for_one(specs, EngineContext(work_dir=tmp_path, device="cpu"))
+        budgets = ["--device-budget", str(device_budget), "--host-budget", str(host_budget)]
+    router = start_router(manifest, tmp_path / "work", "--device", "cpu", *budgets,
                           env={**server_env(), "UMEM_ENGINE_STALL_SECONDS": "1"})
-    first, other = (s.name for s in specs)
+    return router, [spec.name for spec in specs]
+
+
+@pytest.mark.skipif(LLAMA_SKIP is not None, reason=LLAMA_SKIP or "")
+def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) -> None:
+    """Two GGUF models with room for one; llama-server SIGSTOPped mid-stream: its stream ends with an
+    error event, and the other model's request, which needs that room, is answered."""
+    router, (first, other) = _gguf_router(tmp_path, models=2)
     try:
         other_status: list[int] = []
 
@@ -464,20 +472,6 @@ def test_a_hung_llama_server_frees_its_room_for_another_model(tmp_path: Path) ->
         router.kill()
 
 
-def _one_gguf_router(tmp_path: Path) -> tuple[RouterProcess, str]:
-    from clearml_umem.catalog import write_manifest
-    from clearml_umem.spec import spec_from_mapping
-    from clearml_umem.tinygguf import DEMO_GGUF, ensure_tiny_gguf
-    from tests.llamacpp_env import server_env
-
-    files = ensure_tiny_gguf(tmp_path / "gguf", DEMO_GGUF[:1])
-    (name, weights), = files.items()
-    manifest = tmp_path / "models.yaml"
-    write_manifest(manifest, [spec_from_mapping({"name": name, "weights": str(weights)})])
-    return start_router(manifest, tmp_path / "work", "--device", "cpu",
-                        env={**server_env(), "UMEM_ENGINE_STALL_SECONDS": "1"}), name
-
-
 @pytest.mark.parametrize("engine", [
     pytest.param("llamacpp", marks=pytest.mark.skipif(LLAMA_SKIP is not None, reason=LLAMA_SKIP or "")),
     "vllm"])
@@ -494,7 +488,7 @@ def test_a_server_hung_before_the_first_token_is_not_started_again_under_the_req
     import psutil
 
     if engine == "llamacpp":
-        router, name = _one_gguf_router(tmp_path)
+        router, (name,) = _gguf_router(tmp_path, models=1)
         program = "llama-server"
     else:
         router, name = _fake_vllm_router(tmp_path, {"token_delay_s": 0.05}), "fake-vllm"
