@@ -123,6 +123,33 @@ def test_load_describe_and_protocol(engine: TransformersEngine, llama_dir: Path)
     assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
 
 
+
+def test_models_loaded_at_once_each_keep_one_dtype_and_the_default_dtype_is_left_alone(
+        tiny_models: dict[str, Path]) -> None:
+    """The first requests after a start load every model at once, each in a thread of its own. A
+    module build changes process-wide torch state (the default dtype) for its length. Builds that
+    overlapped mixed bfloat16 and float32 parameters inside a model, whose requests then failed
+    ("mat1 and mat2 must have the same dtype"), and left the default dtype at bfloat16."""
+    default = torch.get_default_dtype()
+    for _ in range(3):  # the overlap is a race: every round of the old code hit it in a try of 10
+        engines = [make_engine(path) for path in tiny_models.values()]
+
+        async def load_all(engines: list[TransformersEngine]) -> None:
+            await asyncio.gather(*(engine.move(Tier.COLD, Tier.GPU) for engine in engines))
+
+        try:
+            run(load_all(engines))
+            assert torch.get_default_dtype() == default
+            for engine in engines:
+                dtypes = {param.dtype for param in engine._model.parameters()}
+                assert dtypes == {engine.dtype}, (engine.spec.name, dtypes)
+                _, last, _ = run(collect(engine, GenerationRequest(prompt=PROMPT, max_tokens=2, temperature=0.0)))
+                assert last.completion_tokens == 2
+        finally:
+            for engine in engines:
+                run(engine.close())
+
+
 def test_footprint_known_before_loading(llama_dir: Path) -> None:
     cold = make_engine(llama_dir)
     estimate = cold.footprint(Tier.GPU)

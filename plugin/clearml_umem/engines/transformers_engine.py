@@ -121,6 +121,13 @@ BATCHED_CPU_CONCURRENCY = 32
 """Requests one model takes at once on a CPU when batching is on: batched ones share each forward pass;
 the others still run at most one per core (`_solo_limit`)."""
 
+MODULE_BUILD = threading.Lock()
+"""One model module built at a time in this process. A build changes process-wide state for its
+length: transformers sets torch's default dtype (`dtype=`), accelerate's `init_empty_weights` patches
+`nn.Module.register_parameter`. Three models loaded at once by the first requests after a start mixed
+bfloat16 and float32 parameters inside one model (its requests failed: "mat1 and mat2 must have the
+same dtype") and left the default dtype at bfloat16 for the whole process."""
+
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
 _FLOAT_CHECKPOINT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -703,7 +710,7 @@ class TransformersEngine:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(self.weights)
-        with torch.device("meta"):
+        with MODULE_BUILD, torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         return FlatLayout.of_module(model).param_bytes
 
@@ -715,7 +722,7 @@ class TransformersEngine:
 
         hf_logging.disable_progress_bar()
         config = AutoConfig.from_pretrained(self.weights)
-        with init_empty_weights(include_buffers=False):
+        with MODULE_BUILD, init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         # transformers 5.24 leaves tied weights untied on the meta device: the layout would then want
         # an lm_head the checkpoint does not hold, and the load fall back to from_pretrained (or be refused)
@@ -913,7 +920,8 @@ class TransformersEngine:
 
     def _load_on_cpu(self) -> Any:
         hf_logging.disable_progress_bar()
-        return AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype)
+        with MODULE_BUILD:
+            return AutoModelForCausalLM.from_pretrained(self.weights, dtype=self.dtype)
 
     def _unload(self) -> int:
         self._stop_batching()
