@@ -8,13 +8,26 @@
 #           bash scripts/device-big-bodies.sh
 # It writes $OUT/big-bodies.tar.gz (one file: a device call brings back only a few) holding each
 # shape's report, the machine's core count and a timeline. About 7 minutes.
+#
+# Environment: OUT (required: the folder the tar file goes to), LONG_ROUNDS (default 16),
+# TINY_ROUNDS (default 10), SITE (where the wheels are installed, default /tmp/site).
 set -uo pipefail
+usage() { sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in
+  "") ;;
+  -h|--help) usage; exit 0 ;;
+  *) echo "device-big-bodies.sh takes no arguments (got '$1'); it reads OUT, LONG_ROUNDS, TINY_ROUNDS and SITE from the environment" >&2
+     usage >&2; exit 2 ;;
+esac
 OUT="${OUT:?set OUT to the folder the results go to}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LONG_ROUNDS="${LONG_ROUNDS:-16}"
 TINY_ROUNDS="${TINY_ROUNDS:-10}"
 SITE="${SITE:-/tmp/site}"
+for rounds in "$LONG_ROUNDS" "$TINY_ROUNDS"; do
+  [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "LONG_ROUNDS and TINY_ROUNDS are positive whole numbers (got '$rounds')" >&2; exit 2; }
+done
 WORK="$(mktemp -d)"
 t0=$(date +%s)
 stamp() { echo "== $(( $(date +%s) - t0 )) s: $*" | tee -a "$WORK/timeline.txt"; }
