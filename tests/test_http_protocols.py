@@ -25,6 +25,10 @@ LIMITS = ConnectionLimits(header_timeout_s=1.0, body_timeout_s=1.0, idle_timeout
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
+    if scope["path"] == "/early":  # answers before it reads its body, as a refusal by key does
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
     body = b""
     while True:
         message = await receive()
@@ -97,3 +101,25 @@ def test_idle_and_trickling_connections_are_closed(server: int) -> None:
         assert _answer(idle) == b""
         assert b"408" in _answer(slow).split(b"\r\n", 1)[0]
         assert time.monotonic() - started < 9  # closed by the 1 s limits, not by _answer's own 10 s
+
+
+def test_a_body_that_stops_gets_a_408_and_nothing_after_it(server: int) -> None:
+    """As nginx answers (`client_body_timeout`): the client learns why it was cut. The app, which
+    then sees its client gone and answers, must not add a second response behind the 408."""
+    with socket.create_connection(("127.0.0.1", server)) as half:
+        half.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        started = time.monotonic()
+        answer = _answer(half)
+        assert time.monotonic() - started < 9
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"got " not in answer, answer
+    assert b'"code": "request_timeout"' in answer and b"stopped arriving" in answer, answer
+
+
+def test_a_body_that_stops_after_its_answer_is_cut_without_a_second_answer(server: int) -> None:
+    """An app that answered before reading its body (a 401, say) has answered: the body that then
+    stops is cut with nothing added behind the answer."""
+    with socket.create_connection(("127.0.0.1", server)) as early:
+        early.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        answer = _answer(early)
+    assert answer.startswith(b"HTTP/1.1 401 ") and answer.count(b"HTTP/1.1 ") == 1, answer

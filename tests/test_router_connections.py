@@ -82,7 +82,13 @@ def test_idle_slow_header_and_slow_body_connections_are_closed(router) -> None:
         assert _closed_by_server(idle, 30) == b""
         answer = _closed_by_server(trickler, 30)
         assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
-        assert _closed_by_server(half_body, 30) is not None
+        answer = _closed_by_server(half_body, 30)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer  # as a big body's
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        deadline = time.monotonic() + 10  # and the operator's access log says so
+        while not any("POST /v1/completions" in line and "status=408" in line for line in router.log):
+            assert time.monotonic() < deadline, router.log[-5:]
+            time.sleep(0.05)
     finally:
         stop.set()
         for s in (idle, trickler, half_body):

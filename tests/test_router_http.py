@@ -727,8 +727,9 @@ def test_admin_key_is_read_from_the_environment_only() -> None:
 
 
 def test_a_client_that_leaves_during_its_body_costs_nothing_and_logs_no_error(
-        served: Served, caplog: pytest.LogCaptureFixture) -> None:
-    """Half a body, then the connection closes: no 500, no 'internal error' in the log, still serving."""
+        served: Served, caplog: pytest.LogCaptureFixture, access_lines: AccessLines) -> None:
+    """Half a body, then the connection closes: no 500, no 'internal error' in the log (the access
+    line says the client left), still serving."""
     port = int(served.url.rsplit(":", 1)[1])
     with caplog.at_level("DEBUG"):
         for path in ("/v1/completions", "/admin/models/alpha/place"):
@@ -739,6 +740,8 @@ def test_a_client_that_leaves_during_its_body_costs_nothing_and_logs_no_error(
         assert wait_until(lambda: sum("client left during its request body" in r.getMessage()
                                       for r in caplog.records) == 2, 10)
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+    left = wait_for_line(access_lines, "POST /v1/completions model=- ")
+    assert "status=499 " in left and "note='client left'" in left, left
     assert served.client().completions.create(model="alpha", prompt="p", max_tokens=1).choices
 
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clearml_umem.engines.base import Delta
@@ -32,7 +33,7 @@ from clearml_umem.model_logs import RouterModelLog, read_log_file
 from clearml_umem.move_history import MoveHistory
 from clearml_umem.router.access_log import AccessRecord
 from clearml_umem.router.answer import ToolCallJoin, chat_logprobs, chat_message, completion_logprobs
-from clearml_umem.router.body_handoff import Body, BodyHandoff, HandoffRoutes, handoff_of
+from clearml_umem.router.body_handoff import Body, BodyHandoff, HandoffRoutes, body_timed_out, body_timeout, handoff_of
 from clearml_umem.router.body_reader import BodyReaders
 from clearml_umem.router.browser_guard import DEFAULT_HOSTS, BrowserGuard, HostNames
 from clearml_umem.router.disconnect import ClientGone, until_disconnect
@@ -332,12 +333,18 @@ async def read_body(request: Request, limit: int) -> bytes:
                        code="request_too_large")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"The request body exceeds {limit} bytes, the most this server takes",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"The request body exceeds {limit} bytes, the most this server takes",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        cut_after = body_timed_out(request.scope)
+        if cut_after is not None:  # answered 408 by the connection: raised for the handler's record
+            raise body_timeout(cut_after) from None
+        raise
     return b"".join(chunks)
 
 
@@ -407,6 +414,9 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
         response = await _answer(runtime, request, chat, options, access)
     except (APIError, ServingError) as exc:
         access.done(exc.status, note=exc.code or "")
+        raise
+    except ClientDisconnect:  # it hung up while its body arrived
+        access.done(CLIENT_CLOSED, note="client left")
         raise
     except Exception:
         access.done(500, note="internal error")

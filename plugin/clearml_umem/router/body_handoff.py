@@ -81,6 +81,9 @@ Body = bytes | SharedBody
 
 SCOPE_KEY = "umem.body_handoff"
 """Where the ASGI scope's `extensions` hold a request's `BodyHandoff`."""
+TIMED_OUT_KEY = "umem.body_timed_out"
+"""Set in the ASGI scope's `extensions` when the connection cut a body that stopped arriving and
+answered it 408 itself (`connections.py`): the handler, which sees its client gone, logs that 408."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,12 @@ def handoff_of(scope: MutableMapping[str, Any]) -> BodyHandoff | None:
     extensions = scope.get("extensions") or {}
     handoff = extensions.get(SCOPE_KEY)
     return handoff if isinstance(handoff, BodyHandoff) else None
+
+
+def body_timed_out(scope: MutableMapping[str, Any]) -> float | None:
+    """The body timeout that cut this request's body, if the connection cut it (`TIMED_OUT_KEY`)."""
+    seconds = (scope.get("extensions") or {}).get(TIMED_OUT_KEY)
+    return seconds if isinstance(seconds, float) else None
 
 
 def body_timeout(seconds: float) -> APIError:

@@ -10,7 +10,7 @@ half a body and stops, holds a descriptor forever, and a few hundred of them hol
 - **header**: from its first byte, a request's headers must be complete within
   `header_timeout_s` (nginx `client_header_timeout`): trickling does not extend it;
 - **body**: while a body is read, two reads may be at most `body_timeout_s` apart (nginx
-  `client_body_timeout`), so a sender that stops is cut, a slow but steady one is not;
+  `client_body_timeout`), so a sender that stops is cut with a 408, a slow but steady one is not;
 - **cap**: at most `max_connections` open at once. At the cap a new connection takes the place
   of the one that has waited longest without sending a request (idle or slow: it costs the
   server nothing to drop), so slow connections cannot lock clients out; when every connection
@@ -40,7 +40,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from clearml_umem.router.body_handoff import SCOPE_KEY, BodyHandoff, HandoffRoutes
+from clearml_umem.router.body_handoff import SCOPE_KEY, TIMED_OUT_KEY, BodyHandoff, HandoffRoutes, body_timeout
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +407,14 @@ def limited_protocol(limits: ConnectionLimits, gate: ConnectionGate | None = Non
                 self._body_timer = self.loop.call_later(limits.body_timeout_s, self._on_body_timeout)
                 return
             log.debug("closing %s: no body bytes for %.1f s", self.client, limits.body_timeout_s)
+            if not cycle.response_started:
+                # a 408 as nginx answers and as a big body gets from the body reader, so a client
+                # learns why; the request's handler sees its client gone and answers nothing more
+                cycle.scope.setdefault("extensions", {})[TIMED_OUT_KEY] = float(limits.body_timeout_s)
+                cycle.disconnected = True
+                cycle.message_event.set()
+                error = body_timeout(limits.body_timeout_s)
+                self.transport.write(_raw_response(408, "Request Timeout", error.message, error.code or ""))
             self._close()
 
     return LimitedProtocol
