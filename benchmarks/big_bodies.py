@@ -16,6 +16,8 @@ is started to take that many (`--max-messages 200000`), so each is prepared in f
 by the router. `--shape long`: ~8 MB of 10,000 messages of 800 characters, valid on the default
 settings: each is parsed and validated in a parser process and refused there, from its byte length,
 as longer than the model's context (404 with `--to unknown`, after the router unpickled it).
+`--shape triton`: one ~8 MB `text_input` to Triton's generate extension, refused in a parser
+process the same way (404 with `--to unknown`, before its body is read).
 Reported: p50 and p99 TTFT of each kind of phase; the ratios of the big-bodies phases to the quiet
 one and to the control (1.0 = the router adds nothing to what the same work elsewhere costs), each
 ratio to the control with a 90% bootstrap interval (an interval that holds 1.0 is no change this
@@ -77,11 +79,17 @@ LATE_MS = (5, 10, 20)
 
 
 def big_body(shape: str, model: str = "not-served") -> bytes:
+    if shape == "triton":  # one 8 MB text_input: Triton's generate extension, as long as `long`
+        return json.dumps({"text_input": "y" * LONG_CHARS * DEFAULT_MAX_MESSAGES}).encode()
     if shape == "tiny":
         messages = [{"role": "user", "content": "x"}] * MESSAGES
     else:
         messages = [{"role": "user", "content": "y" * LONG_CHARS}] * DEFAULT_MAX_MESSAGES
     return json.dumps({"model": model, "messages": messages}).encode()
+
+
+def body_path(shape: str, model: str) -> str:
+    return f"/v2/models/{model}/generate" if shape == "triton" else "/v1/chat/completions"
 
 
 def costliest_bodies() -> dict[str, bytes]:
@@ -169,7 +177,8 @@ def content_length(stream: BinaryIO) -> int:
     return length
 
 
-def send(url: str, body: bytes, stop: Any, posted: Any, interval_s: float = 0.0) -> None:
+def send(url: str, body: bytes, stop: Any, posted: Any, interval_s: float = 0.0,
+         path: str = "/v1/chat/completions") -> None:
     """One sender, in a process of its own (in the measuring process its work on 8 MB bodies would
     hold that process's GIL and show up in the TTFT it measures), on a plain socket: the request is
     built once and each post is one `sendall`, so that on a machine of few cores the senders take
@@ -179,7 +188,7 @@ def send(url: str, body: bytes, stop: Any, posted: Any, interval_s: float = 0.0)
     missed); without, as soon as the last was answered."""
     os.nice(SENDER_NICENESS)
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     next_at = time.monotonic() + random.random() * interval_s  # senders spread over the interval
     while not stop.is_set():
@@ -210,7 +219,8 @@ def sink(listener: socket.socket) -> None:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as request:
             raw = request.read(content_length(request))
-            kind = "chat" if b'"messages"' in raw[:200] else "completion"
+            kind = "chat" if b'"messages"' in raw[:200] else "triton" if b'"text_input"' in raw[:200] \
+                else "completion"
             with contextlib.suppress(APIError):  # refused: what the router answers too
                 prepare_body(raw, kind)
             del raw
@@ -231,9 +241,9 @@ def start_sink(processes: int) -> tuple[str, list[multiprocessing.process.BasePr
 
 
 def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: str | None = None,
-          rate: float = 0.0) -> dict[str, Any]:
-    """`requests` TTFT samples while `senders` post `body` to `to` (the router by default), at
-    `rate` bodies a second in all (0: each sender as fast as it is answered)."""
+          rate: float = 0.0, path: str = "/v1/chat/completions") -> dict[str, Any]:
+    """`requests` TTFT samples while `senders` post `body` to `path` on `to` (the router by
+    default), at `rate` bodies a second in all (0: each sender as fast as it is answered)."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     posted = context.Value("i", 0)
@@ -249,7 +259,7 @@ def phase(url: str, model: str, requests: int, senders: int, body: bytes, to: st
                 time.sleep(0.02)
 
     interval_s = senders / rate if rate > 0 else 0.0
-    processes = [context.Process(target=send, args=(to or url, body, stop, posted, interval_s), daemon=True)
+    processes = [context.Process(target=send, args=(to or url, body, stop, posted, interval_s, path), daemon=True)
                  for _ in range(senders)]
     for proc in processes:
         proc.start()
@@ -344,9 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder of the tiny demo models (env UMEM_TEST_MODELS; default: built in a temp dir)")
     parser.add_argument("--accept-all", action="store_true",
                         help=f"start the router with --max-messages {MESSAGES}, so the bodies are validated in full")
-    parser.add_argument("--shape", choices=("tiny", "long"), default="tiny",
+    parser.add_argument("--shape", choices=("tiny", "long", "triton"), default="tiny",
                         help=f"tiny: {MESSAGES:,} one-character messages (default); long: {DEFAULT_MAX_MESSAGES:,} "
-                             f"messages of {LONG_CHARS} characters")
+                             f"messages of {LONG_CHARS} characters; triton: one text_input as long, to Triton's "
+                             "generate extension (/v2/models/{name}/generate)")
     parser.add_argument("--to", choices=("served", "unknown"), default="served",
                         help="the model the big bodies name: the hot one (default; a long body is then refused "
                              "by its engine for the context, from its byte length) or one not served (404)")
@@ -371,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_manifest(manifest, [spec_from_mapping({"name": name, "weights": str(weights)})])
         proc, url = start_router(manifest, Path(tmp) / "work", args.accept_all)
         try:
-            body = big_body(args.shape, name if args.to == "served" else "not-served")
+            target = name if args.to == "served" else "not-served"
+            body, path = big_body(args.shape, target), body_path(args.shape, target)
             with httpx.Client(base_url=url, timeout=300) as client:
                 for _ in range(WARMUP_REQUESTS):  # hot, its batching started, its tokenizer loaded
                     ttft(client, name)
@@ -382,10 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 for round_ in range(args.rounds):
                     if args.control and round_ % 2 == 0:
-                        controls.append(phase(url, name, args.requests, args.senders, body, sink_url, args.rate))
-                    loads.append(phase(url, name, args.requests, args.senders, body, rate=args.rate))
+                        controls.append(phase(url, name, args.requests, args.senders, body, sink_url, args.rate, path))
+                    loads.append(phase(url, name, args.requests, args.senders, body, rate=args.rate, path=path))
                     if args.control and round_ % 2 == 1:
-                        controls.append(phase(url, name, args.requests, args.senders, body, sink_url, args.rate))
+                        controls.append(phase(url, name, args.requests, args.senders, body, sink_url, args.rate, path))
             finally:
                 for worker in sinks:
                     worker.kill()

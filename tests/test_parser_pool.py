@@ -141,6 +141,42 @@ def test_a_prompt_that_cannot_fit_its_model_is_refused_where_it_was_parsed() -> 
     assert [pickle.loads(p).data["model"] for p in prepared] == ["m", "other", "m"]
 
 
+def test_a_triton_prompt_that_cannot_fit_the_paths_model_is_refused_where_it_was_parsed() -> None:
+    """A Triton body names its model in its path: the router sends that model's bound alone. Its
+    JSON `text_input` (the generate extension's key, in any nesting of one; or the infer input of
+    that name) is checked against it with the `max_tokens` of its parameters; a text that comes as
+    binary data after the JSON, or a shape the router's own checks refuse, is passed on."""
+    bound = encode_bounds({"m": PromptBound(2048, 16)})
+    too_long = "y" * 16 * 2000  # at least 2,000 tokens
+    refused_bodies = [{"text_input": "y" * 40_000}, {"text_input": [[too_long]], "parameters": {"max_tokens": 100}},
+                      {"inputs": [{"name": "stream", "datatype": "BOOL", "shape": [1], "data": [False]},
+                                  {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["y" * 40_000]}]}]
+    passed_bodies = [{"text_input": too_long, "parameters": {"max_tokens": 40}},
+                     {"text_input": [too_long, too_long]},  # two texts: the router refuses that shape
+                     {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                  "parameters": {"binary_data_size": 40_000}}]}]
+
+    async def run() -> tuple[list[object], list[bytes], bytes]:
+        pool = ParserPool(processes=1)
+        try:
+            refused = await asyncio.gather(*(pool.prepare(json.dumps(b).encode(), "triton", 10000, bound)
+                                             for b in refused_bodies), return_exceptions=True)
+            passed = [await pool.prepare(json.dumps(b).encode(), "triton", 10000, bound) for b in passed_bodies]
+            unbounded = await pool.prepare(json.dumps(refused_bodies[0]).encode(), "triton", 10000)
+            return refused, passed, unbounded
+        finally:
+            await pool.close()
+
+    refused, passed, unbounded = asyncio.run(run())
+    for error in refused:
+        assert isinstance(error, APIError), error
+        assert (error.status, error.param, error.code) == (400, "text_input", "context_length_exceeded"), error
+        assert "'m'" in error.message
+    assert isinstance(refused[1], APIError) and "max_tokens=100" in refused[1].message
+    assert [pickle.loads(p).data for p in passed] == passed_bodies
+    assert pickle.loads(unbounded).data == refused_bodies[0]  # no bound known yet: the router checks it
+
+
 def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_left_costs_no_parse() -> None:
     async def run() -> tuple[list[object], int, int]:
         pool = ParserPool(processes=1, queue=2)

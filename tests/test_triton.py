@@ -8,8 +8,11 @@ import asyncio
 import json
 import queue
 import re
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -457,3 +460,67 @@ def test_cancelled_clients_cost_only_their_request_and_full_queues_are_resource_
             f"{router.url}/v2/models/{model}/generate", headers=AUTH, timeout=120,
             json={"text_input": "busy", "parameters": {"max_tokens": 150}}).status_code, range(12)))
     assert set(statuses) <= {200, 429} and 429 in statuses, statuses
+
+
+@pytest.mark.slow
+def test_big_bodies_take_the_body_reader_and_are_answered_as_small_ones(served) -> None:
+    """Triton's bodies over 64 KiB go where OpenAI's go (`body_handoff.py`): read by the body reader
+    process, never across the event loop, parsed in a parser process; the connection then closes after
+    the answer (it never read that body), and a client that leaves mid-body is counted as one.
+    Padded with JSON whitespace, each request is the small one: its answer must be the same."""
+    router, names, _ = served
+    model, url = names[0], router.url
+    pad = b" " * 100_000
+    json_type = {**AUTH, "content-type": "application/json"}
+    generate = json.dumps({"text_input": "Big bodies", "parameters": {**GREEDY, "exclude_input_in_output": True}})
+    greedy = {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1], "data": [json.dumps(GREEDY)]}
+    infer = json.dumps({"id": "b1", "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                                "data": ["Big bodies"]}, greedy]})
+    text = serialize_bytes([b"Big bodies"])
+    head = json.dumps({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(text)}}, greedy],
+                       "outputs": [{"name": "text_output", "parameters": {"binary_data": False}}]})
+    prepared = _metric(router, "umem_big_request_bodies_total", outcome="prepared")
+    for path, small, extra in ((f"/v2/models/{model}/generate", generate.encode(), {}),
+                               (f"/v2/models/{model}/infer", infer.encode(), {}),
+                               (f"/v2/models/{model}/versions/1/infer", head.encode() + text,
+                                {"Inference-Header-Content-Length": str(len(head))})):
+        split = len(head) if extra else len(small) - 1  # the padding goes inside the JSON, before its last brace
+        big = small[:split - 1] + pad + small[split - 1:]
+        big_extra = {"Inference-Header-Content-Length": str(len(head) + len(pad))} if extra else {}
+
+
+        def slowly(body: bytes = big) -> Iterator[bytes]:  # the rest after the headers' packet: read by the reader
+            yield body[:1000]
+            time.sleep(0.3)
+            yield body[1000:]
+
+        with httpx.Client(base_url=url, timeout=120) as client:
+            plain = client.post(path, content=small, headers={**json_type, **extra})
+            padded = client.post(path, content=slowly(), headers={**json_type, **big_extra,
+                                                                  "content-length": str(len(big))})
+        assert plain.status_code == 200 and padded.status_code == 200, (plain.text, padded.text[:300])
+        assert padded.json() == plain.json() and padded.json().get("model_name") == model
+        assert plain.headers.get("connection") != "close" and padded.headers["connection"] == "close"
+    assert _metric(router, "umem_big_request_bodies_total", outcome="prepared") == prepared + 3
+    # a prompt that cannot fit is refused in the parser process, from its byte length: the router
+    # never gets it back (as for OpenAI's routes)
+    refused = _metric(router, "umem_big_request_bodies_total", outcome="refused")
+    long_prompt = "word " * 40_000
+    for path, body in ((f"/v2/models/{model}/generate", {"text_input": long_prompt}),
+                       (f"/v2/models/{model}/infer", {"inputs": [{"name": "text_input", "datatype": "BYTES",
+                                                                  "shape": [1], "data": [long_prompt]}]})):
+        answer = httpx.post(url + path, json=body, headers=AUTH, timeout=120)
+        assert answer.status_code == 400 and "context of" in answer.json()["error"], answer.text
+    assert _metric(router, "umem_big_request_bodies_total", outcome="refused") == refused + 2
+    abandoned = _metric(router, "umem_big_request_bodies_total", outcome="abandoned")
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as leaver:
+        leaver.sendall(f"POST /v2/models/{model}/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(pad) + 2}\r\n\r\n{{".encode() + pad[:50_000])
+    deadline = time.monotonic() + 30
+    while _metric(router, "umem_big_request_bodies_total", outcome="abandoned") < abandoned + 1:
+        assert time.monotonic() < deadline, "the client that left was not counted"
+        time.sleep(0.1)
+    assert not [line for line in router.log if "Traceback" in line or "internal error" in line]

@@ -15,7 +15,7 @@ import gc
 import pickle
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clearml_umem.engines.base import Delta
+from clearml_umem.engines.prompt_check import PromptBound
 from clearml_umem.errors import ServingError
 from clearml_umem.metrics import Metrics
 from clearml_umem.model_logs import RouterModelLog, read_log_file
@@ -71,7 +72,7 @@ from clearml_umem.router.schemas import (
 )
 from clearml_umem.router.sse import DONE, EventStreamResponse, chat_chunk, completion_chunk, event
 from clearml_umem.router.status_page import status_page
-from clearml_umem.router.triton_http import TritonErrorShape, triton_routes
+from clearml_umem.router.triton_http import BODY_PATHS, TritonErrorShape, triton_routes
 from clearml_umem.tiers import ALL_TIERS, Tier
 
 OWNER = "clearml-umem"
@@ -229,10 +230,15 @@ def create_app(runtime: ServingRuntime, metrics: Metrics, api_key: str | None = 
             raise unknown_model(runtime, name)
         return model_card(model, tiers_now().get(model))
 
-    async def parse_triton_body(request: Request, raw: bytes) -> dict[str, Any]:
-        return (await parse_request_body(request, raw, "object", serve_options, runtime)).data
+    async def parse_triton_body(request: Request, raw: Body, model: str) -> dict[str, Any]:
+        bound = runtime.prompt_bounds().get(model)
+        bounds = {model: bound} if bound is not None else {}
+        return (await parse_request_body(request, raw, "triton", serve_options, bounds)).data
 
-    app.include_router(triton_routes(runtime, read_body, max_body_bytes, parse_triton_body))
+    async def read_triton_body(request: Request) -> Body:
+        return await read_request_body(request, serve_options)
+
+    app.include_router(triton_routes(runtime, read_triton_body, parse_triton_body))
 
     @app.get("/admin/models")
     async def admin_models() -> dict[str, Any]:
@@ -361,16 +367,37 @@ async def read_handed_off(handoff: BodyHandoff, readers: BodyReaders) -> Body:
         handoff.release(True)
 
 
+async def read_request_body(request: Request, options: _ServeOptions) -> Body:
+    """An inference request's body: a big one as the body reader read it (counted, as each big
+    body is, when it never reached a parser process), a small one from the connection. Raises
+    ClientGone when the client left while its big body arrived."""
+    handoff = handoff_of(request.scope)
+    if handoff is None:
+        return await read_body(request, options.max_body_bytes)
+    try:
+        return await read_handed_off(handoff, options.readers)
+    except ClientGone:
+        options.count_big_body("abandoned")
+        raise
+    except APIError as error:
+        if error.status == 408:
+            options.count_big_body("stalled")
+        elif error.status >= 500:  # the body reader process failed
+            options.count_big_body("failed")
+        raise
+
+
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def handoff_routes(max_body_bytes: int, read_timeout_s: float) -> HandoffRoutes:
-    """The requests whose big bodies the connection leaves for the body reader (`body_handoff.py`)."""
-    return HandoffRoutes(INFERENCE_PATHS, INLINE_PARSE_BYTES, max_body_bytes, read_timeout_s)
+    """The requests whose big bodies the connection leaves for the body reader (`body_handoff.py`):
+    OpenAI's inference routes and Triton's (`triton_http.BODY_PATHS`)."""
+    return HandoffRoutes(INFERENCE_PATHS, INLINE_PARSE_BYTES, max_body_bytes, read_timeout_s, BODY_PATHS)
 
 
 async def parse_request_body(request: Request, raw: Body, kind: BodyKind, options: _ServeOptions,
-                             runtime: ServingRuntime) -> PreparedBody:
+                             bounds: Mapping[str, PromptBound]) -> PreparedBody:
     """A body as far as it goes without its model: a small one parsed on the event loop (its
     validation comes after the model's defaults); a big one parsed and validated as sent in a parser
     process, its prompt checked there against its model's context (`Runtime.prompt_bounds`), then
@@ -378,8 +405,7 @@ async def parse_request_body(request: Request, raw: Body, kind: BodyKind, option
     busy, or ClientGone when the client left while its body waited."""
     if isinstance(raw, bytes) and len(raw) <= INLINE_PARSE_BYTES:
         return PreparedBody(parse_body(raw, kind == "chat", options.max_messages))
-    bounds = encode_bounds(runtime.prompt_bounds()) if kind != "object" else b"{}"
-    prepare = functools.partial(options.parsers.prepare, raw, kind, options.max_messages, bounds)
+    prepare = functools.partial(options.parsers.prepare, raw, kind, options.max_messages, encode_bounds(bounds))
     outcome = "abandoned"
     try:
         payload = await until_disconnect(request.receive, prepare)
@@ -431,24 +457,15 @@ async def _serve(runtime: ServingRuntime, request: Request, chat: bool, options:
 async def _answer(runtime: ServingRuntime, request: Request, chat: bool, options: _ServeOptions,
                   access: AccessRecord) -> Response:
     arrived = time.monotonic()
-    handoff = handoff_of(request.scope)
     try:
-        raw = (await read_body(request, options.max_body_bytes) if handoff is None
-               else await read_handed_off(handoff, options.readers))
+        raw = await read_request_body(request, options)
     except ClientGone:
-        if handoff is not None:
-            options.count_big_body("abandoned")
         return Response(status_code=CLIENT_CLOSED)
-    except APIError as error:
-        if handoff is not None and error.status == 408:
-            options.count_big_body("stalled")
-        elif handoff is not None and error.status >= 500:  # the body reader process failed
-            options.count_big_body("failed")
-        raise
     inline = len(raw) <= INLINE_PARSE_BYTES
     big = options.big_bodies
     try:
-        prepared = await parse_request_body(request, raw, "chat" if chat else "completion", options, runtime)
+        prepared = await parse_request_body(request, raw, "chat" if chat else "completion", options,
+                                            runtime.prompt_bounds())
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     del raw

@@ -6,7 +6,7 @@ Parsing in parser processes took the parse off the event loop, but the bytes sti
 64 KiB at most), an 8 MB join and an 8 MB write into a parser process's pipe in 1 MiB pieces, each
 a slice of the loop that other clients' requests and the generation thread waited behind
 (`benchmarks/big_bodies.py`: another client's p99 TTFT was 1.6-2.4 times what the same bodies cost
-it when posted to another process). So when a request for an inference route declares a body
+it when posted to another process). So when a request for an inference route (OpenAI's or Triton's) declares a body
 bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's protocol stops
 reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
 the router creates a memory file (`SharedBody`) with those bytes in it and passes it, with the
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import select
 import weakref
 from collections.abc import Callable, MutableMapping, Sequence
@@ -88,19 +89,21 @@ answered it 408 itself (`connections.py`): the handler, which sees its client go
 
 @dataclass(frozen=True)
 class HandoffRoutes:
-    """Which requests' bodies are handed off: POSTs to `paths`, with a declared length over
-    `min_bytes` and at most `max_bytes` (a bigger one gets its 413 from the router, unread)."""
+    """Which requests' bodies are handed off: POSTs to `paths` (or to a path `pattern` matches
+    whole), with a declared length over `min_bytes` and at most `max_bytes` (a bigger one gets its
+    413 from the router, unread)."""
 
     paths: frozenset[str]
     min_bytes: int
     max_bytes: int
     read_timeout_s: float
     """The most the body reader waits between two reads of the body (`--body-timeout`)."""
+    pattern: re.Pattern[str] | None = None
 
     def wants(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> int | None:
         """The declared body length when this request's body is to be handed off; None otherwise
         (chunked bodies among them: their length is not known ahead)."""
-        if method != "POST" or path not in self.paths:
+        if method != "POST" or (path not in self.paths and not (self.pattern and self.pattern.fullmatch(path))):
             return None
         length: int | None = None
         for name, value in headers:

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from clearml_umem.errors import ServingError
+from clearml_umem.router.disconnect import ClientGone
 
 if TYPE_CHECKING:  # the parser processes import this module: FastAPI itself takes them 0.2 s
     from fastapi import FastAPI
@@ -106,8 +107,9 @@ def error_response(request: Request, exc: Exception) -> Response:
         return exc.response()
     if isinstance(exc, ServingError):
         return api_error(exc).response()
-    if isinstance(exc, ClientDisconnect):
-        # the client hung up while sending its body: nobody to answer, and nothing went wrong here
+    if isinstance(exc, ClientDisconnect | ClientGone):
+        # the client hung up while sending its body, or while it was checked: nobody to answer, and
+        # nothing went wrong here
         log.debug("client left during its request body: %s %s", request.method, request.url.path)
         return Response(status_code=CLIENT_CLOSED)
     if isinstance(exc, StarletteHTTPException):
@@ -127,5 +129,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_error(request: Request, exc: Exception) -> Response:
         return error_response(request, exc)
 
-    for kind in (APIError, ServingError, ClientDisconnect, StarletteHTTPException, Exception):
+    for kind in (APIError, ServingError, ClientDisconnect, ClientGone, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, on_error)

@@ -10,11 +10,12 @@ from typing import Literal
 
 from clearml_umem.engines.prompt_check import PromptBound
 
-BodyKind = Literal["chat", "completion", "object"]
-"""What a body is for: a chat or completion request (validated as one), or any other JSON object
-(a Triton request's, checked for its shape only)."""
+BodyKind = Literal["chat", "completion", "object", "triton"]
+"""What a body is for: a chat or completion request (validated as one); a Triton generate or infer
+request's (checked for its shape, its JSON `text_input` against the one bound sent with it: its
+path's model's); or any other JSON object (checked for its shape only)."""
 
-KINDS: tuple[BodyKind, ...] = ("chat", "completion", "object")
+KINDS: tuple[BodyKind, ...] = ("chat", "completion", "object", "triton")
 
 HEADER = struct.Struct("!IBBII")
 """Before each body: its length in bytes, its kind (an index into `KINDS`), how it comes (`PIPED`,

@@ -330,6 +330,16 @@ def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MES
     data = parse_body(raw, kind == "chat", max_messages)
     if kind == "object":
         return PreparedBody(data)
+    if kind == "triton":
+        for name, bound in (bounds or {}).items():  # the path's model's only
+            text = triton_text_input(data)
+            if text is not None:
+                try:
+                    refuse_if_cannot_fit(name, bound, len(text.encode("utf-8")), triton_max_tokens(data),
+                                         "text_input")
+                except InvalidRequest as refused:
+                    raise api_error(refused) from None
+        return PreparedBody(data)
     body = validate_request(data, kind == "chat")
     body.api_options()
     messages = body.engine_messages() if isinstance(body, ChatRequest) else None
@@ -347,6 +357,25 @@ def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MES
     if messages is not None:
         return PreparedBody({k: v for k, v in data.items() if k != "messages"}, messages)
     return PreparedBody(data)
+
+
+def triton_text_input(data: Mapping[str, Any]) -> str | None:
+    """The one text of a Triton body's `text_input` when it comes as JSON: the generate extension's
+    key, or the KServe v2 input of that name (None when it comes as binary data, after the JSON)."""
+    value = data.get("text_input")
+    listed = data.get("inputs")
+    if value is None and isinstance(listed, list):
+        value = next((t.get("data") for t in listed if isinstance(t, dict) and t.get("name") == "text_input"), None)
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value if isinstance(value, str) else None
+
+
+def triton_max_tokens(data: Mapping[str, Any]) -> int:
+    """The `max_tokens` a Triton body's parameters ask for as JSON; 1, the fewest, when unknown."""
+    parameters = data.get("parameters")
+    asked = parameters.get("max_tokens") if isinstance(parameters, dict) else None
+    return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 1
 
 
 def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:

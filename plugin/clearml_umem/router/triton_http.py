@@ -10,7 +10,10 @@ No tritonclient is needed: the binary tensor extension is a length-prefixed layo
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -22,6 +25,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clearml_umem import __version__
+from clearml_umem.router.body_handoff import Body
 from clearml_umem.router.disconnect import ClientGone, until_disconnect
 from clearml_umem.router.errors import CLIENT_CLOSED, APIError, bad_request
 from clearml_umem.router.generation import Generation, ServingRuntime, resolve_model
@@ -50,9 +54,15 @@ HEADER_LENGTH = "inference-header-content-length"
 SERVED_FROM_HEADER = "x-umem-served-from"
 """The same header as the OpenAI routes' (router/app.py), named here: that module imports this one."""
 
-ReadBody = Callable[[Request, int], Awaitable[bytes]]
-ParseBody = Callable[[Request, bytes], Awaitable[dict[str, Any]]]
-"""The router's parse of a body (`app.parse_request_body`): a big one never parsed on the event loop."""
+BODY_PATHS = re.compile(r"/v2/models/.+/(?:generate|generate_stream|infer)")
+"""The routes whose big bodies the connection leaves for the body reader (`body_handoff.py`), as
+OpenAI's inference routes: their bytes never cross the event loop."""
+
+ReadBody = Callable[[Request], Awaitable[Body]]
+"""The router's read of an inference body (`app.read_request_body`): a big one read by the body reader."""
+ParseBody = Callable[[Request, Body, str], Awaitable[dict[str, Any]]]
+"""The router's parse of a body for a model (`app.parse_request_body`): a big one never parsed on
+the event loop, and its JSON `text_input` refused there when it cannot fit that model's context."""
 
 
 class TritonErrorShape:
@@ -108,7 +118,7 @@ def split_version(path: str) -> tuple[str, str]:
     return (name, version) if sep and version and "/" not in version else (path, "")
 
 
-def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: int,
+def triton_routes(runtime: ServingRuntime, read_body: ReadBody,
                   parse_body: ParseBody) -> APIRouter:
     routes = APIRouter()
 
@@ -158,17 +168,19 @@ def triton_routes(runtime: ServingRuntime, read_body: ReadBody, max_body_bytes: 
 
     @routes.post("/v2/models/{path:path}/generate")
     async def generate(path: str, request: Request) -> Response:
-        raw = await read_body(request, max_body_bytes)
-        return await _generate(runtime, model(path), request, await parse_body(request, raw), stream=False)
+        spec = model(path)
+        data = await parse_body(request, await read_body(request), spec.name)
+        return await _generate(runtime, spec, request, data, stream=False)
 
     @routes.post("/v2/models/{path:path}/generate_stream")
     async def generate_stream(path: str, request: Request) -> Response:
-        raw = await read_body(request, max_body_bytes)
-        return await _generate(runtime, model(path), request, await parse_body(request, raw), stream=True)
+        spec = model(path)
+        data = await parse_body(request, await read_body(request), spec.name)
+        return await _generate(runtime, spec, request, data, stream=True)
 
     @routes.post("/v2/models/{path:path}/infer")
     async def infer(path: str, request: Request) -> Response:
-        return await _infer(runtime, model(path), request, await read_body(request, max_body_bytes), parse_body)
+        return await _infer(runtime, model(path), request, await read_body(request), parse_body)
 
     @routes.get("/v2/models/{path:path}")
     async def metadata(path: str) -> Response:
@@ -324,7 +336,16 @@ def _validate_outputs(data: dict[str, Any], triton: TritonRequest) -> None:
     _requested_outputs(data, output_values(triton, "", None, {}))
 
 
-async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw: bytes,
+async def _split(raw: Body, at: int) -> tuple[Body, bytes]:
+    """The JSON header and the binary tensors after it (the binary tensor extension). A big body's
+    halves are read from its memory file in a thread, not sliced on the event loop."""
+    if isinstance(raw, bytes):
+        return raw[:at], raw[at:]
+    fd, length = raw.fd, len(raw)
+    return await asyncio.to_thread(lambda: (os.pread(fd, at, 0), os.pread(fd, length - at, at)))
+
+
+async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw: Body,
                  parse_body: ParseBody) -> Response:
     arrived = time.monotonic()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -336,10 +357,10 @@ async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw
         if not declared.strip().isdigit() or int(declared) > len(raw):
             raise bad_request(f"Inference-Header-Content-Length {declared!r} is not a length within the "
                               f"{len(raw)}-byte body", param=HEADER_LENGTH)
-        head, binary = raw[:int(declared)], raw[int(declared):]
+        head, binary = await _split(raw, int(declared))
     else:
         head, binary = raw, b""
-    data = await parse_body(request, head)
+    data = await parse_body(request, head, spec.name)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad_request("'parameters' must be a JSON object", param="parameters")
