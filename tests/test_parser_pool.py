@@ -143,18 +143,25 @@ def test_a_prompt_that_cannot_fit_its_model_is_refused_where_it_was_parsed() -> 
 
 def test_a_triton_prompt_that_cannot_fit_the_paths_model_is_refused_where_it_was_parsed() -> None:
     """A Triton body names its model in its path: the router sends that model's bound alone. Its
-    JSON `text_input` (the generate extension's key, in any nesting of one; or the infer input of
-    that name) is checked against it with the `max_tokens` of its parameters; a text that comes as
-    binary data after the JSON, or a shape the router's own checks refuse, is passed on."""
+    `text_input` (the generate extension's key, in any nesting of one; the infer input of that
+    name; or that input's binary data after the JSON, by its size: 4 bytes of length, then the
+    text) is checked against it with the `max_tokens` of its parameters; a shape the router's own
+    checks refuse is passed on to them."""
     bound = encode_bounds({"m": PromptBound(2048, 16)})
     too_long = "y" * 16 * 2000  # at least 2,000 tokens
     refused_bodies = [{"text_input": "y" * 40_000}, {"text_input": [[too_long]], "parameters": {"max_tokens": 100}},
                       {"inputs": [{"name": "stream", "datatype": "BOOL", "shape": [1], "data": [False]},
-                                  {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["y" * 40_000]}]}]
+                                  {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["y" * 40_000]}]},
+                      {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": 4 + 40_000}}]},
+                      {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [too_long]},
+                                  {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1],
+                                   "data": ['{"max_tokens": 77}']}]},
+                      {"text_input": too_long, "sampling_parameters": {"max_tokens": 78}}]
     passed_bodies = [{"text_input": too_long, "parameters": {"max_tokens": 40}},
                      {"text_input": [too_long, too_long]},  # two texts: the router refuses that shape
                      {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
-                                  "parameters": {"binary_data_size": 40_000}}]}]
+                                  "parameters": {"binary_data_size": 4 + 16 * 2000}}]}]
 
     async def run() -> tuple[list[object], list[bytes], bytes]:
         pool = ParserPool(processes=1)
@@ -172,7 +179,10 @@ def test_a_triton_prompt_that_cannot_fit_the_paths_model_is_refused_where_it_was
         assert isinstance(error, APIError), error
         assert (error.status, error.param, error.code) == (400, "text_input", "context_length_exceeded"), error
         assert "'m'" in error.message
-    assert isinstance(refused[1], APIError) and "max_tokens=100" in refused[1].message
+    asked = [e.message.split("max_tokens=")[1].split(".")[0] if "max_tokens=" in e.message else None
+             for e in refused if isinstance(e, APIError)]
+    assert asked == [None, "100", None, None, "77", "78"]  # as asked, in parameters or sampling parameters
+    assert isinstance(refused[0], APIError) and "no room is left for even one generated token" in refused[0].message
     assert [pickle.loads(p).data for p in passed] == passed_bodies
     assert pickle.loads(unbounded).data == refused_bodies[0]  # no bound known yet: the router checks it
 

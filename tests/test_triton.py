@@ -513,6 +513,13 @@ def test_big_bodies_take_the_body_reader_and_are_answered_as_small_ones(served) 
         answer = httpx.post(url + path, json=body, headers=AUTH, timeout=120)
         assert answer.status_code == 400 and "context of" in answer.json()["error"], answer.text
     assert _metric(router, "umem_big_request_bodies_total", outcome="refused") == refused + 2
+    # tritonclient's default: the prompt as binary data after the JSON, refused from its declared size
+    http = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    text, params = _inputs(httpclient, long_prompt)
+    params.set_data_from_numpy(np.array([json.dumps(GREEDY).encode()], dtype=object), binary_data=False)
+    with pytest.raises(InferenceServerException, match="context of") as caught:
+        http.infer(model, [text, params], headers={**AUTH})
+    assert caught.value.status() == "400" and f"max_tokens={GREEDY['max_tokens']}" in str(caught.value)
     abandoned = _metric(router, "umem_big_request_bodies_total", outcome="abandoned")
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as leaver:

@@ -62,15 +62,16 @@ class PromptBound:
         return -(-text_bytes // self.bytes_per_token)
 
 
-def refuse_if_cannot_fit(name: str, bound: PromptBound, text_bytes: int, max_tokens: int, param: str) -> None:
-    """A 400 naming the prompt's field when even its fewest possible tokens and `max_tokens`
-    cannot fit the context window."""
+def refuse_if_cannot_fit(name: str, bound: PromptBound, text_bytes: int, max_tokens: int | None, param: str) -> None:
+    """A 400 naming the prompt's field when even its fewest possible tokens and `max_tokens` (one,
+    when not yet known: the model's defaults fill it in later) cannot fit the context window."""
     at_least = bound.tokens_at_least(text_bytes)
-    if at_least + max_tokens > bound.context_length:
+    if at_least + (max_tokens or 1) > bound.context_length:
+        asked = (f"the request asks for max_tokens={max_tokens}. Shorten the prompt or lower max_tokens."
+                 if max_tokens else "no room is left for even one generated token. Shorten the prompt.")
         raise InvalidRequest(
             f"model {name!r} is served with a context of {bound.context_length} tokens; the prompt has at least "
-            f"{at_least} tokens and the request asks for max_tokens={max_tokens}. Shorten the prompt "
-            f"or lower max_tokens.", param=param, code="context_length_exceeded")
+            f"{at_least} tokens and {asked}", param=param, code="context_length_exceeded")
 
 
 def refuse_by_length(name: str, context_length: int | None, request: GenerationRequest,

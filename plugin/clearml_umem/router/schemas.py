@@ -10,6 +10,7 @@ options that only some engines honour (penalties, logit_bias with vLLM) pass to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -332,13 +333,7 @@ def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MES
         return PreparedBody(data)
     if kind == "triton":
         for name, bound in (bounds or {}).items():  # the path's model's only
-            text = triton_text_input(data)
-            if text is not None:
-                try:
-                    refuse_if_cannot_fit(name, bound, len(text.encode("utf-8")), triton_max_tokens(data),
-                                         "text_input")
-                except InvalidRequest as refused:
-                    raise api_error(refused) from None
+            refuse_triton_prompt(name, bound, data)
         return PreparedBody(data)
     body = validate_request(data, kind == "chat")
     body.api_options()
@@ -350,7 +345,7 @@ def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MES
         else:
             text_bytes = len(body.prompt_text().encode("utf-8"))  # type: ignore[union-attr]
         try:
-            refuse_if_cannot_fit(body.model, bound, text_bytes, body.requested_max_tokens() or 1,
+            refuse_if_cannot_fit(body.model, bound, text_bytes, body.requested_max_tokens(),
                                  "messages" if messages is not None else "prompt")
         except InvalidRequest as refused:
             raise api_error(refused) from None
@@ -371,11 +366,55 @@ def triton_text_input(data: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def triton_max_tokens(data: Mapping[str, Any]) -> int:
-    """The `max_tokens` a Triton body's parameters ask for as JSON; 1, the fewest, when unknown."""
-    parameters = data.get("parameters")
-    asked = parameters.get("max_tokens") if isinstance(parameters, dict) else None
-    return asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 1
+def triton_text_bytes(data: Mapping[str, Any]) -> int | None:
+    """The bytes of the one text a Triton body's `text_input` holds, as JSON or as binary data
+    after the JSON (its `binary_data_size` less the 4-byte length before the text): known from the
+    JSON alone, before any binary data is read."""
+    text = triton_text_input(data)
+    if text is not None:
+        return len(text.encode("utf-8"))
+    listed = data.get("inputs")
+    for tensor in listed if isinstance(listed, list) else ():
+        if isinstance(tensor, dict) and tensor.get("name") == "text_input" and tensor.get("shape") == [1]:
+            params = tensor.get("parameters")
+            size = params.get("binary_data_size") if isinstance(params, dict) else None
+            if isinstance(size, int) and not isinstance(size, bool):
+                return max(0, size - 4)
+    return None
+
+
+def refuse_triton_prompt(name: str, bound: PromptBound, data: Mapping[str, Any]) -> None:
+    """A 400 naming `text_input` when a Triton body's prompt cannot fit model `name`'s context even at
+    its fewest possible tokens; nothing when it may fit or its text is not where it should be (the
+    router's own checks name that)."""
+    text_bytes = triton_text_bytes(data)
+    if text_bytes is None:
+        return
+    try:
+        refuse_if_cannot_fit(name, bound, text_bytes, triton_max_tokens(data), "text_input")
+    except InvalidRequest as refused:
+        raise api_error(refused) from None
+
+
+def triton_max_tokens(data: Mapping[str, Any]) -> int | None:
+    """The `max_tokens` a Triton body asks for as JSON: in its `parameters`, or its sampling
+    parameters (the generate extension's object, or the infer input's JSON text); None when
+    unknown (binary data, say)."""
+    places: list[Any] = [data.get("parameters"), data.get("sampling_parameters")]
+    listed = data.get("inputs")
+    for tensor in listed if isinstance(listed, list) else ():
+        if isinstance(tensor, dict) and tensor.get("name") == "sampling_parameters":
+            text = tensor.get("data")
+            while isinstance(text, list) and len(text) == 1:
+                text = text[0]
+            if isinstance(text, str) and len(text) < 65536:
+                with contextlib.suppress(ValueError):  # the router's own check names it
+                    places.append(json.loads(text))
+    for place in places:
+        asked = place.get("max_tokens") if isinstance(place, dict) else None
+        if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+            return asked
+    return None
 
 
 def validate(model_cls: type[_Sampling], data: dict[str, Any]) -> Any:

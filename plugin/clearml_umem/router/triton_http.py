@@ -29,6 +29,7 @@ from clearml_umem.router.body_handoff import Body
 from clearml_umem.router.disconnect import ClientGone, until_disconnect
 from clearml_umem.router.errors import CLIENT_CLOSED, APIError, bad_request
 from clearml_umem.router.generation import Generation, ServingRuntime, resolve_model
+from clearml_umem.router.schemas import refuse_triton_prompt
 from clearml_umem.router.sse import EventStreamResponse, event
 from clearml_umem.router.triton_request import (
     INPUTS,
@@ -336,13 +337,13 @@ def _validate_outputs(data: dict[str, Any], triton: TritonRequest) -> None:
     _requested_outputs(data, output_values(triton, "", None, {}))
 
 
-async def _split(raw: Body, at: int) -> tuple[Body, bytes]:
-    """The JSON header and the binary tensors after it (the binary tensor extension). A big body's
-    halves are read from its memory file in a thread, not sliced on the event loop."""
+async def _part(raw: Body, start: int, end: int) -> bytes:
+    """Bytes `start:end` of a body: the binary tensor extension's JSON header, or the binary data
+    after it. A big body's are read from its memory file in a thread, not copied on the event loop."""
     if isinstance(raw, bytes):
-        return raw[:at], raw[at:]
-    fd, length = raw.fd, len(raw)
-    return await asyncio.to_thread(lambda: (os.pread(fd, at, 0), os.pread(fd, length - at, at)))
+        return raw[start:end]
+    fd = raw.fd
+    return await asyncio.to_thread(os.pread, fd, end - start, start)
 
 
 async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw: Body,
@@ -357,10 +358,14 @@ async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw
         if not declared.strip().isdigit() or int(declared) > len(raw):
             raise bad_request(f"Inference-Header-Content-Length {declared!r} is not a length within the "
                               f"{len(raw)}-byte body", param=HEADER_LENGTH)
-        head, binary = await _split(raw, int(declared))
+        head: Body = await _part(raw, 0, int(declared))
     else:
-        head, binary = raw, b""
+        head = raw
     data = await parse_body(request, head, spec.name)
+    bound = runtime.prompt_bounds().get(spec.name)
+    if bound is not None:  # a binary text_input's size is known from the header: refused before it is read
+        refuse_triton_prompt(spec.name, bound, data)
+    binary = await _part(raw, int(declared), len(raw)) if declared is not None else b""
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad_request("'parameters' must be a JSON object", param="parameters")
