@@ -13,8 +13,9 @@ milliseconds, at the first big body.
 Run as `python -m clearml_umem.body_reader_child PARENT_PID SOCKET_FD`. Each job comes on the socket
 (SOCK_SEQPACKET) as one message carrying two descriptors, the client's socket and the body's memory
 file: a thread fills the file (`body_reading.fill`) and the outcome goes back with the job's tag.
-It ends when the socket closes (the router exited or closed it) and, through PR_SET_PDEATHSIG, when
-the router dies (kill -9 included).
+A memory file the router let go of comes back alone (`DROP`) to be closed here, where freeing
+its pages costs no core the router needs. It ends when the socket closes (the router exited or
+closed it) and, through PR_SET_PDEATHSIG, when the router dies (kill -9 included).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import threading
 
 from clearml_umem.body_reading import (
     DONE,
+    DROP,
     FAILED,
     GONE,
     JOB,
@@ -53,6 +55,9 @@ def serve(channel: socket.socket) -> None:
             return
         if not message:
             return
+        if message == DROP and len(fds) == 1:
+            os.close(fds[0])  # the body's last reference: its pages are freed here, niced
+            continue
         if len(message) != JOB.size or len(fds) != 2:
             for fd in fds:
                 os.close(fd)

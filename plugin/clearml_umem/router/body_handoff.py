@@ -50,10 +50,12 @@ class SharedBody:
     the body reader maps it (`body_reading.fill`): at rest a body holds one descriptor. Its memory goes
     when this object and the parser process's mapping are both gone."""
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, dispose: Callable[[int], None] | None = None) -> None:
+        """`dispose(fd)` closes the descriptor once the body is let go, from whichever thread let
+        it go (`BodyReaders.dispose`); by default a body thread does."""
         self.fd = os.memfd_create("umem-body", os.MFD_CLOEXEC)
         self.length = length
-        self._closed = weakref.finalize(self, _close_in_a_thread, self.fd)
+        self._closed = weakref.finalize(self, dispose or close_in_a_thread, self.fd)
         try:
             os.ftruncate(self.fd, length)
         except BaseException:
@@ -67,7 +69,7 @@ class SharedBody:
         return os.pread(self.fd, self.length, 0)
 
 
-def _close_in_a_thread(fd: int) -> None:
+def close_in_a_thread(fd: int) -> None:
     """A body's last descriptor closed by a body thread: that frees its megabytes of pages, which
     took 0.6 ms a body on the event loop, where the body was let go (`py-spy` on a router taking
     six 8 MB bodies a second: half of its loop's time for them)."""

@@ -19,8 +19,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from clearml_umem.body_reading import DONE, FAILED, GONE, JOB, REPLY, STALLED
-from clearml_umem.router.body_handoff import BodyHandoff, SharedBody, body_timeout
+from clearml_umem.body_reading import DONE, DROP, FAILED, GONE, JOB, REPLY, STALLED
+from clearml_umem.router.body_handoff import BodyHandoff, SharedBody, body_timeout, close_in_a_thread
 from clearml_umem.router.disconnect import ClientGone
 from clearml_umem.router.errors import UNAVAILABLE, APIError
 from clearml_umem.router.parser_pool import BUSY_RETRY_AFTER_S, spawn_child, stop_child
@@ -52,7 +52,7 @@ class BodyReaders:
         """The whole body in a memory file: the bytes that came with the headers, then the rest read
         there. Raises ClientGone (the client left), the 408 of `body_timeout`, or a 503 when the
         reader process failed."""
-        body = SharedBody(handoff.length)
+        body = SharedBody(handoff.length, self.dispose)
         have = min(len(handoff.head), handoff.length)
         if have:
             os.pwrite(body.fd, bytes(handoff.head[:have]), 0)
@@ -83,6 +83,29 @@ class BodyReaders:
         if result == STALLED:
             raise body_timeout(handoff.read_timeout_s)
         raise read_failed()
+
+    def dispose(self, fd: int) -> None:
+        """A body read here was let go (from any thread): its memory file goes back to the reader
+        process, whose close of it is the last and frees its pages there, niced (`DROP`); closed by
+        a body thread when there is no reader to take it."""
+        loop = self._loop
+        try:
+            if loop is None or loop.is_closed():
+                raise RuntimeError("no event loop")
+            loop.call_soon_threadsafe(self._drop, fd)
+        except RuntimeError:
+            close_in_a_thread(fd)
+
+    def _drop(self, fd: int) -> None:
+        side = self._side
+        try:
+            if side is None:
+                raise OSError("no body reader process")
+            socket.send_fds(side, [DROP], [fd])
+        except OSError:  # BlockingIOError among them: a full socket is not waited for
+            close_in_a_thread(fd)
+            return
+        os.close(fd)  # not the last reference: the message in flight holds one
 
     async def close(self) -> None:
         """End the reader process: its socket closed (it exits at the end of it), killed if it lingers."""
