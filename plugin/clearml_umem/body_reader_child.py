@@ -48,6 +48,8 @@ def serve(channel: socket.socket) -> None:
     threads (a slow sender's body is nobody's any more)."""
     replies = threading.Lock()
     pool = concurrent.futures.ThreadPoolExecutor(READING_THREADS, thread_name_prefix="umem-body-read")
+    # a close of its own: freeing a body's pages takes a millisecond of CPU, and the next job waits for none
+    drops = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="umem-body-drop")
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(channel, JOB.size, 2)
@@ -56,7 +58,7 @@ def serve(channel: socket.socket) -> None:
         if not message:
             return
         if message == DROP and len(fds) == 1:
-            os.close(fds[0])  # the body's last reference: its pages are freed here, niced
+            drops.submit(os.close, fds[0])  # the body's last reference: its pages are freed here, niced
             continue
         if len(message) != JOB.size or len(fds) != 2:
             for fd in fds:
