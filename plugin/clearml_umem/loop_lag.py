@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 TICK_S = 0.01
 """A hold of the loop shorter than this may fall between two ticks and go unseen; one longer is
-always seen, less at most one tick. 100 wake-ups a second cost the loop about 0.3% of a core."""
+always seen, less at most one tick. 100 wake-ups a second cost an idle router about 1.4% of a
+core on a 2-core VM (14 ms of CPU a second, measured with the tick and with none): most of its
+idle CPU, and nothing next to a model's."""
 
 
 async def watch_loop_lag(observe: Callable[[float], None], tick_s: float = TICK_S) -> None:
