@@ -627,3 +627,61 @@ def test_prompt_bounds_are_listed_under_each_name_a_request_may_use(tmp_path: Pa
                                                  "b": PromptBound(4096, 13)}
 
     run(scenario)
+
+
+def test_at_the_stop_loads_for_refused_requests_stop_while_running_requests_keep_their_models(
+        tmp_path: Path) -> None:
+    """SIGTERM (`stop_admitting`) answers the queue at once. A load that only those requests (or a
+    placement) waited for is stopped then, its engine closed, rather than after the grace at
+    `close()`: it would compete with the streams finishing. A model serving a request keeps its
+    engine; an eviction under way runs on, and the load it made room for never starts. `close()`
+    then closes each engine once."""
+    async def scenario() -> None:
+        w = World(tmp_path, "a", "b")
+        rt = w.runtime
+        await w.hot("a")
+        release = asyncio.Event()
+        running = w.hold("a", "running", release)
+        await within(running.entered.wait())
+        placing = asyncio.create_task(rt.place("b", Tier.RAM))
+        await w.engines["b"].next_gate(Tier.COLD, Tier.RAM)
+        queued = w.hold("b", "queued")
+        await settle()
+
+        rt.stop_admitting()
+        refused = await raises(Rejected, queued.task)
+        assert isinstance(refused, Rejected) and refused.status == 503
+        await within(asyncio.wait(list(rt._moves)))
+        assert w.engines["b"].closes == 1 and "b: failed cold->ram" in w.log, w.log
+        assert rt.admin_view()[1]["last_error"] is None, "a stopped load is not a failure"
+        assert w.engines["a"].closes == 0 and not running.task.done(), "the running request keeps its model"
+        release.set()
+        await within(running.task)
+
+        await within(rt.close())
+        assert [e.closes for e in w.built] == [1, 1], "each engine closed once"
+        assert "shutting down" in str(await raises(Rejected, placing))
+
+    run(scenario)
+
+
+def test_at_the_stop_an_eviction_runs_on_and_the_load_it_made_room_for_never_starts(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        w = World(tmp_path, "a", "b")
+        rt = w.runtime
+        await w.hot("a")
+        placing = asyncio.create_task(rt.place("b", Tier.GPU))
+        eviction = await w.engines["a"].next_gate(Tier.GPU, Tier.RAM)
+
+        rt.stop_admitting()
+        await settle()
+        assert w.engines["a"].closes == 0, "an eviction is not stopped"
+        eviction.open()
+        await settle()
+        assert rt.state("a").tier is Tier.RAM
+        assert w.engines["b"].moves == [], "no load starts once the server is stopping"
+        await within(rt.close())
+        assert [e.closes for e in w.built] == [1, 1]
+        assert "shutting down" in str(await raises(Rejected, placing))
+
+    run(scenario)

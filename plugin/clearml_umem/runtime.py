@@ -106,6 +106,9 @@ class Served:
     moves_done: int = 0
     max_concurrency: int | None = None
     """Requests it runs at once: the lower of its engine's limit and the catalog's, None for no limit."""
+    stopped: bool = False
+    """Its load was stopped at the server's stop, its engine closed then (`stop_admitting`): `close()`
+    does not close it again."""
 
 
 def stopped_by_close(cmd: Move, exc: Exception) -> None:
@@ -519,8 +522,8 @@ class Runtime:
                         rejected.internal = self._internal_failure
                         fut.set_exception(rejected)
             elif isinstance(cmd, Move):
-                if self._closing:
-                    continue
+                if self._closing or (self._closed and cmd.dst.hotter_than(cmd.src)):
+                    continue  # stopping: nobody is left to use what a load would bring (`_stop_loads`)
                 task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
                 self._moves.add(task)
                 task.add_done_callback(self._moves.discard)
@@ -566,7 +569,7 @@ class Runtime:
                 await asyncio.wrap_future(result.landing)
                 result = dataclasses.replace(result, landing=None)
         except EngineOutOfMemory as exc:
-            if self._closing:
+            if self._closing or served.stopped:
                 return stopped_by_close(cmd, exc)
             log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
                         cmd.dst.value, exc)
@@ -574,7 +577,7 @@ class Runtime:
             self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
                                                          out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
-            if self._closing:
+            if self._closing or served.stopped:
                 return stopped_by_close(cmd, exc)
             if isinstance(exc, EngineError):  # an engine's own refusal says what went wrong: no traceback
                 log.error("model %s: move %s -> %s failed: %s", cmd.model, cmd.src.value, cmd.dst.value, exc)
@@ -647,6 +650,23 @@ class Runtime:
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(shutting_down())
+        self._stop_loads()
+
+    def _stop_loads(self) -> None:
+        """A load under way for a model no running request holds served only the requests just
+        refused: its engine is closed now (its move then ends as at `close()`), so that it does not
+        compete with the streams finishing their grace for the link, the cores or a vLLM start's
+        device memory. Evictions run on: they free memory and end soon."""
+        for name, served in self._models.items():
+            if served.under_way is None or served.stopped:
+                continue
+            cmd = served.under_way[0]
+            if not cmd.dst.hotter_than(cmd.src) or (name in self.scheduler and self.scheduler.state(name).in_flight):
+                continue
+            served.stopped = True
+            task = asyncio.get_running_loop().create_task(self._close_engine(name, served), name=f"stop-{name}")
+            self._moves.add(task)
+            task.add_done_callback(self._moves.discard)
 
     async def close(self) -> None:
         """Refuse new work, then release every engine (processes included) at once, without waiting
@@ -659,7 +679,7 @@ class Runtime:
         for waiter in self._placements.values():
             if not waiter.done():
                 waiter.set_result(PlacementEnded("", (), "failed", "the server is shutting down"))
-        served = list(self._models.items())
+        served = [(name, one) for name, one in self._models.items() if not one.stopped]
         await asyncio.gather(*(self._close_engine(name, one) for name, one in served))
         if self._moves:
             await asyncio.wait(list(self._moves), timeout=CLOSE_MOVES_WAIT_S)
