@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -524,9 +524,7 @@ class Runtime:
             elif isinstance(cmd, Move):
                 if self._closing or (self._closed and cmd.dst.hotter_than(cmd.src)):
                     continue  # stopping: nobody is left to use what a load would bring (`_stop_loads`)
-                task = asyncio.get_running_loop().create_task(self._run_move(cmd), name=f"move-{cmd.model}")
-                self._moves.add(task)
-                task.add_done_callback(self._moves.discard)
+                self._start_move(self._run_move(cmd), f"move-{cmd.model}")
             elif isinstance(cmd, PlacementEnded):
                 for placement_id in cmd.ids:
                     waiter = self._placements.get(placement_id)
@@ -537,9 +535,13 @@ class Runtime:
                     continue
                 released = self._models.pop(cmd.model, None)
                 if released is not None:
-                    task = asyncio.get_running_loop().create_task(released.engine.close(), name=f"close-{cmd.model}")
-                    self._moves.add(task)
-                    task.add_done_callback(self._moves.discard)
+                    self._start_move(released.engine.close(), f"close-{cmd.model}")
+
+    def _start_move(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` (a move, or an engine's close) as a task `close()` waits for (`_moves`)."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._moves.add(task)
+        task.add_done_callback(self._moves.discard)
 
     async def _log_progress(self, cmd: Move, started: float) -> None:
         """Every `progress_period_s` while the move runs: one line with its stage and bytes."""
@@ -664,9 +666,7 @@ class Runtime:
             if not cmd.dst.hotter_than(cmd.src) or (name in self.scheduler and self.scheduler.state(name).in_flight):
                 continue
             served.stopped = True
-            task = asyncio.get_running_loop().create_task(self._close_engine(name, served), name=f"stop-{name}")
-            self._moves.add(task)
-            task.add_done_callback(self._moves.discard)
+            self._start_move(self._close_engine(name, served), f"stop-{name}")
 
     async def close(self) -> None:
         """Refuse new work, then release every engine (processes included) at once, without waiting
