@@ -89,23 +89,21 @@ class BodyReaders:
         process, whose close of it is the last and frees its pages there, niced (`DROP`); closed by
         a body thread when there is no reader to take it."""
         loop = self._loop
-        try:
-            if loop is None or loop.is_closed():
-                raise RuntimeError("no event loop")
-            loop.call_soon_threadsafe(self._drop, fd)
-        except RuntimeError:
-            close_in_a_thread(fd)
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._drop, fd)
+                return
+        close_in_a_thread(fd)
 
     def _drop(self, fd: int) -> None:
-        side = self._side
         try:
-            if side is None:
-                raise OSError("no body reader process")
-            socket.send_fds(side, [DROP], [fd])
+            handed = self._side is not None and socket.send_fds(self._side, [DROP], [fd]) == len(DROP)
         except OSError:  # BlockingIOError among them: a full socket is not waited for
+            handed = False
+        if handed:
+            os.close(fd)  # not the last reference: the message in flight holds one
+        else:
             close_in_a_thread(fd)
-            return
-        os.close(fd)  # not the last reference: the message in flight holds one
 
     async def close(self) -> None:
         """End the reader process: its socket closed (it exits at the end of it), killed if it lingers."""
