@@ -354,15 +354,28 @@ def prepare_body(raw: bytes, kind: BodyKind, max_messages: int = DEFAULT_MAX_MES
     return PreparedBody(data)
 
 
+def _triton_input(data: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """A KServe v2 body's input tensor of that name (the first: a name given twice is the router's 400)."""
+    listed = data.get("inputs")
+    tensors = listed if isinstance(listed, list) else ()
+    return next((t for t in tensors if isinstance(t, dict) and t.get("name") == name), None)
+
+
+def _single(value: Any) -> Any:
+    """A JSON value out of any nesting of one-element lists (a tensor's `data`, `[["text"]]`)."""
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value
+
+
 def triton_text_input(data: Mapping[str, Any]) -> str | None:
     """The one text of a Triton body's `text_input` when it comes as JSON: the generate extension's
     key, or the KServe v2 input of that name (None when it comes as binary data, after the JSON)."""
     value = data.get("text_input")
-    listed = data.get("inputs")
-    if value is None and isinstance(listed, list):
-        value = next((t.get("data") for t in listed if isinstance(t, dict) and t.get("name") == "text_input"), None)
-    while isinstance(value, list) and len(value) == 1:
-        value = value[0]
+    if value is None:
+        tensor = _triton_input(data, "text_input")
+        value = tensor.get("data") if tensor is not None else None
+    value = _single(value)
     return value if isinstance(value, str) else None
 
 
@@ -373,14 +386,12 @@ def triton_text_bytes(data: Mapping[str, Any]) -> int | None:
     text = triton_text_input(data)
     if text is not None:
         return len(text.encode("utf-8"))
-    listed = data.get("inputs")
-    for tensor in listed if isinstance(listed, list) else ():
-        if isinstance(tensor, dict) and tensor.get("name") == "text_input" and tensor.get("shape") == [1]:
-            params = tensor.get("parameters")
-            size = params.get("binary_data_size") if isinstance(params, dict) else None
-            if isinstance(size, int) and not isinstance(size, bool):
-                return max(0, size - 4)
-    return None
+    tensor = _triton_input(data, "text_input")
+    if tensor is None or tensor.get("shape") != [1]:
+        return None
+    params = tensor.get("parameters")
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    return max(0, size - 4) if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def refuse_triton_prompt(name: str, bound: PromptBound, data: Mapping[str, Any]) -> None:
@@ -401,15 +412,11 @@ def triton_max_tokens(data: Mapping[str, Any]) -> int | None:
     parameters (the generate extension's object, or the infer input's JSON text); None when
     unknown (binary data, say)."""
     places: list[Any] = [data.get("parameters"), data.get("sampling_parameters")]
-    listed = data.get("inputs")
-    for tensor in listed if isinstance(listed, list) else ():
-        if isinstance(tensor, dict) and tensor.get("name") == "sampling_parameters":
-            text = tensor.get("data")
-            while isinstance(text, list) and len(text) == 1:
-                text = text[0]
-            if isinstance(text, str) and len(text) < 65536:
-                with contextlib.suppress(ValueError):  # the router's own check names it
-                    places.append(json.loads(text))
+    tensor = _triton_input(data, "sampling_parameters")
+    text = _single(tensor.get("data")) if tensor is not None else None
+    if isinstance(text, str) and len(text) < 65536:
+        with contextlib.suppress(ValueError):  # the router's own check names it
+            places.append(json.loads(text))
     for place in places:
         asked = place.get("max_tokens") if isinstance(place, dict) else None
         if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
