@@ -21,7 +21,7 @@ from clearml_umem.router.body_handoff import SharedBody
 from clearml_umem.router.errors import APIError
 from clearml_umem.router.parser_pool import ParserPool
 from clearml_umem.router.parser_wire import encode_bounds
-from clearml_umem.router.schemas import PreparedBody
+from clearml_umem.router.schemas import PreparedBody, refuse_triton_prompt
 from tests.routerproc import wait_gone
 from tests.waiting import wait_until
 
@@ -143,17 +143,15 @@ def test_a_prompt_that_cannot_fit_its_model_is_refused_where_it_was_parsed() -> 
 
 def test_a_triton_prompt_that_cannot_fit_the_paths_model_is_refused_where_it_was_parsed() -> None:
     """A Triton body names its model in its path: the router sends that model's bound alone. Its
-    `text_input` (the generate extension's key, in any nesting of one; the infer input of that
-    name; or that input's binary data after the JSON, by its size: 4 bytes of length, then the
-    text) is checked against it with the `max_tokens` of its parameters; a shape the router's own
-    checks refuse is passed on to them."""
+    `text_input` (the generate extension's key, in any nesting of one; or the infer input of that
+    name) is checked against it with the `max_tokens` of its parameters; a shape the router's own
+    checks refuse is passed on to them, and so is a `binary_data_size`: the parser process sees the
+    JSON alone, and only the router knows how many bytes follow it (`test_a_binary_prompt...`)."""
     bound = encode_bounds({"m": PromptBound(2048, 16)})
     too_long = "y" * 16 * 2000  # at least 2,000 tokens
     refused_bodies = [{"text_input": "y" * 40_000}, {"text_input": [[too_long]], "parameters": {"max_tokens": 100}},
                       {"inputs": [{"name": "stream", "datatype": "BOOL", "shape": [1], "data": [False]},
                                   {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["y" * 40_000]}]},
-                      {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
-                                   "parameters": {"binary_data_size": 4 + 40_000}}]},
                       {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [too_long]},
                                   {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1],
                                    "data": ['{"max_tokens": 77}']}]},
@@ -161,7 +159,7 @@ def test_a_triton_prompt_that_cannot_fit_the_paths_model_is_refused_where_it_was
     passed_bodies = [{"text_input": too_long, "parameters": {"max_tokens": 40}},
                      {"text_input": [too_long, too_long]},  # two texts: the router refuses that shape
                      {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
-                                  "parameters": {"binary_data_size": 4 + 16 * 2000}}]}]
+                                  "parameters": {"binary_data_size": 4 + 40_000}}]}]
 
     async def run() -> tuple[list[object], list[bytes], bytes]:
         pool = ParserPool(processes=1)
@@ -181,10 +179,25 @@ def test_a_triton_prompt_that_cannot_fit_the_paths_model_is_refused_where_it_was
         assert "'m'" in error.message
     asked = [e.message.split("max_tokens=")[1].split(".")[0] if "max_tokens=" in e.message else None
              for e in refused if isinstance(e, APIError)]
-    assert asked == [None, "100", None, None, "77", "78"]  # as asked, in parameters or sampling parameters
+    assert asked == [None, "100", None, "77", "78"]  # as asked, in parameters or sampling parameters
     assert isinstance(refused[0], APIError) and "no room is left for even one generated token" in refused[0].message
     assert [pickle.loads(p).data for p in passed] == passed_bodies
     assert pickle.loads(unbounded).data == refused_bodies[0]  # no bound known yet: the router checks it
+
+
+def test_a_binary_prompt_is_counted_from_its_size_only_where_that_many_bytes_follow() -> None:
+    """The router refuses a binary `text_input` that cannot fit from its `binary_data_size`, before
+    reading it; a size larger than the bytes that follow the JSON is a lie, which the router's check
+    of the binary data names (`binary_data_size ... does not fit`), not a prompt of that length."""
+    bound = PromptBound(2048, 16)
+    data = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                        "parameters": {"binary_data_size": 4 + 40_000}}]}
+    with pytest.raises(APIError) as refused:
+        refuse_triton_prompt("m", bound, data, binary_bytes=4 + 40_000)
+    assert (refused.value.status, refused.value.param) == (400, "text_input")
+    assert "at least 2500 tokens" in refused.value.message
+    refuse_triton_prompt("m", bound, data, binary_bytes=4 + 39_999)  # fewer bytes follow: not its prompt's
+    refuse_triton_prompt("m", bound, data)  # none follow (a parser process, which sees the JSON alone)
 
 
 def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_left_costs_no_parse() -> None:

@@ -382,9 +382,13 @@ def test_hostile_inputs_are_refused_naming_the_field_over_both_protocols(served)
     # raw HTTP: the binary extension's lengths, the generate extension's fields, routes' errors
     head = json.dumps({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
                                    "parameters": {"binary_data_size": 50}}]}).encode()
+    lying = head.replace(b'"binary_data_size": 50', b'"binary_data_size": 1000000000')
     raw = [(head + serialize_bytes([b"hi"]), {"Inference-Header-Content-Length": str(len(head))},
             "binary_data_size 50"),
            (head, {"Inference-Header-Content-Length": "999"}, "Inference-Header-Content-Length"),
+           # a size far past the bytes sent: named as the lie it is, not taken for a long prompt
+           (lying + b"\0" * 100_000, {"Inference-Header-Content-Length": str(len(lying))},
+            "binary_data_size 1000000000"),
            (b'{"inputs": "x"}', {}, "'inputs' is required"),
            (b"{not json", {}, "JSON")]
     for body, headers, words in raw:

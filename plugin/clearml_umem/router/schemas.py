@@ -379,10 +379,11 @@ def triton_text_input(data: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def triton_text_bytes(data: Mapping[str, Any]) -> int | None:
+def triton_text_bytes(data: Mapping[str, Any], binary_bytes: int = 0) -> int | None:
     """The bytes of the one text a Triton body's `text_input` holds, as JSON or as binary data
     after the JSON (its `binary_data_size` less the 4-byte length before the text): known from the
-    JSON alone, before any binary data is read."""
+    JSON alone, before any binary data is read. A size over the `binary_bytes` the body has counts
+    for nothing: the router's check of the binary data names that lie."""
     text = triton_text_input(data)
     if text is not None:
         return len(text.encode("utf-8"))
@@ -391,14 +392,16 @@ def triton_text_bytes(data: Mapping[str, Any]) -> int | None:
         return None
     params = tensor.get("parameters")
     size = params.get("binary_data_size") if isinstance(params, dict) else None
-    return max(0, size - 4) if isinstance(size, int) and not isinstance(size, bool) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size > binary_bytes:
+        return None
+    return max(0, size - 4)
 
 
-def refuse_triton_prompt(name: str, bound: PromptBound, data: Mapping[str, Any]) -> None:
-    """A 400 naming `text_input` when a Triton body's prompt cannot fit model `name`'s context even at
-    its fewest possible tokens; nothing when it may fit or its text is not where it should be (the
-    router's own checks name that)."""
-    text_bytes = triton_text_bytes(data)
+def refuse_triton_prompt(name: str, bound: PromptBound, data: Mapping[str, Any], binary_bytes: int = 0) -> None:
+    """A 400 naming `text_input` when a Triton body's prompt (in its JSON, or in the `binary_bytes`
+    after it) cannot fit model `name`'s context even at its fewest possible tokens; nothing when it
+    may fit or its text is not where it should be (the router's own checks name that)."""
+    text_bytes = triton_text_bytes(data, binary_bytes)
     if text_bytes is None:
         return
     try:

@@ -364,7 +364,7 @@ async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw
     data = await parse_body(request, head, spec.name)
     bound = runtime.prompt_bounds().get(spec.name)
     if bound is not None:  # a binary text_input's size is known from the header: refused before it is read
-        refuse_triton_prompt(spec.name, bound, data)
+        refuse_triton_prompt(spec.name, bound, data, len(raw) - int(declared) if declared is not None else 0)
     binary = await _part(raw, int(declared), len(raw)) if declared is not None else b""
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
