@@ -19,6 +19,7 @@ import pytest
 
 from clearml_umem import body_reading
 from clearml_umem.body_reading import READ_BYTES, BodyGone, BodyStalled, fill
+from clearml_umem.router.body_files import BodyFiles
 from clearml_umem.router.body_handoff import BodyHandoff, HandoffRoutes, SharedBody, write_all
 from clearml_umem.router.body_reader import BodyReaders
 
@@ -189,13 +190,14 @@ def _memfds() -> list[str]:
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux's /proc: where memory files' pages are counted")
 def test_a_body_let_go_is_closed_last_by_the_reader_process_where_its_pages_are_freed() -> None:
     """Freeing 8 MB of a memory file's pages is kernel time (0.6-0.9 ms) charged to whoever closes
-    it last: the router gives each body back to the niced reader process (`body_reading.DROP`).
-    Seen here with the reader stopped (SIGSTOP): the router no longer holds the file, yet its
-    64 MB stay in memory (Shmem) until the reader runs again and closes it."""
+    it last: the router gives each body it does not keep for the next (`body_files.py`; here it
+    keeps none) back to the niced reader process (`body_reading.DROP`). Seen here with the reader
+    stopped (SIGSTOP): the router no longer holds the file, yet its 64 MB stay in memory (Shmem)
+    until the reader runs again and closes it."""
     size = 64 * 2**20
 
     async def run() -> None:
-        readers = BodyReaders()
+        readers = BodyReaders(files=BodyFiles(keep=0))
         client, server = socket.socketpair()
         server.setblocking(False)
         sender = threading.Thread(target=client.sendall, args=(b"x" * size,))
@@ -220,6 +222,84 @@ def test_a_body_let_go_is_closed_last_by_the_reader_process_where_its_pages_are_
             while _shmem_bytes() > held - size * 3 // 4:
                 assert time.monotonic() < deadline, "the reader process did not free the body"
                 await asyncio.sleep(0.05)
+        finally:
+            client.close()
+            server.close()
+            await readers.close()
+
+    asyncio.run(run())
+
+
+async def _read(readers: BodyReaders, body: bytes, head: int = 0) -> SharedBody:
+    client, server = _pair()
+    sender = threading.Thread(target=client.sendall, args=(body[head:],))
+    sender.start()
+    try:
+        return await readers.read(BodyHandoff(len(body), 10.0, server, bytearray(body[:head])))
+    finally:
+        sender.join()
+        client.close()
+        server.close()
+
+
+async def _settle() -> None:
+    gc.collect()
+    for _ in range(5):  # a body let go comes back on the loop (`call_soon_threadsafe`)
+        await asyncio.sleep(0.02)
+
+
+def test_a_body_let_go_lends_its_file_to_the_next_and_kept_files_go_when_bodies_stop() -> None:
+    """The next body is written over the last one's pages (`body_files.py`): the same file, and
+    the next body is exactly its own bytes, also where it is shorter than the file. Once no body
+    came for `idle_s`, the router holds no file any more."""
+    first, second = os.urandom(300_000), os.urandom(100_000)
+
+    async def run() -> None:
+        readers = BodyReaders(files=BodyFiles(keep=1, idle_s=0.5))
+        try:
+            body = await _read(readers, first, head=1000)
+            assert bytes(body) == first
+            inode = os.fstat(body.fd).st_ino
+            del body
+            await _settle()
+            assert readers.files.kept == 1
+            body = await _read(readers, second, head=500)
+            assert os.fstat(body.fd).st_ino == inode and os.fstat(body.fd).st_size == len(first)
+            assert len(body) == len(second) and bytes(body) == second
+            whole = await readers.read(BodyHandoff(len(second), 10.0, None, bytearray(second)))  # came with its headers
+            assert os.fstat(whole.fd).st_ino != inode and bytes(whole) == second
+            del body, whole
+            await _settle()
+            assert readers.files.kept == 1, "one kept, the other let go"
+            await asyncio.sleep(0.7)
+            assert readers.files.kept == 0 and _memfds() == []
+        finally:
+            await readers.close()
+
+    asyncio.run(run())
+
+
+def test_a_file_whose_read_was_given_up_on_is_never_lent_again() -> None:
+    """Given up on mid-way (the server stopping), a read may still write into its file: lent to the
+    next body, it could write into that one."""
+
+    async def run() -> None:
+        readers = BodyReaders(files=BodyFiles(keep=4))
+        client, server = _pair()
+        try:
+            client.sendall(b"x" * 1000)
+            reading = asyncio.ensure_future(readers.read(BodyHandoff(100_000, 10.0, server)))
+            await asyncio.sleep(0.5)  # the reader process has it
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            del reading
+            await _settle()
+            assert readers.files.kept == 0
+            body = await _read(readers, b"y" * 200_000)
+            del body
+            await _settle()
+            assert readers.files.kept == 1, "a body read to its end is kept"
         finally:
             client.close()
             server.close()

@@ -172,20 +172,22 @@ def test_a_maximal_chat_is_templated_and_tokenized_off_the_event_loop(router) ->
 def test_a_big_body_prepared_in_a_parser_process_gets_the_same_answer(router) -> None:
     """A chat over 64 KiB (a long `user` field pads it) is prepared in a parser process and its
     conversation reaches the engine as a small body's does: greedy answers match, the model's
-    defaults still apply, and a bad setting is named whichever path the body takes."""
+    defaults still apply, and a bad setting is named whichever path the body takes. The last body
+    is shorter than the one before, whose memory file it is written over (`body_files.py`): it is
+    read by its own length, not the file's."""
     proc, _ = router
     client = openai.OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
         {"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
     answers = []
-    for user in ("small", "u" * 100_000):
+    for user in ("small", "u" * 300_000, "u" * 100_000):
         done = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
                                               user=user)
         answers.append((done.choices[0].message.content, done.usage.prompt_tokens if done.usage else None))
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, top_p=7, user=user)
         assert bad.value.body["param"] == "top_p", bad.value.body  # type: ignore[index]
-    assert answers[0] == answers[1] and answers[0][0]
+    assert answers[0] == answers[1] == answers[2] and answers[0][0]
     assert any("clearml_umem.parser_child" in " ".join(c.cmdline()) for c in proc.descendants())
 
 

@@ -9,12 +9,12 @@ a slice of the loop that other clients' requests and the generation thread waite
 it when posted to another process). So when a request for an inference route (OpenAI's or Triton's) declares a body
 bigger than `INLINE_PARSE_BYTES` (and within the body limit), the connection's protocol stops
 reading at the end of its headers and keeps the body bytes that came with them (`BodyHandoff.head`);
-the router creates a memory file (`SharedBody`) with those bytes in it and passes it, with the
-client's socket, to the body reader process (`body_reader.py`), where a thread reads the rest into
-it (`body_reading.fill`), in blocking calls of half a MiB; the parser pool then hands the file's descriptor to a
-parser process, which parses the same pages: the body is copied once, from its socket, by a niced
-process, and never again. A slow sender holds a thread of the reader process, not the loop nor a
-parser process.
+the router puts those bytes in a memory file (`SharedBody`, one an earlier body left when it can:
+`body_files.py`) and passes it, with the client's socket, to the body reader process
+(`body_reader.py`), where a thread reads the rest into it (`body_reading.fill`), half a MiB at a
+time; the parser pool then hands the file's descriptor to a parser process, which parses the same
+pages: the body is copied from its socket into the file by a niced process, and never again. A
+slow sender holds a thread of the reader process, not the loop nor a parser process.
 
 What that changes for the connection, as nginx does for a request whose body it did not read
 ahead: once the reader has read its body, it closes after its answer (`Connection: close`). A
@@ -46,21 +46,24 @@ BODY_IO = concurrent.futures.ThreadPoolExecutor(max_workers=BODY_IO_THREADS, thr
 class SharedBody:
     """A body in a memory file (memfd), shared by its descriptor with a parser process
     (`parser_pool.py`), so that its megabytes are not copied again through a pipe: that copy and
-    the parser process's read of it cost as much CPU as reading the body from its socket. Only
-    the body reader maps it (`body_reading.fill`): at rest a body holds one descriptor. Its memory goes
-    when this object and the parser process's mapping are both gone."""
+    the parser process's read of it cost as much CPU as reading the body from its socket. The body
+    is the file's first `length` bytes (a file lent again by `body_files.BodyFiles` may be longer).
+    At rest a body holds one descriptor; the file goes back (`dispose`) when this object and the
+    parser process's mapping are both gone."""
 
-    def __init__(self, length: int, dispose: Callable[[int], None] | None = None) -> None:
-        """`dispose(fd)` closes the descriptor once the body is let go, from whichever thread let
-        it go (`BodyReaders.dispose`); by default a body thread does."""
-        self.fd = os.memfd_create("umem-body", os.MFD_CLOEXEC)
+    def __init__(self, length: int, dispose: Callable[[int], None] | None = None, fd: int | None = None) -> None:
+        """`dispose(fd)` lets the descriptor go once the body is let go, from whichever thread let
+        it go (`BodyReaders.dispose`); by default a body thread closes it. `fd`: a file of at least
+        `length` bytes to use (`body_files.BodyFiles.take`); by default a new one."""
+        self.fd = os.memfd_create("umem-body", os.MFD_CLOEXEC) if fd is None else fd
         self.length = length
         self._closed = weakref.finalize(self, dispose or close_in_a_thread, self.fd)
-        try:
-            os.ftruncate(self.fd, length)
-        except BaseException:
-            self._closed()
-            raise
+        if fd is None:
+            try:
+                os.ftruncate(self.fd, length)
+            except BaseException:
+                self._closed()
+                raise
 
     def __len__(self) -> int:
         return self.length

@@ -20,6 +20,7 @@ import socket
 from dataclasses import dataclass, field
 
 from clearml_umem.body_reading import DONE, DROP, FAILED, GONE, JOB, REPLY, STALLED
+from clearml_umem.router.body_files import BodyFiles
 from clearml_umem.router.body_handoff import BodyHandoff, SharedBody, body_timeout, close_in_a_thread
 from clearml_umem.router.disconnect import ClientGone
 from clearml_umem.router.errors import UNAVAILABLE, APIError
@@ -37,12 +38,14 @@ def read_failed() -> APIError:
 class BodyReaders:
     """Built by `create_app`, used from the event loop only, closed by the server when it stops."""
 
+    files: BodyFiles = field(default_factory=BodyFiles)
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
     _side: socket.socket | None = field(default=None, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _waiting: dict[int, asyncio.Future[int]] = field(default_factory=dict, repr=False)
     _tags: itertools.count[int] = field(default_factory=itertools.count, repr=False)
     _starting: asyncio.Lock | None = field(default=None, repr=False)
+    _trim: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def pids(self) -> list[int]:
@@ -52,7 +55,8 @@ class BodyReaders:
         """The whole body in a memory file: the bytes that came with the headers, then the rest read
         there. Raises ClientGone (the client left), the 408 of `body_timeout`, or a 503 when the
         reader process failed."""
-        body = SharedBody(handoff.length, self.dispose)
+        loop = self._bind()
+        body = SharedBody(handoff.length, self.dispose, self.files.take(handoff.length, loop.time()))
         have = min(len(handoff.head), handoff.length)
         if have:
             os.pwrite(body.fd, bytes(handoff.head[:have]), 0)
@@ -61,10 +65,10 @@ class BodyReaders:
         side = await self._started()
         if handoff.socket.fileno() < 0:  # the connection was closed meanwhile (the server stopping)
             raise ClientGone()
-        loop = asyncio.get_running_loop()
         tag = next(self._tags)
         outcome: asyncio.Future[int] = loop.create_future()
         self._waiting[tag] = outcome
+        result = FAILED
         try:
             await self._send(side, JOB.pack(tag, handoff.length, have, handoff.read_timeout_s),
                              [handoff.socket.fileno(), body.fd])
@@ -76,6 +80,8 @@ class BodyReaders:
             raise
         finally:
             self._waiting.pop(tag, None)
+            if result not in (DONE, GONE, STALLED):  # no answer from the reading thread: it may write yet
+                self.files.forget(body.fd)
         if result == DONE:
             return body
         if result == GONE:
@@ -85,15 +91,34 @@ class BodyReaders:
         raise read_failed()
 
     def dispose(self, fd: int) -> None:
-        """A body read here was let go (from any thread): its memory file goes back to the reader
-        process, whose close of it is the last and frees its pages there, niced (`DROP`); closed by
-        a body thread when there is no reader to take it."""
+        """A body read here was let go (from any thread): its memory file is kept for the next
+        body (`body_files.py`), or goes to the reader process, whose close of it is the last and
+        frees its pages there, niced (`DROP`); closed by a body thread when there is no reader to
+        take it."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._drop, fd)
+                loop.call_soon_threadsafe(self._given_back, fd)
                 return
         close_in_a_thread(fd)
+
+    def _given_back(self, fd: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        if not self.files.give_back(fd, loop.time()):
+            self._drop(fd)
+        elif self._trim is None:
+            self._trim = loop.call_later(self.files.idle_s, self._trim_idle)
+
+    def _trim_idle(self) -> None:
+        """Big bodies stopped coming: the kept files go, and their pages with them."""
+        assert self._loop is not None
+        self._trim = None
+        if (left := self.files.idle(self._loop.time())) > 0:
+            self._trim = self._loop.call_later(left, self._trim_idle)
+            return
+        for fd in self.files.drain():
+            self._drop(fd)
 
     def _drop(self, fd: int) -> None:
         try:
@@ -108,14 +133,23 @@ class BodyReaders:
     async def close(self) -> None:
         """End the reader process: its socket closed (it exits at the end of it), killed if it lingers."""
         proc, self.proc = self.proc, None
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
+        for fd in self.files.drain():
+            close_in_a_thread(fd)
         self._drop_side()
         await stop_child(proc)
 
-    async def _started(self) -> socket.socket:
+    def _bind(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new loop (a test client's): the old one's process went with it
-            self._loop, self._side, self.proc, self._waiting = loop, None, None, {}
+            self._loop, self._side, self.proc, self._waiting, self._trim = loop, None, None, {}, None
             self._starting = asyncio.Lock()
+        return loop
+
+    async def _started(self) -> socket.socket:
+        loop = self._bind()
         assert self._starting is not None
         async with self._starting:
             if self._side is None or self.proc is None or self.proc.returncode is not None:
