@@ -273,6 +273,12 @@ def test_a_body_let_go_lends_its_file_to_the_next_and_kept_files_go_when_bodies_
             assert readers.files.kept == 1, "one kept, the other let go"
             await asyncio.sleep(0.7)
             assert readers.files.kept == 0 and _memfds() == []
+            body = await _read(readers, first)
+            await readers.close()
+            assert readers.files.kept == 0 and len(_memfds()) == 1
+            del body  # let go once the router stopped: closed, not kept
+            await _settle()
+            assert readers.files.kept == 0 and _memfds() == []
         finally:
             await readers.close()
 

@@ -46,6 +46,8 @@ class BodyReaders:
     _tags: itertools.count[int] = field(default_factory=itertools.count, repr=False)
     _starting: asyncio.Lock | None = field(default=None, repr=False)
     _trim: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+    """`close()` ran on this loop: a body let go now is not kept (nothing would let it go)."""
 
     @property
     def pids(self) -> list[int]:
@@ -105,7 +107,7 @@ class BodyReaders:
     def _given_back(self, fd: int) -> None:
         loop = self._loop
         assert loop is not None
-        if not self.files.give_back(fd, loop.time()):
+        if self._stopped or not self.files.give_back(fd, loop.time()):
             self._drop(fd)
         elif self._trim is None:
             self._trim = loop.call_later(self.files.idle_s, self._trim_idle)
@@ -133,6 +135,7 @@ class BodyReaders:
     async def close(self) -> None:
         """End the reader process: its socket closed (it exits at the end of it), killed if it lingers."""
         proc, self.proc = self.proc, None
+        self._stopped = True
         if self._trim is not None:
             self._trim.cancel()
             self._trim = None
@@ -145,6 +148,7 @@ class BodyReaders:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new loop (a test client's): the old one's process went with it
             self._loop, self._side, self.proc, self._waiting, self._trim = loop, None, None, {}, None
+            self._stopped = False
             self._starting = asyncio.Lock()
         return loop
 
