@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,66 @@ def test_the_router_lists_and_checks_the_served_context_not_the_files(model: Pat
     runtime = Runtime(2**30, 2**30, EngineContext(work_dir=tmp_path, device="cpu", options={"max_context": 256}))
     runtime.add_model(spec)
     assert runtime.spec("m").context_length == 256
+
+
+def _gated_hold(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event, list[ResidentFile]]:
+    """ResidentFile.hold made to wait, once `holding` is set, until the test sets `gate`; what it
+    held goes to the list."""
+    gate, holding = threading.Event(), threading.Event()
+    held: list[ResidentFile] = []
+    hold = ResidentFile.hold
+
+    def gated_hold(path: Path, lock: bool = True) -> ResidentFile:
+        holding.set()
+        gate.wait(10)
+        held.append(hold(path, lock=lock))
+        return held[-1]
+
+    monkeypatch.setattr(ResidentFile, "hold", staticmethod(gated_hold))
+    return gate, holding, held
+
+
+def test_a_close_while_the_file_is_being_held_lets_it_go_when_the_hold_ends(model: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close (the server stopping) during the RAM tier's hold, a read of the whole file in a
+    thread: the hold ends after the close, and its file is let go then, not held until the process
+    exits; the move fails instead of reporting a tier the engine no longer has."""
+    gate, holding, held = _gated_hold(monkeypatch)
+    engine = _engine(model, tmp_path)
+
+    async def close_during_hold() -> None:
+        moving = asyncio.ensure_future(engine.move(Tier.COLD, Tier.RAM))
+        await asyncio.to_thread(holding.wait, 10)
+        await engine.close()
+        gate.set()
+        with pytest.raises(EngineError, match="closed"):
+            await moving
+
+    asyncio.run(close_during_hold())
+    assert engine.resident is None and engine.describe()["ram_tier"]["held"] is False
+    assert engine.describe()["tier"] == "cold"
+    assert len(held) == 1 and not held[0].held
+
+
+def test_a_hold_given_up_on_lets_its_file_go_when_its_read_ends(model: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The move cancelled during the hold (its thread cannot be stopped): the file it ends up
+    holding is let go then, not left mapped and locked with nothing to release it."""
+    gate, holding, held = _gated_hold(monkeypatch)
+    engine = _engine(model, tmp_path)
+
+    async def cancel_during_hold() -> None:
+        moving = asyncio.ensure_future(engine.move(Tier.COLD, Tier.RAM))
+        await asyncio.to_thread(holding.wait, 10)
+        moving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await moving
+        gate.set()
+        for _ in range(200):
+            if held and not held[0].held:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(cancel_during_hold())
+    assert len(held) == 1 and not held[0].held
+    assert engine.resident is None

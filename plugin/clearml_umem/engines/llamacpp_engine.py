@@ -169,6 +169,7 @@ class LlamaCppEngine:
         self._tier = Tier.COLD
         self._lock: asyncio.Lock | None = None
         self._step_now: tuple[Step, float] | None = None
+        self._closes = 0
         log.info("model %s (llamacpp): %s %s, %s of tensors, KV cache %s for %d tokens", spec.name,
                  self.gguf.architecture, self.gguf.quantization, fmt_bytes(self.gguf.tensor_bytes),
                  fmt_bytes(self.kv_cache_bytes), self.kv_tokens)
@@ -439,10 +440,19 @@ class LlamaCppEngine:
             return 0, "kept"
         path = self.spec.weights
         before = await asyncio.to_thread(cached_bytes, path)
+        closes = self._closes
+        holding = asyncio.ensure_future(asyncio.to_thread(ResidentFile.hold, path, lock=self.lock_ram))
         try:
-            self.resident = await asyncio.to_thread(ResidentFile.hold, path, lock=self.lock_ram)
+            resident = await asyncio.shield(holding)
+        except asyncio.CancelledError:  # the thread reads on: what it holds is let go when it ends
+            holding.add_done_callback(_release_unclaimed)
+            raise
         except OSError as exc:
             raise EngineError(f"model {self.spec.name!r}: cannot hold {path} in RAM: {exc}") from exc
+        if self._closes != closes:  # closed meanwhile (the server stopping): nothing would let it go
+            resident.release()
+            raise EngineError(f"model {self.spec.name!r}: closed while its file was being read into RAM")
+        self.resident = resident
         if self.resident.lock_problem and self.lock_ram:
             log.warning("model %s: RAM tier %s", self.spec.name, self.resident.lock_problem)
         fully_cached = before is not None and before >= self.gguf.file_size
@@ -496,9 +506,15 @@ class LlamaCppEngine:
     async def close(self) -> None:
         """Stop the server and let the file go; a later move from cold starts it again."""
         self._tier = Tier.COLD  # first: a request that sees the server go now fails instead of starting it again
+        self._closes += 1
         if self._process is not None:
             await self._process.close()
         self._release()
+
+
+def _release_unclaimed(holding: asyncio.Future[ResidentFile]) -> None:
+    if not holding.cancelled() and holding.exception() is None:
+        holding.result().release()
 
 
 def _cuda_present() -> bool:
