@@ -35,6 +35,19 @@ def test_no_more_than_keep_files_are_kept_and_the_last_given_back_is_lent_first(
         os.close(fd)
 
 
+def test_the_kept_files_hold_no_more_than_keep_bytes_whatever_the_body_limit() -> None:
+    files = BodyFiles(keep=4, keep_bytes=10_000)
+    big, small, other = files.take(8_000, now=0.0), files.take(2_000, now=0.0), files.take(1_000, now=0.0)
+    assert files.give_back(big, now=1.0) and files.give_back(small, now=1.0)
+    assert not files.give_back(other, now=1.0), "a third file would pass keep_bytes"
+    assert files.kept == 2 and files.kept_bytes == 10_000
+    huge = files.take(20_000, now=2.0)  # the small one, grown
+    assert huge == small and not files.give_back(huge, now=3.0)
+    assert files.kept_bytes == 8_000
+    for fd in (big, small, other):
+        os.close(fd)
+
+
 def test_a_file_forgotten_or_never_lent_is_not_kept() -> None:
     files = BodyFiles(keep=4)
     fd = files.take(100, now=0.0)

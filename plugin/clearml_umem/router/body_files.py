@@ -4,9 +4,9 @@ A new memory file's pages are allocated as its body is written and freed when it
 closes: for an 8 MB body, the body reader spent 5.1 ms of CPU on a new file, and 2.6 ms on one
 whose pages were already there (`body_reading.READ_BYTES`). On a machine of few cores that CPU is
 what another client's request waits for while big bodies arrive (`benchmarks/big_bodies.py`). So a file
-let go goes back here, up to `KEPT_FILES` of them, and the next body is written over it; after
-`IDLE_S` with no big body they are all let go. At most `KEPT_FILES` times the body limit is held
-while bodies come (32 MiB on the default settings), none when they stop.
+let go goes back here, up to `KEPT_FILES` of them and `KEPT_BYTES` in all, and the next body is
+written over it; after `IDLE_S` with no big body they are all let go. So at most `KEPT_BYTES` is
+held while bodies come, whatever `--max-request-bytes` allows, and none when they stop.
 
 A file is lent again only once nothing can still write to it: a body whose read was given up on
 while the body reader was still at it (the server stopping, the reader failing) is `forget`-ten,
@@ -24,6 +24,10 @@ KEPT_FILES = 4
 """Files kept for the next bodies: one for each body the two parser processes parse, and one for
 each body being read behind it."""
 
+KEPT_BYTES = 32 * 2**20
+"""The most the kept files hold in all: four bodies of the default limit (8 MiB); a bigger file than
+that leaves room for is let go, as before."""
+
 IDLE_S = 10.0
 """Seconds without a big body after which the kept files are let go."""
 
@@ -31,6 +35,7 @@ IDLE_S = 10.0
 @dataclass
 class BodyFiles:
     keep: int = KEPT_FILES
+    keep_bytes: int = KEPT_BYTES
     idle_s: float = IDLE_S
     _free: list[int] = field(default_factory=list, repr=False)
     _sizes: dict[int, int] = field(default_factory=dict, repr=False)
@@ -62,7 +67,7 @@ class BodyFiles:
         False when the caller is to let it go: a file not lent here, forgotten, or one too many."""
         if fd not in self._sizes or fd in self._free:
             return False
-        if len(self._free) >= self.keep:
+        if len(self._free) >= self.keep or self.kept_bytes + self._sizes[fd] > self.keep_bytes:
             del self._sizes[fd]
             return False
         self._free.append(fd)
@@ -87,3 +92,7 @@ class BodyFiles:
     @property
     def kept(self) -> int:
         return len(self._free)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(self._sizes[fd] for fd in self._free)
