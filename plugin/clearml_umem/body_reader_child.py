@@ -10,12 +10,13 @@ the copy runs niced, like the parser processes, and holds no lock the router nee
 nothing of the router's package (`body_reading.py`, `child_process.py`): it starts in tens of
 milliseconds, at the first big body.
 
-Run as `python -m clearml_umem.body_reader_child PARENT_PID SOCKET_FD`. Each job comes on the socket
-(SOCK_SEQPACKET) as one message carrying two descriptors, the client's socket and the body's memory
-file: a thread fills the file (`body_reading.fill`) and the outcome goes back with the job's tag.
-A memory file the router let go of comes back alone (`DROP`) to be closed here, where freeing
-its pages costs no core the router needs. It ends when the socket closes (the router exited or
-closed it) and, through PR_SET_PDEATHSIG, when the router dies (kill -9 included).
+Run as `python -m clearml_umem.body_reader_child PARENT_PID SOCKET_FD`. Each job comes on the
+socket (SOCK_SEQPACKET) as one message carrying two descriptors, the client's socket and the body's
+memory file: a thread fills the file (`body_reading.fill`) and the outcome goes back with the job's
+tag. A memory file the router let go of and does not keep for a later body (`router/body_files.py`)
+comes back alone (`DROP`) to be closed here, where freeing its pages costs no core the router
+needs. It ends when the socket closes (the router exited or closed it) and, through
+PR_SET_PDEATHSIG, when the router dies (kill -9 included).
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ DONE, GONE, STALLED, FAILED = 0, 1, 2, 3
 """The body is in its file; the client left (or the router gave up); it stopped sending; a fault."""
 
 DROP = b"D"
-"""A message of its own, with one descriptor: a memory file the router let go of, for the reader
-to close. Its last close frees the body's pages (0.6-0.9 ms of kernel time for 8 MB), which is
-then spent here, niced, rather than in a thread of the router's at the router's priority."""
+"""A message of its own, with one descriptor: a memory file the router let go of and does not keep
+(`router/body_files.py`), for the reader to close. Its last close frees the body's pages (0.6-0.9
+ms of kernel time for 8 MB), which is then spent here, niced, rather than in a thread of the
+router's at the router's priority."""
 
 
 READING_THREADS = 64
