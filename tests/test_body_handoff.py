@@ -255,7 +255,7 @@ def test_a_body_let_go_lends_its_file_to_the_next_and_kept_files_go_when_bodies_
     first, second = os.urandom(300_000), os.urandom(100_000)
 
     async def run() -> None:
-        readers = BodyReaders(files=BodyFiles(keep=1, idle_s=0.5))
+        readers = BodyReaders(files=BodyFiles(keep=1, idle_s=1.0))
         try:
             body = await _read(readers, first, head=1000)
             assert bytes(body) == first
@@ -271,7 +271,7 @@ def test_a_body_let_go_lends_its_file_to_the_next_and_kept_files_go_when_bodies_
             del body, whole
             await _settle()
             assert readers.files.kept == 1, "one kept, the other let go"
-            await asyncio.sleep(0.7)
+            await asyncio.sleep(1.5)
             assert readers.files.kept == 0 and _memfds() == []
             body = await _read(readers, first)
             await readers.close()
