@@ -312,3 +312,17 @@ def test_a_file_whose_read_was_given_up_on_is_never_lent_again() -> None:
             await readers.close()
 
     asyncio.run(run())
+
+
+def test_a_body_in_a_longer_file_reads_as_its_own_bytes_only() -> None:
+    """A file lent again holds an earlier (another client's) body past this one's length: no read
+    of the body reaches it, as none of a bytes object's slices would."""
+    files = BodyFiles()
+    fd = files.take(1000, now=0.0)
+    os.pwrite(fd, b"s" * 1000, 0)  # the earlier body
+    assert files.give_back(fd, now=1.0)
+    body = SharedBody(10, fd=files.take(10, now=2.0))
+    os.pwrite(body.fd, b"0123456789", 0)
+    assert bytes(body) == b"0123456789"
+    assert body.read(0, 1000) == b"0123456789" and body.read(5, 500) == b"56789"
+    assert body.read(10, 1000) == b"" and body.read(-5, 3) == b"012" and body.read(7, 3) == b""

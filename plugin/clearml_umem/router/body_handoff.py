@@ -69,7 +69,13 @@ class SharedBody:
         return self.length
 
     def __bytes__(self) -> bytes:
-        return os.pread(self.fd, self.length, 0)
+        return self.read(0, self.length)
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes `start:end` of the body (offsets from its start, clamped to it): never past
+        `length`, where a file lent again holds an earlier body's bytes."""
+        start, end = max(0, start), min(end, self.length)
+        return os.pread(self.fd, end - start, start) if end > start else b""
 
 
 def close_in_a_thread(fd: int) -> None:

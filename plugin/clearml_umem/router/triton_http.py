@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 import uuid
@@ -342,8 +341,7 @@ async def _part(raw: Body, start: int, end: int) -> bytes:
     after it. A big body's are read from its memory file in a thread, not copied on the event loop."""
     if isinstance(raw, bytes):
         return raw[start:end]
-    fd = raw.fd
-    return await asyncio.to_thread(os.pread, fd, end - start, start)
+    return await asyncio.to_thread(raw.read, start, end)
 
 
 async def _infer(runtime: ServingRuntime, spec: ModelSpec, request: Request, raw: Body,
