@@ -326,3 +326,26 @@ def test_a_body_in_a_longer_file_reads_as_its_own_bytes_only() -> None:
     assert bytes(body) == b"0123456789"
     assert body.read(0, 1000) == b"0123456789" and body.read(5, 500) == b"56789"
     assert body.read(10, 1000) == b"" and body.read(-5, 3) == b"012" and body.read(7, 3) == b""
+
+
+def test_no_memory_file_for_a_body_is_a_503_to_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors (or memory) when a big body arrives: the server's trouble, a 503 with
+    Retry-After that SDKs retry, not a 500."""
+    from clearml_umem.router.errors import APIError
+
+    def no_file(name: str, flags: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", no_file)
+
+    async def run() -> APIError:
+        readers = BodyReaders()
+        try:
+            with pytest.raises(APIError) as refused:
+                await readers.read(BodyHandoff(500, 10.0, None))
+            return refused.value
+        finally:
+            await readers.close()
+
+    error = asyncio.run(run())
+    assert error.status == 503 and error.code == "body_read_failed" and "Retry-After" in error.headers

@@ -58,7 +58,12 @@ class BodyReaders:
         there. Raises ClientGone (the client left), the 408 of `body_timeout`, or a 503 when the
         reader process failed."""
         loop = self._bind()
-        body = SharedBody(handoff.length, self.dispose, self.files.take(handoff.length, loop.time()))
+        try:
+            fd = self.files.take(handoff.length, loop.time())
+        except OSError as exc:  # out of descriptors or memory: the server's trouble, retried shortly
+            log.error("no memory file for a %d-byte body: %s", handoff.length, exc)
+            raise read_failed() from exc
+        body = SharedBody(handoff.length, self.dispose, fd)
         have = min(len(handoff.head), handoff.length)
         if have:
             os.pwrite(body.fd, bytes(handoff.head[:have]), 0)
