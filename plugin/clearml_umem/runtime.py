@@ -570,33 +570,13 @@ class Runtime:
                 # ends when they are there, and a copy that failed is its failure
                 await asyncio.wrap_future(result.landing)
                 result = dataclasses.replace(result, landing=None)
-        except EngineOutOfMemory as exc:
-            if self._closing or served.stopped:
-                return stopped_by_close(cmd, exc)
-            log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
-                        cmd.dst.value, exc)
-            served.failure = (self._clock(), str(exc))
-            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
-                                                         out_of_memory=True))
         except Exception as exc:  # noqa: BLE001 - any engine failure becomes a clean 503, not a dead server
             if self._closing or served.stopped:
                 return stopped_by_close(cmd, exc)
-            if isinstance(exc, EngineError):  # an engine's own refusal says what went wrong: no traceback
-                log.error("model %s: move %s -> %s failed: %s", cmd.model, cmd.src.value, cmd.dst.value, exc)
+            if isinstance(exc, EngineOutOfMemory):
+                self._out_of_memory(cmd, served, exc)
             else:
-                log.exception("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value)
-            served.failure = (self._clock(), f"{type(exc).__name__}: {exc}")
-            try:
-                await engine.close()
-            except Exception:  # noqa: BLE001
-                log.exception("model %s: closing the engine after a failed move also failed", cmd.model)
-            # its text can hold paths: the requests it fails answer with a reference to the log
-            # (router/errors.py), while the admin view and placements keep it
-            self._internal_failure = True
-            try:
-                self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
-            finally:
-                self._internal_failure = False
+                await self._move_failed(cmd, served, exc)
         else:
             seconds = self._clock() - started
             served.moves_done += 1
@@ -616,6 +596,33 @@ class Runtime:
             served.under_way = None
         async with self._changed:
             self._changed.notify_all()
+
+    def _out_of_memory(self, cmd: Move, served: Served, exc: EngineOutOfMemory) -> None:
+        """The model stays where it was: out of device memory is a refusal of this move, not a fault."""
+        log.warning("model %s: out of device memory moving %s -> %s: %s", cmd.model, cmd.src.value,
+                    cmd.dst.value, exc)
+        served.failure = (self._clock(), str(exc))
+        self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=cmd.src,
+                                                     out_of_memory=True))
+
+    async def _move_failed(self, cmd: Move, served: Served, exc: Exception) -> None:
+        """Any other failure: the engine is closed and the model counts as cold."""
+        if isinstance(exc, EngineError):  # an engine's own refusal says what went wrong: no traceback
+            log.error("model %s: move %s -> %s failed: %s", cmd.model, cmd.src.value, cmd.dst.value, exc)
+        else:
+            log.error("model %s: move %s -> %s failed", cmd.model, cmd.src.value, cmd.dst.value, exc_info=exc)
+        served.failure = (self._clock(), f"{type(exc).__name__}: {exc}")
+        try:
+            await served.engine.close()
+        except Exception:  # noqa: BLE001
+            log.exception("model %s: closing the engine after a failed move also failed", cmd.model)
+        # its text can hold paths: the requests it fails answer with a reference to the log
+        # (router/errors.py), while the admin view and placements keep it
+        self._internal_failure = True
+        try:
+            self._apply(self.scheduler.on_move_failed(cmd.model, cmd.src, cmd.dst, str(exc), now_in=Tier.COLD))
+        finally:
+            self._internal_failure = False
 
     async def _report_landing(self, cmd: Move, started: float, bytes_moved: int,
                               landing: concurrent.futures.Future[float]) -> None:
