@@ -170,6 +170,14 @@ class World:
         assert self.runtime.state(model).tier is Tier.GPU
 
 
+    async def placing_behind_an_eviction(self, hot: str, placed: str) -> tuple[asyncio.Task[Any], Gate]:
+        """`hot` on the GPU, then a placement of `placed` there that must evict it first: the
+        placement's task, and the gate that holds the eviction."""
+        await self.hot(hot)
+        placing = asyncio.create_task(self.runtime.place(placed, Tier.GPU))
+        return placing, await self.engines[hot].next_gate(Tier.GPU, Tier.RAM)
+
+
 class HeldLease:
     def __init__(self, runtime: Runtime, model: str, request_id: str, release: asyncio.Event | None,
                  on_enter: Callable[[], object] | None) -> None:
@@ -471,9 +479,7 @@ def test_no_move_starts_once_close_has_begun(tmp_path: Path) -> None:
     async def scenario() -> None:
         w = World(tmp_path, "b", "c")
         rt = w.runtime
-        await w.hot("b")
-        placing = asyncio.create_task(rt.place("c", Tier.GPU))
-        eviction = await w.engines["b"].next_gate(Tier.GPU, Tier.RAM)
+        placing, eviction = await w.placing_behind_an_eviction("b", "c")
         closing = asyncio.create_task(rt.close())
         await asyncio.sleep(0)  # close() has begun: it is closing the engines
         eviction.open()  # b's move succeeds after all, and would lead to c's load
@@ -669,9 +675,7 @@ def test_at_the_stop_an_eviction_runs_on_and_the_load_it_made_room_for_never_sta
     async def scenario() -> None:
         w = World(tmp_path, "a", "b")
         rt = w.runtime
-        await w.hot("a")
-        placing = asyncio.create_task(rt.place("b", Tier.GPU))
-        eviction = await w.engines["a"].next_gate(Tier.GPU, Tier.RAM)
+        placing, eviction = await w.placing_behind_an_eviction("a", "b")
 
         rt.stop_admitting()
         await settle()
